@@ -1,0 +1,1063 @@
+//! The run state machine: how a run and its task runs move, given what happens to them.
+//!
+//! [`RunExecution`] holds one run in memory and applies events to it: the run starts, a
+//! worker leases a task run, an attempt completes or fails, a lease expires, a retry comes
+//! due, a user cancels. Each call changes states through the checked transitions of
+//! [`crate::state`] and records what changed; [`RunExecution::take_changes`] hands the
+//! changed rows and the domain events to the engine, which commits them in one transaction.
+//! Because readiness is decided inside the same call that records a completion, dependents
+//! become ready in the same transaction that records it.
+//!
+//! This module must never do I/O, read the clock or draw random numbers: the caller passes
+//! the time and a random number for jitter, so every step is reproducible in tests.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::events::DomainEvent;
+use crate::ids::{RunId, TaskId, TaskRunId};
+use crate::pipeline::{Pipeline, TaskDef, Templates};
+use crate::records::{AttemptRecord, RunRecord, TaskRunRecord};
+use crate::retry::RetryPolicy;
+use crate::state::{AttemptState, RunState, TaskRunState};
+use crate::time::Timestamp;
+
+/// Bounds the state machine enforces.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecutionLimits {
+    /// Leases that may expire on one task run before it fails; expiries do not use up the
+    /// retry policy (the worker died, not the task), but a task that kills its worker every
+    /// time must not loop for ever.
+    pub lease_expiries_max: u32,
+    /// Largest serialized outputs of one task run, in bytes; larger results belong in an
+    /// artifact.
+    pub outputs_bytes_max: usize,
+    /// Most items one fan-out may spawn.
+    pub fan_out_items_max: usize,
+}
+
+impl Default for ExecutionLimits {
+    fn default() -> Self {
+        Self {
+            lease_expiries_max: 5,
+            outputs_bytes_max: 1 << 20,
+            fan_out_items_max: 100_000,
+        }
+    }
+}
+
+/// Why an event from a worker was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    /// The task run is not part of this run.
+    #[error("unknown task run {0}")]
+    UnknownTaskRun(TaskRunId),
+    /// The event carries a fencing token other than the current lease's: it comes from a
+    /// worker whose lease expired and was handed to another.
+    #[error("stale lease on task run {task_run_id}: token {given}, current {current}")]
+    StaleLease {
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The token the event carried.
+        given: u64,
+        /// The current token.
+        current: u64,
+    },
+    /// The task run is not in a state that accepts the event.
+    #[error("task run {task_run_id} is {state}, not {expected}")]
+    WrongState {
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// Its state.
+        state: TaskRunState,
+        /// The state the event needs.
+        expected: TaskRunState,
+    },
+}
+
+/// How an attempt ended, as the worker reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttemptOutcome {
+    /// The tool returned outputs (a JSON value, normally an object).
+    Succeeded(Value),
+    /// The tool failed.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Whether the retry policy applies.
+        retryable: bool,
+    },
+    /// The attempt ran past the task's timeout and was stopped; the retry policy applies.
+    TimedOut {
+        /// The timeout that was exceeded.
+        timeout: Duration,
+    },
+}
+
+/// A task run handed to a worker: everything needed to execute one attempt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    /// The run.
+    pub run_id: RunId,
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The task.
+    pub task_id: TaskId,
+    /// The tool's name.
+    pub tool: String,
+    /// The attempt number (1-based).
+    pub attempt: u32,
+    /// The lease's fencing token; completions and heartbeats must carry it.
+    pub fencing_token: u64,
+    /// When the lease expires unless extended.
+    pub lease_expires_at: Timestamp,
+    /// The rendered inputs.
+    pub inputs: Value,
+    /// The fan-out item.
+    pub item: Option<Value>,
+    /// Outputs of the direct upstream tasks, by task id.
+    pub upstream: BTreeMap<String, Value>,
+    /// The task's timeout.
+    pub timeout: Option<Duration>,
+}
+
+/// A moment at which the engine must look at a task run again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Wakeup {
+    /// Check whether the lease with this token has expired.
+    LeaseExpiry {
+        /// When.
+        at: Timestamp,
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The lease's token at the time the wakeup was set.
+        fencing_token: u64,
+    },
+    /// A task run waiting to retry becomes due.
+    RetryDue {
+        /// When.
+        at: Timestamp,
+        /// The task run.
+        task_run_id: TaskRunId,
+    },
+}
+
+impl Wakeup {
+    /// When the wakeup is due.
+    pub fn at(&self) -> Timestamp {
+        match self {
+            Wakeup::LeaseExpiry { at, .. } | Wakeup::RetryDue { at, .. } => *at,
+        }
+    }
+}
+
+/// The changes made since the last [`RunExecution::take_changes`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Changes {
+    /// The run row, if it changed.
+    pub run: Option<RunRecord>,
+    /// Changed task runs.
+    pub task_runs: Vec<TaskRunRecord>,
+    /// New or changed attempts.
+    pub attempts: Vec<AttemptRecord>,
+    /// Events to publish once the changes are committed.
+    pub events: Vec<DomainEvent>,
+    /// Wakeups to schedule.
+    pub wakeups: Vec<Wakeup>,
+}
+
+/// A task and its task runs: the parent (index `None`) and, for a fan-out, its items.
+#[derive(Clone, Debug, Default)]
+struct Node {
+    parent: usize,
+    children: Vec<usize>,
+    children_terminal: usize,
+}
+
+/// One run in memory. See the module documentation.
+#[derive(Debug)]
+pub struct RunExecution {
+    run: RunRecord,
+    pipeline: Pipeline,
+    templates: Arc<Templates>,
+    limits: ExecutionLimits,
+    task_runs: Vec<TaskRunRecord>,
+    by_id: HashMap<TaskRunId, usize>,
+    nodes: HashMap<TaskId, Node>,
+    queue: VecDeque<usize>,
+    running: usize,
+    /// Open attempts by task run index, while running.
+    open_attempts: HashMap<usize, AttemptRecord>,
+    run_dirty: bool,
+    dirty: BTreeSet<usize>,
+    attempts_out: Vec<AttemptRecord>,
+    events: Vec<DomainEvent>,
+    wakeups: Vec<Wakeup>,
+}
+
+impl RunExecution {
+    /// A new run, queued, with one pending task run per task.
+    ///
+    /// `params` must already be checked against the pipeline's declarations (see
+    /// [`crate::pipeline::validate::check_params`]).
+    pub fn create(
+        run_id: RunId,
+        pipeline: Pipeline,
+        pipeline_version: u32,
+        params: Value,
+        templates: Arc<Templates>,
+        limits: ExecutionLimits,
+        now: Timestamp,
+    ) -> Self {
+        let run = RunRecord {
+            id: run_id,
+            pipeline_name: pipeline.def.name.to_string(),
+            pipeline_version,
+            params,
+            state: RunState::Queued,
+            error: None,
+            owner: None,
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+        };
+        let task_runs = pipeline
+            .dag
+            .topological_order()
+            .iter()
+            .map(|task_id| TaskRunRecord {
+                id: TaskRunId::new(),
+                run_id,
+                task_id: task_id.clone(),
+                index: None,
+                fan_out: None,
+                state: TaskRunState::Pending,
+                attempt: 0,
+                lease_expiries: 0,
+                fencing_token: 0,
+                item: None,
+                inputs: None,
+                outputs: None,
+                error: None,
+                lease_owner: None,
+                lease_expires_at: None,
+                ready_at: None,
+                created_at: now,
+                queued_at: None,
+                started_at: None,
+                finished_at: None,
+            })
+            .collect();
+        let mut execution = Self::assemble(run, pipeline, templates, limits, task_runs);
+        execution.run_dirty = true;
+        execution.dirty = (0..execution.task_runs.len()).collect();
+        execution
+    }
+
+    /// Rebuilds a run from its stored rows, for example after a restart.
+    ///
+    /// Task runs that were running keep their leases; call
+    /// [`RunExecution::reclaim_leases`] when the process that held them is known to be gone.
+    pub fn restore(
+        run: RunRecord,
+        pipeline: Pipeline,
+        templates: Arc<Templates>,
+        limits: ExecutionLimits,
+        task_runs: Vec<TaskRunRecord>,
+        attempts: Vec<AttemptRecord>,
+    ) -> Self {
+        let mut execution = Self::assemble(run, pipeline, templates, limits, task_runs);
+        for attempt in attempts {
+            if attempt.state == AttemptState::Running {
+                if let Some(&i) = execution.by_id.get(&attempt.task_run_id) {
+                    if execution.task_runs[i].attempt == attempt.attempt {
+                        execution.open_attempts.insert(i, attempt);
+                    }
+                }
+            }
+        }
+        execution
+    }
+
+    fn assemble(
+        run: RunRecord,
+        pipeline: Pipeline,
+        templates: Arc<Templates>,
+        limits: ExecutionLimits,
+        task_runs: Vec<TaskRunRecord>,
+    ) -> Self {
+        let mut by_id = HashMap::with_capacity(task_runs.len());
+        let mut nodes: HashMap<TaskId, Node> = HashMap::new();
+        let mut queue = VecDeque::new();
+        let mut running = 0;
+        for (i, task_run) in task_runs.iter().enumerate() {
+            by_id.insert(task_run.id, i);
+            let node = nodes.entry(task_run.task_id.clone()).or_default();
+            match task_run.index {
+                None => node.parent = i,
+                Some(_) => {
+                    node.children.push(i);
+                    if task_run.state.is_terminal() {
+                        node.children_terminal += 1;
+                    }
+                }
+            }
+            if task_run.state == TaskRunState::Queued {
+                queue.push_back(i);
+            }
+            if task_run.state == TaskRunState::Running && task_run.fan_out.is_none() {
+                running += 1;
+            }
+        }
+        for node in nodes.values_mut() {
+            node.children.sort_by_key(|i| task_runs[*i].index);
+        }
+        Self {
+            run,
+            pipeline,
+            templates,
+            limits,
+            task_runs,
+            by_id,
+            nodes,
+            queue,
+            running,
+            open_attempts: HashMap::new(),
+            run_dirty: false,
+            dirty: BTreeSet::new(),
+            attempts_out: Vec::new(),
+            events: Vec::new(),
+            wakeups: Vec::new(),
+        }
+    }
+
+    /// The run row as it stands.
+    pub fn run(&self) -> &RunRecord {
+        &self.run
+    }
+
+    /// The run's id.
+    pub fn id(&self) -> RunId {
+        self.run.id
+    }
+
+    /// The pipeline.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Every task run, parents first in topological order, then fan-out items as created.
+    pub fn task_runs(&self) -> &[TaskRunRecord] {
+        &self.task_runs
+    }
+
+    /// A task run by id.
+    pub fn task_run(&self, id: TaskRunId) -> Option<&TaskRunRecord> {
+        self.by_id.get(&id).map(|i| &self.task_runs[*i])
+    }
+
+    /// Task runs leased and executing (fan-out parents excluded).
+    pub fn running_count(&self) -> usize {
+        self.running
+    }
+
+    /// Whether a task run waits in the queue.
+    pub fn has_queued(&mut self) -> bool {
+        self.drop_stale_queue_head();
+        !self.queue.is_empty()
+    }
+
+    /// The per-run concurrency limit the pipeline sets, if any.
+    pub fn concurrency_limit(&self) -> Option<usize> {
+        self.pipeline.def.concurrency.map(|c| c.max(1) as usize)
+    }
+
+    /// Whether the run is over.
+    pub fn is_finished(&self) -> bool {
+        self.run.state.is_terminal()
+    }
+
+    /// Sets the process that drives the run.
+    pub fn set_owner(&mut self, owner: Option<String>) {
+        if self.run.owner != owner {
+            self.run.owner = owner;
+            self.run_dirty = true;
+        }
+    }
+
+    /// Starts a queued run, or continues a running one: marks it running and queues every
+    /// task whose dependencies are met.
+    pub fn start(&mut self, now: Timestamp) {
+        if self.run.state == RunState::Queued {
+            self.set_run_state(RunState::Running, now, None);
+            self.run.started_at = Some(now);
+        }
+        if self.run.state == RunState::Running {
+            let order: Vec<TaskId> = self.pipeline.dag.topological_order().to_vec();
+            for task_id in order {
+                self.try_ready(&task_id, now);
+            }
+            self.check_run_finished(now);
+        }
+    }
+
+    /// Takes the next queued task run and leases it to `worker` until `now + lease_ttl`.
+    /// Returns `None` when nothing is queued. The caller enforces concurrency limits.
+    pub fn lease_next(&mut self, worker: &str, now: Timestamp, lease_ttl: Duration) -> Option<Assignment> {
+        self.drop_stale_queue_head();
+        let i = self.queue.pop_front()?;
+        Some(self.lease_index(i, worker, now, lease_ttl))
+    }
+
+    fn drop_stale_queue_head(&mut self) {
+        while let Some(&i) = self.queue.front() {
+            if self.task_runs[i].state == TaskRunState::Queued {
+                return;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    fn lease_index(&mut self, i: usize, worker: &str, now: Timestamp, lease_ttl: Duration) -> Assignment {
+        self.transition(i, TaskRunState::Running, now);
+        let expires = now.plus(lease_ttl);
+        let task_run = &mut self.task_runs[i];
+        task_run.attempt += 1;
+        task_run.fencing_token += 1;
+        task_run.lease_owner = Some(worker.to_owned());
+        task_run.lease_expires_at = Some(expires);
+        task_run.started_at = Some(now);
+        task_run.error = None;
+        let attempt = AttemptRecord {
+            task_run_id: task_run.id,
+            run_id: task_run.run_id,
+            attempt: task_run.attempt,
+            fencing_token: task_run.fencing_token,
+            worker: worker.to_owned(),
+            state: AttemptState::Running,
+            started_at: now,
+            finished_at: None,
+            error: None,
+        };
+        self.attempts_out.push(attempt.clone());
+        self.open_attempts.insert(i, attempt);
+        self.running += 1;
+        let task_run = &self.task_runs[i];
+        self.wakeups.push(Wakeup::LeaseExpiry {
+            at: expires,
+            task_run_id: task_run.id,
+            fencing_token: task_run.fencing_token,
+        });
+        let task = self.pipeline.task(&task_run.task_id).expect("task runs belong to pipeline tasks");
+        Assignment {
+            run_id: self.run.id,
+            task_run_id: task_run.id,
+            task_id: task_run.task_id.clone(),
+            tool: task.tool.clone(),
+            attempt: task_run.attempt,
+            fencing_token: task_run.fencing_token,
+            lease_expires_at: expires,
+            inputs: task_run.inputs.clone().unwrap_or_else(|| json!({})),
+            item: task_run.item.clone(),
+            upstream: self.upstream_outputs(&task_run.task_id),
+            timeout: task.timeout,
+        }
+    }
+
+    fn check_lease(&self, id: TaskRunId, fencing_token: u64) -> Result<usize, Rejection> {
+        let &i = self.by_id.get(&id).ok_or(Rejection::UnknownTaskRun(id))?;
+        let task_run = &self.task_runs[i];
+        if task_run.fencing_token != fencing_token {
+            return Err(Rejection::StaleLease {
+                task_run_id: id,
+                given: fencing_token,
+                current: task_run.fencing_token,
+            });
+        }
+        if task_run.state != TaskRunState::Running || task_run.fan_out.is_some() {
+            return Err(Rejection::WrongState {
+                task_run_id: id,
+                state: task_run.state,
+                expected: TaskRunState::Running,
+            });
+        }
+        Ok(i)
+    }
+
+    /// Extends a lease to `now + lease_ttl`.
+    ///
+    /// # Errors
+    /// [`Rejection::StaleLease`] when the token is not the current lease's; other rejections
+    /// when the task run is not running.
+    pub fn heartbeat(
+        &mut self,
+        id: TaskRunId,
+        fencing_token: u64,
+        now: Timestamp,
+        lease_ttl: Duration,
+    ) -> Result<(), Rejection> {
+        let i = self.check_lease(id, fencing_token)?;
+        let expires = now.plus(lease_ttl);
+        self.task_runs[i].lease_expires_at = Some(expires);
+        self.dirty.insert(i);
+        self.wakeups.push(Wakeup::LeaseExpiry { at: expires, task_run_id: id, fencing_token });
+        Ok(())
+    }
+
+    /// Records how an attempt ended. A success stores the outputs; a failure either waits
+    /// to retry (retryable, and the policy allows another attempt) or fails the task run.
+    /// Dependents that become ready are queued in the same call.
+    ///
+    /// `random` is a uniform number in [0, 1) for the backoff jitter.
+    ///
+    /// # Errors
+    /// [`Rejection::StaleLease`] when the token is not the current lease's (the late
+    /// completion of a worker whose lease expired); other rejections when the task run is not
+    /// running. A rejected completion changes nothing.
+    pub fn complete(
+        &mut self,
+        id: TaskRunId,
+        fencing_token: u64,
+        outcome: AttemptOutcome,
+        now: Timestamp,
+        random: f64,
+    ) -> Result<(), Rejection> {
+        let i = self.check_lease(id, fencing_token)?;
+        self.running -= 1;
+        let (attempt_state, error, retryable, outputs) = match outcome {
+            AttemptOutcome::Succeeded(outputs) => {
+                let size = serde_json::to_vec(&outputs).map(|v| v.len()).unwrap_or(usize::MAX);
+                if size > self.limits.outputs_bytes_max {
+                    let message = format!(
+                        "outputs are {size} bytes, above the limit of {} bytes; store large results as an artifact",
+                        self.limits.outputs_bytes_max
+                    );
+                    (AttemptState::Failed, Some(message), false, None)
+                } else {
+                    (AttemptState::Succeeded, None, false, Some(outputs))
+                }
+            }
+            AttemptOutcome::Failed { message, retryable } => (AttemptState::Failed, Some(message), retryable, None),
+            AttemptOutcome::TimedOut { timeout } => (
+                AttemptState::TimedOut,
+                Some(format!("timed out after {}", crate::pipeline::format_duration(timeout))),
+                true,
+                None,
+            ),
+        };
+        self.close_attempt(i, attempt_state, error.clone(), now);
+        {
+            let task_run = &mut self.task_runs[i];
+            task_run.lease_owner = None;
+            task_run.lease_expires_at = None;
+        }
+        if let Some(outputs) = outputs {
+            self.task_runs[i].outputs = Some(outputs);
+            self.finish(i, TaskRunState::Succeeded, None, now);
+            return Ok(());
+        }
+        let policy = self.retry_policy(&self.task_runs[i].task_id.clone());
+        let counted = self.task_runs[i].attempt.saturating_sub(self.task_runs[i].lease_expiries);
+        if retryable && policy.allows_retry_after(counted) && self.run.state == RunState::Running {
+            let ready_at = now.plus(policy.delay_after(counted, random));
+            self.transition(i, TaskRunState::WaitingToRetry, now);
+            self.task_runs[i].ready_at = Some(ready_at);
+            self.task_runs[i].error = error;
+            self.wakeups.push(Wakeup::RetryDue { at: ready_at, task_run_id: id });
+        } else {
+            let message = error.unwrap_or_else(|| "failed".into());
+            let message = if counted > 1 { format!("{message} (after {counted} attempts)") } else { message };
+            self.finish(i, TaskRunState::Failed, Some(message), now);
+        }
+        Ok(())
+    }
+
+    /// Handles a lease-expiry wakeup: if the lease with this token is still held and has run
+    /// out at `now`, the attempt is recorded as lost and the task run goes back to the queue
+    /// (or fails once it has lost [`ExecutionLimits::lease_expiries_max`] leases). Returns
+    /// whether the lease expired.
+    pub fn expire_lease(&mut self, id: TaskRunId, fencing_token: u64, now: Timestamp) -> bool {
+        let Ok(i) = self.check_lease(id, fencing_token) else { return false };
+        match self.task_runs[i].lease_expires_at {
+            Some(expires) if expires <= now => {}
+            _ => return false,
+        }
+        self.lose_lease(i, now);
+        true
+    }
+
+    /// Treats every lease of this run as lost: used when the process that held them is gone
+    /// (a restart after a crash). Returns how many task runs went back to the queue or failed.
+    pub fn reclaim_leases(&mut self, now: Timestamp) -> usize {
+        let held: Vec<usize> = (0..self.task_runs.len())
+            .filter(|&i| self.task_runs[i].state == TaskRunState::Running && self.task_runs[i].fan_out.is_none())
+            .collect();
+        for &i in &held {
+            self.lose_lease(i, now);
+        }
+        held.len()
+    }
+
+    fn lose_lease(&mut self, i: usize, now: Timestamp) {
+        self.running -= 1;
+        self.close_attempt(i, AttemptState::LeaseExpired, Some("lease expired".into()), now);
+        let task_run = &mut self.task_runs[i];
+        task_run.lease_owner = None;
+        task_run.lease_expires_at = None;
+        task_run.lease_expiries += 1;
+        if task_run.lease_expiries >= self.limits.lease_expiries_max {
+            let message = format!("lease expired {} times; the task may be crashing its worker", task_run.lease_expiries);
+            self.finish(i, TaskRunState::Failed, Some(message), now);
+        } else {
+            self.enqueue(i, now);
+        }
+    }
+
+    /// Handles a retry wakeup: a task run waiting to retry whose time has come is queued.
+    /// Returns whether it was.
+    pub fn retry_due(&mut self, id: TaskRunId, now: Timestamp) -> bool {
+        let Some(&i) = self.by_id.get(&id) else { return false };
+        let task_run = &self.task_runs[i];
+        if task_run.state != TaskRunState::WaitingToRetry || task_run.ready_at.is_some_and(|at| at > now) {
+            return false;
+        }
+        self.task_runs[i].ready_at = None;
+        self.enqueue(i, now);
+        true
+    }
+
+    /// Cancels the run: task runs that are running are cancelled (their attempts too; the
+    /// caller stops the workers, whose late completions are then refused), and every task
+    /// run that has not started is skipped. Returns the task runs that were running, with
+    /// their fencing tokens.
+    pub fn cancel(&mut self, now: Timestamp, reason: &str) -> Vec<(TaskRunId, u64)> {
+        if self.run.state.is_terminal() {
+            return Vec::new();
+        }
+        let mut stopped = Vec::new();
+        for i in 0..self.task_runs.len() {
+            let state = self.task_runs[i].state;
+            let is_parent = self.task_runs[i].fan_out.is_some();
+            match state {
+                TaskRunState::Running if !is_parent => {
+                    self.running -= 1;
+                    stopped.push((self.task_runs[i].id, self.task_runs[i].fencing_token));
+                    self.close_attempt(i, AttemptState::Cancelled, Some(reason.to_owned()), now);
+                    self.task_runs[i].lease_owner = None;
+                    self.task_runs[i].lease_expires_at = None;
+                    self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
+                }
+                TaskRunState::WaitingToRetry => {
+                    self.task_runs[i].ready_at = None;
+                    self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
+                }
+                TaskRunState::Pending | TaskRunState::Queued => {
+                    self.set_terminal(i, TaskRunState::Skipped, Some(reason.to_owned()), now);
+                }
+                _ => {}
+            }
+        }
+        for i in 0..self.task_runs.len() {
+            if self.task_runs[i].fan_out.is_some() && self.task_runs[i].state == TaskRunState::Running {
+                self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
+            }
+        }
+        self.queue.clear();
+        self.set_run_state(RunState::Cancelled, now, Some(reason.to_owned()));
+        stopped
+    }
+
+    /// Fails the run at once (for example when its pipeline can no longer be loaded),
+    /// cancelling what runs and skipping the rest.
+    pub fn abort(&mut self, now: Timestamp, reason: &str) -> Vec<(TaskRunId, u64)> {
+        let stopped = self.cancel(now, reason);
+        self.run.state = RunState::Failed;
+        self.run.error = Some(reason.to_owned());
+        self.run_dirty = true;
+        if let Some(DomainEvent::RunStateChanged { state, .. }) = self.events.last_mut() {
+            *state = RunState::Failed;
+        }
+        stopped
+    }
+
+    /// Hands over what changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        let run = if self.run_dirty { Some(self.run.clone()) } else { None };
+        self.run_dirty = false;
+        let dirty = std::mem::take(&mut self.dirty);
+        Changes {
+            run,
+            task_runs: dirty.into_iter().map(|i| self.task_runs[i].clone()).collect(),
+            attempts: std::mem::take(&mut self.attempts_out),
+            events: std::mem::take(&mut self.events),
+            wakeups: std::mem::take(&mut self.wakeups),
+        }
+    }
+
+    /// Every wakeup the current state needs (leases held, retries waiting); used after a
+    /// restore to rebuild the engine's timers.
+    pub fn pending_wakeups(&self) -> Vec<Wakeup> {
+        self.task_runs
+            .iter()
+            .filter_map(|t| match (t.state, t.lease_expires_at, t.ready_at) {
+                (TaskRunState::Running, Some(at), _) => Some(Wakeup::LeaseExpiry {
+                    at,
+                    task_run_id: t.id,
+                    fencing_token: t.fencing_token,
+                }),
+                (TaskRunState::WaitingToRetry, _, Some(at)) => Some(Wakeup::RetryDue { at, task_run_id: t.id }),
+                _ => None,
+            })
+            .collect()
+    }
+
+    // ---- internals ----
+
+    fn retry_policy(&self, task_id: &TaskId) -> RetryPolicy {
+        self.pipeline
+            .task(task_id)
+            .and_then(|t| t.retry.clone())
+            .unwrap_or_else(RetryPolicy::none)
+    }
+
+    fn close_attempt(&mut self, i: usize, state: AttemptState, error: Option<String>, now: Timestamp) {
+        if let Some(mut attempt) = self.open_attempts.remove(&i) {
+            attempt.state = state;
+            attempt.finished_at = Some(now);
+            attempt.error = error;
+            self.attempts_out.push(attempt);
+        }
+    }
+
+    fn transition(&mut self, i: usize, to: TaskRunState, now: Timestamp) {
+        let task_run = &mut self.task_runs[i];
+        if let Err(err) = task_run.state.check(to) {
+            debug_assert!(false, "{err}");
+            return;
+        }
+        task_run.state = to;
+        self.dirty.insert(i);
+        self.events.push(DomainEvent::TaskRunStateChanged {
+            run_id: task_run.run_id,
+            task_run_id: task_run.id,
+            task_id: task_run.task_id.clone(),
+            index: task_run.index,
+            state: to,
+            attempt: task_run.attempt,
+            at: now,
+        });
+    }
+
+    fn enqueue(&mut self, i: usize, now: Timestamp) {
+        self.transition(i, TaskRunState::Queued, now);
+        self.task_runs[i].queued_at = Some(now);
+        self.queue.push_back(i);
+    }
+
+    fn set_run_state(&mut self, to: RunState, now: Timestamp, error: Option<String>) {
+        if self.run.state == to {
+            return;
+        }
+        if let Err(err) = self.run.state.check(to) {
+            debug_assert!(false, "{err}");
+            return;
+        }
+        self.run.state = to;
+        if to.is_terminal() {
+            self.run.finished_at = Some(now);
+            self.run.error = error;
+        }
+        self.run_dirty = true;
+        self.events.push(DomainEvent::RunStateChanged { run_id: self.run.id, state: to, at: now });
+    }
+
+    /// Moves a task run to a terminal state without propagating.
+    fn set_terminal(&mut self, i: usize, to: TaskRunState, error: Option<String>, now: Timestamp) {
+        self.transition(i, to, now);
+        let task_run = &mut self.task_runs[i];
+        task_run.finished_at = Some(now);
+        if error.is_some() {
+            task_run.error = error;
+        }
+        if let Some(task_id) = task_run.index.map(|_| task_run.task_id.clone()) {
+            if let Some(node) = self.nodes.get_mut(&task_id) {
+                node.children_terminal += 1;
+            }
+        }
+    }
+
+    /// Moves a task run to a terminal state and propagates: a fan-out item may finish its
+    /// parent; a finished parent may ready its dependents; the run may finish.
+    fn finish(&mut self, i: usize, to: TaskRunState, error: Option<String>, now: Timestamp) {
+        self.set_terminal(i, to, error, now);
+        let mut finished_tasks = VecDeque::new();
+        let task_id = self.task_runs[i].task_id.clone();
+        if self.task_runs[i].index.is_some() {
+            if self.finish_parent_if_done(&task_id, now) {
+                finished_tasks.push_back(task_id);
+            }
+        } else {
+            finished_tasks.push_back(task_id);
+        }
+        while let Some(done) = finished_tasks.pop_front() {
+            let dependents: Vec<TaskId> = self.pipeline.dag.dependents(&done).to_vec();
+            for dependent in dependents {
+                if self.try_ready(&dependent, now) {
+                    finished_tasks.push_back(dependent);
+                }
+            }
+        }
+        self.check_run_finished(now);
+    }
+
+    /// When every item of a fan-out is terminal, finishes the parent. Returns whether it did.
+    fn finish_parent_if_done(&mut self, task_id: &TaskId, now: Timestamp) -> bool {
+        let node = &self.nodes[task_id];
+        if node.children_terminal < node.children.len() {
+            return false;
+        }
+        let parent = node.parent;
+        if self.task_runs[parent].state.is_terminal() {
+            return false;
+        }
+        let children = node.children.clone();
+        let mut failed = 0;
+        let mut first_error = None;
+        let mut outputs = Vec::with_capacity(children.len());
+        for &c in &children {
+            let child = &self.task_runs[c];
+            if child.state != TaskRunState::Succeeded {
+                failed += 1;
+                if first_error.is_none() {
+                    first_error = Some(format!(
+                        "item {}: {}",
+                        child.index.unwrap_or_default(),
+                        child.error.clone().unwrap_or_else(|| child.state.to_string())
+                    ));
+                }
+            }
+            outputs.push(child.outputs.clone().unwrap_or(Value::Null));
+        }
+        self.task_runs[parent].outputs = Some(Value::Array(outputs));
+        if failed == 0 {
+            self.set_terminal(parent, TaskRunState::Succeeded, None, now);
+        } else {
+            let message = format!(
+                "{failed} of {} items failed; first: {}",
+                children.len(),
+                first_error.unwrap_or_default()
+            );
+            self.set_terminal(parent, TaskRunState::Failed, Some(message), now);
+        }
+        true
+    }
+
+    /// If a pending task's dependencies are all terminal, decides what happens to it: skip it
+    /// (an upstream failed, or its condition is false), fail it (a template error), fan it
+    /// out, or queue it. Returns whether the task reached a terminal state at once.
+    fn try_ready(&mut self, task_id: &TaskId, now: Timestamp) -> bool {
+        if self.run.state != RunState::Running {
+            return false;
+        }
+        let parent = self.nodes[task_id].parent;
+        if self.task_runs[parent].state != TaskRunState::Pending {
+            return false;
+        }
+        let mut blocked_by = None;
+        for dep in self.pipeline.dag.dependencies(task_id) {
+            let dep_state = self.task_runs[self.nodes[dep].parent].state;
+            if !dep_state.is_terminal() {
+                return false;
+            }
+            if !dep_state.satisfies_dependents() && blocked_by.is_none() {
+                blocked_by = Some((dep.clone(), dep_state));
+            }
+        }
+        if let Some((dep, state)) = blocked_by {
+            self.set_terminal(parent, TaskRunState::Skipped, Some(format!("upstream task {dep} {state}")), now);
+            return true;
+        }
+        let task = self.pipeline.task(task_id).expect("nodes belong to pipeline tasks").clone();
+        let context = self.template_context(&task);
+        if let Some(condition) = &task.condition {
+            match self.templates.condition(condition, &context) {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.set_terminal(parent, TaskRunState::Skipped, Some(format!("condition is false: {condition}")), now);
+                    return true;
+                }
+                Err(err) => {
+                    self.set_terminal(parent, TaskRunState::Failed, Some(format!("condition: {err}")), now);
+                    return true;
+                }
+            }
+        }
+        match &task.for_each {
+            None => match self.templates.render_value(&Value::Object(task.inputs.clone()), &context) {
+                Ok(inputs) => {
+                    self.task_runs[parent].inputs = Some(inputs);
+                    self.enqueue(parent, now);
+                    false
+                }
+                Err(err) => {
+                    self.set_terminal(parent, TaskRunState::Failed, Some(format!("inputs: {err}")), now);
+                    true
+                }
+            },
+            Some(for_each) => self.fan_out(&task, parent, for_each, &context, now),
+        }
+    }
+
+    fn fan_out(
+        &mut self,
+        task: &TaskDef,
+        parent: usize,
+        for_each: &Value,
+        context: &minijinja::Value,
+        now: Timestamp,
+    ) -> bool {
+        let items = match self.templates.render_value(for_each, context) {
+            Ok(Value::Array(items)) => items,
+            Ok(other) => {
+                let kind = match other {
+                    Value::Null => "null",
+                    Value::Bool(_) => "a boolean",
+                    Value::Number(_) => "a number",
+                    Value::String(_) => "a string",
+                    Value::Object(_) => "an object",
+                    Value::Array(_) => "an array",
+                };
+                let message = format!("for_each must yield a list, got {kind}");
+                self.set_terminal(parent, TaskRunState::Failed, Some(message), now);
+                return true;
+            }
+            Err(err) => {
+                self.set_terminal(parent, TaskRunState::Failed, Some(format!("for_each: {err}")), now);
+                return true;
+            }
+        };
+        if items.len() > self.limits.fan_out_items_max {
+            let message = format!(
+                "for_each yields {} items, above the limit of {}",
+                items.len(),
+                self.limits.fan_out_items_max
+            );
+            self.set_terminal(parent, TaskRunState::Failed, Some(message), now);
+            return true;
+        }
+        self.task_runs[parent].fan_out = Some(items.len() as u32);
+        if items.is_empty() {
+            self.task_runs[parent].outputs = Some(Value::Array(Vec::new()));
+            self.set_terminal(parent, TaskRunState::Succeeded, None, now);
+            return true;
+        }
+        self.transition(parent, TaskRunState::Running, now);
+        self.task_runs[parent].started_at = Some(now);
+        let inputs = Value::Object(task.inputs.clone());
+        let templated = crate::pipeline::template::has_templates(&inputs);
+        let run_id = self.run.id;
+        for (index, item) in items.into_iter().enumerate() {
+            let rendered = if templated {
+                let item_context = minijinja::context! { item => minijinja::Value::from_serialize(&item), index => index, ..context.clone() };
+                self.templates.render_value(&inputs, &item_context)
+            } else {
+                Ok(inputs.clone())
+            };
+            let i = self.task_runs.len();
+            self.task_runs.push(TaskRunRecord {
+                id: TaskRunId::new(),
+                run_id,
+                task_id: task.id.clone(),
+                index: Some(index as u32),
+                fan_out: None,
+                state: TaskRunState::Pending,
+                attempt: 0,
+                lease_expiries: 0,
+                fencing_token: 0,
+                item: Some(item),
+                inputs: None,
+                outputs: None,
+                error: None,
+                lease_owner: None,
+                lease_expires_at: None,
+                ready_at: None,
+                created_at: now,
+                queued_at: None,
+                started_at: None,
+                finished_at: None,
+            });
+            self.by_id.insert(self.task_runs[i].id, i);
+            self.nodes.get_mut(&task.id).expect("node exists").children.push(i);
+            self.dirty.insert(i);
+            match rendered {
+                Ok(inputs) => {
+                    self.task_runs[i].inputs = Some(inputs);
+                    self.enqueue(i, now);
+                }
+                Err(err) => self.set_terminal(i, TaskRunState::Failed, Some(format!("inputs: {err}")), now),
+            }
+        }
+        // Items that failed to render may already complete the fan-out.
+        self.finish_parent_if_done(&task.id, now)
+    }
+
+    /// Outputs of a task's direct dependencies, by task id.
+    fn upstream_outputs(&self, task_id: &TaskId) -> BTreeMap<String, Value> {
+        self.pipeline
+            .dag
+            .dependencies(task_id)
+            .map(|dep| {
+                let parent = &self.task_runs[self.nodes[dep].parent];
+                (dep.to_string(), parent.outputs.clone().unwrap_or(Value::Null))
+            })
+            .collect()
+    }
+
+    fn template_context(&self, task: &TaskDef) -> minijinja::Value {
+        let mut tasks = serde_json::Map::new();
+        for dep in self.pipeline.dag.dependencies(&task.id) {
+            let parent = &self.task_runs[self.nodes[dep].parent];
+            tasks.insert(
+                dep.to_string(),
+                json!({
+                    "outputs": parent.outputs.clone().unwrap_or(Value::Null),
+                    "state": parent.state.as_str(),
+                }),
+            );
+        }
+        let context = json!({
+            "params": self.run.params,
+            "tasks": tasks,
+            "run": {"id": self.run.id.to_string(), "pipeline": self.run.pipeline_name},
+        });
+        minijinja::Value::from_serialize(&context)
+    }
+
+    fn check_run_finished(&mut self, now: Timestamp) {
+        if self.run.state != RunState::Running {
+            return;
+        }
+        let mut failed: Option<String> = None;
+        for task_id in self.pipeline.dag.topological_order() {
+            let parent = &self.task_runs[self.nodes[task_id].parent];
+            if !parent.state.is_terminal() {
+                return;
+            }
+            if matches!(parent.state, TaskRunState::Failed | TaskRunState::Cancelled) && failed.is_none() {
+                failed = Some(format!(
+                    "task {} {}: {}",
+                    parent.task_id,
+                    parent.state,
+                    parent.error.clone().unwrap_or_default()
+                ));
+            }
+        }
+        match failed {
+            None => self.set_run_state(RunState::Succeeded, now, None),
+            Some(message) => self.set_run_state(RunState::Failed, now, Some(message)),
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! # arches-core
+//!
+//! The domain core of Arches: ids, the pipeline model and its validation, the DAG, templates,
+//! the state machines of runs and task runs, the retry policy, domain events, and the ports
+//! (traits) through which the engine reaches storage, artifacts and tools.
+//!
+//! Architecture invariant: this crate does no I/O and depends on no runtime, database, or
+//! HTTP crate. Time comes in through [`time::Clock`], randomness as arguments.
+
+pub mod events;
+pub mod execution;
+pub mod ids;
+pub mod pipeline;
+pub mod ports;
+pub mod records;
+pub mod retry;
+pub mod state;
+pub mod time;
+
+pub use ids::{ArtifactId, PipelineName, RunId, TaskId, TaskRunId};
+pub use state::{AttemptState, RunState, TaskRunState};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};

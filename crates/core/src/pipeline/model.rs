@@ -1,0 +1,213 @@
+//! The pipeline definition model: what a user writes in YAML or JSON.
+//!
+//! The model is plain data; [`crate::pipeline::parse`] reads it from text with source
+//! positions and [`crate::pipeline::validate`] checks it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::ids::{PipelineName, TaskId};
+use crate::retry::RetryPolicy;
+
+/// A pipeline: a named DAG of tasks with typed params.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineDef {
+    /// The pipeline's name.
+    pub name: PipelineName,
+    /// Free text shown in listings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Typed params, by name; a run gives values or takes the defaults.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub params: BTreeMap<String, ParamDef>,
+    /// Most task runs of one run that may run at once; the engine's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u32>,
+    /// The tasks, in the order written.
+    pub tasks: Vec<TaskDef>,
+}
+
+/// The declared type of a param.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParamType {
+    /// A UTF-8 string.
+    String,
+    /// A whole number (i64).
+    Integer,
+    /// Any JSON number.
+    Number,
+    /// `true` or `false`.
+    Boolean,
+    /// A JSON array.
+    Array,
+    /// A JSON object.
+    Object,
+}
+
+impl ParamType {
+    /// Whether `value` is of this type.
+    pub fn accepts(self, value: &Value) -> bool {
+        match self {
+            ParamType::String => value.is_string(),
+            ParamType::Integer => value.is_i64() || value.is_u64(),
+            ParamType::Number => value.is_number(),
+            ParamType::Boolean => value.is_boolean(),
+            ParamType::Array => value.is_array(),
+            ParamType::Object => value.is_object(),
+        }
+    }
+
+    /// Converts a command-line text (`--param k=v`) into a value of this type.
+    ///
+    /// # Errors
+    /// A message naming the expected type when the text does not convert.
+    pub fn coerce(self, text: &str) -> Result<Value, String> {
+        let parsed = match self {
+            ParamType::String => return Ok(Value::String(text.to_owned())),
+            ParamType::Integer => text.trim().parse::<i64>().ok().map(Value::from),
+            ParamType::Number => text.trim().parse::<f64>().ok().and_then(|n| serde_json::Number::from_f64(n).map(Value::Number)),
+            ParamType::Boolean => match text.trim() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            ParamType::Array | ParamType::Object => serde_json::from_str(text).ok().filter(|v: &Value| self.accepts(v)),
+        };
+        parsed.ok_or_else(|| format!("expected {}, got {text:?}", self.as_str()))
+    }
+
+    /// The type's name as written in a pipeline.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamType::String => "string",
+            ParamType::Integer => "integer",
+            ParamType::Number => "number",
+            ParamType::Boolean => "boolean",
+            ParamType::Array => "array",
+            ParamType::Object => "object",
+        }
+    }
+}
+
+/// A param declaration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParamDef {
+    /// The param's type.
+    #[serde(rename = "type")]
+    pub param_type: ParamType,
+    /// The value used when a run gives none; a param without a default is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Value>,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// One task of a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskDef {
+    /// Unique id within the pipeline.
+    pub id: TaskId,
+    /// The registered tool that executes it.
+    pub tool: String,
+    /// Free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Inputs of the tool; strings are minijinja templates over `params`, `tasks.<id>.outputs`,
+    /// `item`, `index` and `run`.
+    #[serde(default, rename = "with", skip_serializing_if = "serde_json::Map::is_empty")]
+    pub inputs: serde_json::Map<String, Value>,
+    /// Tasks that must finish first. Tasks referenced from templates are dependencies too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<TaskId>,
+    /// Retry policy; one attempt when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Longest an attempt may run before it is stopped.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration"
+    )]
+    pub timeout: Option<Duration>,
+    /// A condition (minijinja expression, with or without `{{ }}`); the task is skipped when
+    /// it is false.
+    #[serde(default, rename = "if", skip_serializing_if = "Option::is_none")]
+    pub condition: Option<String>,
+    /// Fan-out: a list, or a template that yields a list; one task run per item, with the
+    /// item in `item` and its position in `index`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_each: Option<Value>,
+}
+
+/// Serde for durations written as `"30s"`, `"500ms"`, `"1h30m"` or a number of seconds.
+pub mod optional_duration {
+    use super::*;
+
+    /// Writes the duration as text, for example `"1.5s"`.
+    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => serializer.serialize_str(&format_duration(*duration)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    /// Reads text or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+        let value = Option::<Value>::deserialize(deserializer)?;
+        match value {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_f64()
+                .filter(|s| *s >= 0.0 && s.is_finite())
+                .map(|s| Some(Duration::from_secs_f64(s)))
+                .ok_or_else(|| serde::de::Error::custom("duration must be a positive number of seconds")),
+            Some(Value::String(text)) => crate::time::parse_duration(&text)
+                .map(Some)
+                .map_err(serde::de::Error::custom),
+            Some(other) => Err(serde::de::Error::custom(format!(
+                "expected a duration such as \"30s\", got {other}"
+            ))),
+        }
+    }
+}
+
+/// Formats a duration the way [`crate::time::parse_duration`] reads it.
+pub fn format_duration(duration: Duration) -> String {
+    let ms = duration.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+impl PipelineDef {
+    /// The task with this id.
+    pub fn task(&self, id: &str) -> Option<&TaskDef> {
+        self.tasks.iter().find(|t| t.id.as_str() == id)
+    }
+}
+
+/// Serde for a required duration written as text or seconds.
+pub mod optional_duration_required {
+    use super::*;
+
+    /// Writes the duration as text.
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format_duration(*value))
+    }
+
+    /// Reads text or a number of seconds.
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        super::optional_duration::deserialize(deserializer)?
+            .ok_or_else(|| serde::de::Error::custom("a duration is required"))
+    }
+}

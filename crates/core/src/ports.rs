@@ -1,0 +1,278 @@
+//! Ports: what the domain needs from the outside world, as traits. Adapters implement them
+//! (the SQLite store and the local artifact store in `arches-store`, the built-in tools in
+//! `arches-tools`); the engine uses only these traits.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde_json::Value;
+
+use crate::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use crate::pipeline::PipelineDef;
+use crate::records::*;
+
+/// Errors of the storage and artifact ports.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or opened; the operation may succeed later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The disk is full; nothing of the operation was stored.
+    #[error("store is out of disk space: {0}")]
+    DiskFull(String),
+    /// A uniqueness or consistency rule refused the write.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The thing asked for does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// Any other failure of the backend.
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+/// Shorthand for results of the ports.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The storage port: durable state of pipelines, runs, task runs, attempts, logs and
+/// artifact metadata. Every backend passes the conformance suite in `arches-store`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The durability mode commits run under.
+    fn durability(&self) -> Durability;
+
+    /// Saves a pipeline definition and returns its version. Saving a definition identical to
+    /// a stored version of the same name returns that version.
+    async fn save_pipeline(&self, definition: &PipelineDef) -> StoreResult<StoredPipeline>;
+
+    /// A stored pipeline version.
+    async fn pipeline(&self, name: &str, version: u32) -> StoreResult<Option<StoredPipeline>>;
+
+    /// Applies a batch atomically: all of it or nothing. Task-run writes that carry an older
+    /// fencing token than the stored row are skipped and reported.
+    async fn commit(&self, batch: &WriteBatch) -> StoreResult<CommitReport>;
+
+    /// One run.
+    async fn run(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
+
+    /// Runs, newest first.
+    async fn runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunRecord>>;
+
+    /// Every task run of a run, in creation order.
+    async fn task_runs(&self, run_id: RunId) -> StoreResult<Vec<TaskRunRecord>>;
+
+    /// Every attempt of a run's task runs, by task run then attempt number.
+    async fn attempts(&self, run_id: RunId) -> StoreResult<Vec<AttemptRecord>>;
+
+    /// Appends log lines.
+    async fn append_logs(&self, lines: &[NewLogLine]) -> StoreResult<()>;
+
+    /// Reads log lines in order.
+    async fn logs(&self, query: &LogQuery) -> StoreResult<Vec<LogLine>>;
+
+    /// Stores artifact metadata for content already in the blob store, assigning the next
+    /// version of its name.
+    async fn insert_artifact(
+        &self,
+        digest: &str,
+        size_bytes: u64,
+        meta: &NewArtifact,
+    ) -> StoreResult<ArtifactRecord>;
+
+    /// One artifact version.
+    async fn artifact(&self, id: ArtifactId) -> StoreResult<Option<ArtifactRecord>>;
+
+    /// The given version of a name, or its latest.
+    async fn artifact_by_name(&self, name: &str, version: Option<u32>) -> StoreResult<Option<ArtifactRecord>>;
+
+    /// Artifact versions, newest first.
+    async fn artifacts(&self, filter: &ArtifactFilter) -> StoreResult<Vec<ArtifactRecord>>;
+}
+
+/// The artifact port: content-addressed blobs (SHA-256) with versioned, named metadata and
+/// lineage.
+#[async_trait]
+pub trait ArtifactStore: Send + Sync + 'static {
+    /// Stores the content of a local file.
+    async fn put_file(&self, source: &Path, meta: NewArtifact) -> StoreResult<ArtifactRecord>;
+
+    /// Stores bytes.
+    async fn put_bytes(&self, content: Vec<u8>, meta: NewArtifact) -> StoreResult<ArtifactRecord>;
+
+    /// An artifact's metadata.
+    async fn get(&self, id: ArtifactId) -> StoreResult<ArtifactRecord>;
+
+    /// A path on the local filesystem holding the artifact's content, to be read only; for a
+    /// remote backend the content is first copied into a local cache.
+    async fn local_path(&self, id: ArtifactId) -> StoreResult<PathBuf>;
+
+    /// The whole content; refused with [`StoreError::Conflict`] above `limit_bytes`.
+    async fn read(&self, id: ArtifactId, limit_bytes: u64) -> StoreResult<Vec<u8>>;
+}
+
+/// An error of a tool. `retryable` tells the engine whether the retry policy applies.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("{message}")]
+pub struct ToolError {
+    /// What went wrong, naming the cause and where.
+    pub message: String,
+    /// Whether another attempt may succeed (a network error) or not (a SQL syntax error).
+    pub retryable: bool,
+}
+
+impl ToolError {
+    /// An error another attempt may not fix.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: false }
+    }
+
+    /// An error another attempt may fix.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self { message: message.into(), retryable: true }
+    }
+}
+
+/// Where a tool writes its log lines. Lines are bounded by the engine (length and count per
+/// attempt); writing waits when the log writer is behind.
+#[async_trait]
+pub trait LogSink: Send + Sync {
+    /// Appends one line (without its line ending).
+    async fn write(&self, stream: LogStream, text: &str);
+}
+
+/// What a tool sees of the run while it executes one attempt.
+#[derive(Clone)]
+pub struct ToolContext {
+    /// The run.
+    pub run_id: RunId,
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt number (1-based).
+    pub attempt: u32,
+    /// The fan-out item, for fan-out items.
+    pub item: Option<Value>,
+    /// Outputs of the task's upstream tasks (direct dependencies), by task id. A fan-out
+    /// upstream gives an array of its items' outputs.
+    pub upstream: BTreeMap<String, Value>,
+    /// A fresh, empty working directory for this attempt, removed afterwards.
+    pub work_dir: PathBuf,
+    /// The artifact store.
+    pub artifacts: Arc<dyn ArtifactStore>,
+    /// The task's log.
+    pub logs: Arc<dyn LogSink>,
+}
+
+impl ToolContext {
+    /// Who produced an artifact stored now: this run, task run, task and attempt.
+    pub fn producer(&self) -> Producer {
+        Producer {
+            run_id: self.run_id,
+            task_run_id: self.task_run_id,
+            task_id: self.task_id.clone(),
+            attempt: self.attempt,
+        }
+    }
+
+    /// Artifact ids found anywhere in the upstream outputs (under an `"artifact"` object with
+    /// an `"id"`, or an `"artifacts"` array of such objects): the lineage inputs of whatever
+    /// this attempt stores.
+    pub fn upstream_artifacts(&self) -> Vec<ArtifactId> {
+        let mut found = Vec::new();
+        for value in self.upstream.values() {
+            collect_artifact_ids(value, &mut found);
+        }
+        found.sort();
+        found.dedup();
+        found
+    }
+}
+
+fn collect_artifact_ids(value: &Value, found: &mut Vec<ArtifactId>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(id) = map.get("id").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
+                if map.contains_key("digest") {
+                    found.push(id);
+                }
+            }
+            for child in map.values() {
+                collect_artifact_ids(child, found);
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_artifact_ids(v, found)),
+        _ => {}
+    }
+}
+
+/// A tool: executes one attempt of a task.
+///
+/// Cancellation contract: the engine stops an attempt (timeout, cancel, shutdown) by dropping
+/// the future returned by [`Tool::execute`]. A tool must therefore release everything it
+/// started when dropped; a tool that spawns processes kills their whole process group.
+#[async_trait]
+pub trait Tool: Send + Sync + 'static {
+    /// The registered name, for example `sql`.
+    fn name(&self) -> &str;
+
+    /// One line for listings.
+    fn description(&self) -> &str;
+
+    /// JSON Schema (draft 2020-12) of the `with` inputs.
+    fn input_schema(&self) -> Value;
+
+    /// Executes one attempt with rendered inputs; returns the outputs (a JSON object).
+    ///
+    /// # Errors
+    /// [`ToolError`] naming the cause; `retryable` decides whether the retry policy applies.
+    async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError>;
+}
+
+/// The tools known to an engine, by name.
+#[derive(Clone, Default)]
+pub struct ToolRegistry {
+    tools: BTreeMap<String, Arc<dyn Tool>>,
+}
+
+impl ToolRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a tool under its name, replacing any tool of that name.
+    pub fn register(&mut self, tool: Arc<dyn Tool>) {
+        self.tools.insert(tool.name().to_owned(), tool);
+    }
+
+    /// The tool of that name.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Tool>> {
+        self.tools.get(name)
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+
+    /// Every tool, sorted by name.
+    pub fn tools(&self) -> impl Iterator<Item = &Arc<dyn Tool>> {
+        self.tools.values()
+    }
+}
+
+impl crate::pipeline::ToolCatalog for ToolRegistry {
+    fn input_schema(&self, tool: &str) -> Option<Value> {
+        self.tools.get(tool).map(|t| t.input_schema())
+    }
+
+    fn tool_names(&self) -> Vec<String> {
+        self.tools.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,335 @@
+//! The persisted shapes of runs, task runs, attempts, logs, pipelines and artifacts.
+//!
+//! These are the rows the storage port reads and writes; the engine builds them through the
+//! state machines in [`crate::execution`].
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use crate::state::{AttemptState, RunState, TaskRunState};
+use crate::time::Timestamp;
+
+/// A stored pipeline version. Saving the same definition twice yields the same version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredPipeline {
+    /// The pipeline's name.
+    pub name: String,
+    /// 1, 2, 3… per name, in the order versions were saved.
+    pub version: u32,
+    /// SHA-256 (hex) of the canonical JSON of the definition.
+    pub digest: String,
+    /// The definition, as canonical JSON of [`crate::pipeline::PipelineDef`].
+    pub definition: Value,
+    /// When this version was first saved.
+    pub created_at: Timestamp,
+}
+
+/// One run of a pipeline.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// The run's id.
+    pub id: RunId,
+    /// The pipeline's name.
+    pub pipeline_name: String,
+    /// The pipeline version the run executes.
+    pub pipeline_version: u32,
+    /// The params after defaults, as a JSON object.
+    pub params: Value,
+    /// The run's state.
+    pub state: RunState,
+    /// Why the run failed, if it did.
+    pub error: Option<String>,
+    /// Which process drives the run (for example `pid:1234@host`); used to refuse a resume
+    /// while the owner still lives.
+    pub owner: Option<String>,
+    /// When the run was created.
+    pub created_at: Timestamp,
+    /// When it started.
+    pub started_at: Option<Timestamp>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One task run: a task of a run, or one item of a fan-out (`index` is then set, and the
+/// fan-out's parent task run has `index = None` and `fan_out = Some(n)`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRunRecord {
+    /// The task run's id.
+    pub id: TaskRunId,
+    /// The run it belongs to.
+    pub run_id: RunId,
+    /// The task it executes.
+    pub task_id: TaskId,
+    /// Position in the fan-out list, for fan-out items.
+    pub index: Option<u32>,
+    /// For a fan-out parent: how many items it spawned.
+    pub fan_out: Option<u32>,
+    /// The task run's state.
+    pub state: TaskRunState,
+    /// The number of the current or last attempt (1-based; 0 before the first).
+    pub attempt: u32,
+    /// Attempts lost to an expired lease; they do not use up the retry policy but are
+    /// bounded by the engine.
+    pub lease_expiries: u32,
+    /// Incremented at every lease; a completion or heartbeat must carry the current value.
+    pub fencing_token: u64,
+    /// The fan-out item, for fan-out items.
+    pub item: Option<Value>,
+    /// The rendered inputs, set when the task run is queued.
+    pub inputs: Option<Value>,
+    /// The tool's outputs, when succeeded (for a fan-out parent: the items' outputs in order).
+    pub outputs: Option<Value>,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+    /// The worker holding the lease, while running.
+    pub lease_owner: Option<String>,
+    /// When the lease runs out unless a heartbeat extends it.
+    pub lease_expires_at: Option<Timestamp>,
+    /// When a task run waiting to retry becomes queued again.
+    pub ready_at: Option<Timestamp>,
+    /// When it was created.
+    pub created_at: Timestamp,
+    /// When it was last queued.
+    pub queued_at: Option<Timestamp>,
+    /// When its last attempt started.
+    pub started_at: Option<Timestamp>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Timestamp>,
+}
+
+/// One attempt of a task run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The run.
+    pub run_id: RunId,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// The fencing token of the lease this attempt ran under.
+    pub fencing_token: u64,
+    /// The worker that ran it.
+    pub worker: String,
+    /// How it ended.
+    pub state: AttemptState,
+    /// When the worker leased it.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Option<Timestamp>,
+    /// The error, if it failed.
+    pub error: Option<String>,
+}
+
+/// An atomic group of writes: all of it is stored, or none.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WriteBatch {
+    /// Runs to insert or replace.
+    pub runs: Vec<RunRecord>,
+    /// Task runs to insert or replace. A write whose fencing token is lower than the stored
+    /// one is not applied (it comes from a stale lease) and is reported.
+    pub task_runs: Vec<TaskRunRecord>,
+    /// Attempts to insert or replace, keyed by (task run, attempt).
+    pub attempts: Vec<AttemptRecord>,
+}
+
+impl WriteBatch {
+    /// Whether there is nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.task_runs.is_empty() && self.attempts.is_empty()
+    }
+}
+
+/// What a commit did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Task-run writes refused because their fencing token was older than the stored one.
+    pub stale_task_runs: Vec<TaskRunId>,
+}
+
+/// Where a log line came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    /// The tool's standard output.
+    Stdout,
+    /// The tool's standard error.
+    Stderr,
+    /// A line written by the engine or the tool itself.
+    System,
+}
+
+impl LogStream {
+    /// The stream's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::System => "system",
+        }
+    }
+}
+
+/// A log line to append.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewLogLine {
+    /// The run.
+    pub run_id: RunId,
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The attempt that wrote it.
+    pub attempt: u32,
+    /// The stream.
+    pub stream: LogStream,
+    /// When it was written.
+    pub at: Timestamp,
+    /// The text, without its line ending; lossily decoded from bytes that were not UTF-8.
+    pub text: String,
+}
+
+/// A stored log line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Position in the store's log, increasing; a cursor for tailing.
+    pub seq: i64,
+    /// The task the line belongs to.
+    pub task_id: Option<TaskId>,
+    /// The line.
+    #[serde(flatten)]
+    pub line: NewLogLine,
+}
+
+/// Which log lines to read.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogQuery {
+    /// The run.
+    pub run_id: RunId,
+    /// Only this task's lines (all its task runs).
+    pub task_id: Option<TaskId>,
+    /// Only lines after this sequence number.
+    pub after_seq: i64,
+    /// At most this many lines.
+    pub limit: u32,
+}
+
+/// Which runs to list, newest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunFilter {
+    /// Only runs of this pipeline.
+    pub pipeline_name: Option<String>,
+    /// Only runs in this state.
+    pub state: Option<RunState>,
+    /// Only runs created before this one (cursor).
+    pub before: Option<RunId>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// Metadata of a table artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TableMeta {
+    /// Number of rows.
+    pub rows: u64,
+    /// Columns in order.
+    pub columns: Vec<ColumnMeta>,
+}
+
+/// A column of a table artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ColumnMeta {
+    /// Column name.
+    pub name: String,
+    /// Arrow data type, as displayed by Arrow (for example `Utf8`, `Float64`).
+    pub data_type: String,
+    /// Whether it may hold nulls.
+    pub nullable: bool,
+}
+
+/// What produced an artifact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Producer {
+    /// The run.
+    pub run_id: RunId,
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The task.
+    pub task_id: TaskId,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+/// An artifact to store: its metadata before it has a version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewArtifact {
+    /// A name, for example `penguins/clean`; each store under the same name is a new version.
+    pub name: String,
+    /// IANA media type, for example `text/csv`, `application/vnd.apache.parquet`.
+    pub media_type: String,
+    /// Row count and schema, for tables.
+    pub table: Option<TableMeta>,
+    /// What produced it.
+    pub produced_by: Option<Producer>,
+    /// The artifacts it was made from (lineage).
+    pub inputs: Vec<ArtifactId>,
+}
+
+/// A stored artifact version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// The version's id.
+    pub id: ArtifactId,
+    /// SHA-256 of the content, lowercase hex; the blob's address.
+    pub digest: String,
+    /// Size of the content in bytes.
+    pub size_bytes: u64,
+    /// 1, 2, 3… per name.
+    pub version: u32,
+    /// When it was stored.
+    pub created_at: Timestamp,
+    /// Name, media type, table metadata and lineage.
+    #[serde(flatten)]
+    pub meta: NewArtifact,
+}
+
+/// Which artifacts to list, newest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ArtifactFilter {
+    /// Only versions of this name.
+    pub name: Option<String>,
+    /// Only artifacts produced by this run.
+    pub run_id: Option<RunId>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// The durability mode of a store: what a commit guarantees on power loss.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// SQLite `synchronous=NORMAL` in WAL mode: a commit survives a crash of the process;
+    /// on power loss the last commits before the last checkpoint sync may be lost.
+    Normal,
+    /// SQLite `synchronous=FULL`: every commit is synced to disk before it returns.
+    Full,
+}
+
+impl Durability {
+    /// The mode's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Normal => "normal",
+            Durability::Full => "full",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "normal" => Ok(Durability::Normal),
+            "full" => Ok(Durability::Full),
+            other => Err(format!("unknown durability {other:?}; use normal or full")),
+        }
+    }
+}
