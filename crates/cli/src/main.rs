@@ -1,1 +1,104 @@
-fn main() {}
+//! `arches`: run, validate and inspect data and AI pipelines.
+//!
+//! Local mode: the store is an embedded SQLite file under the home directory (`./.arches`
+//! by default, `ARCHES_HOME` or `--home` to change it) and the workers run in this process.
+
+mod app;
+mod bench;
+mod inspect;
+mod owner;
+mod progress;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use arches_core::records::Durability;
+use clap::{Parser, Subcommand};
+
+/// Command-line interface of Arches.
+#[derive(Parser, Debug)]
+#[command(name = "arches", version, about = "Run data and AI pipelines: DAGs of tasks on a durable engine")]
+struct Cli {
+    /// Data directory: the SQLite store, artifacts and working directories.
+    #[arg(long, global = true, env = "ARCHES_HOME", default_value = ".arches")]
+    home: PathBuf,
+    /// Store durability: `normal` (SQLite synchronous=NORMAL) or `full` (synchronous=FULL).
+    #[arg(long, global = true, env = "ARCHES_DURABILITY", default_value = "normal")]
+    durability: Durability,
+    /// Log filter for diagnostics on stderr (tracing env-filter syntax).
+    #[arg(long, global = true, env = "ARCHES_LOG", default_value = "warn")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate a pipeline, run it with a live progress display, and print a summary.
+    Run(run::RunArgs),
+    /// Finish a run whose process died (for example killed with SIGKILL), without re-running
+    /// the task runs that had succeeded.
+    Resume(run::ResumeArgs),
+    /// Cancel a run: running tasks are stopped and the rest skipped.
+    Cancel(run::CancelArgs),
+    /// Check a pipeline file and report every problem with its line and column.
+    Validate {
+        /// The pipeline file (YAML or JSON).
+        file: PathBuf,
+    },
+    /// Draw a pipeline's DAG.
+    Graph {
+        /// The pipeline file (YAML or JSON).
+        file: PathBuf,
+        /// Output format: text, dot or mermaid.
+        #[arg(long, default_value = "text")]
+        format: String,
+    },
+    /// Inspect runs.
+    #[command(subcommand)]
+    Runs(inspect::RunsCommand),
+    /// Inspect artifacts.
+    #[command(subcommand)]
+    Artifacts(inspect::ArtifactsCommand),
+    /// List the registered tools.
+    Tools,
+    /// Measure the engine (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(70);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let home = app::Home::new(cli.home, cli.durability);
+    match cli.command {
+        Command::Run(args) => run::run(&home, args).await,
+        Command::Resume(args) => run::resume(&home, args).await,
+        Command::Cancel(args) => run::cancel(&home, args).await,
+        Command::Validate { file } => app::validate_command(&file),
+        Command::Graph { file, format } => app::graph_command(&file, &format),
+        Command::Runs(command) => inspect::runs(&home, command).await,
+        Command::Artifacts(command) => inspect::artifacts(&home, command).await,
+        Command::Tools => app::tools_command(),
+        Command::Bench(command) => bench::bench(command).await,
+    }
+}

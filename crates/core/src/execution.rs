@@ -511,7 +511,9 @@ impl RunExecution {
     /// to retry (retryable, and the policy allows another attempt) or fails the task run.
     /// Dependents that become ready are queued in the same call.
     ///
-    /// `random` is a uniform number in [0, 1) for the backoff jitter.
+    /// `executed_at` is when the worker began executing the tool (the attempt and task run
+    /// start times are set to it, so they measure execution, not the lease); `now` is when
+    /// the attempt ended. `random` is a uniform number in [0, 1) for the backoff jitter.
     ///
     /// # Errors
     /// [`Rejection::StaleLease`] when the token is not the current lease's (the late
@@ -522,11 +524,16 @@ impl RunExecution {
         id: TaskRunId,
         fencing_token: u64,
         outcome: AttemptOutcome,
+        executed_at: Timestamp,
         now: Timestamp,
         random: f64,
     ) -> Result<(), Rejection> {
         let i = self.check_lease(id, fencing_token)?;
         self.running -= 1;
+        self.task_runs[i].started_at = Some(executed_at);
+        if let Some(attempt) = self.open_attempts.get_mut(&i) {
+            attempt.started_at = executed_at;
+        }
         let (attempt_state, error, retryable, outputs) = match outcome {
             AttemptOutcome::Succeeded(outputs) => {
                 let size = serde_json::to_vec(&outputs).map(|v| v.len()).unwrap_or(usize::MAX);

@@ -227,6 +227,12 @@ pub trait Tool: Send + Sync + 'static {
     /// JSON Schema (draft 2020-12) of the `with` inputs.
     fn input_schema(&self) -> Value;
 
+    /// Whether an attempt needs its working directory created; tools that touch no files
+    /// (`noop`, `echo`) say no and save two filesystem calls per attempt.
+    fn needs_work_dir(&self) -> bool {
+        true
+    }
+
     /// Executes one attempt with rendered inputs; returns the outputs (a JSON object).
     ///
     /// # Errors

@@ -1,1 +1,166 @@
-//! placeholder
+//! # arches-engine
+//!
+//! The durable engine: a [`Scheduler`] that owns every state change of the runs it drives
+//! and commits them to the [`Store`] in batches, an in-process [`WorkerPool`] that executes
+//! task runs with leases, heartbeats and timeouts, and a [`LogWriter`] that streams task
+//! logs to the store.
+//!
+//! Architecture invariants:
+//! - The scheduler is the only writer of runs, task runs and attempts. It decides with the
+//!   pure state machine of `arches_core::execution`, commits, and only then dispatches
+//!   leases and publishes events: nothing a worker or a watcher sees is uncommitted.
+//! - Idle costs nothing: the scheduler sleeps on its inbox and on the next timer (lease
+//!   expiry or retry), never polls.
+//! - Every queue is bounded ([`EngineOptions`]).
+//! - This crate knows the storage only through the `Store` port; it depends on no
+//!   database crate.
+
+mod failpoints;
+mod logs;
+mod scheduler;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arches_core::execution::{ExecutionLimits, Rejection};
+use arches_core::ports::{ArtifactStore, Store, StoreError, ToolRegistry};
+use arches_core::{Clock, RunId};
+use tokio_util::sync::CancellationToken;
+
+pub use failpoints::FailPoints;
+pub use logs::{LogWriter, LogWriterHandle};
+// `Dispatch` is the item type of the receiver `Scheduler::new` returns; it must be nameable
+// by the worker side (and by tests acting as the worker) to tell a lease from a stop.
+pub use scheduler::{Command, Dispatch, Scheduler, SchedulerHandle, StepReport};
+pub use worker::WorkerPool;
+
+/// Errors of the engine.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store refused or failed a commit; the engine stops, and what was committed
+    /// before stays consistent (`arches resume` continues from there).
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// A worker event was refused by the state machine.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// The run is not driven by this engine.
+    #[error("run {0} is not active in this engine")]
+    UnknownRun(RunId),
+    /// The run is already driven by this engine.
+    #[error("run {0} is already active")]
+    AlreadyActive(RunId),
+    /// The engine has stopped.
+    #[error("the engine has stopped")]
+    Stopped,
+    /// A failure point armed by a test fired.
+    #[error("injected failure: {0}")]
+    Injected(&'static str),
+}
+
+/// Settings of the engine. Every bound is named with its unit.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// This process's worker id, recorded on leases and attempts.
+    pub worker_id: String,
+    /// Task runs executing at once in this process (the worker pool's slots).
+    pub worker_slots: usize,
+    /// How long a lease lasts without a heartbeat.
+    pub lease_ttl: Duration,
+    /// How often a worker heartbeats a lease; well below `lease_ttl`.
+    pub heartbeat_interval: Duration,
+    /// Most inbox commands applied in one commit (group commit).
+    pub batch_size_max: usize,
+    /// Capacity of the scheduler's inbox; senders wait when it is full.
+    pub inbox_capacity: usize,
+    /// Capacity of the domain-event broadcast; slow subscribers skip events.
+    pub event_capacity: usize,
+    /// Directory under which each attempt gets a fresh working directory.
+    pub work_root: PathBuf,
+    /// Bounds of the run state machine.
+    pub limits: ExecutionLimits,
+    /// Longest log line kept, in bytes; longer lines are cut.
+    pub log_line_bytes_max: usize,
+    /// Most log lines kept per attempt; later lines are counted and dropped.
+    pub log_lines_per_attempt_max: u32,
+    /// Capacity of the log channel, in lines.
+    pub log_channel_capacity: usize,
+}
+
+impl EngineOptions {
+    /// Defaults for a process whose working directories live under `work_root`.
+    pub fn new(work_root: PathBuf) -> Self {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Self {
+            worker_id: format!("pid{}", std::process::id()),
+            worker_slots: (cores * 4).max(8),
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            batch_size_max: 1024,
+            inbox_capacity: 8192,
+            event_capacity: 8192,
+            work_root,
+            limits: ExecutionLimits::default(),
+            log_line_bytes_max: 64 * 1024,
+            log_lines_per_attempt_max: 20_000,
+            log_channel_capacity: 8192,
+        }
+    }
+}
+
+/// The engine of one process: scheduler, worker pool and log writer, wired together.
+pub struct Engine {
+    scheduler: Scheduler,
+    pool: WorkerPool,
+    log_writer: LogWriter,
+}
+
+impl Engine {
+    /// Builds the engine; nothing runs until [`Engine::run`].
+    pub fn build(
+        options: EngineOptions,
+        store: Arc<dyn Store>,
+        artifacts: Arc<dyn ArtifactStore>,
+        tools: ToolRegistry,
+        clock: Arc<dyn Clock>,
+    ) -> Engine {
+        let log_writer = LogWriter::new(store.clone(), options.log_channel_capacity);
+        let (scheduler, assignments) = Scheduler::new(options.clone(), store, clock.clone(), FailPoints::default());
+        let pool = WorkerPool::new(
+            options,
+            scheduler.handle(),
+            assignments,
+            Arc::new(tools),
+            artifacts,
+            log_writer.handle(),
+            clock,
+        );
+        Engine { scheduler, pool, log_writer }
+    }
+
+    /// A cheap handle to submit, resume, cancel and watch runs.
+    pub fn handle(&self) -> SchedulerHandle {
+        self.scheduler.handle()
+    }
+
+    /// Runs until `shutdown` is cancelled or the store fails. On shutdown, running
+    /// attempts are stopped (their leases are simply not renewed; `arches resume` runs
+    /// them again) and the logs are flushed.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when a commit fails.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        let Engine { scheduler, pool, log_writer } = self;
+        let log_task = tokio::spawn(log_writer.run());
+        let pool_shutdown = shutdown.child_token();
+        let pool_task = tokio::spawn(pool.run(pool_shutdown.clone()));
+        let result = scheduler.run(shutdown).await;
+        pool_shutdown.cancel();
+        let _ = pool_task.await;
+        // The pool held the last log senders; the writer drains and ends.
+        let _ = log_task.await;
+        result
+    }
+}

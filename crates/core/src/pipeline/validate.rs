@@ -1,1 +1,944 @@
-//! placeholder
+//! Validation of pipeline definitions: every problem at once, each with a stable code, the
+//! line and column, the JSON Pointer of the offending value and a hint.
+//!
+//! [`validate`] reads the text ([`super::source`]) and checks what the reading cannot:
+//! tools and their input schemas (from a [`ToolCatalog`]), dependencies, the DAG, template
+//! syntax and references, param defaults, retry policies, timeouts and fan-out lists.
+//! Validation never runs a tool and never renders a template with data: a template's value is
+//! only known at run time, so schema errors on template strings are left to the run.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_json::{Map, Value};
+
+use super::source::{
+    self, closest, describe, diagnostic, key_diagnostic, pointer_push, sort_diagnostics, suggestion, SourceMap,
+};
+use super::template::{is_template, Templates};
+use super::{task_dependencies, Dag, DagError, Diagnostic, Pipeline, PipelineDef, TaskDef, ToolCatalog};
+use crate::ids::TaskId;
+
+/// Top-level names a template may read, besides `item` and `index` in fan-out tasks.
+const CONTEXT_NAMES: &[&str] = &["params", "tasks", "run"];
+/// Fan-out names.
+const ITEM_NAMES: &[&str] = &["item", "index"];
+/// What `tasks.<id>` holds in the template context.
+const TASK_CONTEXT_FIELDS: &[&str] = &["outputs", "state"];
+/// What `run` holds in the template context.
+const RUN_CONTEXT_FIELDS: &[&str] = &["id", "pipeline"];
+/// minijinja's global functions, which templates may call.
+const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "debug", "namespace"];
+
+/// Reads and validates a pipeline.
+///
+/// # Errors
+/// Every problem found, sorted by line and column: the reading problems of
+/// [`source::parse_pipeline`] together with those of [`validate_def`]. When the text does not
+/// parse at all, the one parse error.
+pub fn validate(file: &str, text: &str, catalog: &dyn ToolCatalog) -> Result<Pipeline, Vec<Diagnostic>> {
+    let (value, map) = source::parse_document(file, text)?;
+    let reading = source::read_pipeline(file, &value, &map);
+    let mut diagnostics = reading.diagnostics;
+    let context = Context {
+        file,
+        map: Some(&map),
+        task_sources: reading.task_sources,
+        unreadable_tasks: reading.unreadable_tasks,
+        unreadable_params: reading.unreadable_params,
+        catalog,
+    };
+    diagnostics.extend(context.check(&reading.def));
+    if diagnostics.is_empty() {
+        // The reading mirrors the serde model; deserializing the whole value makes sure that
+        // nothing it accepted is something the model refuses.
+        match serde_json::from_value::<PipelineDef>(value) {
+            Ok(def) => match Pipeline::build(def) {
+                Ok(pipeline) => return Ok(pipeline),
+                Err(err) => diagnostics.push(diagnostic("cycle", err.to_string(), file, Some(&map), "/tasks", None)),
+            },
+            Err(err) => diagnostics.push(diagnostic("invalid_value", err.to_string(), file, Some(&map), "", None)),
+        }
+    }
+    sort_diagnostics(&mut diagnostics);
+    Err(diagnostics)
+}
+
+/// Checks a definition that is already in memory (from the API, or read by
+/// [`source::parse_pipeline`]). With the [`SourceMap`] of its text, diagnostics carry lines
+/// and columns; without it, only pointers.
+///
+/// Returns every problem found, sorted by position; empty when the definition is valid.
+pub fn validate_def(def: &PipelineDef, map: Option<&SourceMap>, file: &str, catalog: &dyn ToolCatalog) -> Vec<Diagnostic> {
+    let context = Context {
+        file,
+        map,
+        task_sources: (0..def.tasks.len()).collect(),
+        unreadable_tasks: BTreeSet::new(),
+        unreadable_params: BTreeSet::new(),
+        catalog,
+    };
+    let mut diagnostics = context.check(def);
+    sort_diagnostics(&mut diagnostics);
+    diagnostics
+}
+
+/// Checks the params a run is given against the pipeline's declarations and applies the
+/// defaults.
+///
+/// # Errors
+/// One message per problem, each naming the param: an unknown name (with a "did you mean"),
+/// a required param (one without a default) that is missing, or a value of the wrong type.
+pub fn check_params(def: &PipelineDef, given: &Map<String, Value>) -> Result<Value, Vec<String>> {
+    let mut problems = Vec::new();
+    let declared: Vec<&str> = def.params.keys().map(String::as_str).collect();
+    for name in given.keys().filter(|name| !def.params.contains_key(*name)) {
+        let hint = match closest(name, declared.iter().copied()) {
+            Some(best) => format!("; did you mean `{best}`?"),
+            None if declared.is_empty() => "; the pipeline declares no params".to_owned(),
+            None => format!("; declared params: {}", declared.join(", ")),
+        };
+        problems.push(format!("unknown param `{name}`{hint}"));
+    }
+    let mut out = Map::new();
+    for (name, param) in &def.params {
+        match given.get(name).or(param.default.as_ref()) {
+            Some(value) if param.param_type.accepts(value) => {
+                out.insert(name.clone(), value.clone());
+            }
+            Some(value) => problems.push(format!(
+                "param `{name}` must be {}, got {}",
+                with_article(param.param_type.as_str()),
+                describe(value)
+            )),
+            None => problems.push(format!(
+                "param `{name}` is required ({}) and was not given",
+                param.param_type.as_str()
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(Value::Object(out))
+    } else {
+        Err(problems)
+    }
+}
+
+fn with_article(word: &str) -> String {
+    match word.chars().next() {
+        Some('a' | 'e' | 'i' | 'o' | 'u') => format!("an {word}"),
+        _ => format!("a {word}"),
+    }
+}
+
+/// What the checks need besides the definition.
+struct Context<'a> {
+    file: &'a str,
+    map: Option<&'a SourceMap>,
+    /// For each task of the definition, its index in the written `tasks` list.
+    task_sources: Vec<usize>,
+    /// Ids of written tasks that could not be read; they exist for reference checks.
+    unreadable_tasks: BTreeSet<String>,
+    /// Names of declared params that could not be read.
+    unreadable_params: BTreeSet<String>,
+    catalog: &'a dyn ToolCatalog,
+}
+
+/// One template of a task, where it is written and how it is read.
+struct TemplateSite {
+    pointer: String,
+    text: String,
+    is_condition: bool,
+    /// Whether the template may read `item` and `index`: only the inputs of a fan-out task
+    /// are rendered once per item; its `if` and `for_each` are evaluated before the fan-out.
+    item_allowed: bool,
+}
+
+impl Context<'_> {
+    fn diagnostic(&self, code: &'static str, message: String, pointer: &str, hint: Option<String>) -> Diagnostic {
+        diagnostic(code, message, self.file, self.map, pointer, hint)
+    }
+
+    fn task_pointer(&self, position: usize) -> String {
+        format!("/tasks/{}", self.task_sources.get(position).copied().unwrap_or(position))
+    }
+
+    fn check(&self, def: &PipelineDef) -> Vec<Diagnostic> {
+        let mut out = Vec::new();
+        if def.tasks.is_empty() && self.unreadable_tasks.is_empty() {
+            out.push(self.diagnostic(
+                "empty_pipeline",
+                "the pipeline has no tasks".to_owned(),
+                "/tasks",
+                Some("add at least one task with an `id` and a `tool`".to_owned()),
+            ));
+        }
+        if def.concurrency == Some(0) {
+            out.push(self.diagnostic(
+                "invalid_concurrency",
+                "concurrency must be at least 1".to_owned(),
+                "/concurrency",
+                Some("leave `concurrency` out to use the engine's default".to_owned()),
+            ));
+        }
+        self.check_params(def, &mut out);
+        self.check_duplicates(def, &mut out);
+        let known: BTreeSet<&str> =
+            def.tasks.iter().map(|t| t.id.as_str()).chain(self.unreadable_tasks.iter().map(String::as_str)).collect();
+        let known_list: Vec<&str> = known.iter().copied().collect();
+        let templates = Templates::new();
+        let mut tools = HashMap::new();
+        for (position, task) in def.tasks.iter().enumerate() {
+            let pointer = self.task_pointer(position);
+            self.check_tool(task, &pointer, &mut tools, &mut out);
+            self.check_dependencies(task, &pointer, &known, &known_list, &mut out);
+            self.check_templates(def, task, &pointer, &templates, &known, &known_list, &mut out);
+            self.check_policies(task, &pointer, &mut out);
+        }
+        self.check_cycle(def, &templates, &mut out);
+        out
+    }
+
+    fn check_params(&self, def: &PipelineDef, out: &mut Vec<Diagnostic>) {
+        for (name, param) in &def.params {
+            let Some(default) = &param.default else { continue };
+            if !param.param_type.accepts(default) {
+                let pointer = pointer_push(&pointer_push("/params", name), "default");
+                out.push(self.diagnostic(
+                    "param_type",
+                    format!(
+                        "the default of param `{name}` is {}, but the param is declared {}",
+                        describe(default),
+                        param.param_type.as_str()
+                    ),
+                    &pointer,
+                    Some(format!(
+                        "make the default {} or change the param's `type`",
+                        with_article(param.param_type.as_str())
+                    )),
+                ));
+            }
+        }
+    }
+
+    fn check_duplicates(&self, def: &PipelineDef, out: &mut Vec<Diagnostic>) {
+        let mut first: HashMap<&str, usize> = HashMap::new();
+        for (position, task) in def.tasks.iter().enumerate() {
+            match first.get(task.id.as_str()) {
+                None => {
+                    first.insert(task.id.as_str(), position);
+                }
+                Some(&earlier) => {
+                    let earlier_pointer = format!("{}/id", self.task_pointer(earlier));
+                    let place = match self.map.and_then(|m| m.locate(&earlier_pointer)) {
+                        Some((line, _)) => format!("on line {line}"),
+                        None => format!("at {earlier_pointer}"),
+                    };
+                    out.push(self.diagnostic(
+                        "duplicate_task_id",
+                        format!("task id `{}` is already used by the task {place}", task.id),
+                        &format!("{}/id", self.task_pointer(position)),
+                        Some("task ids must be unique within a pipeline; rename one of the two".to_owned()),
+                    ));
+                }
+            }
+        }
+    }
+
+    fn check_tool(&self, task: &TaskDef, pointer: &str, tools: &mut HashMap<String, Option<Tool>>, out: &mut Vec<Diagnostic>) {
+        let tool = tools.entry(task.tool.clone()).or_insert_with(|| {
+            self.catalog.input_schema(&task.tool).map(|schema| {
+                let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string());
+                Tool { schema, validator }
+            })
+        });
+        let Some(tool) = tool else {
+            let mut names = self.catalog.tool_names();
+            names.sort();
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            out.push(self.diagnostic(
+                "unknown_tool",
+                format!("unknown tool `{}`", task.tool),
+                &format!("{pointer}/tool"),
+                Some(suggestion(&task.tool, &names, "known tools")),
+            ));
+            return;
+        };
+        let validator = match &tool.validator {
+            Ok(validator) => validator,
+            Err(message) => {
+                out.push(self.diagnostic(
+                    "input_schema",
+                    format!("the input schema of tool `{}` does not compile: {message}", task.tool),
+                    &format!("{pointer}/tool"),
+                    Some("fix the tool's registration".to_owned()),
+                ));
+                return;
+            }
+        };
+        let inputs = Value::Object(task.inputs.clone());
+        let with = format!("{pointer}/with");
+        let mut seen = BTreeSet::new();
+        for error in validator.iter_errors(&inputs) {
+            // A template's value is only known when the task runs.
+            if matches!(error.instance().as_ref(), Value::String(text) if is_template(text)) {
+                continue;
+            }
+            let location = error.instance_path().as_str().to_owned();
+            let object_hint = schema_properties(&tool.schema, &location).map(|p| format!("tool `{}` takes {p}", task.tool));
+            let found = match error.kind() {
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
+                    .iter()
+                    .map(|name| {
+                        let field = pointer_push(&location, name);
+                        let message = format!("tool `{}` takes no input `{}`", task.tool, &field[1..]);
+                        let known = schema_property_names(&tool.schema, &location);
+                        let hint = match closest(name, known.iter().map(String::as_str)) {
+                            Some(best) => Some(format!("did you mean `{best}`? {}", object_hint.clone().unwrap_or_default())),
+                            None => object_hint.clone(),
+                        };
+                        (true, format!("{with}{field}"), message, hint)
+                    })
+                    .collect(),
+                jsonschema::error::ValidationErrorKind::Required { property } => {
+                    let name = property.as_str().map_or_else(|| property.to_string(), str::to_owned);
+                    let field = pointer_push(&location, &name);
+                    let message = format!("tool `{}` needs input `{}`", task.tool, &field[1..]);
+                    vec![(true, format!("{with}{location}"), message, object_hint.clone())]
+                }
+                _ => {
+                    let message = match location.is_empty() {
+                        false => format!("input `{}` of tool `{}`: {error}", &location[1..], task.tool),
+                        true => format!("inputs of tool `{}`: {error}", task.tool),
+                    };
+                    let parent = location.rsplit_once('/').map_or("", |(parent, _)| parent);
+                    let hint = schema_properties(&tool.schema, parent).map(|p| format!("tool `{}` takes {p}", task.tool));
+                    vec![(location.is_empty(), format!("{with}{location}"), message, hint)]
+                }
+            };
+            for (at_key, pointer, message, hint) in found {
+                if !seen.insert((pointer.clone(), message.clone())) {
+                    continue;
+                }
+                // Problems with the inputs as a whole, or with a field's name, point at the
+                // key; problems with a value at the value.
+                let diagnostic = if at_key {
+                    key_diagnostic("input_schema", message, self.file, self.map, &pointer, hint)
+                } else {
+                    self.diagnostic("input_schema", message, &pointer, hint)
+                };
+                out.push(diagnostic);
+            }
+        }
+    }
+
+    fn check_dependencies(
+        &self,
+        task: &TaskDef,
+        pointer: &str,
+        known: &BTreeSet<&str>,
+        known_list: &[&str],
+        out: &mut Vec<Diagnostic>,
+    ) {
+        for (position, dependency) in task.depends_on.iter().enumerate() {
+            let dependency_pointer = format!("{pointer}/depends_on/{position}");
+            if *dependency == task.id {
+                out.push(self.diagnostic(
+                    "self_dependency",
+                    format!("task `{}` depends on itself", task.id),
+                    &dependency_pointer,
+                    Some("remove it from `depends_on`".to_owned()),
+                ));
+            } else if !known.contains(dependency.as_str()) {
+                out.push(self.diagnostic(
+                    "unknown_dependency",
+                    format!("task `{}` depends on unknown task `{dependency}`", task.id),
+                    &dependency_pointer,
+                    Some(suggestion(dependency.as_str(), known_list, "tasks")),
+                ));
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_templates(
+        &self,
+        def: &PipelineDef,
+        task: &TaskDef,
+        pointer: &str,
+        templates: &Templates,
+        known: &BTreeSet<&str>,
+        known_list: &[&str],
+        out: &mut Vec<Diagnostic>,
+    ) {
+        let params: Vec<&str> =
+            def.params.keys().map(String::as_str).chain(self.unreadable_params.iter().map(String::as_str)).collect();
+        for site in template_sites(task, pointer) {
+            if let Err(err) = templates.check_syntax(&site.text, site.is_condition) {
+                out.push(self.diagnostic(
+                    "template_syntax",
+                    err.message,
+                    &site.pointer,
+                    Some("templates use minijinja (Jinja2) syntax: `{{ params.name }}`, `{{ tasks.load.outputs.rows }}`".to_owned()),
+                ));
+                continue;
+            }
+            let Ok(references) = templates.references(&site.text, site.is_condition) else { continue };
+            let mut reported = BTreeSet::new();
+            for reference in &references {
+                let Some((code, message, hint)) = self.check_reference(task, &site, reference, &params, known, known_list)
+                else {
+                    continue;
+                };
+                if reported.insert(message.clone()) {
+                    out.push(self.diagnostic(code, message, &site.pointer, Some(hint)));
+                }
+            }
+        }
+    }
+
+    /// A problem with one dotted name a template reads, as `(code, message, hint)`.
+    fn check_reference(
+        &self,
+        task: &TaskDef,
+        site: &TemplateSite,
+        reference: &str,
+        params: &[&str],
+        known: &BTreeSet<&str>,
+        known_list: &[&str],
+    ) -> Option<(&'static str, String, String)> {
+        let mut parts = reference.split('.');
+        let root = parts.next().unwrap_or_default();
+        let second = parts.next();
+        let third = parts.next();
+        match root {
+            "params" => {
+                let name = second?;
+                if params.contains(&name) {
+                    return None;
+                }
+                let hint = match closest(name, params.iter().copied()) {
+                    Some(best) => format!("did you mean `params.{best}`?"),
+                    None => format!("declare it under `params:`; {}", suggestion(name, params, "declared params")),
+                };
+                Some(("unknown_reference", format!("`params.{name}` is not a declared param"), hint))
+            }
+            "tasks" => {
+                let id = second?;
+                if id == task.id.as_str() {
+                    return Some((
+                        "self_dependency",
+                        format!("task `{}` reads its own outputs through `tasks.{id}`", task.id),
+                        "a task can read only the outputs of other tasks".to_owned(),
+                    ));
+                }
+                if !known.contains(id) {
+                    let hint = match closest(id, known_list.iter().copied()) {
+                        Some(best) => format!("did you mean `tasks.{best}`?"),
+                        None => suggestion(id, known_list, "tasks"),
+                    };
+                    return Some(("unknown_reference", format!("`tasks.{id}` names no task"), hint));
+                }
+                let field = third?;
+                if TASK_CONTEXT_FIELDS.contains(&field) {
+                    return None;
+                }
+                let hint = match closest(field, TASK_CONTEXT_FIELDS.iter().copied()) {
+                    Some(best) => format!("did you mean `tasks.{id}.{best}`?"),
+                    None => "a task exposes `outputs` and `state`".to_owned(),
+                };
+                Some(("unknown_reference", format!("`tasks.{id}.{field}` does not exist"), hint))
+            }
+            "run" => {
+                let field = second?;
+                if RUN_CONTEXT_FIELDS.contains(&field) {
+                    return None;
+                }
+                let hint = suggestion(field, RUN_CONTEXT_FIELDS, "`run` holds");
+                Some(("unknown_reference", format!("`run.{field}` does not exist"), hint))
+            }
+            "item" | "index" if site.item_allowed => None,
+            "item" | "index" => {
+                let (message, hint) = if task.for_each.is_some() {
+                    (
+                        format!("`{root}` is defined only in `with`, not in `if` or `for_each`"),
+                        "`if` and `for_each` are evaluated once, before the fan-out".to_owned(),
+                    )
+                } else {
+                    (
+                        format!("`{root}` is defined only in tasks with `for_each`"),
+                        "add `for_each` to fan the task out over a list".to_owned(),
+                    )
+                };
+                Some(("unknown_reference", message, hint))
+            }
+            name if TEMPLATE_GLOBALS.contains(&name) => None,
+            name => {
+                let mut allowed: Vec<&str> = CONTEXT_NAMES.to_vec();
+                if site.item_allowed {
+                    allowed.extend_from_slice(ITEM_NAMES);
+                }
+                let hint = match closest(name, allowed.iter().copied()) {
+                    Some(best) => format!("did you mean `{best}`?"),
+                    None => format!(
+                        "templates read {}",
+                        allowed.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                    ),
+                };
+                Some(("unknown_reference", format!("unknown name `{name}` in template"), hint))
+            }
+        }
+    }
+
+    fn check_policies(&self, task: &TaskDef, pointer: &str, out: &mut Vec<Diagnostic>) {
+        if let Some(retry) = &task.retry {
+            for (field, problem) in retry.problems() {
+                out.push(self.diagnostic(
+                    "invalid_retry",
+                    format!("retry `{field}` {problem}"),
+                    &format!("{pointer}/retry/{field}"),
+                    Some("see the retry policy's bounds: max_attempts 1 to 100, multiplier at least 1, jitter 0 to 1, max_delay not below initial_delay".to_owned()),
+                ));
+            }
+        }
+        if task.timeout.is_some_and(|t| t.is_zero()) {
+            out.push(self.diagnostic(
+                "invalid_timeout",
+                format!("task `{}` has a zero timeout", task.id),
+                &format!("{pointer}/timeout"),
+                Some("use a positive duration such as \"30s\", or leave `timeout` out for none".to_owned()),
+            ));
+        }
+        match &task.for_each {
+            None | Some(Value::Array(_)) => {}
+            Some(Value::String(text)) if is_template(text) => {}
+            Some(other) => out.push(self.diagnostic(
+                "for_each_type",
+                format!("`for_each` must be a list or a template that yields one, got {}", describe(other)),
+                &format!("{pointer}/for_each"),
+                Some("write a list (`for_each: [a, b]`) or a template (`for_each: \"{{ tasks.load.outputs.rows }}\"`)".to_owned()),
+            )),
+        }
+    }
+
+    fn check_cycle(&self, def: &PipelineDef, templates: &Templates, out: &mut Vec<Diagnostic>) {
+        // Only the first task of each id, and only dependencies on tasks that exist: those
+        // problems are reported on their own, and the DAG would stop at them.
+        let mut seen = BTreeSet::new();
+        let mut nodes: Vec<(TaskId, BTreeSet<TaskId>)> = Vec::new();
+        let mut positions: BTreeMap<TaskId, usize> = BTreeMap::new();
+        for (position, task) in def.tasks.iter().enumerate() {
+            if !seen.insert(task.id.clone()) {
+                continue;
+            }
+            positions.insert(task.id.clone(), position);
+            let dependencies = task_dependencies(task, templates)
+                .into_iter()
+                .filter(|d| *d != task.id && def.task(d.as_str()).is_some())
+                .collect();
+            nodes.push((task.id.clone(), dependencies));
+        }
+        let Err(DagError::Cycle(cycle)) = Dag::build(&nodes) else { return };
+        let (Some(first), Some(previous)) = (cycle.first(), cycle.len().checked_sub(2).and_then(|i| cycle.get(i))) else {
+            return;
+        };
+        let position = positions[first];
+        let task = &def.tasks[position];
+        let task_pointer = self.task_pointer(position);
+        // The first task depends on the one before it on the cycle: point at that dependency,
+        // written in `depends_on` or read by a template.
+        let pointer = match task.depends_on.iter().position(|d| d == previous) {
+            Some(index) => format!("{task_pointer}/depends_on/{index}"),
+            None => template_sites(task, &task_pointer)
+                .into_iter()
+                .find(|site| {
+                    templates
+                        .references(&site.text, site.is_condition)
+                        .is_ok_and(|refs| refs.iter().any(|r| r.split('.').nth(1) == Some(previous.as_str()) && r.starts_with("tasks.")))
+                })
+                .map_or_else(|| format!("{task_pointer}/depends_on"), |site| site.pointer),
+        };
+        out.push(self.diagnostic(
+            "cycle",
+            DagError::Cycle(cycle.clone()).to_string(),
+            &pointer,
+            Some("tasks cannot depend on each other in a circle; remove one of the dependencies (a read of `tasks.<id>` in a template is a dependency too)".to_owned()),
+        ));
+    }
+}
+
+/// Every template of a task: strings with template syntax in `with` and a literal
+/// `for_each`, a `for_each` template, and the `if` condition (always an expression).
+fn template_sites(task: &TaskDef, pointer: &str) -> Vec<TemplateSite> {
+    fn walk(value: &Value, pointer: String, item_allowed: bool, out: &mut Vec<TemplateSite>) {
+        match value {
+            Value::String(text) if is_template(text) => {
+                out.push(TemplateSite { pointer, text: text.clone(), is_condition: false, item_allowed });
+            }
+            Value::Array(items) => {
+                for (index, item) in items.iter().enumerate() {
+                    walk(item, format!("{pointer}/{index}"), item_allowed, out);
+                }
+            }
+            Value::Object(map) => {
+                for (key, item) in map {
+                    walk(item, pointer_push(&pointer, key), item_allowed, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for (key, value) in &task.inputs {
+        walk(value, pointer_push(&format!("{pointer}/with"), key), task.for_each.is_some(), &mut out);
+    }
+    if let Some(condition) = &task.condition {
+        out.push(TemplateSite {
+            pointer: format!("{pointer}/if"),
+            text: condition.clone(),
+            is_condition: true,
+            item_allowed: false,
+        });
+    }
+    if let Some(for_each) = &task.for_each {
+        walk(for_each, format!("{pointer}/for_each"), false, &mut out);
+    }
+    out
+}
+
+/// A tool's input schema and its compiled validator (or why it does not compile).
+struct Tool {
+    schema: Value,
+    validator: Result<jsonschema::Validator, String>,
+}
+
+/// The subschema that describes the value at `location` (a JSON Pointer into the inputs),
+/// following `properties` and `items`; `None` when the schema does not say.
+fn subschema<'a>(schema: &'a Value, location: &str) -> Option<&'a Value> {
+    let mut current = schema;
+    for token in location.split('/').skip(1) {
+        let token = token.replace("~1", "/").replace("~0", "~");
+        current = match current.get("properties").and_then(|p| p.get(&token)) {
+            Some(next) => next,
+            None => current.get("items")?,
+        };
+    }
+    Some(current)
+}
+
+/// The property names the object at `location` takes, as the schema declares them.
+fn schema_property_names(schema: &Value, location: &str) -> Vec<String> {
+    subschema(schema, location)
+        .and_then(|s| s.get("properties"))
+        .and_then(Value::as_object)
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// The properties the object at `location` takes, for hints: "`a`, `b` (required)".
+fn schema_properties(schema: &Value, location: &str) -> Option<String> {
+    let object = subschema(schema, location)?;
+    let properties = object.get("properties")?.as_object()?;
+    let required: BTreeSet<&str> =
+        object.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let listed: Vec<String> = properties
+        .keys()
+        .map(|k| if required.contains(k.as_str()) { format!("`{k}` (required)") } else { format!("`{k}`") })
+        .collect();
+    Some(listed.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// A catalog of test tools, each with an input schema.
+    struct Catalog(BTreeMap<String, Value>);
+
+    impl ToolCatalog for Catalog {
+        fn input_schema(&self, tool: &str) -> Option<Value> {
+            self.0.get(tool).cloned()
+        }
+        fn tool_names(&self) -> Vec<String> {
+            self.0.keys().cloned().collect()
+        }
+    }
+
+    fn catalog() -> Catalog {
+        Catalog(BTreeMap::from([
+            (
+                "sql".to_owned(),
+                json!({
+                    "type": "object",
+                    "properties": {"query": {"type": "string"}, "limit": {"type": "integer", "minimum": 1}},
+                    "required": ["query"],
+                    "additionalProperties": false
+                }),
+            ),
+            ("http".to_owned(), json!({"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]})),
+            ("shell".to_owned(), json!({"type": "object"})),
+        ]))
+    }
+
+    fn problems(text: &str) -> Vec<Diagnostic> {
+        validate("p.yaml", text, &catalog()).unwrap_err()
+    }
+
+    fn summary(diagnostics: &[Diagnostic]) -> Vec<(&'static str, Option<u32>, Option<u32>, &str)> {
+        diagnostics.iter().map(|d| (d.code, d.line, d.column, d.pointer.as_str())).collect()
+    }
+
+    #[test]
+    fn a_valid_pipeline_builds_its_dag_with_template_dependencies() {
+        let text = "\
+name: penguins
+params:
+  year: {type: integer, default: 2008}
+tasks:
+  - id: load
+    tool: sql
+    with: {query: 'select * from penguins where year = {{ params.year }}'}
+  - id: species
+    tool: http
+    for_each: '{{ tasks.load.outputs.species }}'
+    with: {url: 'https://example.org/{{ item }}?n={{ index }}'}
+  - id: report
+    tool: shell
+    if: tasks.species.state == 'succeeded' and run.id
+";
+        let pipeline = validate("p.yaml", text, &catalog()).unwrap();
+        let order: Vec<&str> = pipeline.dag.topological_order().iter().map(TaskId::as_str).collect();
+        assert_eq!(order, ["load", "species", "report"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_line_and_column() {
+        let text = "\
+name: p
+params:
+  year: {type: integer, default: 'twenty'}
+tasks:
+  - id: load
+    tool: sqll
+  - id: load
+    tool: sql
+    with:
+      query: '{{ params.yaer }}'
+      limit: 0
+  - id: c
+    tool: http
+    depends_on: [lod, c]
+    depends-on: [load]
+    with: {url: '{{ tasks.nope.outputs }}'}
+    timeout: 0s
+    retry: {max_attempts: 0}
+  - id: d
+    tool: shell
+    for_each: 3
+    if: '{{ item > 1 }}'
+";
+        let found = problems(text);
+        assert_eq!(
+            summary(&found),
+            [
+                ("param_type", Some(3), Some(34), "/params/year/default"),
+                ("unknown_tool", Some(6), Some(11), "/tasks/0/tool"),
+                ("duplicate_task_id", Some(7), Some(9), "/tasks/1/id"),
+                ("unknown_reference", Some(10), Some(14), "/tasks/1/with/query"),
+                ("input_schema", Some(11), Some(14), "/tasks/1/with/limit"),
+                ("unknown_dependency", Some(14), Some(18), "/tasks/2/depends_on/0"),
+                ("self_dependency", Some(14), Some(23), "/tasks/2/depends_on/1"),
+                ("unknown_field", Some(15), Some(5), "/tasks/2/depends-on"),
+                ("unknown_reference", Some(16), Some(17), "/tasks/2/with/url"),
+                ("invalid_timeout", Some(17), Some(14), "/tasks/2/timeout"),
+                ("invalid_retry", Some(18), Some(27), "/tasks/2/retry/max_attempts"),
+                ("for_each_type", Some(21), Some(15), "/tasks/3/for_each"),
+                ("unknown_reference", Some(22), Some(9), "/tasks/3/if"),
+            ]
+        );
+        let hint = |code: &str, pointer: &str| {
+            found.iter().find(|d| d.code == code && d.pointer == pointer).and_then(|d| d.hint.clone()).unwrap()
+        };
+        assert_eq!(hint("unknown_tool", "/tasks/0/tool"), "did you mean `sql`?");
+        assert_eq!(hint("unknown_dependency", "/tasks/2/depends_on/0"), "did you mean `load`?");
+        assert_eq!(hint("unknown_reference", "/tasks/1/with/query"), "did you mean `params.year`?");
+        assert!(found[2].message.contains("line 5"), "{}", found[2].message);
+    }
+
+    #[test]
+    fn a_cycle_is_reported_with_the_tasks_on_it() {
+        let text = "\
+name: p
+tasks:
+  - id: a
+    tool: shell
+    depends_on: [c]
+  - id: b
+    tool: shell
+    with: {x: '{{ tasks.a.outputs }}'}
+  - id: c
+    tool: shell
+    depends_on: [b]
+  - id: d
+    tool: shell
+";
+        let found = problems(text);
+        assert_eq!(summary(&found), [("cycle", Some(5), Some(18), "/tasks/0/depends_on/0")]);
+        assert_eq!(found[0].message, "dependency cycle: a -> b -> c -> a");
+    }
+
+    #[test]
+    fn a_cycle_through_a_template_points_at_the_template() {
+        let text = "\
+name: p
+tasks:
+  - id: a
+    tool: shell
+    with: {x: '{{ tasks.b.outputs }}'}
+  - id: b
+    tool: shell
+    depends_on: [a]
+";
+        let found = problems(text);
+        assert_eq!(summary(&found), [("cycle", Some(5), Some(15), "/tasks/0/with/x")]);
+        assert_eq!(found[0].message, "dependency cycle: a -> b -> a");
+    }
+
+    #[test]
+    fn a_schema_error_names_the_offending_field_and_templates_are_left_to_the_run() {
+        let text = "\
+name: p
+params:
+  n: {type: integer, default: 5}
+tasks:
+  - id: load
+    tool: sql
+    with:
+      limit: '{{ params.n }}'
+      extra: 1
+  - id: fetch
+    tool: http
+    with: {url: 42}
+";
+        let found = problems(text);
+        assert_eq!(
+            summary(&found),
+            [
+                ("input_schema", Some(7), Some(5), "/tasks/0/with"),
+                ("input_schema", Some(9), Some(7), "/tasks/0/with/extra"),
+                ("input_schema", Some(12), Some(17), "/tasks/1/with/url"),
+            ]
+        );
+        assert_eq!(found[0].message, "tool `sql` needs input `query`");
+        assert_eq!(found[0].hint.as_deref(), Some("tool `sql` takes `limit`, `query` (required)"));
+        assert_eq!(found[1].message, "tool `sql` takes no input `extra`");
+        assert_eq!(found[2].message, "input `url` of tool `http`: 42 is not of type \"string\"");
+    }
+
+    #[test]
+    fn param_defaults_of_the_wrong_type_are_reported() {
+        let text = "\
+name: p
+params:
+  year: {type: integer, default: 2008.5}
+  tags: {type: array, default: [a]}
+  flag: {type: boolean, default: 'yes'}
+tasks:
+  - id: a
+    tool: shell
+";
+        let found = problems(text);
+        assert_eq!(
+            summary(&found),
+            [
+                ("param_type", Some(3), Some(34), "/params/year/default"),
+                ("param_type", Some(5), Some(34), "/params/flag/default"),
+            ]
+        );
+        assert_eq!(
+            found[1].message,
+            "the default of param `flag` is a string (\"yes\"), but the param is declared boolean"
+        );
+    }
+
+    #[test]
+    fn template_syntax_errors_and_wrong_names_are_reported() {
+        let text = "\
+name: p
+tasks:
+  - id: a
+    tool: shell
+    with: {x: '{{ params.year ', y: '{{ tasks.a.outputs }}', z: '{{ tasks.b.output }}', w: '{{ foo }}'}
+  - id: b
+    tool: shell
+    for_each: [1, 2]
+    with: {x: '{{ item }} {{ run.nope }} {{ range(3) | list }}'}
+";
+        let found = problems(text);
+        let codes: Vec<(&str, &str)> = found.iter().map(|d| (d.code, d.pointer.as_str())).collect();
+        assert_eq!(
+            codes,
+            [
+                ("template_syntax", "/tasks/0/with/x"),
+                ("self_dependency", "/tasks/0/with/y"),
+                ("unknown_reference", "/tasks/0/with/z"),
+                ("unknown_reference", "/tasks/0/with/w"),
+                ("unknown_reference", "/tasks/1/with/x"),
+            ]
+        );
+        assert_eq!(found[2].hint.as_deref(), Some("did you mean `tasks.b.outputs`?"));
+        assert_eq!(found[4].message, "`run.nope` does not exist");
+    }
+
+    #[test]
+    fn an_empty_pipeline_is_reported() {
+        assert_eq!(summary(&problems("name: p\ntasks: []\n")), [("empty_pipeline", Some(2), Some(8), "/tasks")]);
+    }
+
+    #[test]
+    fn malformed_text_gives_the_single_parse_error() {
+        let found = problems("name: p\ntasks: [\n");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].code, "malformed_yaml");
+    }
+
+    #[test]
+    fn a_definition_without_a_source_map_is_checked_with_pointers_only() {
+        let def: PipelineDef = serde_json::from_value(json!({
+            "name": "p",
+            "tasks": [{"id": "a", "tool": "nope"}]
+        }))
+        .unwrap();
+        let found = validate_def(&def, None, "api", &catalog());
+        assert_eq!(summary(&found), [("unknown_tool", None, None, "/tasks/0/tool")]);
+        assert_eq!(found[0].hint.as_deref(), Some("known tools: `http`, `shell`, `sql`"));
+    }
+
+    #[test]
+    fn params_are_checked_and_defaults_applied() {
+        let def: PipelineDef = serde_json::from_value(json!({
+            "name": "p",
+            "params": {
+                "year": {"type": "integer", "default": 2008},
+                "name": {"type": "string"},
+                "limit": {"type": "number"}
+            },
+            "tasks": [{"id": "a", "tool": "shell"}]
+        }))
+        .unwrap();
+        let given = json!({"name": "adelie", "limit": 2.5}).as_object().cloned().unwrap();
+        assert_eq!(check_params(&def, &given).unwrap(), json!({"year": 2008, "name": "adelie", "limit": 2.5}));
+
+        let given = json!({"yaer": 2009, "year": "2009"}).as_object().cloned().unwrap();
+        let problems = check_params(&def, &given).unwrap_err();
+        assert_eq!(
+            problems,
+            [
+                "unknown param `yaer`; did you mean `year`?",
+                "param `limit` is required (number) and was not given",
+                "param `name` is required (string) and was not given",
+                "param `year` must be an integer, got a string (\"2009\")",
+            ]
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! Opening the local home (store, artifacts, tools) and the commands that need no store.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arches_core::pipeline::graph::{self, GraphFormat};
+use arches_core::pipeline::{validate, Diagnostic, Pipeline};
+use arches_core::ports::{ArtifactStore, Store, ToolRegistry};
+use arches_core::records::Durability;
+use arches_store::{LocalArtifactStore, SqliteStore};
+
+/// Largest pipeline file read, in bytes.
+const PIPELINE_FILE_BYTES_MAX: u64 = 4 << 20;
+
+/// The data directory and how to open it.
+pub struct Home {
+    /// The directory.
+    pub root: PathBuf,
+    /// The store's durability mode.
+    pub durability: Durability,
+}
+
+/// An opened home.
+pub struct Opened {
+    pub store: Arc<dyn Store>,
+    pub artifacts: Arc<dyn ArtifactStore>,
+}
+
+impl Home {
+    pub fn new(root: PathBuf, durability: Durability) -> Self {
+        let root = std::path::absolute(&root).unwrap_or(root);
+        Self { root, durability }
+    }
+
+    pub fn work_root(&self) -> PathBuf {
+        self.root.join("work")
+    }
+
+    /// Opens (creating if needed) the store and the artifact store.
+    pub async fn open(&self) -> anyhow::Result<Opened> {
+        std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create home directory {}", self.root.display()))?;
+        let db = self.root.join("arches.db");
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&db, self.durability)
+                .await
+                .with_context(|| format!("cannot open store {}", db.display()))?,
+        );
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(
+            LocalArtifactStore::new(&self.root.join("artifacts"), store.clone()).context("cannot open the artifact store")?,
+        );
+        Ok(Opened { store, artifacts })
+    }
+
+    /// Opens an existing home; refuses to create one (for inspection commands).
+    pub async fn open_existing(&self) -> anyhow::Result<Opened> {
+        if !self.root.join("arches.db").exists() {
+            anyhow::bail!(
+                "no Arches store in {} (run a pipeline first, or point --home / ARCHES_HOME at one)",
+                self.root.display()
+            );
+        }
+        self.open().await
+    }
+}
+
+/// The tools this binary knows.
+pub fn registry() -> ToolRegistry {
+    arches_tools::builtin_registry()
+}
+
+/// Reads a pipeline file with a size bound.
+pub fn read_pipeline_file(file: &Path) -> anyhow::Result<String> {
+    let meta = std::fs::metadata(file).with_context(|| format!("cannot read pipeline file {}", file.display()))?;
+    if meta.len() > PIPELINE_FILE_BYTES_MAX {
+        anyhow::bail!(
+            "pipeline file {} is {} bytes, above the limit of {PIPELINE_FILE_BYTES_MAX}",
+            file.display(),
+            meta.len()
+        );
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read pipeline file {}", file.display()))?;
+    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("pipeline file {} is not UTF-8 (byte {})", file.display(), e.utf8_error().valid_up_to()))
+}
+
+/// Reads and validates a pipeline, or prints every problem.
+pub fn load_pipeline(file: &Path, registry: &ToolRegistry) -> anyhow::Result<Result<Pipeline, Vec<Diagnostic>>> {
+    let text = read_pipeline_file(file)?;
+    Ok(validate::validate(&file.display().to_string(), &text, registry))
+}
+
+pub fn print_diagnostics(diagnostics: &[Diagnostic]) {
+    for diagnostic in diagnostics {
+        eprintln!("{diagnostic}");
+    }
+    eprintln!("{} problem{} found", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" });
+}
+
+pub fn validate_command(file: &Path) -> anyhow::Result<ExitCode> {
+    match load_pipeline(file, &registry())? {
+        Ok(pipeline) => {
+            println!(
+                "{}: pipeline {} is valid ({} tasks)",
+                file.display(),
+                pipeline.def.name,
+                pipeline.def.tasks.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(diagnostics) => {
+            print_diagnostics(&diagnostics);
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+pub fn graph_command(file: &Path, format: &str) -> anyhow::Result<ExitCode> {
+    let format: GraphFormat = format.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    match load_pipeline(file, &registry())? {
+        Ok(pipeline) => {
+            print!("{}", graph::render(&pipeline, format));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(diagnostics) => {
+            print_diagnostics(&diagnostics);
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+pub fn tools_command() -> anyhow::Result<ExitCode> {
+    let registry = registry();
+    let mut table = crate::inspect::table(&["TOOL", "DESCRIPTION"]);
+    for tool in registry.tools() {
+        table.add_row(vec![tool.name().to_owned(), tool.description().to_owned()]);
+    }
+    println!("{table}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,235 @@
+//! `arches bench`: the engine's benchmarks, measured from the engine's own timestamps
+//! (task-run start and finish times recorded by the scheduler and workers), on a fresh
+//! store in a temporary directory. See BENCHMARKS.md for the figures and the machine.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use arches_core::execution::{ExecutionLimits, RunExecution};
+use arches_core::pipeline::{Pipeline, PipelineDef, Templates};
+use arches_core::ports::{ArtifactStore, Store};
+use arches_core::records::Durability;
+use arches_core::{Clock, RunId, RunState, SystemClock};
+use arches_engine::{Engine, EngineOptions};
+use arches_store::{LocalArtifactStore, SqliteStore};
+use clap::Subcommand;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// A chain of sequential `noop` tasks: the engine's per-task overhead, from the end of
+    /// task N to the start of task N+1.
+    Chain {
+        /// Tasks in the chain.
+        #[arg(long, default_value_t = 40)]
+        tasks: usize,
+        /// Runs measured (the median of their medians is reported).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Store durability.
+        #[arg(long = "sync", default_value = "normal")]
+        sync: Durability,
+    },
+    /// A 1 → N → 1 fan-out of `noop` tasks: task runs per second, end to end.
+    Fanout {
+        /// Items of the fan-out.
+        #[arg(long, default_value_t = 10_000)]
+        width: usize,
+        /// Runs measured.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Store durability.
+        #[arg(long = "sync", default_value = "normal")]
+        sync: Durability,
+        /// Worker slots (task runs executing at once).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Most scheduler commands per commit (group commit).
+        #[arg(long)]
+        batch: Option<usize>,
+    },
+}
+
+struct Bench {
+    _dir: tempfile::TempDir,
+    store: Arc<dyn Store>,
+    handle: arches_engine::SchedulerHandle,
+    shutdown: CancellationToken,
+    engine: tokio::task::JoinHandle<Result<(), arches_engine::Error>>,
+    options: EngineOptions,
+}
+
+impl Bench {
+    async fn start(durability: Durability, workers: Option<usize>, batch: Option<usize>) -> anyhow::Result<Bench> {
+        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("arches.db"), durability).await?);
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifactStore::new(&dir.path().join("artifacts"), store.clone())?);
+        let mut options = EngineOptions::new(dir.path().join("work"));
+        if let Some(workers) = workers {
+            options.worker_slots = workers.max(1);
+        }
+        if let Some(batch) = batch {
+            options.batch_size_max = batch.max(1);
+        }
+        let engine = Engine::build(options.clone(), store.clone(), artifacts, arches_tools::builtin_registry(), Arc::new(SystemClock));
+        let handle = engine.handle();
+        let shutdown = CancellationToken::new();
+        let engine = tokio::spawn(engine.run(shutdown.clone()));
+        Ok(Bench { _dir: dir, store, handle, shutdown, engine, options })
+    }
+
+    async fn run(&self, def: &PipelineDef, params: serde_json::Value) -> anyhow::Result<RunId> {
+        let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let version = self.store.save_pipeline(def).await?.version;
+        let execution = RunExecution::create(
+            RunId::new(),
+            pipeline,
+            version,
+            params,
+            Arc::new(Templates::new()),
+            ExecutionLimits::default(),
+            SystemClock.now(),
+        );
+        let run_id = self.handle.submit(execution).await?;
+        let run = self.handle.wait(run_id).await?;
+        anyhow::ensure!(run.state == RunState::Succeeded, "benchmark run {run_id} ended {}: {:?}", run.state, run.error);
+        Ok(run_id)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.engine.await.context("engine task")??;
+        Ok(())
+    }
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    let n = values.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+fn percentile(values: &mut [f64], p: f64) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * (values.len() - 1) as f64).round() as usize;
+    values[rank.min(values.len() - 1)]
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| text.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    format!("{cpu}, {cores} cores")
+}
+
+fn chain_def(tasks: usize) -> anyhow::Result<PipelineDef> {
+    let list: Vec<_> = (0..tasks)
+        .map(|i| {
+            if i == 0 {
+                json!({"id": format!("t{i}"), "tool": "noop"})
+            } else {
+                json!({"id": format!("t{i}"), "tool": "noop", "depends_on": [format!("t{}", i - 1)]})
+            }
+        })
+        .collect();
+    Ok(serde_json::from_value(json!({"name": "bench-chain", "tasks": list}))?)
+}
+
+fn fanout_def() -> anyhow::Result<PipelineDef> {
+    Ok(serde_json::from_value(json!({
+        "name": "bench-fanout",
+        "params": {"width": {"type": "integer", "default": 10000}},
+        "tasks": [
+            {"id": "start", "tool": "noop"},
+            {"id": "work", "tool": "noop", "depends_on": ["start"], "for_each": "{{ range(params.width) | list }}"},
+            {"id": "end", "tool": "noop", "depends_on": ["work"]},
+        ]
+    }))?)
+}
+
+pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        BenchCommand::Chain { tasks, runs, sync } => {
+            anyhow::ensure!(tasks >= 2, "a chain needs at least 2 tasks");
+            let bench = Bench::start(sync, None, None).await?;
+            let def = chain_def(tasks)?;
+            // One warm-up run so that the first measured run does not pay for cold caches.
+            bench.run(&def, json!({})).await?;
+            let mut run_medians = Vec::new();
+            let mut all_gaps = Vec::new();
+            for _ in 0..runs.max(1) {
+                let run_id = bench.run(&def, json!({})).await?;
+                let task_runs = bench.store.task_runs(run_id).await?;
+                let mut ordered: Vec<_> = task_runs.iter().collect();
+                ordered.sort_by_key(|t| t.task_id.as_str()[1..].parse::<usize>().unwrap_or(0));
+                let mut gaps: Vec<f64> = ordered
+                    .windows(2)
+                    .filter_map(|w| Some(w[1].started_at?.since(w[0].finished_at?).as_secs_f64() * 1000.0))
+                    .collect();
+                all_gaps.extend(gaps.iter().copied());
+                run_medians.push(median(&mut gaps));
+            }
+            let store_durability = bench.store.durability();
+            bench.stop().await?;
+            println!("chain of {tasks} noop tasks, {runs} runs, durability {}, machine: {}", store_durability.as_str(), machine());
+            println!("per-run median overhead (ms): {}", run_medians.iter().map(|m| format!("{m:.3}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "per-task overhead: median of run medians {:.3} ms, p90 {:.3} ms, max {:.3} ms",
+                median(&mut run_medians.clone()),
+                percentile(&mut all_gaps.clone(), 90.0),
+                all_gaps.iter().copied().fold(0.0, f64::max)
+            );
+        }
+        BenchCommand::Fanout { width, runs, sync, workers, batch } => {
+            let bench = Bench::start(sync, workers, batch).await?;
+            let def = fanout_def()?;
+            bench.run(&def, json!({"width": 100})).await?;
+            let mut rates = Vec::new();
+            let mut walls = Vec::new();
+            for _ in 0..runs.max(1) {
+                let started = Instant::now();
+                let run_id = bench.run(&def, json!({"width": width})).await?;
+                let wall = started.elapsed();
+                let run = bench.store.run(run_id).await?.context("run vanished")?;
+                let elapsed = run
+                    .finished_at
+                    .zip(run.started_at)
+                    .map(|(end, start)| end.since(start))
+                    .unwrap_or(wall)
+                    .max(Duration::from_micros(1));
+                let task_runs = (width + 2) as f64;
+                rates.push(task_runs / elapsed.as_secs_f64());
+                walls.push(wall.as_secs_f64());
+            }
+            let store_durability = bench.store.durability();
+            let options = bench.options.clone();
+            bench.stop().await?;
+            println!(
+                "fan-out 1 -> {width} -> 1 noop tasks, {runs} runs, durability {}, worker slots {}, batch max {}, machine: {}",
+                store_durability.as_str(),
+                options.worker_slots,
+                options.batch_size_max,
+                machine()
+            );
+            println!("task runs/s per run: {}", rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", "));
+            println!("wall seconds per run (submit to wait): {}", walls.iter().map(|w| format!("{w:.3}")).collect::<Vec<_>>().join(", "));
+            println!("median: {:.0} task runs/s", median(&mut rates));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,373 @@
+//! `arches runs …` and `arches artifacts …`: read-only views of the store.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use arches_core::ports::Store;
+use arches_core::records::{ArtifactFilter, ArtifactRecord, LogQuery, RunFilter, RunRecord, TaskRunRecord};
+use arches_core::{ArtifactId, RunId, RunState, TaskId, TaskRunState, Timestamp};
+use clap::Subcommand;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+
+use crate::app::Home;
+
+/// Largest artifact `artifacts cat` prints, in bytes.
+const CAT_BYTES_MAX: u64 = 256 << 20;
+/// Fan-out items listed one by one in a summary; the rest are counted.
+const ITEMS_SHOWN_MAX: usize = 10;
+
+#[derive(Subcommand, Debug)]
+pub enum RunsCommand {
+    /// List runs, newest first.
+    List {
+        /// Only runs of this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// Only runs in this state (queued, running, succeeded, failed, cancelled).
+        #[arg(long)]
+        state: Option<RunState>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Show a run and its task runs: states, attempts, durations.
+    Show {
+        /// The run.
+        run_id: RunId,
+        /// List every fan-out item.
+        #[arg(long)]
+        items: bool,
+    },
+    /// Print a run's task logs.
+    Logs {
+        /// The run.
+        run_id: RunId,
+        /// Only this task.
+        #[arg(value_parser = parse_task_id)]
+        task: Option<TaskId>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ArtifactsCommand {
+    /// List artifact versions, newest first.
+    List {
+        /// Only versions of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only artifacts produced by this run.
+        #[arg(long)]
+        run: Option<RunId>,
+        /// At most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Show an artifact's metadata and lineage (by id, `name` or `name@version`).
+    Show {
+        /// Id, name or name@version.
+        artifact: String,
+    },
+    /// Write an artifact's content to standard output.
+    Cat {
+        /// Id, name or name@version.
+        artifact: String,
+    },
+    /// Copy an artifact's content to a file.
+    Get {
+        /// Id, name or name@version.
+        artifact: String,
+        /// Destination file.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+}
+
+fn parse_task_id(text: &str) -> Result<TaskId, String> {
+    TaskId::parse(text).map_err(|e| e.to_string())
+}
+
+pub fn table(header: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED);
+    table.set_header(header.to_vec());
+    table
+}
+
+fn time(at: Timestamp) -> String {
+    chrono::DateTime::from_timestamp_micros(at.as_micros())
+        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn duration(start: Option<Timestamp>, end: Option<Timestamp>) -> String {
+    match (start, end) {
+        (Some(start), Some(end)) => {
+            let d = end.since(start);
+            if d.as_secs() >= 60 {
+                format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
+            } else if d.as_millis() >= 1000 {
+                format!("{:.2}s", d.as_secs_f64())
+            } else {
+                format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+            }
+        }
+        _ => "-".into(),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    let one_line = text.replace('\n', " ");
+    if one_line.chars().count() <= max {
+        one_line
+    } else {
+        format!("{}…", one_line.chars().take(max).collect::<String>())
+    }
+}
+
+/// A short description of a task run's result for tables.
+fn detail(task_run: &TaskRunRecord) -> String {
+    if let Some(error) = &task_run.error {
+        return truncate(error, 100);
+    }
+    let Some(outputs) = &task_run.outputs else { return String::new() };
+    if let Some(n) = task_run.fan_out {
+        return format!("{n} items");
+    }
+    let mut parts = Vec::new();
+    if let Some(artifact) = outputs.get("artifact") {
+        let name = artifact.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+        let version = artifact.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        parts.push(format!("artifact {name}@{version}"));
+    }
+    if let Some(rows) = outputs.get("rows").and_then(|v| v.as_u64()) {
+        parts.push(format!("{rows} rows"));
+    }
+    if let Some(list) = outputs.get("artifacts").and_then(|v| v.as_array()) {
+        for artifact in list {
+            let name = artifact.get("name").and_then(|v| v.as_str()).unwrap_or("?");
+            let version = artifact.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+            parts.push(format!("artifact {name}@{version}"));
+        }
+    }
+    if parts.is_empty() {
+        truncate(&outputs.to_string(), 60)
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// The task table of a run: one row per task, fan-out items collapsed unless `items`.
+async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Result<Table> {
+    let task_runs = store.task_runs(run_id).await?;
+    let attempts = store.attempts(run_id).await?;
+    let mut attempt_counts: BTreeMap<_, u32> = BTreeMap::new();
+    for attempt in &attempts {
+        *attempt_counts.entry(attempt.task_run_id).or_default() += 1;
+    }
+    let mut table = table(&["TASK", "STATE", "ATTEMPTS", "DURATION", "DETAIL"]);
+    let mut shown_items: BTreeMap<TaskId, usize> = BTreeMap::new();
+    let mut hidden_items: BTreeMap<TaskId, usize> = BTreeMap::new();
+    for task_run in &task_runs {
+        let name = match task_run.index {
+            Some(i) => format!("  {}[{i}]", task_run.task_id),
+            None => task_run.task_id.to_string(),
+        };
+        if task_run.index.is_some() && !items {
+            let shown = shown_items.entry(task_run.task_id.clone()).or_default();
+            let interesting = task_run.state != TaskRunState::Succeeded;
+            if *shown >= ITEMS_SHOWN_MAX || !interesting {
+                *hidden_items.entry(task_run.task_id.clone()).or_default() += 1;
+                continue;
+            }
+            *shown += 1;
+        }
+        let attempts = if task_run.fan_out.is_some() { "-".to_owned() } else { attempt_counts.get(&task_run.id).copied().unwrap_or(0).to_string() };
+        table.add_row(vec![
+            name,
+            task_run.state.to_string(),
+            attempts,
+            duration(task_run.started_at, task_run.finished_at),
+            detail(task_run),
+        ]);
+    }
+    for (task, hidden) in hidden_items {
+        table.add_row(vec![format!("  {task}[…]"), String::new(), String::new(), String::new(), format!("{hidden} more items (--items to list)")]);
+    }
+    Ok(table)
+}
+
+/// Prints the end-of-run summary.
+pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Result<()> {
+    println!("{}", task_table(store, run.id, false).await?);
+    let artifacts = store
+        .artifacts(&ArtifactFilter { run_id: Some(run.id), limit: 100, ..ArtifactFilter::default() })
+        .await?;
+    if !artifacts.is_empty() {
+        println!("{}", artifact_table(&artifacts));
+    }
+    println!(
+        "run {} {} in {}",
+        run.id,
+        run.state,
+        duration(run.started_at.or(Some(run.created_at)), run.finished_at)
+    );
+    if let Some(error) = &run.error {
+        println!("error: {error}");
+    }
+    Ok(())
+}
+
+fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
+    let mut table = table(&["ARTIFACT", "VERSION", "TYPE", "SIZE", "ROWS", "PRODUCED BY", "ID"]);
+    for artifact in artifacts {
+        let produced = artifact
+            .meta
+            .produced_by
+            .as_ref()
+            .map(|p| format!("{} (attempt {})", p.task_id, p.attempt))
+            .unwrap_or_default();
+        table.add_row(vec![
+            artifact.meta.name.clone(),
+            artifact.version.to_string(),
+            artifact.meta.media_type.clone(),
+            bytes(artifact.size_bytes),
+            artifact.meta.table.as_ref().map(|t| t.rows.to_string()).unwrap_or_default(),
+            produced,
+            artifact.id.to_string(),
+        ]);
+    }
+    table
+}
+
+pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode> {
+    let opened = home.open_existing().await?;
+    let store = &*opened.store;
+    match command {
+        RunsCommand::List { pipeline, state, limit } => {
+            let runs = store.runs(&RunFilter { pipeline_name: pipeline, state, before: None, limit }).await?;
+            let mut table = table(&["RUN", "PIPELINE", "VERSION", "STATE", "CREATED", "DURATION"]);
+            for run in runs {
+                table.add_row(vec![
+                    run.id.to_string(),
+                    run.pipeline_name.clone(),
+                    run.pipeline_version.to_string(),
+                    run.state.to_string(),
+                    time(run.created_at),
+                    duration(run.started_at, run.finished_at),
+                ]);
+            }
+            println!("{table}");
+        }
+        RunsCommand::Show { run_id, items } => {
+            let run = store.run(run_id).await?.with_context(|| format!("no run {run_id}"))?;
+            println!("run       {}", run.id);
+            println!("pipeline  {} (version {})", run.pipeline_name, run.pipeline_version);
+            println!("state     {}", run.state);
+            println!("created   {}", time(run.created_at));
+            println!("duration  {}", duration(run.started_at, run.finished_at));
+            println!("params    {}", run.params);
+            if let Some(error) = &run.error {
+                println!("error     {error}");
+            }
+            println!("{}", task_table(store, run_id, items).await?);
+        }
+        RunsCommand::Logs { run_id, task } => {
+            store.run(run_id).await?.with_context(|| format!("no run {run_id}"))?;
+            let task_runs = store.task_runs(run_id).await?;
+            let labels: BTreeMap<_, _> = task_runs
+                .iter()
+                .map(|t| (t.id, t.index.map(|i| format!("{}[{i}]", t.task_id)).unwrap_or_else(|| t.task_id.to_string())))
+                .collect();
+            let mut after = 0;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            loop {
+                let page = store
+                    .logs(&LogQuery { run_id, task_id: task.clone(), after_seq: after, limit: 5000 })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for line in &page {
+                    let label = labels.get(&line.line.task_run_id).map(String::as_str).unwrap_or("?");
+                    writeln!(out, "{label} #{} {:<6} | {}", line.line.attempt, line.line.stream.as_str(), line.line.text)?;
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves an artifact reference: an id, a name (latest version) or `name@version`.
+async fn resolve(store: &dyn Store, reference: &str) -> anyhow::Result<ArtifactRecord> {
+    if let Ok(id) = reference.parse::<ArtifactId>() {
+        return store.artifact(id).await?.with_context(|| format!("no artifact {id}"));
+    }
+    let (name, version) = match reference.rsplit_once('@') {
+        Some((name, version)) => (
+            name,
+            Some(version.parse::<u32>().with_context(|| format!("bad version in {reference:?}; write name@3"))?),
+        ),
+        None => (reference, None),
+    };
+    store
+        .artifact_by_name(name, version)
+        .await?
+        .with_context(|| format!("no artifact named {reference:?}"))
+}
+
+pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result<ExitCode> {
+    let opened = home.open_existing().await?;
+    let store = &*opened.store;
+    match command {
+        ArtifactsCommand::List { name, run, limit } => {
+            let list = store.artifacts(&ArtifactFilter { name, run_id: run, limit }).await?;
+            println!("{}", artifact_table(&list));
+        }
+        ArtifactsCommand::Show { artifact } => {
+            let record = resolve(store, &artifact).await?;
+            let mut inputs = Vec::new();
+            for id in &record.meta.inputs {
+                let input = store.artifact(*id).await?;
+                inputs.push(match input {
+                    Some(a) => serde_json::json!({"id": a.id, "name": a.meta.name, "version": a.version}),
+                    None => serde_json::json!({"id": id, "missing": true}),
+                });
+            }
+            let mut shown = serde_json::to_value(&record)?;
+            shown["lineage"] = serde_json::json!({"produced_by": record.meta.produced_by, "inputs": inputs});
+            println!("{}", serde_json::to_string_pretty(&shown)?);
+        }
+        ArtifactsCommand::Cat { artifact } => {
+            let record = resolve(store, &artifact).await?;
+            let content = opened.artifacts.read(record.id, CAT_BYTES_MAX).await?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            match out.write_all(&content) {
+                Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {}
+                other => other?,
+            }
+        }
+        ArtifactsCommand::Get { artifact, output } => {
+            let record = resolve(store, &artifact).await?;
+            let path = opened.artifacts.local_path(record.id).await?;
+            if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::copy(&path, &output).with_context(|| format!("cannot write {}", output.display()))?;
+            println!("{} ({}) written to {}", record.meta.name, bytes(record.size_bytes), output.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

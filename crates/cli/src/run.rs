@@ -1,0 +1,257 @@
+//! `arches run`, `arches resume` and `arches cancel`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use arches_core::execution::{ExecutionLimits, RunExecution};
+use arches_core::pipeline::{validate, Pipeline, PipelineDef, Templates};
+use arches_core::ports::Store;
+use arches_core::records::{RunRecord, WriteBatch};
+use arches_core::{Clock, RunId, RunState, SystemClock};
+use arches_engine::{Engine, EngineOptions, SchedulerHandle};
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{self, Home, Opened};
+use crate::{inspect, owner, progress};
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The pipeline file (YAML or JSON).
+    file: PathBuf,
+    /// A param value, `name=value`; repeat for several. Values are converted to the declared
+    /// type (arrays and objects as JSON).
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
+    params: Vec<String>,
+    /// No live progress display, only the summary.
+    #[arg(long)]
+    quiet: bool,
+    /// Task runs executing at once in this process.
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The run to finish.
+    run_id: RunId,
+    /// Resume even if the process that drove the run still seems alive.
+    #[arg(long)]
+    force: bool,
+    /// No live progress display, only the summary.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The run to cancel.
+    run_id: RunId,
+}
+
+fn engine_options(home: &Home, workers: Option<usize>) -> EngineOptions {
+    let mut options = EngineOptions::new(home.work_root());
+    options.worker_id = owner::this_process();
+    if let Some(workers) = workers {
+        options.worker_slots = workers.max(1);
+    }
+    options
+}
+
+pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
+    let registry = app::registry();
+    let pipeline = match app::load_pipeline(&args.file, &registry)? {
+        Ok(pipeline) => pipeline,
+        Err(diagnostics) => {
+            app::print_diagnostics(&diagnostics);
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let params = parse_params(&pipeline.def, &args.params)?;
+    let opened = home.open().await?;
+    let stored = opened.store.save_pipeline(&pipeline.def).await.context("cannot save the pipeline")?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let execution = RunExecution::create(
+        RunId::new(),
+        pipeline,
+        stored.version,
+        params,
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        clock.now(),
+    );
+    let options = engine_options(home, args.workers);
+    drive(home, opened, options, clock, Submission::New(Box::new(execution)), args.quiet).await
+}
+
+pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let opened = home.open_existing().await?;
+    let run = opened
+        .store
+        .run(args.run_id)
+        .await?
+        .with_context(|| format!("no run {}", args.run_id))?;
+    if run.state.is_terminal() {
+        println!("run {} is already {}", run.id, run.state);
+        return Ok(exit_code(&run));
+    }
+    if let Some(pid) = run.owner.as_deref().and_then(owner::live_pid) {
+        if !args.force {
+            anyhow::bail!(
+                "run {} is still driven by process {pid}; stop it first, or pass --force if you are sure it is not",
+                run.id
+            );
+        }
+    }
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let mut execution = restore(&*opened.store, run).await?;
+    let reclaimed = execution.reclaim_leases(clock.now());
+    if reclaimed > 0 {
+        eprintln!("{reclaimed} task run(s) were running when the run stopped; they run again");
+    }
+    let options = engine_options(home, None);
+    drive(home, opened, options, clock, Submission::Resume(Box::new(execution)), args.quiet).await
+}
+
+pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
+    let opened = home.open_existing().await?;
+    let run = opened
+        .store
+        .run(args.run_id)
+        .await?
+        .with_context(|| format!("no run {}", args.run_id))?;
+    if run.state.is_terminal() {
+        anyhow::bail!("run {} is already {}", run.id, run.state);
+    }
+    if let Some(pid) = run.owner.as_deref().and_then(owner::live_pid) {
+        // The owning process cancels on SIGINT: it stops its running tasks and records it.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT)
+            .with_context(|| format!("cannot signal process {pid}"))?;
+        println!("asked process {pid}, which drives run {}, to cancel it", run.id);
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Nobody drives the run: cancel it in the store directly.
+    let mut execution = restore(&*opened.store, run).await?;
+    let now = SystemClock.now();
+    execution.cancel(now, "cancelled by user");
+    let changes = execution.take_changes();
+    let batch = WriteBatch {
+        runs: changes.run.into_iter().collect(),
+        task_runs: changes.task_runs,
+        attempts: changes.attempts,
+    };
+    opened.store.commit(&batch).await?;
+    println!("run {} cancelled", execution.id());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Rebuilds a run from the store.
+pub async fn restore(store: &dyn Store, run: RunRecord) -> anyhow::Result<RunExecution> {
+    let stored = store
+        .pipeline(&run.pipeline_name, run.pipeline_version)
+        .await?
+        .with_context(|| format!("pipeline {} version {} is missing from the store", run.pipeline_name, run.pipeline_version))?;
+    let def: PipelineDef = serde_json::from_value(stored.definition)
+        .with_context(|| format!("stored pipeline {} version {} does not decode", run.pipeline_name, run.pipeline_version))?;
+    let pipeline = Pipeline::build(def).map_err(|e| anyhow::anyhow!("stored pipeline is invalid: {e}"))?;
+    let task_runs = store.task_runs(run.id).await?;
+    let attempts = store.attempts(run.id).await?;
+    Ok(RunExecution::restore(
+        run,
+        pipeline,
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        task_runs,
+        attempts,
+    ))
+}
+
+enum Submission {
+    New(Box<RunExecution>),
+    Resume(Box<RunExecution>),
+}
+
+/// Runs the engine until the run is over, with progress, Ctrl-C as cancel, and a summary.
+async fn drive(
+    home: &Home,
+    opened: Opened,
+    options: EngineOptions,
+    clock: Arc<dyn Clock>,
+    submission: Submission,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
+    let engine = Engine::build(options, opened.store.clone(), opened.artifacts.clone(), app::registry(), clock);
+    let handle = engine.handle();
+    let shutdown = CancellationToken::new();
+    let engine_task = tokio::spawn(engine.run(shutdown.clone()));
+    let events = handle.subscribe();
+    let (run_id, total_tasks) = match submission {
+        Submission::New(execution) => {
+            let tasks = execution.task_runs().len();
+            (handle.submit(*execution).await?, tasks)
+        }
+        Submission::Resume(execution) => {
+            let tasks = execution.task_runs().len();
+            (handle.resume(*execution).await?, tasks)
+        }
+    };
+    eprintln!("run {run_id} started (store {}, durability {})", home.root.display(), home.durability.as_str());
+    let display = progress::Progress::start(events, run_id, total_tasks, quiet);
+    let outcome = wait_with_interrupt(&handle, run_id).await;
+    display.finish().await;
+    shutdown.cancel();
+    let engine_result = engine_task.await.context("engine task failed")?;
+    let run = match (outcome, engine_result) {
+        (Ok(run), _) => run,
+        (Err(err), Err(engine_err)) => return Err(anyhow::anyhow!(engine_err)).context(err.to_string()),
+        (Err(err), Ok(())) => return Err(err),
+    };
+    inspect::print_run_summary(&*opened.store, &run).await?;
+    Ok(exit_code(&run))
+}
+
+async fn wait_with_interrupt(handle: &SchedulerHandle, run_id: RunId) -> anyhow::Result<RunRecord> {
+    let wait = handle.wait(run_id);
+    tokio::pin!(wait);
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            result = &mut wait => return result.map_err(|e| anyhow::anyhow!("run {run_id}: {e}")),
+            signal = tokio::signal::ctrl_c(), if !interrupted => {
+                signal.context("cannot listen for Ctrl-C")?;
+                interrupted = true;
+                eprintln!("interrupted: cancelling run {run_id}");
+                handle.cancel(run_id, "cancelled by user (interrupt)").await.ok();
+            }
+        }
+    }
+}
+
+fn exit_code(run: &RunRecord) -> ExitCode {
+    match run.state {
+        RunState::Succeeded => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Parses `name=value` params against the pipeline's declarations and applies defaults.
+fn parse_params(def: &PipelineDef, given: &[String]) -> anyhow::Result<serde_json::Value> {
+    let mut values = serde_json::Map::new();
+    for text in given {
+        let (name, raw) = text
+            .split_once('=')
+            .with_context(|| format!("param {text:?} must be written name=value"))?;
+        let declared = def
+            .params
+            .get(name)
+            .with_context(|| format!("unknown param {name:?}; the pipeline declares: {}", def.params.keys().cloned().collect::<Vec<_>>().join(", ")))?;
+        let value = declared
+            .param_type
+            .coerce(raw)
+            .map_err(|e| anyhow::anyhow!("param {name}: {e}"))?;
+        values.insert(name.to_owned(), value);
+    }
+    validate::check_params(def, &values).map_err(|problems| anyhow::anyhow!("bad params: {}", problems.join("; ")))
+}

@@ -1,0 +1,539 @@
+//! The scheduler: the single writer of the runs it drives.
+//!
+//! It takes commands from a bounded inbox (submit, resume, cancel, a worker's completion or
+//! heartbeat, a watch) and timer wakeups (lease expiry, retry due), applies them to the
+//! in-memory [`RunExecution`]s, leases queued task runs to free worker slots, commits every
+//! change of the batch in one store transaction, and only then hands the leases to the
+//! workers, publishes the events and answers the callers.
+//!
+//! Tests drive it with [`Scheduler::step`], one input at a time, with a manual clock.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::sync::Arc;
+
+use arches_core::events::DomainEvent;
+use arches_core::execution::{AttemptOutcome, Assignment, RunExecution, Wakeup};
+use arches_core::ports::Store;
+use arches_core::records::{RunRecord, WriteBatch};
+use arches_core::{Clock, RunId, TaskRunId, Timestamp};
+use rand::Rng;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::{EngineOptions, Error, FailPoints};
+
+/// An input of the scheduler.
+#[derive(Debug)]
+pub enum Command {
+    /// Start a new run (created with [`RunExecution::create`]).
+    Submit {
+        /// The run.
+        execution: Box<RunExecution>,
+        /// Answered once the run's rows are committed.
+        reply: oneshot::Sender<Result<RunId, Error>>,
+    },
+    /// Continue a run restored from the store (with [`RunExecution::restore`]).
+    Resume {
+        /// The run.
+        execution: Box<RunExecution>,
+        /// Answered once the resumed state is committed.
+        reply: oneshot::Sender<Result<RunId, Error>>,
+    },
+    /// Cancel a run.
+    Cancel {
+        /// The run.
+        run_id: RunId,
+        /// Recorded on the task runs it stops.
+        reason: String,
+        /// Answered once the cancel is committed.
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    /// A worker finished an attempt.
+    Completed {
+        /// The run.
+        run_id: RunId,
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The lease's fencing token.
+        fencing_token: u64,
+        /// How it ended.
+        outcome: AttemptOutcome,
+        /// When the tool started executing.
+        executed_at: Timestamp,
+        /// When it ended.
+        finished_at: Timestamp,
+    },
+    /// A worker still holds a lease.
+    Heartbeat {
+        /// The run.
+        run_id: RunId,
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The lease's fencing token.
+        fencing_token: u64,
+    },
+    /// Answer with the run's record once it is finished.
+    Watch {
+        /// The run.
+        run_id: RunId,
+        /// Answered when the run is over (at once if it already is).
+        reply: oneshot::Sender<Result<RunRecord, Error>>,
+    },
+}
+
+/// What the scheduler sends the worker pool.
+#[derive(Debug)]
+pub enum Dispatch {
+    /// Execute an attempt.
+    Run(Box<Assignment>),
+    /// Stop an attempt (cancelled run, or a lease that is no longer this worker's).
+    Stop(TaskRunId, u64),
+}
+
+/// What one [`Scheduler::step`] did.
+#[derive(Debug, Default)]
+pub struct StepReport {
+    /// Inbox commands applied.
+    pub commands: usize,
+    /// Wakeups that fired.
+    pub wakeups: usize,
+    /// Leases handed out, in order.
+    pub assignments: Vec<Assignment>,
+    /// Task-run rows written.
+    pub task_runs_written: usize,
+    /// Events published.
+    pub events: Vec<DomainEvent>,
+}
+
+impl StepReport {
+    /// Whether the step found nothing to do.
+    pub fn is_idle(&self) -> bool {
+        self.commands == 0 && self.wakeups == 0 && self.assignments.is_empty() && self.task_runs_written == 0
+    }
+}
+
+/// A cheap, cloneable handle to the scheduler.
+#[derive(Clone, Debug)]
+pub struct SchedulerHandle {
+    inbox: mpsc::Sender<Command>,
+    events: broadcast::Sender<DomainEvent>,
+}
+
+impl SchedulerHandle {
+    /// Sends a command, waiting while the inbox is full.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`] when the scheduler has stopped.
+    pub async fn send(&self, command: Command) -> Result<(), Error> {
+        self.inbox.send(command).await.map_err(|_| Error::Stopped)
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply)).await?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Starts a new run; returns once its rows are committed.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`], [`Error::AlreadyActive`], or the store's error.
+    pub async fn submit(&self, execution: RunExecution) -> Result<RunId, Error> {
+        self.call(|reply| Command::Submit { execution: Box::new(execution), reply }).await
+    }
+
+    /// Continues a restored run.
+    ///
+    /// # Errors
+    /// As [`SchedulerHandle::submit`].
+    pub async fn resume(&self, execution: RunExecution) -> Result<RunId, Error> {
+        self.call(|reply| Command::Resume { execution: Box::new(execution), reply }).await
+    }
+
+    /// Cancels a run: running task runs are stopped and the rest skipped.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`] when this engine does not drive the run.
+    pub async fn cancel(&self, run_id: RunId, reason: &str) -> Result<(), Error> {
+        self.call(|reply| Command::Cancel { run_id, reason: reason.to_owned(), reply }).await
+    }
+
+    /// Waits until the run is over and returns its record.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`] when the run exists nowhere; [`Error::Stopped`].
+    pub async fn wait(&self, run_id: RunId) -> Result<RunRecord, Error> {
+        self.call(|reply| Command::Watch { run_id, reply }).await
+    }
+
+    /// Subscribes to domain events published after each commit.
+    pub fn subscribe(&self) -> broadcast::Receiver<DomainEvent> {
+        self.events.subscribe()
+    }
+}
+
+enum Reply {
+    Run(oneshot::Sender<Result<RunId, Error>>, RunId),
+    Done(oneshot::Sender<Result<(), Error>>),
+}
+
+/// The scheduler. See the module documentation.
+pub struct Scheduler {
+    options: EngineOptions,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    failpoints: FailPoints,
+    inbox: mpsc::Receiver<Command>,
+    handle: SchedulerHandle,
+    dispatch: mpsc::UnboundedSender<Dispatch>,
+    runs: HashMap<RunId, RunExecution>,
+    run_order: Vec<RunId>,
+    round_robin: usize,
+    wakeups: BinaryHeap<Reverse<(Timestamp, u64, RunId, Wakeup)>>,
+    wakeup_seq: u64,
+    in_flight: usize,
+    touched: HashSet<RunId>,
+    replies: Vec<Reply>,
+    stops: Vec<(TaskRunId, u64)>,
+    waiters: HashMap<RunId, Vec<oneshot::Sender<Result<RunRecord, Error>>>>,
+}
+
+impl Scheduler {
+    /// A scheduler and the receiving end of its dispatches (for the worker pool, or for a
+    /// test acting as the worker). The dispatch channel is unbounded but holds at most
+    /// `worker_slots` leases plus one stop per lease, because the scheduler never leases
+    /// beyond its free slots.
+    pub fn new(
+        options: EngineOptions,
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        failpoints: FailPoints,
+    ) -> (Scheduler, mpsc::UnboundedReceiver<Dispatch>) {
+        let (inbox_tx, inbox) = mpsc::channel(options.inbox_capacity.max(1));
+        let (events, _) = broadcast::channel(options.event_capacity.max(1));
+        let (dispatch, dispatch_rx) = mpsc::unbounded_channel();
+        let scheduler = Scheduler {
+            options,
+            store,
+            clock,
+            failpoints,
+            inbox,
+            handle: SchedulerHandle { inbox: inbox_tx, events },
+            dispatch,
+            runs: HashMap::new(),
+            run_order: Vec::new(),
+            round_robin: 0,
+            wakeups: BinaryHeap::new(),
+            wakeup_seq: 0,
+            in_flight: 0,
+            touched: HashSet::new(),
+            replies: Vec::new(),
+            stops: Vec::new(),
+            waiters: HashMap::new(),
+        };
+        (scheduler, dispatch_rx)
+    }
+
+    /// A handle for callers and workers.
+    pub fn handle(&self) -> SchedulerHandle {
+        self.handle.clone()
+    }
+
+    /// Runs driven now.
+    pub fn active_runs(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// A run driven now.
+    pub fn execution(&self, run_id: RunId) -> Option<&RunExecution> {
+        self.runs.get(&run_id)
+    }
+
+    /// Leases handed out and not yet reported back.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// When the next timer is due.
+    pub fn next_wakeup_at(&self) -> Option<Timestamp> {
+        self.wakeups.peek().map(|Reverse((at, ..))| *at)
+    }
+
+    /// Applies at most one inbox command, or else fires the due wakeups, then leases,
+    /// commits, dispatches and publishes. Never waits.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when the commit fails, [`Error::Injected`] from a failure point.
+    pub async fn step(&mut self) -> Result<StepReport, Error> {
+        let mut report = StepReport::default();
+        match self.inbox.try_recv() {
+            Ok(command) => {
+                self.apply(command).await;
+                report.commands = 1;
+            }
+            Err(_) => report.wakeups = self.fire_due_wakeups(),
+        }
+        self.flush(&mut report, true).await?;
+        Ok(report)
+    }
+
+    /// Runs until `shutdown` is cancelled: waits for commands or the next timer, applies up
+    /// to `batch_size_max` commands per commit.
+    ///
+    /// # Errors
+    /// [`Error::Store`] when a commit fails; the scheduler stops at once so that memory and
+    /// store never diverge further.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        loop {
+            let delay = self
+                .next_wakeup_at()
+                .map(|at| at.since(self.clock.now()));
+            let command = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                command = self.inbox.recv() => match command {
+                    Some(command) => Some(command),
+                    None => break,
+                },
+                _ = sleep_opt(delay) => None,
+            };
+            let mut report = StepReport::default();
+            if let Some(command) = command {
+                self.apply(command).await;
+                report.commands = 1;
+                while report.commands < self.options.batch_size_max {
+                    match self.inbox.try_recv() {
+                        Ok(command) => {
+                            self.apply(command).await;
+                            report.commands += 1;
+                        }
+                        Err(_) => break,
+                    }
+                }
+            }
+            report.wakeups = self.fire_due_wakeups();
+            self.flush(&mut report, false).await?;
+        }
+        info!(active_runs = self.runs.len(), "scheduler stopped");
+        Ok(())
+    }
+
+    async fn apply(&mut self, command: Command) {
+        let now = self.clock.now();
+        match command {
+            Command::Submit { mut execution, reply } | Command::Resume { mut execution, reply } => {
+                let run_id = execution.id();
+                if self.runs.contains_key(&run_id) {
+                    let _ = reply.send(Err(Error::AlreadyActive(run_id)));
+                    return;
+                }
+                execution.set_owner(Some(self.options.worker_id.clone()));
+                for wakeup in execution.pending_wakeups() {
+                    self.push_wakeup(run_id, wakeup);
+                }
+                execution.start(now);
+                self.runs.insert(run_id, *execution);
+                self.run_order.push(run_id);
+                self.touched.insert(run_id);
+                self.replies.push(Reply::Run(reply, run_id));
+            }
+            Command::Cancel { run_id, reason, reply } => match self.runs.get_mut(&run_id) {
+                Some(execution) => {
+                    let stopped = execution.cancel(now, &reason);
+                    self.stops.extend(stopped);
+                    self.touched.insert(run_id);
+                    self.replies.push(Reply::Done(reply));
+                }
+                None => {
+                    let _ = reply.send(Err(Error::UnknownRun(run_id)));
+                }
+            },
+            Command::Completed { run_id, task_run_id, fencing_token, outcome, executed_at, finished_at } => {
+                self.in_flight = self.in_flight.saturating_sub(1);
+                let Some(execution) = self.runs.get_mut(&run_id) else {
+                    debug!(%run_id, %task_run_id, "completion for a run that is no longer active");
+                    return;
+                };
+                let random: f64 = rand::rng().random();
+                match execution.complete(task_run_id, fencing_token, outcome, executed_at, finished_at, random) {
+                    Ok(()) => {
+                        self.touched.insert(run_id);
+                    }
+                    Err(rejection) => warn!(%run_id, %task_run_id, fencing_token, %rejection, "completion rejected"),
+                }
+            }
+            Command::Heartbeat { run_id, task_run_id, fencing_token } => {
+                let Some(execution) = self.runs.get_mut(&run_id) else {
+                    self.stops.push((task_run_id, fencing_token));
+                    return;
+                };
+                match execution.heartbeat(task_run_id, fencing_token, now, self.options.lease_ttl) {
+                    Ok(()) => {
+                        self.touched.insert(run_id);
+                    }
+                    Err(rejection) => {
+                        // The lease is no longer this attempt's: stop the zombie.
+                        warn!(%run_id, %task_run_id, fencing_token, %rejection, "heartbeat rejected");
+                        self.stops.push((task_run_id, fencing_token));
+                    }
+                }
+            }
+            Command::Watch { run_id, reply } => {
+                if self.runs.contains_key(&run_id) {
+                    self.waiters.entry(run_id).or_default().push(reply);
+                    return;
+                }
+                let answer = match self.store.run(run_id).await {
+                    Ok(Some(run)) if run.state.is_terminal() => Ok(run),
+                    Ok(_) => Err(Error::UnknownRun(run_id)),
+                    Err(err) => Err(Error::Store(err)),
+                };
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    fn push_wakeup(&mut self, run_id: RunId, wakeup: Wakeup) {
+        self.wakeup_seq += 1;
+        self.wakeups.push(Reverse((wakeup.at(), self.wakeup_seq, run_id, wakeup)));
+    }
+
+    fn fire_due_wakeups(&mut self) -> usize {
+        let now = self.clock.now();
+        let mut fired = 0;
+        while let Some(Reverse((at, ..))) = self.wakeups.peek() {
+            if *at > now {
+                break;
+            }
+            let Some(Reverse((_, _, run_id, wakeup))) = self.wakeups.pop() else { break };
+            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let changed = match wakeup {
+                Wakeup::LeaseExpiry { task_run_id, fencing_token, .. } => {
+                    let expired = execution.expire_lease(task_run_id, fencing_token, now);
+                    if expired {
+                        warn!(%run_id, %task_run_id, fencing_token, "lease expired");
+                        // If the attempt still runs here, it is a zombie now.
+                        self.stops.push((task_run_id, fencing_token));
+                    }
+                    expired
+                }
+                Wakeup::RetryDue { task_run_id, .. } => execution.retry_due(task_run_id, now),
+            };
+            if changed {
+                fired += 1;
+                self.touched.insert(run_id);
+            }
+        }
+        fired
+    }
+
+    /// Leases queued task runs to free slots, round-robin over runs, within each run's
+    /// concurrency limit.
+    fn lease(&mut self, report: &mut StepReport) {
+        let mut free = self.options.worker_slots.saturating_sub(self.in_flight);
+        if free == 0 || self.run_order.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let count = self.run_order.len();
+        let start = self.round_robin % count;
+        self.round_robin = self.round_robin.wrapping_add(1);
+        for offset in 0..count {
+            if free == 0 {
+                break;
+            }
+            let run_id = self.run_order[(start + offset) % count];
+            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let limit = execution.concurrency_limit().unwrap_or(usize::MAX);
+            while free > 0 && execution.running_count() < limit {
+                let Some(assignment) = execution.lease_next(&self.options.worker_id, now, self.options.lease_ttl) else {
+                    break;
+                };
+                free -= 1;
+                self.in_flight += 1;
+                self.touched.insert(run_id);
+                report.assignments.push(assignment);
+            }
+        }
+    }
+
+    async fn flush(&mut self, report: &mut StepReport, keep_assignments: bool) -> Result<(), Error> {
+        self.lease(report);
+        let mut batch = WriteBatch::default();
+        let mut events = Vec::new();
+        let mut wakeups = Vec::new();
+        let mut finished = Vec::new();
+        for run_id in self.touched.drain() {
+            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let changes = execution.take_changes();
+            batch.runs.extend(changes.run);
+            batch.task_runs.extend(changes.task_runs);
+            batch.attempts.extend(changes.attempts);
+            events.extend(changes.events);
+            wakeups.extend(changes.wakeups.into_iter().map(|w| (run_id, w)));
+            if execution.is_finished() {
+                finished.push(run_id);
+            }
+        }
+        if !batch.is_empty() {
+            if self.failpoints.hit_before_commit() {
+                return Err(Error::Injected("before commit"));
+            }
+            let committed = self.store.commit(&batch).await?;
+            if !committed.stale_task_runs.is_empty() {
+                warn!(count = committed.stale_task_runs.len(), "store refused stale task-run writes");
+            }
+            if self.failpoints.hit_after_commit() {
+                return Err(Error::Injected("after commit"));
+            }
+        }
+        report.task_runs_written = batch.task_runs.len();
+        for (run_id, wakeup) in wakeups {
+            self.push_wakeup(run_id, wakeup);
+        }
+        for (task_run_id, token) in self.stops.drain(..) {
+            let _ = self.dispatch.send(Dispatch::Stop(task_run_id, token));
+        }
+        let assignments = std::mem::take(&mut report.assignments);
+        for assignment in assignments {
+            if keep_assignments {
+                report.assignments.push(assignment.clone());
+            }
+            let _ = self.dispatch.send(Dispatch::Run(Box::new(assignment)));
+        }
+        for event in &events {
+            let _ = self.handle.events.send(event.clone());
+        }
+        report.events = events;
+        for reply in self.replies.drain(..) {
+            match reply {
+                Reply::Run(reply, run_id) => {
+                    let _ = reply.send(Ok(run_id));
+                }
+                Reply::Done(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+        }
+        for run_id in finished {
+            if let Some(execution) = self.runs.remove(&run_id) {
+                self.run_order.retain(|id| *id != run_id);
+                let run = execution.run().clone();
+                info!(%run_id, state = %run.state, "run finished");
+                for waiter in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = waiter.send(Ok(run.clone()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_opt(delay: Option<std::time::Duration>) {
+    match delay {
+        Some(delay) => tokio::time::sleep(delay).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,253 @@
+//! The in-process worker pool: executes the attempts the scheduler leases, each in its own
+//! tokio task, with heartbeats, the task's timeout, a fresh working directory, and a bounded
+//! log. A stop (cancel, or a lease that is no longer ours) drops the tool's future, which
+//! the tool contract says releases everything it started.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use arches_core::execution::{AttemptOutcome, Assignment};
+use arches_core::ports::{ArtifactStore, LogSink, ToolContext, ToolRegistry};
+use arches_core::records::LogStream;
+use arches_core::{Clock, TaskRunId};
+use futures::FutureExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::logs::{AttemptLog, LogWriterHandle};
+use crate::scheduler::{Command, Dispatch, SchedulerHandle};
+use crate::EngineOptions;
+
+type Running = Arc<Mutex<HashMap<TaskRunId, (u64, CancellationToken)>>>;
+
+/// Executes leased attempts in this process.
+pub struct WorkerPool {
+    options: EngineOptions,
+    scheduler: SchedulerHandle,
+    dispatches: mpsc::UnboundedReceiver<Dispatch>,
+    tools: Arc<ToolRegistry>,
+    artifacts: Arc<dyn ArtifactStore>,
+    logs: LogWriterHandle,
+    clock: Arc<dyn Clock>,
+}
+
+impl WorkerPool {
+    /// A pool fed by `dispatches` that reports to `scheduler`.
+    pub fn new(
+        options: EngineOptions,
+        scheduler: SchedulerHandle,
+        dispatches: mpsc::UnboundedReceiver<Dispatch>,
+        tools: Arc<ToolRegistry>,
+        artifacts: Arc<dyn ArtifactStore>,
+        logs: LogWriterHandle,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self { options, scheduler, dispatches, tools, artifacts, logs, clock }
+    }
+
+    /// Executes dispatches until `shutdown`; then stops every attempt still running.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let running: Running = Arc::default();
+        let mut tasks = JoinSet::new();
+        loop {
+            let dispatch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                dispatch = self.dispatches.recv() => match dispatch {
+                    Some(dispatch) => dispatch,
+                    None => break,
+                },
+            };
+            match dispatch {
+                Dispatch::Run(assignment) => {
+                    let stop = shutdown.child_token();
+                    running
+                        .lock()
+                        .expect("the running map is never poisoned")
+                        .insert(assignment.task_run_id, (assignment.fencing_token, stop.clone()));
+                    let attempt = Attempt {
+                        assignment: *assignment,
+                        options: self.options.clone(),
+                        scheduler: self.scheduler.clone(),
+                        tools: self.tools.clone(),
+                        artifacts: self.artifacts.clone(),
+                        logs: self.logs.clone(),
+                        clock: self.clock.clone(),
+                        running: running.clone(),
+                    };
+                    tasks.spawn(attempt.execute(stop));
+                }
+                Dispatch::Stop(task_run_id, token) => {
+                    let map = running.lock().expect("the running map is never poisoned");
+                    if let Some((held, stop)) = map.get(&task_run_id) {
+                        if *held == token {
+                            stop.cancel();
+                        }
+                    }
+                }
+            }
+        }
+        for (_, (_, stop)) in running.lock().expect("the running map is never poisoned").iter() {
+            stop.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+struct Attempt {
+    assignment: Assignment,
+    options: EngineOptions,
+    scheduler: SchedulerHandle,
+    tools: Arc<ToolRegistry>,
+    artifacts: Arc<dyn ArtifactStore>,
+    logs: LogWriterHandle,
+    clock: Arc<dyn Clock>,
+    running: Running,
+}
+
+impl Attempt {
+    async fn execute(self, stop: CancellationToken) {
+        let a = &self.assignment;
+        let executed_at = self.clock.now();
+        let log = Arc::new(AttemptLog {
+            writer: self.logs.clone(),
+            clock: self.clock.clone(),
+            run_id: a.run_id,
+            task_run_id: a.task_run_id,
+            attempt: a.attempt,
+            line_bytes_max: self.options.log_line_bytes_max,
+            lines_max: self.options.log_lines_per_attempt_max,
+            written: AtomicU32::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let work_dir = self
+            .options
+            .work_root
+            .join(a.run_id.to_string())
+            .join(format!("{}.{}.{}", a.task_id, a.task_run_id, a.attempt));
+        let outcome = match self.tools.get(&a.tool).cloned() {
+            None => Some(AttemptOutcome::Failed {
+                message: format!("unknown tool {:?}", a.tool),
+                retryable: false,
+            }),
+            Some(tool) => {
+                let mut prepared = Ok(());
+                if tool.needs_work_dir() {
+                    prepared = tokio::fs::create_dir_all(&work_dir).await;
+                }
+                match prepared {
+                    Err(err) => Some(AttemptOutcome::Failed {
+                        message: format!("cannot create working directory {}: {err}", work_dir.display()),
+                        retryable: true,
+                    }),
+                    Ok(()) => {
+                        let context = ToolContext {
+                            run_id: a.run_id,
+                            task_run_id: a.task_run_id,
+                            task_id: a.task_id.clone(),
+                            attempt: a.attempt,
+                            item: a.item.clone(),
+                            upstream: a.upstream.clone(),
+                            work_dir: work_dir.clone(),
+                            artifacts: self.artifacts.clone(),
+                            logs: log.clone(),
+                        };
+                        let execution = AssertUnwindSafe(tool.execute(context, a.inputs.clone())).catch_unwind();
+                        let outcome = self.supervise(execution, &stop, &log).await;
+                        if tool.needs_work_dir() {
+                            remove_dir(work_dir).await;
+                        }
+                        outcome
+                    }
+                }
+            }
+        };
+        log.finish().await;
+        self.running.lock().expect("the running map is never poisoned").remove(&a.task_run_id);
+        let outcome = outcome.unwrap_or_else(|| AttemptOutcome::Failed {
+            message: "stopped".into(),
+            retryable: false,
+        });
+        let command = Command::Completed {
+            run_id: a.run_id,
+            task_run_id: a.task_run_id,
+            fencing_token: a.fencing_token,
+            outcome,
+            executed_at,
+            finished_at: self.clock.now(),
+        };
+        if self.scheduler.send(command).await.is_err() {
+            debug!(task_run_id = %a.task_run_id, "scheduler gone; completion not reported");
+        }
+    }
+
+    /// Drives the tool's future with heartbeats, the timeout and the stop signal. `None`
+    /// when stopped.
+    async fn supervise<F>(&self, execution: F, stop: &CancellationToken, log: &AttemptLog) -> Option<AttemptOutcome>
+    where
+        F: std::future::Future<Output = std::thread::Result<Result<serde_json::Value, arches_core::ports::ToolError>>>,
+    {
+        let a = &self.assignment;
+        let mut execution = std::pin::pin!(execution);
+        let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut heartbeat = tokio::time::interval(self.options.heartbeat_interval);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                result = &mut execution => {
+                    return Some(match result {
+                        Ok(Ok(outputs)) => AttemptOutcome::Succeeded(outputs),
+                        Ok(Err(err)) => AttemptOutcome::Failed { message: err.message, retryable: err.retryable },
+                        Err(panic) => {
+                            let message = panic
+                                .downcast_ref::<String>()
+                                .cloned()
+                                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                                .unwrap_or_else(|| "unknown panic".into());
+                            warn!(tool = %a.tool, task_run_id = %a.task_run_id, %message, "tool panicked");
+                            AttemptOutcome::Failed { message: format!("tool {} panicked: {message}", a.tool), retryable: false }
+                        }
+                    });
+                }
+                _ = sleep_until_opt(deadline) => {
+                    let timeout = a.timeout.unwrap_or_default();
+                    log.write(LogStream::System, &format!("attempt stopped: timed out after {timeout:?}")).await;
+                    return Some(AttemptOutcome::TimedOut { timeout });
+                }
+                _ = heartbeat.tick() => {
+                    let command = Command::Heartbeat {
+                        run_id: a.run_id,
+                        task_run_id: a.task_run_id,
+                        fencing_token: a.fencing_token,
+                    };
+                    if self.scheduler.send(command).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn remove_dir(dir: PathBuf) {
+    if let Err(err) = tokio::fs::remove_dir_all(&dir).await {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %dir.display(), error = %err, "could not remove working directory");
+        }
+    }
+}

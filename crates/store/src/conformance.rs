@@ -1,0 +1,704 @@
+//! The conformance suite of the storage port: what every [`Store`] backend must do.
+//!
+//! Each function takes a fresh, empty store and panics when the backend breaks the contract.
+//! A backend runs the whole suite with [`conformance_tests!`](crate::conformance_tests), which
+//! expands into one `#[tokio::test]` per function, each on its own database:
+//!
+//! ```ignore
+//! async fn fixture() -> arches_store::conformance::Fixture {
+//!     let directory = tempfile::tempdir().unwrap();
+//!     let store = SqliteStore::open(&directory.path().join("arches.db"), Durability::Normal)
+//!         .await
+//!         .unwrap();
+//!     Fixture::new(Arc::new(store), directory)
+//! }
+//!
+//! arches_store::conformance_tests!(fixture());
+//! ```
+//!
+//! Besides the port's documentation, the suite pins down these rules: a task run must belong
+//! to a stored run and an attempt to a stored task run (otherwise the commit fails with
+//! [`StoreError::Conflict`] and stores nothing); a write replaces every field of its row, so a
+//! `None` clears a stored value; `Some(Value::Null)` and `None` stay distinct; a log line of a
+//! task run that is not stored is kept, with no task id.
+
+use std::any::Any;
+use std::sync::Arc;
+
+use arches_core::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use arches_core::pipeline::PipelineDef;
+use arches_core::ports::{Store, StoreError};
+use arches_core::records::*;
+use arches_core::state::{AttemptState, RunState, TaskRunState};
+use arches_core::time::Timestamp;
+use serde_json::{json, Value};
+
+/// A store under test, with whatever must live as long as it (a temporary directory, a
+/// database to drop afterwards).
+pub struct Fixture {
+    store: Arc<dyn Store>,
+    _keep_alive: Box<dyn Any + Send>,
+}
+
+impl Fixture {
+    /// A fixture holding `store` and keeping `keep_alive` until the test ends.
+    pub fn new(store: Arc<dyn Store>, keep_alive: impl Any + Send) -> Self {
+        Self { store, _keep_alive: Box::new(keep_alive) }
+    }
+
+    /// The store under test.
+    pub fn store(&self) -> Arc<dyn Store> {
+        Arc::clone(&self.store)
+    }
+}
+
+/// Expands into one `#[tokio::test]` per function of the [conformance
+/// suite](crate::conformance), each with a fresh store.
+///
+/// `$factory` is an expression evaluating to a future of a
+/// [`Fixture`](crate::conformance::Fixture); it is evaluated once per test. The calling crate
+/// needs `tokio` with the `macros` and `rt` features.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($factory:expr) => {
+        $crate::__conformance_tests!(
+            $factory;
+            saving_the_same_pipeline_twice_returns_the_same_version,
+            a_changed_pipeline_gets_the_next_version_of_its_name,
+            a_commit_round_trips_every_field_of_runs_task_runs_and_attempts,
+            a_later_write_replaces_every_field_of_a_row,
+            an_empty_batch_commits_nothing,
+            a_failed_commit_stores_nothing,
+            a_stale_fencing_token_cannot_overwrite_a_task_run,
+            an_equal_or_higher_fencing_token_overwrites_a_task_run,
+            writes_of_one_task_run_within_a_batch_apply_in_order,
+            runs_are_listed_newest_first_with_filters_and_a_cursor,
+            logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit,
+            artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter,
+            a_batch_of_ten_thousand_task_runs_round_trips,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    ($factory:expr; $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let fixture: $crate::conformance::Fixture = $factory.await;
+                $crate::conformance::$name(fixture.store()).await;
+            }
+        )+
+    };
+}
+
+fn task(id: &str) -> TaskId {
+    TaskId::parse(id).expect("test task ids follow the naming rule")
+}
+
+fn pipeline(name: &str, command: &str) -> PipelineDef {
+    serde_json::from_value(json!({
+        "name": name,
+        "description": "conformance pipeline",
+        "params": {"limit": {"type": "integer", "default": 10}},
+        "tasks": [
+            {"id": "extract", "tool": "shell", "with": {"command": command, "env": {"B": "2", "A": "1"}}},
+            {"id": "load", "tool": "sql", "depends_on": ["extract"], "timeout": "30s"}
+        ]
+    }))
+    .expect("the conformance pipeline is valid")
+}
+
+/// A run with only its required fields.
+fn run(pipeline_name: &str, state: RunState, created_at: i64) -> RunRecord {
+    RunRecord {
+        id: RunId::new(),
+        pipeline_name: pipeline_name.to_owned(),
+        pipeline_version: 1,
+        params: json!({}),
+        state,
+        error: None,
+        owner: None,
+        created_at: Timestamp(created_at),
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+/// A task run with only its required fields.
+fn task_run(run: &RunRecord, task_id: &str, fencing_token: u64, created_at: i64) -> TaskRunRecord {
+    TaskRunRecord {
+        id: TaskRunId::new(),
+        run_id: run.id,
+        task_id: task(task_id),
+        index: None,
+        fan_out: None,
+        state: TaskRunState::Pending,
+        attempt: 0,
+        lease_expiries: 0,
+        fencing_token,
+        item: None,
+        inputs: None,
+        outputs: None,
+        error: None,
+        lease_owner: None,
+        lease_expires_at: None,
+        ready_at: None,
+        created_at: Timestamp(created_at),
+        queued_at: None,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+fn attempt(task_run: &TaskRunRecord, number: u32) -> AttemptRecord {
+    AttemptRecord {
+        task_run_id: task_run.id,
+        run_id: task_run.run_id,
+        attempt: number,
+        fencing_token: task_run.fencing_token,
+        worker: "worker-1".to_owned(),
+        state: AttemptState::Running,
+        started_at: Timestamp(1_700_000_000_000_000),
+        finished_at: None,
+        error: None,
+    }
+}
+
+async fn commit(store: &dyn Store, batch: WriteBatch) -> CommitReport {
+    store.commit(&batch).await.expect("the commit succeeds")
+}
+
+/// Saving a definition twice returns the first version, with its digest and creation time.
+pub async fn saving_the_same_pipeline_twice_returns_the_same_version(store: Arc<dyn Store>) {
+    let definition = pipeline("daily", "echo one");
+    let first = store.save_pipeline(&definition).await.unwrap();
+    assert_eq!(first.name, "daily");
+    assert_eq!(first.version, 1);
+    assert_eq!(first.digest.len(), 64, "the digest is sha-256 in hex");
+    assert!(first.digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!(first.definition, serde_json::to_value(&definition).unwrap());
+
+    let again = store.save_pipeline(&definition).await.unwrap();
+    assert_eq!(again, first);
+    assert_eq!(store.pipeline("daily", 1).await.unwrap(), Some(first.clone()));
+    let read_back: PipelineDef = serde_json::from_value(first.definition).unwrap();
+    assert_eq!(read_back, definition);
+}
+
+/// A changed definition is the next version of its name; versions count per name.
+pub async fn a_changed_pipeline_gets_the_next_version_of_its_name(store: Arc<dyn Store>) {
+    let first = store.save_pipeline(&pipeline("daily", "echo one")).await.unwrap();
+    let second = store.save_pipeline(&pipeline("daily", "echo two")).await.unwrap();
+    let other = store.save_pipeline(&pipeline("weekly", "echo one")).await.unwrap();
+    assert_eq!((first.version, second.version, other.version), (1, 2, 1));
+    assert_ne!(first.digest, second.digest);
+    assert_ne!(first.digest, other.digest, "the name is part of the definition");
+
+    let resaved = store.save_pipeline(&pipeline("daily", "echo one")).await.unwrap();
+    assert_eq!(resaved.version, 1, "an older definition keeps its version");
+    let third = store.save_pipeline(&pipeline("daily", "echo three")).await.unwrap();
+    assert_eq!(third.version, 3);
+
+    let stored = store.pipeline("daily", 2).await.unwrap().expect("version 2 exists");
+    assert_eq!(stored, second);
+    assert_eq!(store.pipeline("daily", 4).await.unwrap(), None);
+    assert_eq!(store.pipeline("missing", 1).await.unwrap(), None);
+}
+
+/// Every field of runs, task runs and attempts reads back as written, `Some` and `None` alike,
+/// JSON values included.
+pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(store: Arc<dyn Store>) {
+    let full_run = RunRecord {
+        id: RunId::new(),
+        pipeline_name: "daily".to_owned(),
+        pipeline_version: 7,
+        params: json!({"limit": 10, "names": ["a", "b"], "nested": {"x": null, "ratio": 0.5}}),
+        state: RunState::Failed,
+        error: Some("task load failed: ünïcode ✓".to_owned()),
+        owner: Some("pid:1234@host".to_owned()),
+        created_at: Timestamp(1_700_000_000_000_001),
+        started_at: Some(Timestamp(1_700_000_000_000_002)),
+        finished_at: Some(Timestamp(1_700_000_000_000_003)),
+    };
+    let bare_run = run("weekly", RunState::Queued, 1_700_000_000_000_004);
+
+    let full_task_run = TaskRunRecord {
+        id: TaskRunId::new(),
+        run_id: full_run.id,
+        task_id: task("extract"),
+        index: Some(3),
+        fan_out: Some(12),
+        state: TaskRunState::WaitingToRetry,
+        attempt: 2,
+        lease_expiries: 1,
+        fencing_token: 9,
+        item: Some(Value::Null),
+        inputs: Some(json!({"command": "echo \"quoted\"\n", "n": -1, "big": 9_007_199_254_740_993_u64})),
+        outputs: Some(json!([1, "two", {"three": 3.25}, [], {}])),
+        error: Some("exit status 1".to_owned()),
+        lease_owner: Some("worker-7".to_owned()),
+        lease_expires_at: Some(Timestamp(1_700_000_000_000_010)),
+        ready_at: Some(Timestamp(1_700_000_000_000_011)),
+        created_at: Timestamp(1_700_000_000_000_005),
+        queued_at: Some(Timestamp(1_700_000_000_000_006)),
+        started_at: Some(Timestamp(1_700_000_000_000_007)),
+        finished_at: Some(Timestamp(-1)),
+    };
+    let mut item_task_run = task_run(&full_run, "load", 0, 1_700_000_000_000_006);
+    item_task_run.item = Some(json!("a string item"));
+    let bare_task_run = task_run(&bare_run, "only", 0, 1_700_000_000_000_007);
+
+    let full_attempt = AttemptRecord {
+        task_run_id: full_task_run.id,
+        run_id: full_run.id,
+        attempt: 2,
+        fencing_token: 9,
+        worker: "worker-7".to_owned(),
+        state: AttemptState::TimedOut,
+        started_at: Timestamp(1_700_000_000_000_020),
+        finished_at: Some(Timestamp(1_700_000_000_000_021)),
+        error: Some("timed out after 30s".to_owned()),
+    };
+    let first_attempt = attempt(&full_task_run, 1);
+
+    let report = commit(
+        &*store,
+        WriteBatch {
+            runs: vec![full_run.clone(), bare_run.clone()],
+            task_runs: vec![full_task_run.clone(), item_task_run.clone(), bare_task_run.clone()],
+            attempts: vec![full_attempt.clone(), first_attempt.clone()],
+        },
+    )
+    .await;
+    assert!(report.stale_task_runs.is_empty());
+
+    assert_eq!(store.run(full_run.id).await.unwrap(), Some(full_run.clone()));
+    assert_eq!(store.run(bare_run.id).await.unwrap(), Some(bare_run.clone()));
+    assert_eq!(
+        store.task_runs(full_run.id).await.unwrap(),
+        vec![full_task_run.clone(), item_task_run],
+        "task runs come in creation order"
+    );
+    assert_eq!(store.task_runs(bare_run.id).await.unwrap(), vec![bare_task_run]);
+    assert_eq!(
+        store.attempts(full_run.id).await.unwrap(),
+        vec![first_attempt, full_attempt],
+        "attempts come by task run, then attempt number"
+    );
+    assert_eq!(store.attempts(bare_run.id).await.unwrap(), vec![]);
+    assert_eq!(store.run(RunId::new()).await.unwrap(), None);
+    assert_eq!(store.task_runs(RunId::new()).await.unwrap(), vec![]);
+}
+
+/// A second write of a row replaces all of it: fields written as `None` are cleared.
+pub async fn a_later_write_replaces_every_field_of_a_row(store: Arc<dyn Store>) {
+    let mut stored_run = run("daily", RunState::Running, 1);
+    stored_run.owner = Some("pid:1@host".to_owned());
+    stored_run.started_at = Some(Timestamp(2));
+    let mut stored_task_run = task_run(&stored_run, "extract", 1, 3);
+    stored_task_run.state = TaskRunState::Running;
+    stored_task_run.lease_owner = Some("worker-1".to_owned());
+    stored_task_run.lease_expires_at = Some(Timestamp(100));
+    stored_task_run.inputs = Some(json!({"a": 1}));
+    let mut stored_attempt = attempt(&stored_task_run, 1);
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: vec![stored_task_run.clone()],
+            attempts: vec![stored_attempt.clone()],
+        },
+    )
+    .await;
+
+    stored_run.state = RunState::Succeeded;
+    stored_run.owner = None;
+    stored_run.finished_at = Some(Timestamp(9));
+    stored_task_run.state = TaskRunState::Succeeded;
+    stored_task_run.lease_owner = None;
+    stored_task_run.lease_expires_at = None;
+    stored_task_run.inputs = None;
+    stored_task_run.outputs = Some(json!({"rows": 3}));
+    stored_attempt.state = AttemptState::Succeeded;
+    stored_attempt.finished_at = Some(Timestamp(8));
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: vec![stored_task_run.clone()],
+            attempts: vec![stored_attempt.clone()],
+        },
+    )
+    .await;
+
+    assert_eq!(store.run(stored_run.id).await.unwrap(), Some(stored_run.clone()));
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![stored_task_run]);
+    assert_eq!(store.attempts(stored_run.id).await.unwrap(), vec![stored_attempt]);
+}
+
+/// An empty batch succeeds and reports nothing.
+pub async fn an_empty_batch_commits_nothing(store: Arc<dyn Store>) {
+    let report = commit(&*store, WriteBatch::default()).await;
+    assert_eq!(report, CommitReport::default());
+    let runs = store.runs(&RunFilter::default()).await.unwrap();
+    assert!(runs.is_empty());
+}
+
+/// A batch that breaks a rule stores none of its writes.
+pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
+    let stored_run = run("daily", RunState::Queued, 1);
+    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], ..WriteBatch::default() }).await;
+
+    let mut changed_run = stored_run.clone();
+    changed_run.state = RunState::Running;
+    let new_run = run("daily", RunState::Queued, 2);
+    let orphan = task_run(&run("ghost", RunState::Queued, 3), "lost", 0, 3);
+    let result = store
+        .commit(&WriteBatch {
+            runs: vec![changed_run, new_run.clone()],
+            task_runs: vec![task_run(&new_run, "fine", 0, 4), orphan],
+            attempts: vec![],
+        })
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict(_))),
+        "a task run of an unknown run is a conflict, got {result:?}"
+    );
+    assert_eq!(store.run(new_run.id).await.unwrap(), None);
+    assert_eq!(store.task_runs(new_run.id).await.unwrap(), vec![]);
+    assert_eq!(store.run(stored_run.id).await.unwrap(), Some(stored_run.clone()));
+
+    let stored_task_run = task_run(&stored_run, "extract", 0, 5);
+    let orphan_attempt = attempt(&task_run(&stored_run, "never_stored", 0, 6), 1);
+    let result = store
+        .commit(&WriteBatch {
+            runs: vec![],
+            task_runs: vec![stored_task_run],
+            attempts: vec![orphan_attempt],
+        })
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::Conflict(_))),
+        "an attempt of an unknown task run is a conflict, got {result:?}"
+    );
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![]);
+}
+
+/// A task-run write with a lower fencing token than the stored one is not applied and is
+/// reported; the rest of the batch applies.
+pub async fn a_stale_fencing_token_cannot_overwrite_a_task_run(store: Arc<dyn Store>) {
+    let stored_run = run("daily", RunState::Running, 1);
+    let mut leased = task_run(&stored_run, "extract", 3, 2);
+    leased.state = TaskRunState::Running;
+    leased.lease_owner = Some("worker-new".to_owned());
+    let other = task_run(&stored_run, "load", 0, 3);
+    commit(
+        &*store,
+        WriteBatch { runs: vec![stored_run.clone()], task_runs: vec![leased.clone(), other.clone()], attempts: vec![] },
+    )
+    .await;
+
+    let mut stale = leased.clone();
+    stale.fencing_token = 2;
+    stale.state = TaskRunState::Succeeded;
+    stale.lease_owner = Some("worker-old".to_owned());
+    let mut queued = other.clone();
+    queued.state = TaskRunState::Queued;
+    let mut finished_run = stored_run.clone();
+    finished_run.state = RunState::Succeeded;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            runs: vec![finished_run.clone()],
+            task_runs: vec![stale, queued.clone()],
+            attempts: vec![attempt(&leased, 1)],
+        },
+    )
+    .await;
+    assert_eq!(report.stale_task_runs, vec![leased.id]);
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![leased, queued]);
+    assert_eq!(store.run(stored_run.id).await.unwrap(), Some(finished_run));
+}
+
+/// A task-run write with the stored fencing token or a higher one applies.
+pub async fn an_equal_or_higher_fencing_token_overwrites_a_task_run(store: Arc<dyn Store>) {
+    let stored_run = run("daily", RunState::Running, 1);
+    let mut current = task_run(&stored_run, "extract", 3, 2);
+    current.state = TaskRunState::Running;
+    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], task_runs: vec![current.clone()], attempts: vec![] })
+        .await;
+
+    current.outputs = Some(json!({"progress": 1}));
+    let report = commit(&*store, WriteBatch { task_runs: vec![current.clone()], ..WriteBatch::default() }).await;
+    assert!(report.stale_task_runs.is_empty(), "an equal token applies");
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![current.clone()]);
+
+    current.fencing_token = 4;
+    current.state = TaskRunState::Succeeded;
+    let report = commit(&*store, WriteBatch { task_runs: vec![current.clone()], ..WriteBatch::default() }).await;
+    assert!(report.stale_task_runs.is_empty(), "a higher token applies");
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![current]);
+}
+
+/// Writes of the same task run in one batch apply in order, under the same fencing rule.
+pub async fn writes_of_one_task_run_within_a_batch_apply_in_order(store: Arc<dyn Store>) {
+    let stored_run = run("daily", RunState::Running, 1);
+    let mut queued = task_run(&stored_run, "extract", 0, 2);
+    queued.state = TaskRunState::Queued;
+    let mut running = queued.clone();
+    running.state = TaskRunState::Running;
+    running.fencing_token = 1;
+    let mut succeeded = running.clone();
+    succeeded.state = TaskRunState::Succeeded;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: vec![queued, running.clone(), succeeded.clone()],
+            attempts: vec![],
+        },
+    )
+    .await;
+    assert!(report.stale_task_runs.is_empty());
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![succeeded.clone()]);
+
+    let mut newer = succeeded.clone();
+    newer.fencing_token = 5;
+    newer.state = TaskRunState::Failed;
+    let mut older = succeeded.clone();
+    older.fencing_token = 2;
+    let report =
+        commit(&*store, WriteBatch { task_runs: vec![newer.clone(), older], ..WriteBatch::default() }).await;
+    assert_eq!(report.stale_task_runs, vec![newer.id]);
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![newer]);
+}
+
+/// Runs list newest first, filtered by pipeline and state, after a cursor, up to a limit.
+pub async fn runs_are_listed_newest_first_with_filters_and_a_cursor(store: Arc<dyn Store>) {
+    let runs: Vec<RunRecord> = [
+        ("daily", RunState::Succeeded),
+        ("weekly", RunState::Failed),
+        ("daily", RunState::Failed),
+        ("daily", RunState::Running),
+        ("weekly", RunState::Succeeded),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, (name, state))| run(name, state, 1_000 + i as i64))
+    .collect();
+    commit(&*store, WriteBatch { runs: runs.clone(), ..WriteBatch::default() }).await;
+    let newest_first: Vec<RunRecord> = runs.iter().rev().cloned().collect();
+    let ids = |found: Vec<RunRecord>| found.into_iter().map(|r| r.id).collect::<Vec<_>>();
+
+    let all = store.runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(all, newest_first, "a zero limit lists up to the default");
+
+    let daily = store
+        .runs(&RunFilter { pipeline_name: Some("daily".into()), ..RunFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(ids(daily), vec![runs[3].id, runs[2].id, runs[0].id]);
+
+    let failed = store.runs(&RunFilter { state: Some(RunState::Failed), ..RunFilter::default() }).await.unwrap();
+    assert_eq!(ids(failed), vec![runs[2].id, runs[1].id]);
+
+    let daily_failed = store
+        .runs(&RunFilter {
+            pipeline_name: Some("daily".into()),
+            state: Some(RunState::Failed),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(daily_failed), vec![runs[2].id]);
+
+    let first_page = store.runs(&RunFilter { limit: 2, ..RunFilter::default() }).await.unwrap();
+    assert_eq!(ids(first_page.clone()), vec![runs[4].id, runs[3].id]);
+    let second_page = store
+        .runs(&RunFilter { before: Some(first_page[1].id), limit: 2, ..RunFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(ids(second_page.clone()), vec![runs[2].id, runs[1].id]);
+    let last_page = store
+        .runs(&RunFilter { before: Some(second_page[1].id), limit: 2, ..RunFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(ids(last_page), vec![runs[0].id]);
+
+    let none = store
+        .runs(&RunFilter { pipeline_name: Some("missing".into()), ..RunFilter::default() })
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+}
+
+/// Log lines read back in order with their task, after a cursor, for one task, up to a
+/// limit, and only for the run asked.
+pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(store: Arc<dyn Store>) {
+    let stored_run = run("daily", RunState::Running, 1);
+    let other_run = run("daily", RunState::Running, 2);
+    let extract = task_run(&stored_run, "extract", 0, 3);
+    let mut extract_item = task_run(&stored_run, "extract", 0, 4);
+    extract_item.index = Some(0);
+    let load = task_run(&stored_run, "load", 0, 5);
+    let elsewhere = task_run(&other_run, "extract", 0, 6);
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone(), other_run.clone()],
+            task_runs: vec![extract.clone(), extract_item.clone(), load.clone(), elsewhere.clone()],
+            attempts: vec![],
+        },
+    )
+    .await;
+
+    let line = |task_run: &TaskRunRecord, stream: LogStream, at: i64, text: &str| NewLogLine {
+        run_id: task_run.run_id,
+        task_run_id: task_run.id,
+        attempt: 1,
+        stream,
+        at: Timestamp(at),
+        text: text.to_owned(),
+    };
+    let first_lines = vec![
+        line(&extract, LogStream::Stdout, 10, "reading 3 files"),
+        line(&load, LogStream::Stderr, 11, "warning: \"quoted\" ✓"),
+        line(&elsewhere, LogStream::Stdout, 12, "another run"),
+        line(&extract_item, LogStream::System, 13, ""),
+    ];
+    let second_lines = vec![line(&load, LogStream::Stdout, 14, "loaded")];
+    store.append_logs(&first_lines).await.unwrap();
+    store.append_logs(&second_lines).await.unwrap();
+    store.append_logs(&[]).await.unwrap();
+
+    let query = LogQuery { run_id: stored_run.id, task_id: None, after_seq: 0, limit: 100 };
+    let all = store.logs(&query).await.unwrap();
+    let texts = |found: &[LogLine]| found.iter().map(|l| l.line.text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&all), vec!["reading 3 files", "warning: \"quoted\" ✓", "", "loaded"]);
+    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq), "seq increases");
+    assert_eq!(all[0].line, first_lines[0]);
+    assert_eq!(all[1].line, first_lines[1]);
+    assert_eq!(all[2].line, first_lines[3]);
+    assert_eq!(all[3].line, second_lines[0]);
+    let task_ids: Vec<Option<TaskId>> = all.iter().map(|l| l.task_id.clone()).collect();
+    assert_eq!(
+        task_ids,
+        vec![Some(task("extract")), Some(task("load")), Some(task("extract")), Some(task("load"))]
+    );
+
+    let after = store.logs(&LogQuery { after_seq: all[1].seq, ..query.clone() }).await.unwrap();
+    assert_eq!(after, all[2..].to_vec());
+    let limited = store.logs(&LogQuery { limit: 2, ..query.clone() }).await.unwrap();
+    assert_eq!(limited, all[..2].to_vec());
+    let extract_only = store.logs(&LogQuery { task_id: Some(task("extract")), ..query.clone() }).await.unwrap();
+    assert_eq!(extract_only, vec![all[0].clone(), all[2].clone()], "a task's lines span all its task runs");
+    let tail = store.logs(&LogQuery { after_seq: all[3].seq, ..query.clone() }).await.unwrap();
+    assert!(tail.is_empty());
+
+    let unknown_task_run = NewLogLine { task_run_id: TaskRunId::new(), ..line(&extract, LogStream::System, 15, "early") };
+    store.append_logs(std::slice::from_ref(&unknown_task_run)).await.unwrap();
+    let tail = store.logs(&LogQuery { after_seq: all[3].seq, ..query }).await.unwrap();
+    assert_eq!(tail.len(), 1);
+    assert_eq!(tail[0].task_id, None, "a line of a task run not stored has no task id");
+    assert_eq!(tail[0].line, unknown_task_run);
+}
+
+/// Artifacts get versions 1, 2, 3… per name and are found by id, by name (a version or the
+/// latest) and by filter, newest first.
+pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter(store: Arc<dyn Store>) {
+    let producing_run = run("daily", RunState::Running, 1);
+    let producer = Producer {
+        run_id: producing_run.id,
+        task_run_id: TaskRunId::new(),
+        task_id: task("clean"),
+        attempt: 2,
+    };
+    let table_meta = TableMeta {
+        rows: 344,
+        columns: vec![
+            ColumnMeta { name: "species".into(), data_type: "Utf8".into(), nullable: false },
+            ColumnMeta { name: "mass".into(), data_type: "Float64".into(), nullable: true },
+        ],
+    };
+    let raw = NewArtifact {
+        name: "penguins/raw".into(),
+        media_type: "text/csv".into(),
+        table: None,
+        produced_by: None,
+        inputs: vec![],
+    };
+    let digest_a = "a".repeat(64);
+    let digest_b = "b".repeat(64);
+    let raw_v1 = store.insert_artifact(&digest_a, 10, &raw).await.unwrap();
+    let raw_v2 = store.insert_artifact(&digest_b, u64::from(u32::MAX) + 1, &raw).await.unwrap();
+    let clean = NewArtifact {
+        name: "penguins/clean".into(),
+        media_type: "application/vnd.apache.parquet".into(),
+        table: Some(table_meta),
+        produced_by: Some(producer),
+        inputs: vec![raw_v1.id, raw_v2.id],
+    };
+    let clean_v1 = store.insert_artifact(&digest_a, 10, &clean).await.unwrap();
+    let raw_v3 = store.insert_artifact(&digest_a, 10, &raw).await.unwrap();
+
+    assert_eq!((raw_v1.version, raw_v2.version, raw_v3.version, clean_v1.version), (1, 2, 3, 1));
+    assert_eq!(raw_v2.size_bytes, u64::from(u32::MAX) + 1);
+    assert_eq!(clean_v1.meta, clean);
+    assert_eq!(clean_v1.digest, digest_a);
+
+    assert_eq!(store.artifact(clean_v1.id).await.unwrap(), Some(clean_v1.clone()));
+    assert_eq!(store.artifact(raw_v2.id).await.unwrap(), Some(raw_v2.clone()));
+    assert_eq!(store.artifact(ArtifactId::new()).await.unwrap(), None);
+
+    assert_eq!(store.artifact_by_name("penguins/raw", None).await.unwrap(), Some(raw_v3.clone()));
+    assert_eq!(store.artifact_by_name("penguins/raw", Some(2)).await.unwrap(), Some(raw_v2.clone()));
+    assert_eq!(store.artifact_by_name("penguins/raw", Some(4)).await.unwrap(), None);
+    assert_eq!(store.artifact_by_name("missing", None).await.unwrap(), None);
+
+    let all = store.artifacts(&ArtifactFilter::default()).await.unwrap();
+    assert_eq!(all, vec![raw_v3.clone(), clean_v1.clone(), raw_v2.clone(), raw_v1.clone()]);
+    let raw_only = store
+        .artifacts(&ArtifactFilter { name: Some("penguins/raw".into()), ..ArtifactFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(raw_only, vec![raw_v3.clone(), raw_v2, raw_v1]);
+    let by_run = store
+        .artifacts(&ArtifactFilter { run_id: Some(producing_run.id), ..ArtifactFilter::default() })
+        .await
+        .unwrap();
+    assert_eq!(by_run, vec![clean_v1]);
+    let limited = store.artifacts(&ArtifactFilter { limit: 1, ..ArtifactFilter::default() }).await.unwrap();
+    assert_eq!(limited, vec![raw_v3]);
+}
+
+/// How many task runs the large-batch test writes at once.
+const LARGE_BATCH_TASK_RUNS: usize = 10_000;
+
+/// One batch of 10,000 task runs commits and reads back whole, then moves through its next
+/// state in a second batch of the same size.
+pub async fn a_batch_of_ten_thousand_task_runs_round_trips(store: Arc<dyn Store>) {
+    let stored_run = run("fan_out", RunState::Running, 1);
+    let mut task_runs: Vec<TaskRunRecord> = (0..LARGE_BATCH_TASK_RUNS)
+        .map(|i| {
+            let mut item = task_run(&stored_run, "each", 0, 1_000 + i as i64);
+            item.index = Some(i as u32);
+            item.item = Some(json!({"n": i}));
+            item
+        })
+        .collect();
+    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], task_runs: task_runs.clone(), attempts: vec![] })
+        .await;
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), task_runs);
+
+    for (i, item) in task_runs.iter_mut().enumerate() {
+        item.state = TaskRunState::Succeeded;
+        item.fencing_token = 1;
+        item.outputs = Some(json!({"square": i * i}));
+    }
+    let report = commit(&*store, WriteBatch { task_runs: task_runs.clone(), ..WriteBatch::default() }).await;
+    assert!(report.stale_task_runs.is_empty());
+    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), task_runs);
+}

@@ -1,0 +1,625 @@
+//! The embedded SQLite store: one file, WAL journal, one writer connection and a small pool of
+//! readers.
+//!
+//! Every write goes through the single writer connection, in `BEGIN IMMEDIATE` transactions,
+//! so writers of this process never meet `SQLITE_BUSY`; readers use their own connections and,
+//! thanks to WAL, never wait for a write in progress. Batches are written with set-based
+//! statements: the rows of a batch travel as one JSON array and SQLite's `json_each` expands
+//! them, so a commit costs a handful of statements whatever its size.
+//!
+//! This module must never hold a transaction open across anything but its own statements.
+
+mod rows;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arches_core::ids::{ArtifactId, RunId, TaskRunId};
+use arches_core::pipeline::PipelineDef;
+use arches_core::ports::{Store, StoreError, StoreResult};
+use arches_core::records::*;
+use arches_core::time::{Clock, SystemClock};
+use async_trait::async_trait;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite};
+
+use crate::error::{db, Error};
+use rows::*;
+
+/// How long a connection waits for a lock held by another connection (another process on
+/// the same file, or a checkpoint) before failing with [`StoreError::Unavailable`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections of the read pool.
+const READ_CONNECTIONS_MAX: u32 = 4;
+
+/// Limit of [`Store::runs`] and [`Store::artifacts`] when the filter gives 0.
+const LIST_LIMIT_DEFAULT: u32 = 100;
+/// Most runs or artifacts one listing returns.
+const LIST_LIMIT_MAX: u32 = 1_000;
+/// Limit of [`Store::logs`] when the query gives 0.
+const LOG_LIMIT_DEFAULT: u32 = 1_000;
+/// Most log lines one read returns.
+const LOG_LIMIT_MAX: u32 = 10_000;
+
+/// The statement that opens every write transaction. `IMMEDIATE` takes the write lock at once,
+/// so a transaction that reads before it writes cannot fail half-way on a lock upgrade when
+/// another process shares the file.
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
+/// The storage port on an embedded SQLite database.
+///
+/// Cheap to clone: clones share the connection pools.
+#[derive(Clone)]
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    durability: Durability,
+    clock: Arc<dyn Clock>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .field("durability", &self.durability)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens the database at `path`, creating the file and its parent directory if missing,
+    /// and applies the embedded migrations.
+    ///
+    /// The database runs in WAL mode with `synchronous` set by `durability` (NORMAL or FULL),
+    /// foreign keys on and a busy timeout of 5 s.
+    ///
+    /// # Errors
+    /// [`Error::CreateDirectory`] when the parent directory cannot be created,
+    /// [`Error::Open`] when the database cannot be opened or configured, and
+    /// [`Error::Migrate`] when a migration fails.
+    pub async fn open(path: &Path, durability: Durability) -> Result<SqliteStore, Error> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| Error::CreateDirectory {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let synchronous = match durability {
+            Durability::Normal => SqliteSynchronous::Normal,
+            Durability::Full => SqliteSynchronous::Full,
+        };
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT)
+            .synchronous(synchronous);
+        let open_error = |source| Error::Open { path: path.to_path_buf(), source };
+
+        // The writer is opened first: it creates the file and switches it to WAL, which is a
+        // property of the file that the readers then find. It keeps its one connection for
+        // the life of the store so the WAL and its index are never torn down under readers.
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(
+                options
+                    .clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal),
+            )
+            .await
+            .map_err(open_error)?;
+        sqlx::migrate!("./migrations")
+            .run(&writer)
+            .await
+            .map_err(|source| Error::Migrate { path: path.to_path_buf(), source })?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(READ_CONNECTIONS_MAX)
+            .connect_with(options)
+            .await
+            .map_err(open_error)?;
+        tracing::debug!(path = %path.display(), durability = durability.as_str(), "store opened");
+        Ok(SqliteStore {
+            writer,
+            reader,
+            durability,
+            clock: Arc::new(SystemClock),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Uses `clock` for the creation times the store assigns itself (of pipeline versions and
+    /// artifacts); the system clock by default.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The durability mode commits run under.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// The writer pool: the single connection every write of the store goes through. Writes
+    /// made through it are serialized with the store's own; a transaction held open on it
+    /// blocks every commit.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// The read pool, for read-only queries.
+    pub fn read_pool(&self) -> &SqlitePool {
+        &self.reader
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes both pools, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.reader.close().await;
+        self.writer.close().await;
+    }
+}
+
+const UPSERT_RUNS: &str = "
+INSERT INTO runs (id, pipeline_name, pipeline_version, params, state, error, owner,
+                  created_at, started_at, finished_at)
+SELECT value ->> '$.id', value ->> '$.pipeline_name', value ->> '$.pipeline_version',
+       value ->> '$.params', value ->> '$.state', value ->> '$.error', value ->> '$.owner',
+       value ->> '$.created_at', value ->> '$.started_at', value ->> '$.finished_at'
+FROM json_each(?1) WHERE true
+ON CONFLICT (id) DO UPDATE SET
+    pipeline_name = excluded.pipeline_name,
+    pipeline_version = excluded.pipeline_version,
+    params = excluded.params,
+    state = excluded.state,
+    error = excluded.error,
+    owner = excluded.owner,
+    created_at = excluded.created_at,
+    started_at = excluded.started_at,
+    finished_at = excluded.finished_at";
+
+/// Ids of the batch's task runs whose stored fencing token is greater than the written one,
+/// in batch order. The parameter is a JSON array of `[id, token]` pairs.
+const STALE_TASK_RUNS: &str = "
+SELECT t.id
+FROM json_each(?1) AS j JOIN task_runs AS t ON t.id = j.value ->> 0
+WHERE t.fencing_token > j.value ->> 1
+ORDER BY j.key";
+
+const UPSERT_TASK_RUNS: &str = "
+INSERT INTO task_runs (id, run_id, task_id, item_index, fan_out, state, attempt,
+                       lease_expiries, fencing_token, item, inputs, outputs, error,
+                       lease_owner, lease_expires_at, ready_at, created_at, queued_at,
+                       started_at, finished_at)
+SELECT value ->> '$.id', value ->> '$.run_id', value ->> '$.task_id',
+       value ->> '$.index', value ->> '$.fan_out', value ->> '$.state',
+       value ->> '$.attempt', value ->> '$.lease_expiries', value ->> '$.fencing_token',
+       value ->> '$.item', value ->> '$.inputs', value ->> '$.outputs', value ->> '$.error',
+       value ->> '$.lease_owner', value ->> '$.lease_expires_at', value ->> '$.ready_at',
+       value ->> '$.created_at', value ->> '$.queued_at', value ->> '$.started_at',
+       value ->> '$.finished_at'
+FROM json_each(?1) WHERE true
+ON CONFLICT (id) DO UPDATE SET
+    run_id = excluded.run_id,
+    task_id = excluded.task_id,
+    item_index = excluded.item_index,
+    fan_out = excluded.fan_out,
+    state = excluded.state,
+    attempt = excluded.attempt,
+    lease_expiries = excluded.lease_expiries,
+    fencing_token = excluded.fencing_token,
+    item = excluded.item,
+    inputs = excluded.inputs,
+    outputs = excluded.outputs,
+    error = excluded.error,
+    lease_owner = excluded.lease_owner,
+    lease_expires_at = excluded.lease_expires_at,
+    ready_at = excluded.ready_at,
+    created_at = excluded.created_at,
+    queued_at = excluded.queued_at,
+    started_at = excluded.started_at,
+    finished_at = excluded.finished_at
+WHERE excluded.fencing_token >= task_runs.fencing_token";
+
+const UPSERT_ATTEMPTS: &str = "
+INSERT INTO attempts (task_run_id, attempt, run_id, fencing_token, worker, state,
+                      started_at, finished_at, error)
+SELECT value ->> '$.task_run_id', value ->> '$.attempt', value ->> '$.run_id',
+       value ->> '$.fencing_token', value ->> '$.worker', value ->> '$.state',
+       value ->> '$.started_at', value ->> '$.finished_at', value ->> '$.error'
+FROM json_each(?1) WHERE true
+ON CONFLICT (task_run_id, attempt) DO UPDATE SET
+    run_id = excluded.run_id,
+    fencing_token = excluded.fencing_token,
+    worker = excluded.worker,
+    state = excluded.state,
+    started_at = excluded.started_at,
+    finished_at = excluded.finished_at,
+    error = excluded.error";
+
+/// The task id comes from the line's task run when it is stored; a line of a task run not
+/// (yet) stored keeps a null task id rather than being lost.
+const INSERT_LOGS: &str = "
+INSERT INTO logs (run_id, task_run_id, task_id, attempt, stream, at, text)
+SELECT value ->> '$.run_id', value ->> '$.task_run_id',
+       (SELECT task_id FROM task_runs WHERE id = value ->> '$.task_run_id'),
+       value ->> '$.attempt', value ->> '$.stream', value ->> '$.at', value ->> '$.text'
+FROM json_each(?1)
+ORDER BY key";
+
+const RUN_COLUMNS: &str = "id, pipeline_name, pipeline_version, params, state, error, owner, \
+                           created_at, started_at, finished_at";
+
+const TASK_RUN_COLUMNS: &str = "id, run_id, task_id, item_index, fan_out, state, attempt, \
+     lease_expiries, fencing_token, item, inputs, outputs, error, lease_owner, \
+     lease_expires_at, ready_at, created_at, queued_at, started_at, finished_at";
+
+const ARTIFACT_COLUMNS: &str = "id, name, version, digest, size_bytes, media_type, table_meta, \
+     run_id, task_run_id, task_id, attempt, inputs, created_at";
+
+/// Clamps a listing limit: 0 takes the default, anything else is bounded to `1..=max`.
+fn clamp_limit(limit: u32, default: u32, max: u32) -> i64 {
+    let limit = if limit == 0 { default } else { limit };
+    i64::from(limit.clamp(1, max))
+}
+
+/// Task runs of the batch written after a write of the same id with a higher token in the same
+/// batch: they are refused by the upsert guard like a write below the stored token.
+fn stale_within_batch(task_runs: &[TaskRunRecord]) -> Vec<TaskRunId> {
+    let mut highest: HashMap<TaskRunId, u64> = HashMap::with_capacity(task_runs.len());
+    let mut stale = Vec::new();
+    for task_run in task_runs {
+        let entry = highest.entry(task_run.id).or_insert(task_run.fencing_token);
+        if task_run.fencing_token < *entry {
+            stale.push(task_run.id);
+        } else {
+            *entry = task_run.fencing_token;
+        }
+    }
+    stale
+}
+
+/// The canonical JSON of a value: objects with their keys sorted, whatever the `serde_json`
+/// features of the build (`preserve_order` would otherwise keep insertion order and change the
+/// digest of the same definition between builds).
+fn canonical(value: Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, canonical(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
+        other => other,
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    async fn save_pipeline(&self, definition: &PipelineDef) -> StoreResult<StoredPipeline> {
+        let value = serde_json::to_value(definition)
+            .map_err(|e| StoreError::Backend(format!("cannot encode pipeline definition: {e}")))?;
+        let value = canonical(value);
+        let text = value.to_string();
+        let digest = hex::encode(Sha256::digest(text.as_bytes()));
+        let name = definition.name.as_str();
+
+        let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
+        let existing: Option<(i64, i64)> = sqlx::query_as(
+            "SELECT version, created_at FROM pipelines WHERE name = ?1 AND digest = ?2",
+        )
+        .bind(name)
+        .bind(&digest)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let (version, created_at) = match existing {
+            Some(found) => found,
+            None => {
+                let created_at = self.clock.now().as_micros();
+                let version: i64 = sqlx::query_scalar(
+                    "INSERT INTO pipelines (name, version, digest, definition, created_at)
+                     SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4
+                     FROM pipelines WHERE name = ?1
+                     RETURNING version",
+                )
+                .bind(name)
+                .bind(&digest)
+                .bind(&text)
+                .bind(created_at)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+                (version, created_at)
+            }
+        };
+        tx.commit().await.map_err(db)?;
+        Ok(StoredPipeline {
+            name: name.to_owned(),
+            version: to_u32(version, "pipelines.version")?,
+            digest,
+            definition: value,
+            created_at: arches_core::Timestamp(created_at),
+        })
+    }
+
+    async fn pipeline(&self, name: &str, version: u32) -> StoreResult<Option<StoredPipeline>> {
+        let row = sqlx::query(
+            "SELECT name, version, digest, definition, created_at
+             FROM pipelines WHERE name = ?1 AND version = ?2",
+        )
+        .bind(name)
+        .bind(i64::from(version))
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(pipeline_from_row).transpose()
+    }
+
+    async fn commit(&self, batch: &WriteBatch) -> StoreResult<CommitReport> {
+        if batch.is_empty() {
+            return Ok(CommitReport::default());
+        }
+        // Encoding runs on the async thread: it costs about a microsecond per row and batches
+        // are bounded by the engine, while moving it to a blocking thread would need a copy
+        // of the batch that costs as much as the encoding itself.
+        let runs = (!batch.runs.is_empty()).then(|| encode_runs(&batch.runs)).transpose()?;
+        let task_runs = (!batch.task_runs.is_empty())
+            .then(|| encode_task_runs(&batch.task_runs))
+            .transpose()?;
+        let attempts = (!batch.attempts.is_empty())
+            .then(|| encode_attempts(&batch.attempts))
+            .transpose()?;
+
+        let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
+        if let Some(runs) = runs {
+            sqlx::query(UPSERT_RUNS).bind(runs).execute(&mut *tx).await.map_err(db)?;
+        }
+        let mut stale_task_runs = Vec::new();
+        if let Some(EncodedTaskRuns { rows, tokens }) = task_runs {
+            let stored_higher: Vec<String> = sqlx::query_scalar(STALE_TASK_RUNS)
+                .bind(tokens)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            for id in stored_higher {
+                stale_task_runs.push(parse_text::<TaskRunId>(&id, "task_runs.id")?);
+            }
+            sqlx::query(UPSERT_TASK_RUNS).bind(rows).execute(&mut *tx).await.map_err(db)?;
+        }
+        if let Some(attempts) = attempts {
+            sqlx::query(UPSERT_ATTEMPTS).bind(attempts).execute(&mut *tx).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+
+        for id in stale_within_batch(&batch.task_runs) {
+            if !stale_task_runs.contains(&id) {
+                stale_task_runs.push(id);
+            }
+        }
+        if !stale_task_runs.is_empty() {
+            tracing::debug!(count = stale_task_runs.len(), "stale task-run writes refused");
+        }
+        Ok(CommitReport { stale_task_runs })
+    }
+
+    async fn run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(run_from_row).transpose()
+    }
+
+    async fn runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunRecord>> {
+        // Built per filter rather than with `?n IS NULL OR …` so that SQLite can pick the
+        // index matching the filters actually given.
+        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE true"));
+        if let Some(name) = &filter.pipeline_name {
+            query.push(" AND pipeline_name = ").push_bind(name.clone());
+        }
+        if let Some(state) = filter.state {
+            query.push(" AND state = ").push_bind(state.as_str());
+        }
+        if let Some(before) = filter.before {
+            query.push(" AND id < ").push_bind(before.to_string());
+        }
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(clamp_limit(filter.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX));
+        let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn task_runs(&self, run_id: RunId) -> StoreResult<Vec<TaskRunRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {TASK_RUN_COLUMNS} FROM task_runs WHERE run_id = ?1 ORDER BY created_at, id"
+        ))
+        .bind(run_id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter().map(task_run_from_row).collect()
+    }
+
+    async fn attempts(&self, run_id: RunId) -> StoreResult<Vec<AttemptRecord>> {
+        let rows = sqlx::query(
+            "SELECT task_run_id, attempt, run_id, fencing_token, worker, state, started_at,
+                    finished_at, error
+             FROM attempts WHERE run_id = ?1 ORDER BY task_run_id, attempt",
+        )
+        .bind(run_id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter().map(attempt_from_row).collect()
+    }
+
+    async fn append_logs(&self, lines: &[NewLogLine]) -> StoreResult<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let encoded = encode_logs(lines)?;
+        let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
+        sqlx::query(INSERT_LOGS).bind(encoded).execute(&mut *tx).await.map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn logs(&self, query: &LogQuery) -> StoreResult<Vec<LogLine>> {
+        let mut builder = QueryBuilder::<Sqlite>::new(
+            "SELECT seq, run_id, task_run_id, task_id, attempt, stream, at, text FROM logs WHERE run_id = ",
+        );
+        builder.push_bind(query.run_id.to_string());
+        builder.push(" AND seq > ").push_bind(query.after_seq);
+        if let Some(task_id) = &query.task_id {
+            builder.push(" AND task_id = ").push_bind(task_id.as_str().to_owned());
+        }
+        builder
+            .push(" ORDER BY seq LIMIT ")
+            .push_bind(clamp_limit(query.limit, LOG_LIMIT_DEFAULT, LOG_LIMIT_MAX));
+        let rows = builder.build().fetch_all(&self.reader).await.map_err(db)?;
+        rows.iter().map(log_from_row).collect()
+    }
+
+    async fn insert_artifact(
+        &self,
+        digest: &str,
+        size_bytes: u64,
+        meta: &NewArtifact,
+    ) -> StoreResult<ArtifactRecord> {
+        let id = ArtifactId::new();
+        let created_at = self.clock.now();
+        let size = i64::try_from(size_bytes)
+            .map_err(|_| StoreError::Conflict(format!("artifact size {size_bytes} is out of range")))?;
+        let table_meta = meta.table.as_ref().map(to_json).transpose()?;
+        let inputs = to_json(&meta.inputs)?;
+        let producer = meta.produced_by.as_ref();
+
+        let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
+        let version: i64 = sqlx::query_scalar(
+            "INSERT INTO artifacts (id, name, version, digest, size_bytes, media_type, table_meta,
+                                    run_id, task_run_id, task_id, attempt, inputs, created_at)
+             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
+             FROM artifacts WHERE name = ?2
+             RETURNING version",
+        )
+        .bind(id.to_string())
+        .bind(&meta.name)
+        .bind(digest)
+        .bind(size)
+        .bind(&meta.media_type)
+        .bind(table_meta)
+        .bind(producer.map(|p| p.run_id.to_string()))
+        .bind(producer.map(|p| p.task_run_id.to_string()))
+        .bind(producer.map(|p| p.task_id.as_str().to_owned()))
+        .bind(producer.map(|p| i64::from(p.attempt)))
+        .bind(inputs)
+        .bind(created_at.as_micros())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(ArtifactRecord {
+            id,
+            digest: digest.to_owned(),
+            size_bytes,
+            version: to_u32(version, "artifacts.version")?,
+            created_at,
+            meta: meta.clone(),
+        })
+    }
+
+    async fn artifact(&self, id: ArtifactId) -> StoreResult<Option<ArtifactRecord>> {
+        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE id = ?1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(artifact_from_row).transpose()
+    }
+
+    async fn artifact_by_name(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<ArtifactRecord>> {
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = "
+        ));
+        query.push_bind(name.to_owned());
+        match version {
+            Some(version) => {
+                query.push(" AND version = ").push_bind(i64::from(version));
+            }
+            None => {
+                query.push(" ORDER BY version DESC LIMIT 1");
+            }
+        }
+        let row = query.build().fetch_optional(&self.reader).await.map_err(db)?;
+        row.as_ref().map(artifact_from_row).transpose()
+    }
+
+    async fn artifacts(&self, filter: &ArtifactFilter) -> StoreResult<Vec<ArtifactRecord>> {
+        let mut query =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE true"));
+        if let Some(name) = &filter.name {
+            query.push(" AND name = ").push_bind(name.clone());
+        }
+        if let Some(run_id) = filter.run_id {
+            query.push(" AND run_id = ").push_bind(run_id.to_string());
+        }
+        query
+            .push(" ORDER BY id DESC LIMIT ")
+            .push_bind(clamp_limit(filter.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX));
+        let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
+        rows.iter().map(artifact_from_row).collect()
+    }
+}
+
+/// Parses stored text into a typed value, or reports the column as corrupt.
+fn parse_text<T: FromStr>(text: &str, column: &str) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    text.parse()
+        .map_err(|e| StoreError::Corrupt(format!("{column} holds {text:?}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let value = serde_json::json!({"b": 1, "a": {"d": [{"z": 1, "y": 2}], "c": null}});
+        assert_eq!(canonical(value).to_string(), r#"{"a":{"c":null,"d":[{"y":2,"z":1}]},"b":1}"#);
+    }
+
+    #[test]
+    fn limits_default_at_zero_and_stay_in_bounds() {
+        assert_eq!(clamp_limit(0, 100, 1000), 100);
+        assert_eq!(clamp_limit(5, 100, 1000), 5);
+        assert_eq!(clamp_limit(50_000, 100, 1000), 1000);
+    }
+}

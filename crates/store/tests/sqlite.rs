@@ -1,0 +1,222 @@
+//! The SQLite store against the storage port's conformance suite, one fresh database file per
+//! test; then what is particular to SQLite (durability, migrations, concurrent reads) and to
+//! the local artifact store.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arches_core::ids::{ArtifactId, RunId};
+use arches_core::ports::{ArtifactStore, Store, StoreError};
+use arches_core::records::{Durability, NewArtifact, RunRecord, WriteBatch};
+use arches_core::state::RunState;
+use arches_core::time::Timestamp;
+use arches_store::conformance::Fixture;
+use arches_store::{LocalArtifactStore, SqliteStore};
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+
+/// Bound on any single wait of these tests; a healthy store answers in milliseconds.
+const WAIT_MAX: Duration = Duration::from_secs(10);
+
+async fn open(durability: Durability) -> (TempDir, SqliteStore) {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("arches.db"), durability).await.unwrap();
+    (directory, store)
+}
+
+async fn sqlite_fixture() -> Fixture {
+    let (directory, store) = open(Durability::Normal).await;
+    Fixture::new(Arc::new(store), directory)
+}
+
+arches_store::conformance_tests!(sqlite_fixture());
+
+#[tokio::test]
+async fn the_durability_mode_is_reported_and_applied() {
+    for (durability, synchronous) in [(Durability::Normal, 1_i64), (Durability::Full, 2)] {
+        let (_directory, store) = open(durability).await;
+        assert_eq!(store.durability(), durability);
+        assert_eq!(Store::durability(&store), durability);
+        for pool in [store.pool(), store.read_pool()] {
+            let applied: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
+            assert_eq!(applied, synchronous, "synchronous for {durability:?}");
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
+            assert_eq!(journal, "wal");
+            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(pool).await.unwrap();
+            assert_eq!(foreign_keys, 1);
+        }
+    }
+}
+
+#[tokio::test]
+async fn opening_creates_missing_parent_directories() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("state").join("nested").join("arches.db");
+    let store = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+    assert!(path.is_file());
+    assert_eq!(store.path(), path);
+}
+
+#[tokio::test]
+async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("arches.db");
+    let run = RunRecord {
+        id: RunId::new(),
+        pipeline_name: "daily".into(),
+        pipeline_version: 1,
+        params: serde_json::json!({"limit": 3}),
+        state: RunState::Queued,
+        error: None,
+        owner: None,
+        created_at: Timestamp(1),
+        started_at: None,
+        finished_at: None,
+    };
+    let store = SqliteStore::open(&path, Durability::Full).await.unwrap();
+    store.commit(&WriteBatch { runs: vec![run.clone()], ..WriteBatch::default() }).await.unwrap();
+    let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(store.read_pool())
+        .await
+        .unwrap();
+    store.close().await;
+
+    let reopened = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+    assert_eq!(reopened.run(run.id).await.unwrap(), Some(run));
+    let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
+        .fetch_one(reopened.read_pool())
+        .await
+        .unwrap();
+    assert_eq!(after, migrations, "no migration ran twice");
+}
+
+#[tokio::test]
+async fn a_read_does_not_wait_for_an_open_write_transaction() {
+    let (_directory, store) = open(Durability::Normal).await;
+    let run = RunRecord {
+        id: RunId::new(),
+        pipeline_name: "daily".into(),
+        pipeline_version: 1,
+        params: serde_json::json!({}),
+        state: RunState::Queued,
+        error: None,
+        owner: None,
+        created_at: Timestamp(1),
+        started_at: None,
+        finished_at: None,
+    };
+    store.commit(&WriteBatch { runs: vec![run.clone()], ..WriteBatch::default() }).await.unwrap();
+
+    let mut write = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+    sqlx::query("UPDATE runs SET state = 'running' WHERE id = ?1")
+        .bind(run.id.to_string())
+        .execute(&mut *write)
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(WAIT_MAX, store.run(run.id))
+        .await
+        .expect("the read does not wait for the writer")
+        .unwrap();
+    assert_eq!(seen, Some(run.clone()), "the read sees the last committed state");
+    write.rollback().await.unwrap();
+}
+
+fn artifact(name: &str) -> NewArtifact {
+    NewArtifact {
+        name: name.into(),
+        media_type: "text/csv".into(),
+        table: None,
+        produced_by: None,
+        inputs: vec![],
+    }
+}
+
+fn files_under(directory: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(directory).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+async fn artifact_store() -> (TempDir, LocalArtifactStore) {
+    let directory = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&directory.path().join("arches.db"), Durability::Normal).await.unwrap();
+    let artifacts = LocalArtifactStore::new(&directory.path().join("artifacts"), Arc::new(store)).unwrap();
+    (directory, artifacts)
+}
+
+#[tokio::test]
+async fn the_artifact_store_dedups_identical_content_and_versions_by_name() {
+    let (directory, artifacts) = artifact_store().await;
+    let content = b"species,mass\nadelie,3750\n".to_vec();
+    let digest = hex::encode(Sha256::digest(&content));
+
+    let first = artifacts.put_bytes(content.clone(), artifact("penguins")).await.unwrap();
+    let second = artifacts.put_bytes(content.clone(), artifact("penguins")).await.unwrap();
+    let source = directory.path().join("penguins.csv");
+    std::fs::write(&source, &content).unwrap();
+    let third = artifacts.put_file(&source, artifact("penguins")).await.unwrap();
+    let other_name = artifacts.put_file(&source, artifact("birds")).await.unwrap();
+
+    assert_eq!((first.version, second.version, third.version, other_name.version), (1, 2, 3, 1));
+    for record in [&first, &second, &third, &other_name] {
+        assert_eq!(record.digest, digest);
+        assert_eq!(record.size_bytes, content.len() as u64);
+    }
+    let blobs = files_under(artifacts.root());
+    assert_eq!(blobs.len(), 1, "one blob for identical content: {blobs:?}");
+
+    let path = artifacts.local_path(third.id).await.unwrap();
+    assert_eq!(path, blobs[0]);
+    assert!(path.ends_with(Path::new("sha256").join(&digest[..2]).join(&digest)));
+    assert_eq!(std::fs::read(&path).unwrap(), content);
+    assert_eq!(artifacts.read(first.id, 1024).await.unwrap(), content);
+    assert_eq!(artifacts.get(second.id).await.unwrap(), second);
+}
+
+#[tokio::test]
+async fn a_file_larger_than_one_upload_part_is_stored_whole() {
+    let (directory, artifacts) = artifact_store().await;
+    let content: Vec<u8> = (0..9 * 1024 * 1024 + 123).map(|i| (i % 251) as u8).collect();
+    let source = directory.path().join("large.bin");
+    std::fs::write(&source, &content).unwrap();
+
+    let record = artifacts.put_file(&source, artifact("large")).await.unwrap();
+    assert_eq!(record.digest, hex::encode(Sha256::digest(&content)));
+    assert_eq!(record.size_bytes, content.len() as u64);
+    let stored = std::fs::read(artifacts.local_path(record.id).await.unwrap()).unwrap();
+    assert!(stored == content, "the stored blob equals the file");
+    assert_eq!(files_under(artifacts.root()).len(), 1, "no staging file is left behind");
+}
+
+#[tokio::test]
+async fn reading_an_artifact_refuses_content_above_the_limit() {
+    let (_directory, artifacts) = artifact_store().await;
+    let record = artifacts.put_bytes(vec![7; 100], artifact("sevens")).await.unwrap();
+
+    let refused = artifacts.read(record.id, 99).await.unwrap_err();
+    match refused {
+        StoreError::Conflict(message) => assert_eq!(message, "artifact is 100 bytes, above the limit of 99"),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(artifacts.read(record.id, 100).await.unwrap(), vec![7; 100]);
+}
+
+#[tokio::test]
+async fn unknown_artifacts_and_missing_source_files_are_not_found() {
+    let (directory, artifacts) = artifact_store().await;
+    let unknown = ArtifactId::new();
+    assert!(matches!(artifacts.get(unknown).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(artifacts.local_path(unknown).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(artifacts.read(unknown, 10).await, Err(StoreError::NotFound(_))));
+    let missing = directory.path().join("missing.csv");
+    let result = artifacts.put_file(&missing, artifact("missing")).await;
+    assert!(matches!(result, Err(StoreError::NotFound(_))), "got {result:?}");
+}
