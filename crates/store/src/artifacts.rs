@@ -46,7 +46,9 @@ pub struct LocalArtifactStore {
 
 impl std::fmt::Debug for LocalArtifactStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalArtifactStore").field("root", &self.root).finish_non_exhaustive()
+        f.debug_struct("LocalArtifactStore")
+            .field("root", &self.root)
+            .finish_non_exhaustive()
     }
 }
 
@@ -58,11 +60,20 @@ impl LocalArtifactStore {
     /// [`Error::CreateDirectory`] when `root` cannot be created, [`Error::ArtifactRoot`] when
     /// it cannot be used.
     pub fn new(root: &Path, store: Arc<dyn Store>) -> Result<Self, Error> {
-        std::fs::create_dir_all(root)
-            .map_err(|source| Error::CreateDirectory { path: root.to_path_buf(), source })?;
-        let objects = LocalFileSystem::new_with_prefix(root)
-            .map_err(|source| Error::ArtifactRoot { path: root.to_path_buf(), source })?;
-        Ok(Self { root: root.to_path_buf(), objects: Arc::new(objects), store })
+        std::fs::create_dir_all(root).map_err(|source| Error::CreateDirectory {
+            path: root.to_path_buf(),
+            source,
+        })?;
+        let objects =
+            LocalFileSystem::new_with_prefix(root).map_err(|source| Error::ArtifactRoot {
+                path: root.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            objects: Arc::new(objects),
+            store,
+        })
     }
 
     /// The root directory of the blobs.
@@ -72,11 +83,19 @@ impl LocalArtifactStore {
 
     /// The object-store address of the blob with this SHA-256 digest (lowercase hex).
     fn blob_key(digest: &str) -> StoreResult<ObjectPath> {
-        let valid = digest.len() == 64 && digest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let valid = digest.len() == 64
+            && digest
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
         if !valid {
-            return Err(StoreError::Corrupt(format!("{digest:?} is not a sha-256 hex digest")));
+            return Err(StoreError::Corrupt(format!(
+                "{digest:?} is not a sha-256 hex digest"
+            )));
         }
-        Ok(ObjectPath::from(format!("sha256/{}/{digest}", &digest[..2])))
+        Ok(ObjectPath::from(format!(
+            "sha256/{}/{digest}",
+            &digest[..2]
+        )))
     }
 
     async fn blob_exists(&self, key: &ObjectPath) -> StoreResult<bool> {
@@ -93,7 +112,10 @@ impl LocalArtifactStore {
         if self.store.durability() != Durability::Full {
             return Ok(());
         }
-        let path = self.objects.path_to_filesystem(key).map_err(|e| object_store_error(&e))?;
+        let path = self
+            .objects
+            .path_to_filesystem(key)
+            .map_err(|e| object_store_error(&e))?;
         tokio::task::spawn_blocking(move || {
             std::fs::File::open(&path)?.sync_all()?;
             match path.parent() {
@@ -110,20 +132,27 @@ impl LocalArtifactStore {
     /// the content no longer matches `digest` (the file changed since it was hashed) the
     /// upload is abandoned.
     async fn upload_file(&self, source: &Path, key: &ObjectPath, digest: &str) -> StoreResult<()> {
-        let mut upload = self.objects.put_multipart(key).await.map_err(|e| object_store_error(&e))?;
+        let mut upload = self
+            .objects
+            .put_multipart(key)
+            .await
+            .map_err(|e| object_store_error(&e))?;
         let result = async {
             let mut file = open_source(source).await?;
             let mut hasher = Sha256::new();
             loop {
-                let (returned_file, part, returned_hasher) = tokio::task::spawn_blocking(move || {
-                    let mut part = Vec::with_capacity(FILE_PART_BYTES);
-                    let read = (&mut file).take(FILE_PART_BYTES as u64).read_to_end(&mut part);
-                    hasher.update(&part);
-                    read.map(|_| (file, part, hasher))
-                })
-                .await
-                .map_err(|e| StoreError::Backend(format!("file read task failed: {e}")))?
-                .map_err(|e| source_error(source, &e))?;
+                let (returned_file, part, returned_hasher) =
+                    tokio::task::spawn_blocking(move || {
+                        let mut part = Vec::with_capacity(FILE_PART_BYTES);
+                        let read = (&mut file)
+                            .take(FILE_PART_BYTES as u64)
+                            .read_to_end(&mut part);
+                        hasher.update(&part);
+                        read.map(|_| (file, part, hasher))
+                    })
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("file read task failed: {e}")))?
+                    .map_err(|e| source_error(source, &e))?;
                 file = returned_file;
                 hasher = returned_hasher;
                 if part.is_empty() {
@@ -146,7 +175,10 @@ impl LocalArtifactStore {
         .await;
         match result {
             Ok(()) => {
-                upload.complete().await.map_err(|e| object_store_error(&e))?;
+                upload
+                    .complete()
+                    .await
+                    .map_err(|e| object_store_error(&e))?;
                 Ok(())
             }
             Err(error) => {
@@ -168,7 +200,10 @@ impl LocalArtifactStore {
     }
 
     fn missing_blob(record: &ArtifactRecord) -> StoreError {
-        StoreError::Corrupt(format!("blob {} of artifact {} is missing", record.digest, record.id))
+        StoreError::Corrupt(format!(
+            "blob {} of artifact {} is missing",
+            record.digest, record.id
+        ))
     }
 }
 
@@ -261,7 +296,9 @@ impl ArtifactStore for LocalArtifactStore {
         if !self.blob_exists(&key).await? {
             return Err(Self::missing_blob(&record));
         }
-        self.objects.path_to_filesystem(&key).map_err(|e| object_store_error(&e))
+        self.objects
+            .path_to_filesystem(&key)
+            .map_err(|e| object_store_error(&e))
     }
 
     async fn read(&self, id: ArtifactId, limit_bytes: u64) -> StoreResult<Vec<u8>> {

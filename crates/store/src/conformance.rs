@@ -43,7 +43,10 @@ pub struct Fixture {
 impl Fixture {
     /// A fixture holding `store` and keeping `keep_alive` until the test ends.
     pub fn new(store: Arc<dyn Store>, keep_alive: impl Any + Send) -> Self {
-        Self { store, _keep_alive: Box::new(keep_alive) }
+        Self {
+            store,
+            _keep_alive: Box::new(keep_alive),
+        }
     }
 
     /// The store under test.
@@ -178,31 +181,59 @@ pub async fn saving_the_same_pipeline_twice_returns_the_same_version(store: Arc<
     assert_eq!(first.name, "daily");
     assert_eq!(first.version, 1);
     assert_eq!(first.digest.len(), 64, "the digest is sha-256 in hex");
-    assert!(first.digest.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert!(first
+        .digest
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     assert_eq!(first.definition, serde_json::to_value(&definition).unwrap());
 
     let again = store.save_pipeline(&definition).await.unwrap();
     assert_eq!(again, first);
-    assert_eq!(store.pipeline("daily", 1).await.unwrap(), Some(first.clone()));
+    assert_eq!(
+        store.pipeline("daily", 1).await.unwrap(),
+        Some(first.clone())
+    );
     let read_back: PipelineDef = serde_json::from_value(first.definition).unwrap();
     assert_eq!(read_back, definition);
 }
 
 /// A changed definition is the next version of its name; versions count per name.
 pub async fn a_changed_pipeline_gets_the_next_version_of_its_name(store: Arc<dyn Store>) {
-    let first = store.save_pipeline(&pipeline("daily", "echo one")).await.unwrap();
-    let second = store.save_pipeline(&pipeline("daily", "echo two")).await.unwrap();
-    let other = store.save_pipeline(&pipeline("weekly", "echo one")).await.unwrap();
+    let first = store
+        .save_pipeline(&pipeline("daily", "echo one"))
+        .await
+        .unwrap();
+    let second = store
+        .save_pipeline(&pipeline("daily", "echo two"))
+        .await
+        .unwrap();
+    let other = store
+        .save_pipeline(&pipeline("weekly", "echo one"))
+        .await
+        .unwrap();
     assert_eq!((first.version, second.version, other.version), (1, 2, 1));
     assert_ne!(first.digest, second.digest);
-    assert_ne!(first.digest, other.digest, "the name is part of the definition");
+    assert_ne!(
+        first.digest, other.digest,
+        "the name is part of the definition"
+    );
 
-    let resaved = store.save_pipeline(&pipeline("daily", "echo one")).await.unwrap();
+    let resaved = store
+        .save_pipeline(&pipeline("daily", "echo one"))
+        .await
+        .unwrap();
     assert_eq!(resaved.version, 1, "an older definition keeps its version");
-    let third = store.save_pipeline(&pipeline("daily", "echo three")).await.unwrap();
+    let third = store
+        .save_pipeline(&pipeline("daily", "echo three"))
+        .await
+        .unwrap();
     assert_eq!(third.version, 3);
 
-    let stored = store.pipeline("daily", 2).await.unwrap().expect("version 2 exists");
+    let stored = store
+        .pipeline("daily", 2)
+        .await
+        .unwrap()
+        .expect("version 2 exists");
     assert_eq!(stored, second);
     assert_eq!(store.pipeline("daily", 4).await.unwrap(), None);
     assert_eq!(store.pipeline("missing", 1).await.unwrap(), None);
@@ -210,7 +241,9 @@ pub async fn a_changed_pipeline_gets_the_next_version_of_its_name(store: Arc<dyn
 
 /// Every field of runs, task runs and attempts reads back as written, `Some` and `None` alike,
 /// JSON values included.
-pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(store: Arc<dyn Store>) {
+pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(
+    store: Arc<dyn Store>,
+) {
     let full_run = RunRecord {
         id: RunId::new(),
         pipeline_name: "daily".to_owned(),
@@ -236,7 +269,9 @@ pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(sto
         lease_expiries: 1,
         fencing_token: 9,
         item: Some(Value::Null),
-        inputs: Some(json!({"command": "echo \"quoted\"\n", "n": -1, "big": 9_007_199_254_740_993_u64})),
+        inputs: Some(
+            json!({"command": "echo \"quoted\"\n", "n": -1, "big": 9_007_199_254_740_993_u64}),
+        ),
         outputs: Some(json!([1, "two", {"three": 3.25}, [], {}])),
         error: Some("exit status 1".to_owned()),
         lease_owner: Some("worker-7".to_owned()),
@@ -268,21 +303,34 @@ pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(sto
         &*store,
         WriteBatch {
             runs: vec![full_run.clone(), bare_run.clone()],
-            task_runs: vec![full_task_run.clone(), item_task_run.clone(), bare_task_run.clone()],
+            task_runs: vec![
+                full_task_run.clone(),
+                item_task_run.clone(),
+                bare_task_run.clone(),
+            ],
             attempts: vec![full_attempt.clone(), first_attempt.clone()],
         },
     )
     .await;
     assert!(report.stale_task_runs.is_empty());
 
-    assert_eq!(store.run(full_run.id).await.unwrap(), Some(full_run.clone()));
-    assert_eq!(store.run(bare_run.id).await.unwrap(), Some(bare_run.clone()));
+    assert_eq!(
+        store.run(full_run.id).await.unwrap(),
+        Some(full_run.clone())
+    );
+    assert_eq!(
+        store.run(bare_run.id).await.unwrap(),
+        Some(bare_run.clone())
+    );
     assert_eq!(
         store.task_runs(full_run.id).await.unwrap(),
         vec![full_task_run.clone(), item_task_run],
         "task runs come in creation order"
     );
-    assert_eq!(store.task_runs(bare_run.id).await.unwrap(), vec![bare_task_run]);
+    assert_eq!(
+        store.task_runs(bare_run.id).await.unwrap(),
+        vec![bare_task_run]
+    );
     assert_eq!(
         store.attempts(full_run.id).await.unwrap(),
         vec![first_attempt, full_attempt],
@@ -334,9 +382,18 @@ pub async fn a_later_write_replaces_every_field_of_a_row(store: Arc<dyn Store>) 
     )
     .await;
 
-    assert_eq!(store.run(stored_run.id).await.unwrap(), Some(stored_run.clone()));
-    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![stored_task_run]);
-    assert_eq!(store.attempts(stored_run.id).await.unwrap(), vec![stored_attempt]);
+    assert_eq!(
+        store.run(stored_run.id).await.unwrap(),
+        Some(stored_run.clone())
+    );
+    assert_eq!(
+        store.task_runs(stored_run.id).await.unwrap(),
+        vec![stored_task_run]
+    );
+    assert_eq!(
+        store.attempts(stored_run.id).await.unwrap(),
+        vec![stored_attempt]
+    );
 }
 
 /// An empty batch succeeds and reports nothing.
@@ -350,7 +407,14 @@ pub async fn an_empty_batch_commits_nothing(store: Arc<dyn Store>) {
 /// A batch that breaks a rule stores none of its writes.
 pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
     let stored_run = run("daily", RunState::Queued, 1);
-    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], ..WriteBatch::default() }).await;
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
 
     let mut changed_run = stored_run.clone();
     changed_run.state = RunState::Running;
@@ -369,7 +433,10 @@ pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
     );
     assert_eq!(store.run(new_run.id).await.unwrap(), None);
     assert_eq!(store.task_runs(new_run.id).await.unwrap(), vec![]);
-    assert_eq!(store.run(stored_run.id).await.unwrap(), Some(stored_run.clone()));
+    assert_eq!(
+        store.run(stored_run.id).await.unwrap(),
+        Some(stored_run.clone())
+    );
 
     let stored_task_run = task_run(&stored_run, "extract", 0, 5);
     let orphan_attempt = attempt(&task_run(&stored_run, "never_stored", 0, 6), 1);
@@ -397,7 +464,11 @@ pub async fn a_stale_fencing_token_cannot_overwrite_a_task_run(store: Arc<dyn St
     let other = task_run(&stored_run, "load", 0, 3);
     commit(
         &*store,
-        WriteBatch { runs: vec![stored_run.clone()], task_runs: vec![leased.clone(), other.clone()], attempts: vec![] },
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: vec![leased.clone(), other.clone()],
+            attempts: vec![],
+        },
     )
     .await;
 
@@ -419,7 +490,10 @@ pub async fn a_stale_fencing_token_cannot_overwrite_a_task_run(store: Arc<dyn St
     )
     .await;
     assert_eq!(report.stale_task_runs, vec![leased.id]);
-    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![leased, queued]);
+    assert_eq!(
+        store.task_runs(stored_run.id).await.unwrap(),
+        vec![leased, queued]
+    );
     assert_eq!(store.run(stored_run.id).await.unwrap(), Some(finished_run));
 }
 
@@ -428,17 +502,41 @@ pub async fn an_equal_or_higher_fencing_token_overwrites_a_task_run(store: Arc<d
     let stored_run = run("daily", RunState::Running, 1);
     let mut current = task_run(&stored_run, "extract", 3, 2);
     current.state = TaskRunState::Running;
-    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], task_runs: vec![current.clone()], attempts: vec![] })
-        .await;
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: vec![current.clone()],
+            attempts: vec![],
+        },
+    )
+    .await;
 
     current.outputs = Some(json!({"progress": 1}));
-    let report = commit(&*store, WriteBatch { task_runs: vec![current.clone()], ..WriteBatch::default() }).await;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            task_runs: vec![current.clone()],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
     assert!(report.stale_task_runs.is_empty(), "an equal token applies");
-    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![current.clone()]);
+    assert_eq!(
+        store.task_runs(stored_run.id).await.unwrap(),
+        vec![current.clone()]
+    );
 
     current.fencing_token = 4;
     current.state = TaskRunState::Succeeded;
-    let report = commit(&*store, WriteBatch { task_runs: vec![current.clone()], ..WriteBatch::default() }).await;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            task_runs: vec![current.clone()],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
     assert!(report.stale_task_runs.is_empty(), "a higher token applies");
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![current]);
 }
@@ -463,15 +561,24 @@ pub async fn writes_of_one_task_run_within_a_batch_apply_in_order(store: Arc<dyn
     )
     .await;
     assert!(report.stale_task_runs.is_empty());
-    assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![succeeded.clone()]);
+    assert_eq!(
+        store.task_runs(stored_run.id).await.unwrap(),
+        vec![succeeded.clone()]
+    );
 
     let mut newer = succeeded.clone();
     newer.fencing_token = 5;
     newer.state = TaskRunState::Failed;
     let mut older = succeeded.clone();
     older.fencing_token = 2;
-    let report =
-        commit(&*store, WriteBatch { task_runs: vec![newer.clone(), older], ..WriteBatch::default() }).await;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            task_runs: vec![newer.clone(), older],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
     assert_eq!(report.stale_task_runs, vec![newer.id]);
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![newer]);
 }
@@ -489,7 +596,14 @@ pub async fn runs_are_listed_newest_first_with_filters_and_a_cursor(store: Arc<d
     .enumerate()
     .map(|(i, (name, state))| run(name, state, 1_000 + i as i64))
     .collect();
-    commit(&*store, WriteBatch { runs: runs.clone(), ..WriteBatch::default() }).await;
+    commit(
+        &*store,
+        WriteBatch {
+            runs: runs.clone(),
+            ..WriteBatch::default()
+        },
+    )
+    .await;
     let newest_first: Vec<RunRecord> = runs.iter().rev().cloned().collect();
     let ids = |found: Vec<RunRecord>| found.into_iter().map(|r| r.id).collect::<Vec<_>>();
 
@@ -497,12 +611,21 @@ pub async fn runs_are_listed_newest_first_with_filters_and_a_cursor(store: Arc<d
     assert_eq!(all, newest_first, "a zero limit lists up to the default");
 
     let daily = store
-        .runs(&RunFilter { pipeline_name: Some("daily".into()), ..RunFilter::default() })
+        .runs(&RunFilter {
+            pipeline_name: Some("daily".into()),
+            ..RunFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(ids(daily), vec![runs[3].id, runs[2].id, runs[0].id]);
 
-    let failed = store.runs(&RunFilter { state: Some(RunState::Failed), ..RunFilter::default() }).await.unwrap();
+    let failed = store
+        .runs(&RunFilter {
+            state: Some(RunState::Failed),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(ids(failed), vec![runs[2].id, runs[1].id]);
 
     let daily_failed = store
@@ -515,21 +638,38 @@ pub async fn runs_are_listed_newest_first_with_filters_and_a_cursor(store: Arc<d
         .unwrap();
     assert_eq!(ids(daily_failed), vec![runs[2].id]);
 
-    let first_page = store.runs(&RunFilter { limit: 2, ..RunFilter::default() }).await.unwrap();
+    let first_page = store
+        .runs(&RunFilter {
+            limit: 2,
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(ids(first_page.clone()), vec![runs[4].id, runs[3].id]);
     let second_page = store
-        .runs(&RunFilter { before: Some(first_page[1].id), limit: 2, ..RunFilter::default() })
+        .runs(&RunFilter {
+            before: Some(first_page[1].id),
+            limit: 2,
+            ..RunFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(ids(second_page.clone()), vec![runs[2].id, runs[1].id]);
     let last_page = store
-        .runs(&RunFilter { before: Some(second_page[1].id), limit: 2, ..RunFilter::default() })
+        .runs(&RunFilter {
+            before: Some(second_page[1].id),
+            limit: 2,
+            ..RunFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(ids(last_page), vec![runs[0].id]);
 
     let none = store
-        .runs(&RunFilter { pipeline_name: Some("missing".into()), ..RunFilter::default() })
+        .runs(&RunFilter {
+            pipeline_name: Some("missing".into()),
+            ..RunFilter::default()
+        })
         .await
         .unwrap();
     assert!(none.is_empty());
@@ -537,7 +677,9 @@ pub async fn runs_are_listed_newest_first_with_filters_and_a_cursor(store: Arc<d
 
 /// Log lines read back in order with their task, after a cursor, for one task, up to a
 /// limit, and only for the run asked.
-pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(store: Arc<dyn Store>) {
+pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(
+    store: Arc<dyn Store>,
+) {
     let stored_run = run("daily", RunState::Running, 1);
     let other_run = run("daily", RunState::Running, 2);
     let extract = task_run(&stored_run, "extract", 0, 3);
@@ -549,7 +691,12 @@ pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(sto
         &*store,
         WriteBatch {
             runs: vec![stored_run.clone(), other_run.clone()],
-            task_runs: vec![extract.clone(), extract_item.clone(), load.clone(), elsewhere.clone()],
+            task_runs: vec![
+                extract.clone(),
+                extract_item.clone(),
+                load.clone(),
+                elsewhere.clone(),
+            ],
             attempts: vec![],
         },
     )
@@ -574,11 +721,27 @@ pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(sto
     store.append_logs(&second_lines).await.unwrap();
     store.append_logs(&[]).await.unwrap();
 
-    let query = LogQuery { run_id: stored_run.id, task_id: None, after_seq: 0, limit: 100 };
+    let query = LogQuery {
+        run_id: stored_run.id,
+        task_id: None,
+        after_seq: 0,
+        limit: 100,
+    };
     let all = store.logs(&query).await.unwrap();
-    let texts = |found: &[LogLine]| found.iter().map(|l| l.line.text.clone()).collect::<Vec<_>>();
-    assert_eq!(texts(&all), vec!["reading 3 files", "warning: \"quoted\" ✓", "", "loaded"]);
-    assert!(all.windows(2).all(|pair| pair[0].seq < pair[1].seq), "seq increases");
+    let texts = |found: &[LogLine]| {
+        found
+            .iter()
+            .map(|l| l.line.text.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        texts(&all),
+        vec!["reading 3 files", "warning: \"quoted\" ✓", "", "loaded"]
+    );
+    assert!(
+        all.windows(2).all(|pair| pair[0].seq < pair[1].seq),
+        "seq increases"
+    );
     assert_eq!(all[0].line, first_lines[0]);
     assert_eq!(all[1].line, first_lines[1]);
     assert_eq!(all[2].line, first_lines[3]);
@@ -586,29 +749,79 @@ pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(sto
     let task_ids: Vec<Option<TaskId>> = all.iter().map(|l| l.task_id.clone()).collect();
     assert_eq!(
         task_ids,
-        vec![Some(task("extract")), Some(task("load")), Some(task("extract")), Some(task("load"))]
+        vec![
+            Some(task("extract")),
+            Some(task("load")),
+            Some(task("extract")),
+            Some(task("load"))
+        ]
     );
 
-    let after = store.logs(&LogQuery { after_seq: all[1].seq, ..query.clone() }).await.unwrap();
+    let after = store
+        .logs(&LogQuery {
+            after_seq: all[1].seq,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
     assert_eq!(after, all[2..].to_vec());
-    let limited = store.logs(&LogQuery { limit: 2, ..query.clone() }).await.unwrap();
+    let limited = store
+        .logs(&LogQuery {
+            limit: 2,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
     assert_eq!(limited, all[..2].to_vec());
-    let extract_only = store.logs(&LogQuery { task_id: Some(task("extract")), ..query.clone() }).await.unwrap();
-    assert_eq!(extract_only, vec![all[0].clone(), all[2].clone()], "a task's lines span all its task runs");
-    let tail = store.logs(&LogQuery { after_seq: all[3].seq, ..query.clone() }).await.unwrap();
+    let extract_only = store
+        .logs(&LogQuery {
+            task_id: Some(task("extract")),
+            ..query.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        extract_only,
+        vec![all[0].clone(), all[2].clone()],
+        "a task's lines span all its task runs"
+    );
+    let tail = store
+        .logs(&LogQuery {
+            after_seq: all[3].seq,
+            ..query.clone()
+        })
+        .await
+        .unwrap();
     assert!(tail.is_empty());
 
-    let unknown_task_run = NewLogLine { task_run_id: TaskRunId::new(), ..line(&extract, LogStream::System, 15, "early") };
-    store.append_logs(std::slice::from_ref(&unknown_task_run)).await.unwrap();
-    let tail = store.logs(&LogQuery { after_seq: all[3].seq, ..query }).await.unwrap();
+    let unknown_task_run = NewLogLine {
+        task_run_id: TaskRunId::new(),
+        ..line(&extract, LogStream::System, 15, "early")
+    };
+    store
+        .append_logs(std::slice::from_ref(&unknown_task_run))
+        .await
+        .unwrap();
+    let tail = store
+        .logs(&LogQuery {
+            after_seq: all[3].seq,
+            ..query
+        })
+        .await
+        .unwrap();
     assert_eq!(tail.len(), 1);
-    assert_eq!(tail[0].task_id, None, "a line of a task run not stored has no task id");
+    assert_eq!(
+        tail[0].task_id, None,
+        "a line of a task run not stored has no task id"
+    );
     assert_eq!(tail[0].line, unknown_task_run);
 }
 
 /// Artifacts get versions 1, 2, 3… per name and are found by id, by name (a version or the
 /// latest) and by filter, newest first.
-pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter(store: Arc<dyn Store>) {
+pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter(
+    store: Arc<dyn Store>,
+) {
     let producing_run = run("daily", RunState::Running, 1);
     let producer = Producer {
         run_id: producing_run.id,
@@ -619,8 +832,16 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
     let table_meta = TableMeta {
         rows: 344,
         columns: vec![
-            ColumnMeta { name: "species".into(), data_type: "Utf8".into(), nullable: false },
-            ColumnMeta { name: "mass".into(), data_type: "Float64".into(), nullable: true },
+            ColumnMeta {
+                name: "species".into(),
+                data_type: "Utf8".into(),
+                nullable: false,
+            },
+            ColumnMeta {
+                name: "mass".into(),
+                data_type: "Float64".into(),
+                nullable: true,
+            },
         ],
     };
     let raw = NewArtifact {
@@ -633,7 +854,10 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
     let digest_a = "a".repeat(64);
     let digest_b = "b".repeat(64);
     let raw_v1 = store.insert_artifact(&digest_a, 10, &raw).await.unwrap();
-    let raw_v2 = store.insert_artifact(&digest_b, u64::from(u32::MAX) + 1, &raw).await.unwrap();
+    let raw_v2 = store
+        .insert_artifact(&digest_b, u64::from(u32::MAX) + 1, &raw)
+        .await
+        .unwrap();
     let clean = NewArtifact {
         name: "penguins/clean".into(),
         media_type: "application/vnd.apache.parquet".into(),
@@ -644,33 +868,82 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
     let clean_v1 = store.insert_artifact(&digest_a, 10, &clean).await.unwrap();
     let raw_v3 = store.insert_artifact(&digest_a, 10, &raw).await.unwrap();
 
-    assert_eq!((raw_v1.version, raw_v2.version, raw_v3.version, clean_v1.version), (1, 2, 3, 1));
+    assert_eq!(
+        (
+            raw_v1.version,
+            raw_v2.version,
+            raw_v3.version,
+            clean_v1.version
+        ),
+        (1, 2, 3, 1)
+    );
     assert_eq!(raw_v2.size_bytes, u64::from(u32::MAX) + 1);
     assert_eq!(clean_v1.meta, clean);
     assert_eq!(clean_v1.digest, digest_a);
 
-    assert_eq!(store.artifact(clean_v1.id).await.unwrap(), Some(clean_v1.clone()));
-    assert_eq!(store.artifact(raw_v2.id).await.unwrap(), Some(raw_v2.clone()));
+    assert_eq!(
+        store.artifact(clean_v1.id).await.unwrap(),
+        Some(clean_v1.clone())
+    );
+    assert_eq!(
+        store.artifact(raw_v2.id).await.unwrap(),
+        Some(raw_v2.clone())
+    );
     assert_eq!(store.artifact(ArtifactId::new()).await.unwrap(), None);
 
-    assert_eq!(store.artifact_by_name("penguins/raw", None).await.unwrap(), Some(raw_v3.clone()));
-    assert_eq!(store.artifact_by_name("penguins/raw", Some(2)).await.unwrap(), Some(raw_v2.clone()));
-    assert_eq!(store.artifact_by_name("penguins/raw", Some(4)).await.unwrap(), None);
+    assert_eq!(
+        store.artifact_by_name("penguins/raw", None).await.unwrap(),
+        Some(raw_v3.clone())
+    );
+    assert_eq!(
+        store
+            .artifact_by_name("penguins/raw", Some(2))
+            .await
+            .unwrap(),
+        Some(raw_v2.clone())
+    );
+    assert_eq!(
+        store
+            .artifact_by_name("penguins/raw", Some(4))
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(store.artifact_by_name("missing", None).await.unwrap(), None);
 
     let all = store.artifacts(&ArtifactFilter::default()).await.unwrap();
-    assert_eq!(all, vec![raw_v3.clone(), clean_v1.clone(), raw_v2.clone(), raw_v1.clone()]);
+    assert_eq!(
+        all,
+        vec![
+            raw_v3.clone(),
+            clean_v1.clone(),
+            raw_v2.clone(),
+            raw_v1.clone()
+        ]
+    );
     let raw_only = store
-        .artifacts(&ArtifactFilter { name: Some("penguins/raw".into()), ..ArtifactFilter::default() })
+        .artifacts(&ArtifactFilter {
+            name: Some("penguins/raw".into()),
+            ..ArtifactFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(raw_only, vec![raw_v3.clone(), raw_v2, raw_v1]);
     let by_run = store
-        .artifacts(&ArtifactFilter { run_id: Some(producing_run.id), ..ArtifactFilter::default() })
+        .artifacts(&ArtifactFilter {
+            run_id: Some(producing_run.id),
+            ..ArtifactFilter::default()
+        })
         .await
         .unwrap();
     assert_eq!(by_run, vec![clean_v1]);
-    let limited = store.artifacts(&ArtifactFilter { limit: 1, ..ArtifactFilter::default() }).await.unwrap();
+    let limited = store
+        .artifacts(&ArtifactFilter {
+            limit: 1,
+            ..ArtifactFilter::default()
+        })
+        .await
+        .unwrap();
     assert_eq!(limited, vec![raw_v3]);
 }
 
@@ -689,8 +962,15 @@ pub async fn a_batch_of_ten_thousand_task_runs_round_trips(store: Arc<dyn Store>
             item
         })
         .collect();
-    commit(&*store, WriteBatch { runs: vec![stored_run.clone()], task_runs: task_runs.clone(), attempts: vec![] })
-        .await;
+    commit(
+        &*store,
+        WriteBatch {
+            runs: vec![stored_run.clone()],
+            task_runs: task_runs.clone(),
+            attempts: vec![],
+        },
+    )
+    .await;
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), task_runs);
 
     for (i, item) in task_runs.iter_mut().enumerate() {
@@ -698,7 +978,14 @@ pub async fn a_batch_of_ten_thousand_task_runs_round_trips(store: Arc<dyn Store>
         item.fencing_token = 1;
         item.outputs = Some(json!({"square": i * i}));
     }
-    let report = commit(&*store, WriteBatch { task_runs: task_runs.clone(), ..WriteBatch::default() }).await;
+    let report = commit(
+        &*store,
+        WriteBatch {
+            task_runs: task_runs.clone(),
+            ..WriteBatch::default()
+        },
+    )
+    .await;
     assert!(report.stale_task_runs.is_empty());
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), task_runs);
 }

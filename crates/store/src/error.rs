@@ -51,7 +51,9 @@ impl From<Error> for StoreError {
     fn from(error: Error) -> Self {
         let message = error.to_string();
         match &error {
-            Error::CreateDirectory { source, .. } if is_disk_full(source) => StoreError::DiskFull(message),
+            Error::CreateDirectory { source, .. } if is_disk_full(source) => {
+                StoreError::DiskFull(message)
+            }
             Error::CreateDirectory { .. } => StoreError::Unavailable(message),
             Error::Open { source, .. } => match sqlx_error(source) {
                 StoreError::DiskFull(_) => StoreError::DiskFull(message),
@@ -175,7 +177,10 @@ mod tests {
             store: "LocalFileSystem",
             source: Box::new(io::Error::from_raw_os_error(ENOSPC)),
         };
-        assert!(matches!(object_store_error(&error), StoreError::DiskFull(_)));
+        assert!(matches!(
+            object_store_error(&error),
+            StoreError::DiskFull(_)
+        ));
         let error = io::Error::from(io::ErrorKind::StorageFull);
         assert!(matches!(io_error(&error), StoreError::DiskFull(_)));
         let error = io::Error::from(io::ErrorKind::PermissionDenied);
@@ -184,6 +189,9 @@ mod tests {
 
     #[test]
     fn pool_exhaustion_maps_to_unavailable() {
-        assert!(matches!(sqlx_error(&sqlx::Error::PoolTimedOut), StoreError::Unavailable(_)));
+        assert!(matches!(
+            sqlx_error(&sqlx::Error::PoolTimedOut),
+            StoreError::Unavailable(_)
+        ));
     }
 }

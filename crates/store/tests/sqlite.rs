@@ -21,7 +21,9 @@ const WAIT_MAX: Duration = Duration::from_secs(10);
 
 async fn open(durability: Durability) -> (TempDir, SqliteStore) {
     let directory = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&directory.path().join("arches.db"), durability).await.unwrap();
+    let store = SqliteStore::open(&directory.path().join("arches.db"), durability)
+        .await
+        .unwrap();
     (directory, store)
 }
 
@@ -39,11 +41,20 @@ async fn the_durability_mode_is_reported_and_applied() {
         assert_eq!(store.durability(), durability);
         assert_eq!(Store::durability(&store), durability);
         for pool in [store.pool(), store.read_pool()] {
-            let applied: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(pool).await.unwrap();
+            let applied: i64 = sqlx::query_scalar("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .unwrap();
             assert_eq!(applied, synchronous, "synchronous for {durability:?}");
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(pool).await.unwrap();
+            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(pool)
+                .await
+                .unwrap();
             assert_eq!(journal, "wal");
-            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys").fetch_one(pool).await.unwrap();
+            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+                .fetch_one(pool)
+                .await
+                .unwrap();
             assert_eq!(foreign_keys, 1);
         }
     }
@@ -52,7 +63,11 @@ async fn the_durability_mode_is_reported_and_applied() {
 #[tokio::test]
 async fn opening_creates_missing_parent_directories() {
     let directory = tempfile::tempdir().unwrap();
-    let path = directory.path().join("state").join("nested").join("arches.db");
+    let path = directory
+        .path()
+        .join("state")
+        .join("nested")
+        .join("arches.db");
     let store = SqliteStore::open(&path, Durability::Normal).await.unwrap();
     assert!(path.is_file());
     assert_eq!(store.path(), path);
@@ -75,7 +90,13 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
         finished_at: None,
     };
     let store = SqliteStore::open(&path, Durability::Full).await.unwrap();
-    store.commit(&WriteBatch { runs: vec![run.clone()], ..WriteBatch::default() }).await.unwrap();
+    store
+        .commit(&WriteBatch {
+            runs: vec![run.clone()],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
     let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
         .fetch_one(store.read_pool())
         .await
@@ -106,7 +127,13 @@ async fn a_read_does_not_wait_for_an_open_write_transaction() {
         started_at: None,
         finished_at: None,
     };
-    store.commit(&WriteBatch { runs: vec![run.clone()], ..WriteBatch::default() }).await.unwrap();
+    store
+        .commit(&WriteBatch {
+            runs: vec![run.clone()],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
 
     let mut write = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
     sqlx::query("UPDATE runs SET state = 'running' WHERE id = ?1")
@@ -118,7 +145,11 @@ async fn a_read_does_not_wait_for_an_open_write_transaction() {
         .await
         .expect("the read does not wait for the writer")
         .unwrap();
-    assert_eq!(seen, Some(run.clone()), "the read sees the last committed state");
+    assert_eq!(
+        seen,
+        Some(run.clone()),
+        "the read sees the last committed state"
+    );
     write.rollback().await.unwrap();
 }
 
@@ -147,8 +178,11 @@ fn files_under(directory: &Path) -> Vec<PathBuf> {
 
 async fn artifact_store() -> (TempDir, LocalArtifactStore) {
     let directory = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&directory.path().join("arches.db"), Durability::Normal).await.unwrap();
-    let artifacts = LocalArtifactStore::new(&directory.path().join("artifacts"), Arc::new(store)).unwrap();
+    let store = SqliteStore::open(&directory.path().join("arches.db"), Durability::Normal)
+        .await
+        .unwrap();
+    let artifacts =
+        LocalArtifactStore::new(&directory.path().join("artifacts"), Arc::new(store)).unwrap();
     (directory, artifacts)
 }
 
@@ -158,14 +192,34 @@ async fn the_artifact_store_dedups_identical_content_and_versions_by_name() {
     let content = b"species,mass\nadelie,3750\n".to_vec();
     let digest = hex::encode(Sha256::digest(&content));
 
-    let first = artifacts.put_bytes(content.clone(), artifact("penguins")).await.unwrap();
-    let second = artifacts.put_bytes(content.clone(), artifact("penguins")).await.unwrap();
+    let first = artifacts
+        .put_bytes(content.clone(), artifact("penguins"))
+        .await
+        .unwrap();
+    let second = artifacts
+        .put_bytes(content.clone(), artifact("penguins"))
+        .await
+        .unwrap();
     let source = directory.path().join("penguins.csv");
     std::fs::write(&source, &content).unwrap();
-    let third = artifacts.put_file(&source, artifact("penguins")).await.unwrap();
-    let other_name = artifacts.put_file(&source, artifact("birds")).await.unwrap();
+    let third = artifacts
+        .put_file(&source, artifact("penguins"))
+        .await
+        .unwrap();
+    let other_name = artifacts
+        .put_file(&source, artifact("birds"))
+        .await
+        .unwrap();
 
-    assert_eq!((first.version, second.version, third.version, other_name.version), (1, 2, 3, 1));
+    assert_eq!(
+        (
+            first.version,
+            second.version,
+            third.version,
+            other_name.version
+        ),
+        (1, 2, 3, 1)
+    );
     for record in [&first, &second, &third, &other_name] {
         assert_eq!(record.digest, digest);
         assert_eq!(record.size_bytes, content.len() as u64);
@@ -184,26 +238,40 @@ async fn the_artifact_store_dedups_identical_content_and_versions_by_name() {
 #[tokio::test]
 async fn a_file_larger_than_one_upload_part_is_stored_whole() {
     let (directory, artifacts) = artifact_store().await;
-    let content: Vec<u8> = (0..9 * 1024 * 1024 + 123).map(|i| (i % 251) as u8).collect();
+    let content: Vec<u8> = (0..9 * 1024 * 1024 + 123)
+        .map(|i| (i % 251) as u8)
+        .collect();
     let source = directory.path().join("large.bin");
     std::fs::write(&source, &content).unwrap();
 
-    let record = artifacts.put_file(&source, artifact("large")).await.unwrap();
+    let record = artifacts
+        .put_file(&source, artifact("large"))
+        .await
+        .unwrap();
     assert_eq!(record.digest, hex::encode(Sha256::digest(&content)));
     assert_eq!(record.size_bytes, content.len() as u64);
     let stored = std::fs::read(artifacts.local_path(record.id).await.unwrap()).unwrap();
     assert!(stored == content, "the stored blob equals the file");
-    assert_eq!(files_under(artifacts.root()).len(), 1, "no staging file is left behind");
+    assert_eq!(
+        files_under(artifacts.root()).len(),
+        1,
+        "no staging file is left behind"
+    );
 }
 
 #[tokio::test]
 async fn reading_an_artifact_refuses_content_above_the_limit() {
     let (_directory, artifacts) = artifact_store().await;
-    let record = artifacts.put_bytes(vec![7; 100], artifact("sevens")).await.unwrap();
+    let record = artifacts
+        .put_bytes(vec![7; 100], artifact("sevens"))
+        .await
+        .unwrap();
 
     let refused = artifacts.read(record.id, 99).await.unwrap_err();
     match refused {
-        StoreError::Conflict(message) => assert_eq!(message, "artifact is 100 bytes, above the limit of 99"),
+        StoreError::Conflict(message) => {
+            assert_eq!(message, "artifact is 100 bytes, above the limit of 99")
+        }
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(artifacts.read(record.id, 100).await.unwrap(), vec![7; 100]);
@@ -213,10 +281,22 @@ async fn reading_an_artifact_refuses_content_above_the_limit() {
 async fn unknown_artifacts_and_missing_source_files_are_not_found() {
     let (directory, artifacts) = artifact_store().await;
     let unknown = ArtifactId::new();
-    assert!(matches!(artifacts.get(unknown).await, Err(StoreError::NotFound(_))));
-    assert!(matches!(artifacts.local_path(unknown).await, Err(StoreError::NotFound(_))));
-    assert!(matches!(artifacts.read(unknown, 10).await, Err(StoreError::NotFound(_))));
+    assert!(matches!(
+        artifacts.get(unknown).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        artifacts.local_path(unknown).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(matches!(
+        artifacts.read(unknown, 10).await,
+        Err(StoreError::NotFound(_))
+    ));
     let missing = directory.path().join("missing.csv");
     let result = artifacts.put_file(&missing, artifact("missing")).await;
-    assert!(matches!(result, Err(StoreError::NotFound(_))), "got {result:?}");
+    assert!(
+        matches!(result, Err(StoreError::NotFound(_))),
+        "got {result:?}"
+    );
 }

@@ -72,8 +72,19 @@ struct Graph<'a> {
 
 impl<'a> Graph<'a> {
     fn new(pipeline: &'a Pipeline) -> Self {
-        let written: BTreeMap<&TaskId, usize> = pipeline.def.tasks.iter().enumerate().map(|(i, t)| (&t.id, i)).collect();
-        let tasks: Vec<&TaskDef> = pipeline.dag.topological_order().iter().filter_map(|id| pipeline.task(id)).collect();
+        let written: BTreeMap<&TaskId, usize> = pipeline
+            .def
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (&t.id, i))
+            .collect();
+        let tasks: Vec<&TaskDef> = pipeline
+            .dag
+            .topological_order()
+            .iter()
+            .filter_map(|id| pipeline.task(id))
+            .collect();
         let dependencies = tasks
             .iter()
             .map(|task| {
@@ -82,7 +93,11 @@ impl<'a> Graph<'a> {
                 (&task.id, deps)
             })
             .collect();
-        Self { pipeline, tasks, dependencies }
+        Self {
+            pipeline,
+            tasks,
+            dependencies,
+        }
     }
 
     fn dependencies(&self, id: &TaskId) -> &[&'a TaskId] {
@@ -95,7 +110,13 @@ impl<'a> Graph<'a> {
         let mut depth: BTreeMap<&TaskId, usize> = BTreeMap::new();
         let mut levels: Vec<Vec<&TaskDef>> = Vec::new();
         for task in &self.tasks {
-            let level = self.dependencies(&task.id).iter().filter_map(|d| depth.get(d)).map(|d| d + 1).max().unwrap_or(0);
+            let level = self
+                .dependencies(&task.id)
+                .iter()
+                .filter_map(|d| depth.get(d))
+                .map(|d| d + 1)
+                .max()
+                .unwrap_or(0);
             depth.insert(&task.id, level);
             if levels.len() <= level {
                 levels.resize_with(level + 1, Vec::new);
@@ -142,7 +163,10 @@ impl<'a> Graph<'a> {
     }
 
     fn dot(&self) -> String {
-        let mut out = format!("digraph {} {{\n", dot_quote(self.pipeline.def.name.as_str()));
+        let mut out = format!(
+            "digraph {} {{\n",
+            dot_quote(self.pipeline.def.name.as_str())
+        );
         out.push_str("  rankdir=TB;\n  node [shape=box];\n");
         for task in &self.tasks {
             let label = format!("{}\n({}){}", task.id, task.tool, Self::marks(task));
@@ -153,11 +177,19 @@ impl<'a> Graph<'a> {
             if task.condition.is_some() {
                 attributes.push("style=dashed".to_owned());
             }
-            out.push_str(&format!("  {} [{}];\n", dot_quote(task.id.as_str()), attributes.join(", ")));
+            out.push_str(&format!(
+                "  {} [{}];\n",
+                dot_quote(task.id.as_str()),
+                attributes.join(", ")
+            ));
         }
         for task in &self.tasks {
             for dep in self.dependencies(&task.id) {
-                out.push_str(&format!("  {} -> {};\n", dot_quote(dep.as_str()), dot_quote(task.id.as_str())));
+                out.push_str(&format!(
+                    "  {} -> {};\n",
+                    dot_quote(dep.as_str()),
+                    dot_quote(task.id.as_str())
+                ));
             }
         }
         out.push_str("}\n");
@@ -169,7 +201,11 @@ impl<'a> Graph<'a> {
         let mut out = String::from("flowchart TD\n");
         for task in &self.tasks {
             let label = format!("{} ({}){}", task.id, task.tool, Self::marks(task));
-            out.push_str(&format!("  {}[\"{}\"]\n", ids[&task.id], mermaid_escape(&label)));
+            out.push_str(&format!(
+                "  {}[\"{}\"]\n",
+                ids[&task.id],
+                mermaid_escape(&label)
+            ));
         }
         for task in &self.tasks {
             for dep in self.dependencies(&task.id) {
@@ -198,20 +234,47 @@ fn dot_quote(text: &str) -> String {
 
 /// Mermaid's entity codes for the characters that would end or confuse a quoted label.
 fn mermaid_escape(text: &str) -> String {
-    text.replace('"', "#quot;").replace('<', "#lt;").replace('>', "#gt;")
+    text.replace('"', "#quot;")
+        .replace('<', "#lt;")
+        .replace('>', "#gt;")
 }
 
 /// Mermaid node ids: letters, digits and `_` only (a `-` could read as part of an arrow), not
 /// a keyword such as `end` (which closes a subgraph and breaks the chart), and unique after
 /// the replacement; clashes get a numeric suffix.
 fn mermaid_ids<'a>(ids: impl Iterator<Item = &'a TaskId>) -> BTreeMap<&'a TaskId, String> {
-    const RESERVED: &[&str] =
-        &["end", "graph", "flowchart", "subgraph", "style", "class", "classdef", "click", "linkstyle", "direction", "default"];
+    const RESERVED: &[&str] = &[
+        "end",
+        "graph",
+        "flowchart",
+        "subgraph",
+        "style",
+        "class",
+        "classdef",
+        "click",
+        "linkstyle",
+        "direction",
+        "default",
+    ];
     let mut used = BTreeSet::new();
     let mut out = BTreeMap::new();
     for id in ids {
-        let base: String = id.as_str().chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' }).collect();
-        let mut candidate = if RESERVED.contains(&base.to_ascii_lowercase().as_str()) { format!("{base}_") } else { base.clone() };
+        let base: String = id
+            .as_str()
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let mut candidate = if RESERVED.contains(&base.to_ascii_lowercase().as_str()) {
+            format!("{base}_")
+        } else {
+            base.clone()
+        };
         let mut suffix = 2;
         while used.contains(&candidate) {
             candidate = format!("{base}_{suffix}");

@@ -74,7 +74,10 @@ impl SourceMap {
     /// The position of the key of the mapping entry at `pointer` (for `/tasks/0/tool`, where
     /// `tool` is written); falls back to [`SourceMap::locate`] when `pointer` names no key.
     pub fn locate_key(&self, pointer: &str) -> Option<(u32, u32)> {
-        self.keys.get(pointer).copied().or_else(|| self.locate(pointer))
+        self.keys
+            .get(pointer)
+            .copied()
+            .or_else(|| self.locate(pointer))
     }
 
     /// Number of values located.
@@ -180,7 +183,10 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// typo: at most one edit for names of up to three characters, two up to eight, and a third
 /// of the length beyond. Case differences count as half an edit's worth by being checked
 /// first.
-pub(crate) fn closest<'a>(target: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    target: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let length = target.chars().count();
     let allowed = match length {
         0..=3 => 1,
@@ -192,7 +198,11 @@ pub(crate) fn closest<'a>(target: &str, candidates: impl IntoIterator<Item = &'a
         .into_iter()
         .filter(|candidate| *candidate != target)
         .map(|candidate| {
-            let distance = if candidate.to_lowercase() == lowered { 0 } else { edit_distance(target, candidate) };
+            let distance = if candidate.to_lowercase() == lowered {
+                0
+            } else {
+                edit_distance(target, candidate)
+            };
             (distance, candidate)
         })
         .filter(|(distance, _)| *distance <= allowed)
@@ -209,7 +219,11 @@ pub(crate) fn suggestion(target: &str, candidates: &[&str], kind: &str) -> Strin
     if candidates.is_empty() {
         return format!("there are no {kind}");
     }
-    let mut listed: Vec<String> = candidates.iter().take(LIST_MAX).map(|c| format!("`{c}`")).collect();
+    let mut listed: Vec<String> = candidates
+        .iter()
+        .take(LIST_MAX)
+        .map(|c| format!("`{c}`"))
+        .collect();
     if candidates.len() > LIST_MAX {
         listed.push(format!("and {} more", candidates.len() - LIST_MAX));
     }
@@ -226,8 +240,11 @@ pub(crate) fn suggestion(target: &str, candidates: &[&str], kind: &str) -> Strin
 /// one mapping, or `too_deep` past [`DEPTH_MAX`] levels of nesting.
 pub fn parse_document(file: &str, text: &str) -> Result<(Value, SourceMap), Vec<Diagnostic>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-    let options = LoaderOptions::default().error_on_duplicate_keys(true).prevent_coercion(true);
-    let node = marked_yaml::parse_yaml_with_options(0, text, options).map_err(|err| vec![load_error(file, text, err)])?;
+    let options = LoaderOptions::default()
+        .error_on_duplicate_keys(true)
+        .prevent_coercion(true);
+    let node = marked_yaml::parse_yaml_with_options(0, text, options)
+        .map_err(|err| vec![load_error(file, text, err)])?;
     let mut map = SourceMap::default();
     let value = convert(&node, String::new(), 0, &mut map).map_err(|pointer| {
         vec![diagnostic(
@@ -244,7 +261,10 @@ pub fn parse_document(file: &str, text: &str) -> Result<(Value, SourceMap), Vec<
 
 /// Turns a loader error into a diagnostic.
 fn load_error(file: &str, text: &str, err: LoadError) -> Diagnostic {
-    let located = |code: &'static str, message: String, marker: &marked_yaml::Marker, hint: &str| Diagnostic {
+    let located = |code: &'static str,
+                   message: String,
+                   marker: &marked_yaml::Marker,
+                   hint: &str| Diagnostic {
         code,
         message,
         file: file.to_owned(),
@@ -260,7 +280,9 @@ fn load_error(file: &str, text: &str, err: LoadError) -> Diagnostic {
                 if let Err(json) = serde_json::from_str::<Value>(text) {
                     let message = json.to_string();
                     // serde_json appends " at line L column C"; the position has its own fields.
-                    let message = message.rsplit_once(" at line ").map_or(message.as_str(), |(m, _)| m);
+                    let message = message
+                        .rsplit_once(" at line ")
+                        .map_or(message.as_str(), |(m, _)| m);
                     return Diagnostic {
                         code: "malformed_json",
                         message: format!("malformed JSON: {message}"),
@@ -268,7 +290,9 @@ fn load_error(file: &str, text: &str, err: LoadError) -> Diagnostic {
                         line: Some(to_u32(json.line())),
                         column: Some(to_u32(json.column())),
                         pointer: String::new(),
-                        hint: Some("check the brackets, commas and quotes around this position".to_owned()),
+                        hint: Some(
+                            "check the brackets, commas and quotes around this position".to_owned(),
+                        ),
                     };
                 }
             }
@@ -281,20 +305,30 @@ fn load_error(file: &str, text: &str, err: LoadError) -> Diagnostic {
         }
         LoadError::DuplicateKey(inner) => {
             let first_line = inner.prev_key.span().start().map_or(0, |m| m.line());
-            let marker = inner.key.span().start().copied().unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
+            let marker = inner
+                .key
+                .span()
+                .start()
+                .copied()
+                .unwrap_or_else(|| marked_yaml::Marker::new(0, 0, 1, 1));
             located(
                 "duplicate_key",
-                format!("key `{}` is written twice in one mapping (first on line {first_line})", inner.key.as_str()),
+                format!(
+                    "key `{}` is written twice in one mapping (first on line {first_line})",
+                    inner.key.as_str()
+                ),
                 &marker,
                 "remove or rename one of the two",
             )
         }
-        LoadError::TopLevelMustBeMapping(marker) | LoadError::TopLevelMustBeSequence(marker) => located(
-            "malformed_yaml",
-            "the document must be a mapping".to_owned(),
-            marker,
-            "a pipeline is a mapping with `name` and `tasks`",
-        ),
+        LoadError::TopLevelMustBeMapping(marker) | LoadError::TopLevelMustBeSequence(marker) => {
+            located(
+                "malformed_yaml",
+                "the document must be a mapping".to_owned(),
+                marker,
+                "a pipeline is a mapping with `name` and `tasks`",
+            )
+        }
         LoadError::UnexpectedAnchor(marker) => located(
             "malformed_yaml",
             "anchors and aliases (`&name`, `*name`) are not supported".to_owned(),
@@ -326,7 +360,12 @@ fn marker_position(marker: Option<&marked_yaml::Marker>) -> Option<(u32, u32)> {
 
 /// Converts a node, recording positions under `pointer`. `Err` holds the pointer at which
 /// [`DEPTH_MAX`] was passed.
-fn convert(node: &Node, pointer: String, depth: usize, map: &mut SourceMap) -> Result<Value, String> {
+fn convert(
+    node: &Node,
+    pointer: String,
+    depth: usize,
+    map: &mut SourceMap,
+) -> Result<Value, String> {
     if depth > DEPTH_MAX {
         return Err(pointer);
     }
@@ -354,7 +393,10 @@ fn convert(node: &Node, pointer: String, depth: usize, map: &mut SourceMap) -> R
         Node::Mapping(mapping) => {
             // A block mapping's start marker sits after its first key; the first key is where
             // a reader sees the mapping begin.
-            let first_key = mapping.iter().next().and_then(|(key, _)| marker_position(key.span().start()));
+            let first_key = mapping
+                .iter()
+                .next()
+                .and_then(|(key, _)| marker_position(key.span().start()));
             if let Some(position) = first_key.or_else(|| marker_position(mapping.span().start())) {
                 map.values.insert(pointer.clone(), position);
             }
@@ -364,7 +406,10 @@ fn convert(node: &Node, pointer: String, depth: usize, map: &mut SourceMap) -> R
                 if let Some(position) = marker_position(key.span().start()) {
                     map.keys.insert(child.clone(), position);
                 }
-                out.insert(key.as_str().to_owned(), convert(value, child, depth + 1, map)?);
+                out.insert(
+                    key.as_str().to_owned(),
+                    convert(value, child, depth + 1, map)?,
+                );
             }
             Ok(Value::Object(out))
         }
@@ -417,7 +462,8 @@ fn core_schema_number(text: &str) -> Option<Number> {
     };
     let mantissa_ok = match mantissa.split_once('.') {
         Some((whole, fraction)) => {
-            (whole.is_empty() && digits(fraction)) || (digits(whole) && (fraction.is_empty() || digits(fraction)))
+            (whole.is_empty() && digits(fraction))
+                || (digits(whole) && (fraction.is_empty() || digits(fraction)))
         }
         None => digits(mantissa),
     };
@@ -442,6 +488,9 @@ pub(crate) struct Reading {
     pub unreadable_tasks: BTreeSet<String>,
     /// Names of params that could not be read.
     pub unreadable_params: BTreeSet<String>,
+    /// Whether `tasks` is a list; when it is missing or something else, that is reported
+    /// already and an empty task list says nothing more.
+    pub tasks_listed: bool,
     /// Problems found while reading.
     pub diagnostics: Vec<Diagnostic>,
 }
@@ -462,7 +511,9 @@ pub fn parse_pipeline(file: &str, text: &str) -> Result<(PipelineDef, SourceMap)
         // makes sure nothing it accepted is something the model refuses.
         match serde_path_to_error::deserialize::<_, PipelineDef>(&value) {
             Ok(def) => return Ok((def, map)),
-            Err(err) => reading.diagnostics.push(serde_diagnostic(file, &map, "", err)),
+            Err(err) => reading
+                .diagnostics
+                .push(serde_diagnostic(file, &map, "", err)),
         }
     }
     sort_diagnostics(&mut reading.diagnostics);
@@ -488,11 +539,20 @@ pub(crate) fn read_pipeline(file: &str, value: &Value, map: &SourceMap) -> Readi
             &empty
         }
     };
-    let mut fields = FieldReader { file, map, diagnostics: &mut diagnostics };
+    let mut fields = FieldReader {
+        file,
+        map,
+        diagnostics: &mut diagnostics,
+    };
     fields.unknown_fields(top, "", PIPELINE_FIELDS, "a pipeline");
     let name = match top.get("name") {
         None => {
-            fields.missing("", "name", "a pipeline", "add `name: my-pipeline` at the top");
+            fields.missing(
+                "",
+                "name",
+                "a pipeline",
+                "add `name: my-pipeline` at the top",
+            );
             None
         }
         Some(Value::String(text)) => match PipelineName::parse(text.clone()) {
@@ -524,7 +584,13 @@ pub(crate) fn read_pipeline(file: &str, value: &Value, map: &SourceMap) -> Readi
         Some(Value::Object(declared)) => {
             for (name, param) in declared {
                 let pointer = pointer_push("/params", name);
-                match fields.element::<ParamDef>(param, &pointer, PARAM_FIELDS, &["type"], "a param") {
+                match fields.element::<ParamDef>(
+                    param,
+                    &pointer,
+                    PARAM_FIELDS,
+                    &["type"],
+                    "a param",
+                ) {
                     Some(def) => {
                         params.insert(name.clone(), def);
                     }
@@ -534,7 +600,9 @@ pub(crate) fn read_pipeline(file: &str, value: &Value, map: &SourceMap) -> Readi
                 }
             }
         }
-        Some(other) => fields.invalid_type("/params", other, "a mapping of param names to declarations"),
+        Some(other) => {
+            fields.invalid_type("/params", other, "a mapping of param names to declarations")
+        }
     }
 
     let mut tasks = Vec::new();
@@ -572,6 +640,7 @@ pub(crate) fn read_pipeline(file: &str, value: &Value, map: &SourceMap) -> Readi
         task_sources,
         unreadable_tasks,
         unreadable_params,
+        tasks_listed: matches!(top.get("tasks"), Some(Value::Array(_))),
         diagnostics,
     }
 }
@@ -590,24 +659,56 @@ impl FieldReader<'_> {
 
     fn missing(&mut self, pointer: &str, field: &str, what: &str, hint: &str) {
         let message = format!("{what} needs a `{field}` field");
-        let diagnostic = diagnostic("missing_field", message, self.file, Some(self.map), pointer, Some(hint.to_owned()));
+        let diagnostic = diagnostic(
+            "missing_field",
+            message,
+            self.file,
+            Some(self.map),
+            pointer,
+            Some(hint.to_owned()),
+        );
         self.push(diagnostic);
     }
 
     fn invalid_type(&mut self, pointer: &str, value: &Value, expected: &str) {
         let message = format!("expected {expected}, got {}", describe(value));
-        self.push(diagnostic("invalid_type", message, self.file, Some(self.map), pointer, None));
+        self.push(diagnostic(
+            "invalid_type",
+            message,
+            self.file,
+            Some(self.map),
+            pointer,
+            None,
+        ));
     }
 
     /// Reports every key of `object` that is not in `allowed`.
-    fn unknown_fields(&mut self, object: &Map<String, Value>, pointer: &str, allowed: &[&str], what: &str) {
+    fn unknown_fields(
+        &mut self,
+        object: &Map<String, Value>,
+        pointer: &str,
+        allowed: &[&str],
+        what: &str,
+    ) {
         for key in object.keys().filter(|k| !allowed.contains(&k.as_str())) {
-            self.push(unknown_field(self.file, self.map, &pointer_push(pointer, key), key, allowed, what));
+            self.push(unknown_field(
+                self.file,
+                self.map,
+                &pointer_push(pointer, key),
+                key,
+                allowed,
+                what,
+            ));
         }
     }
 
     /// Reads an optional field of `object`; `None` when absent or broken (and reported).
-    fn field<T: DeserializeOwned>(&mut self, object: &Map<String, Value>, pointer: &str, name: &str) -> Option<T> {
+    fn field<T: DeserializeOwned>(
+        &mut self,
+        object: &Map<String, Value>,
+        pointer: &str,
+        name: &str,
+    ) -> Option<T> {
         let value = object.get(name)?;
         let pointer = pointer_push(pointer, name);
         match serde_path_to_error::deserialize::<_, Option<T>>(value) {
@@ -637,7 +738,11 @@ impl FieldReader<'_> {
             return None;
         };
         self.unknown_fields(object, pointer, allowed, what);
-        let mut object: Map<String, Value> = object.iter().filter(|(k, _)| allowed.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut object: Map<String, Value> = object
+            .iter()
+            .filter(|(k, _)| allowed.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let mut complete = true;
         for field in required {
             if !object.contains_key(*field) {
@@ -687,7 +792,12 @@ impl FieldReader<'_> {
         if let Value::Object(object) = &mut value {
             if let Some(Value::String(id)) = object.get("id") {
                 if let Err(err) = TaskId::parse(id.clone()) {
-                    self.push(invalid_task_id(self.file, self.map, &format!("{pointer}/id"), &err.to_string()));
+                    self.push(invalid_task_id(
+                        self.file,
+                        self.map,
+                        &format!("{pointer}/id"),
+                        &err.to_string(),
+                    ));
                     // A valid stand-in lets the other fields be checked; the task is dropped.
                     object.insert("id".to_owned(), Value::String("_".to_owned()));
                     id_ok = false;
@@ -700,7 +810,12 @@ impl FieldReader<'_> {
                     match dependency {
                         Value::String(id) => match TaskId::parse(id.clone()) {
                             Ok(_) => kept.push(dependency.clone()),
-                            Err(err) => self.push(invalid_task_id(self.file, self.map, &dependency_pointer, &err.to_string())),
+                            Err(err) => self.push(invalid_task_id(
+                                self.file,
+                                self.map,
+                                &dependency_pointer,
+                                &err.to_string(),
+                            )),
                         },
                         other => self.invalid_type(&dependency_pointer, other, "a task id"),
                     }
@@ -708,7 +823,8 @@ impl FieldReader<'_> {
                 *dependencies = kept;
             }
         }
-        let task = self.element::<TaskDef>(&value, &pointer, TASK_FIELDS, &["id", "tool"], "a task");
+        let task =
+            self.element::<TaskDef>(&value, &pointer, TASK_FIELDS, &["id", "tool"], "a task");
         task.filter(|_| id_ok)
     }
 }
@@ -724,13 +840,31 @@ fn invalid_task_id(file: &str, map: &SourceMap, pointer: &str, message: &str) ->
     )
 }
 
-fn unknown_field(file: &str, map: &SourceMap, pointer: &str, field: &str, allowed: &[&str], what: &str) -> Diagnostic {
-    let listed = allowed.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
+fn unknown_field(
+    file: &str,
+    map: &SourceMap,
+    pointer: &str,
+    field: &str,
+    allowed: &[&str],
+    what: &str,
+) -> Diagnostic {
+    let listed = allowed
+        .iter()
+        .map(|f| format!("`{f}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let hint = match closest(field, allowed.iter().copied()) {
         Some(best) => format!("did you mean `{best}`? {what} takes {listed}"),
         None => format!("{what} takes {listed}"),
     };
-    key_diagnostic("unknown_field", format!("unknown field `{field}` in {what}"), file, Some(map), pointer, Some(hint))
+    key_diagnostic(
+        "unknown_field",
+        format!("unknown field `{field}` in {what}"),
+        file,
+        Some(map),
+        pointer,
+        Some(hint),
+    )
 }
 
 /// A short description of a value's kind for messages.
@@ -747,12 +881,19 @@ pub(crate) fn describe(value: &Value) -> String {
 
 /// Turns a serde error met at `base` into a diagnostic with the full pointer and a code
 /// chosen from the field and the message.
-fn serde_diagnostic(file: &str, map: &SourceMap, base: &str, err: serde_path_to_error::Error<serde_json::Error>) -> Diagnostic {
+fn serde_diagnostic(
+    file: &str,
+    map: &SourceMap,
+    base: &str,
+    err: serde_path_to_error::Error<serde_json::Error>,
+) -> Diagnostic {
     let mut pointer = base.to_owned();
     let mut first_field: Option<String> = None;
     for segment in err.path().iter() {
         match segment {
-            serde_path_to_error::Segment::Seq { index } => pointer = pointer_push(&pointer, &index.to_string()),
+            serde_path_to_error::Segment::Seq { index } => {
+                pointer = pointer_push(&pointer, &index.to_string())
+            }
             serde_path_to_error::Segment::Map { key } => {
                 first_field.get_or_insert_with(|| key.clone());
                 pointer = pointer_push(&pointer, key);
@@ -777,12 +918,26 @@ fn serde_diagnostic(file: &str, map: &SourceMap, base: &str, err: serde_path_to_
         let variant = rest.split('`').next().unwrap_or_default();
         let allowed = expected_names(rest);
         let hint = suggestion(variant, &allowed, "allowed values");
-        return diagnostic("invalid_value", format!("unknown value `{variant}`"), file, Some(map), &pointer, Some(hint));
+        return diagnostic(
+            "invalid_value",
+            format!("unknown value `{variant}`"),
+            file,
+            Some(map),
+            &pointer,
+            Some(hint),
+        );
     }
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.split('`').next().unwrap_or_default();
         let hint = format!("add `{field}:`");
-        return diagnostic("missing_field", format!("missing field `{field}`"), file, Some(map), &pointer, Some(hint));
+        return diagnostic(
+            "missing_field",
+            format!("missing field `{field}`"),
+            file,
+            Some(map),
+            &pointer,
+            Some(hint),
+        );
     }
     if message.starts_with("invalid task id") {
         return invalid_task_id(file, map, &pointer, &message);
@@ -794,8 +949,17 @@ fn serde_diagnostic(file: &str, map: &SourceMap, base: &str, err: serde_path_to_
         _ => "invalid_value",
     };
     let hint = match first_field.as_deref() {
-        Some("timeout") => Some("write a duration such as \"30s\", \"500ms\" or \"1h30m\", or a number of seconds".to_owned()),
-        Some("retry") => Some("a retry policy takes max_attempts, initial_delay, max_delay, multiplier and jitter".to_owned()),
+        _ if message.starts_with("invalid type") && message.contains("expected a string") => {
+            Some("quote the value (`'...'`) to keep it text".to_owned())
+        }
+        Some("timeout") => Some(
+            "write a duration such as \"30s\", \"500ms\" or \"1h30m\", or a number of seconds"
+                .to_owned(),
+        ),
+        Some("retry") => Some(
+            "a retry policy takes max_attempts, initial_delay, max_delay, multiplier and jitter"
+                .to_owned(),
+        ),
         _ => None,
     };
     diagnostic(code, message, file, Some(map), &pointer, hint)
@@ -803,7 +967,9 @@ fn serde_diagnostic(file: &str, map: &SourceMap, base: &str, err: serde_path_to_
 
 /// The names serde lists after "expected one of" (or "expected"), in backticks.
 fn expected_names(message: &str) -> Vec<&str> {
-    let Some(at) = message.find("expected") else { return Vec::new() };
+    let Some(at) = message.find("expected") else {
+        return Vec::new();
+    };
     message[at..].split('`').skip(1).step_by(2).collect()
 }
 
@@ -813,7 +979,10 @@ mod tests {
     use serde_json::json;
 
     fn codes(diagnostics: &[Diagnostic]) -> Vec<(&'static str, Option<u32>, Option<u32>, &str)> {
-        diagnostics.iter().map(|d| (d.code, d.line, d.column, d.pointer.as_str())).collect()
+        diagnostics
+            .iter()
+            .map(|d| (d.code, d.line, d.column, d.pointer.as_str()))
+            .collect()
     }
 
     #[test]
@@ -829,7 +998,8 @@ mod tests {
 
     #[test]
     fn positions_are_recorded_for_values_and_keys() {
-        let text = "name: p\ntasks:\n  - id: a\n    tool: sql\n    depends_on: [b, 'c']\n    empty:\n";
+        let text =
+            "name: p\ntasks:\n  - id: a\n    tool: sql\n    depends_on: [b, 'c']\n    empty:\n";
         let (_, map) = parse_document("p.yaml", text).unwrap();
         assert_eq!(map.locate("/tasks/0/tool"), Some((4, 11)));
         assert_eq!(map.locate_key("/tasks/0/tool"), Some((4, 5)));
@@ -855,7 +1025,13 @@ mod tests {
         assert_eq!(err[0].code, "malformed_yaml");
         assert_eq!((err[0].line, err[0].column), (Some(4), Some(8)));
         assert!(err[0].hint.is_some());
-        assert!(err[0].to_string().starts_with("p.yaml:4:8: error[malformed_yaml]"), "{}", err[0]);
+        assert!(
+            err[0]
+                .to_string()
+                .starts_with("p.yaml:4:8: error[malformed_yaml]"),
+            "{}",
+            err[0]
+        );
     }
 
     #[test]
@@ -867,8 +1043,14 @@ mod tests {
 
     #[test]
     fn anchors_and_tags_are_refused() {
-        assert_eq!(parse_document("p.yaml", "a: &x 1\nb: *x\n").unwrap_err()[0].code, "malformed_yaml");
-        assert_eq!(parse_document("p.yaml", "a: !!str 1\n").unwrap_err()[0].code, "malformed_yaml");
+        assert_eq!(
+            parse_document("p.yaml", "a: &x 1\nb: *x\n").unwrap_err()[0].code,
+            "malformed_yaml"
+        );
+        assert_eq!(
+            parse_document("p.yaml", "a: !!str 1\n").unwrap_err()[0].code,
+            "malformed_yaml"
+        );
     }
 
     #[test]
@@ -881,16 +1063,24 @@ mod tests {
 
     #[test]
     fn malformed_json_reports_the_json_error_with_line_and_column() {
-        let err = parse_document("p.json", "{\n  \"name\": \"p\",\n  \"tasks\": [}\n}").unwrap_err();
+        let err =
+            parse_document("p.json", "{\n  \"name\": \"p\",\n  \"tasks\": [}\n}").unwrap_err();
         assert_eq!(codes(&err), [("malformed_json", Some(3), Some(13), "")]);
-        assert!(err[0].message.starts_with("malformed JSON: expected value"), "{}", err[0].message);
+        assert!(
+            err[0].message.starts_with("malformed JSON: expected value"),
+            "{}",
+            err[0].message
+        );
     }
 
     #[test]
     fn an_unknown_field_is_located_at_its_key_with_did_you_mean() {
         let text = "name: p\ntasks:\n  - id: a\n    tool: sql\n    depends-on:\n      - b\n";
         let err = parse_pipeline("p.yaml", text).unwrap_err();
-        assert_eq!(codes(&err), [("unknown_field", Some(5), Some(5), "/tasks/0/depends-on")]);
+        assert_eq!(
+            codes(&err),
+            [("unknown_field", Some(5), Some(5), "/tasks/0/depends-on")]
+        );
         let hint = err[0].hint.as_deref().unwrap();
         assert!(hint.starts_with("did you mean `depends_on`?"), "{hint}");
         assert!(hint.contains("`for_each`"), "{hint}");
@@ -920,15 +1110,34 @@ tasks:
                 ("unknown_field", Some(2), Some(1), "/colour"),
                 ("invalid_value", Some(4), Some(16), "/params/year/type"),
                 ("invalid_task_id", Some(6), Some(9), "/tasks/0/id"),
-                ("invalid_task_id", Some(10), Some(22), "/tasks/1/depends_on/1"),
-                ("invalid_task_id", Some(10), Some(30), "/tasks/1/depends_on/2"),
+                (
+                    "invalid_task_id",
+                    Some(10),
+                    Some(22),
+                    "/tasks/1/depends_on/1"
+                ),
+                (
+                    "invalid_task_id",
+                    Some(10),
+                    Some(30),
+                    "/tasks/1/depends_on/2"
+                ),
                 ("invalid_timeout", Some(11), Some(14), "/tasks/1/timeout"),
-                ("unknown_field", Some(12), Some(13), "/tasks/1/retry/max_attempt"),
+                (
+                    "unknown_field",
+                    Some(12),
+                    Some(13),
+                    "/tasks/1/retry/max_attempt"
+                ),
                 ("missing_field", Some(13), Some(5), "/tasks/2"),
             ]
         );
         assert_eq!(err[1].hint.as_deref(), Some("did you mean `integer`?"));
-        assert!(err[6].hint.as_deref().unwrap().starts_with("did you mean `max_attempts`?"));
+        assert!(err[6]
+            .hint
+            .as_deref()
+            .unwrap()
+            .starts_with("did you mean `max_attempts`?"));
     }
 
     #[test]
@@ -950,14 +1159,23 @@ tasks:
         let (def, _) = parse_pipeline("p.yaml", text).unwrap();
         assert_eq!(def.name.as_str(), "penguins");
         assert_eq!(def.tasks.len(), 2);
-        assert_eq!(def.tasks[0].timeout, Some(std::time::Duration::from_secs(30)));
-        assert_eq!(def.tasks[1].condition.as_deref(), Some("params.year > 2000"));
+        assert_eq!(
+            def.tasks[0].timeout,
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(
+            def.tasks[1].condition.as_deref(),
+            Some("params.year > 2000")
+        );
         assert_eq!(def.params["year"].default, Some(json!(2008)));
     }
 
     #[test]
     fn close_names_are_suggested_and_far_ones_are_not() {
-        assert_eq!(closest("depends-on", TASK_FIELDS.iter().copied()), Some("depends_on"));
+        assert_eq!(
+            closest("depends-on", TASK_FIELDS.iter().copied()),
+            Some("depends_on")
+        );
         assert_eq!(closest("Tool", TASK_FIELDS.iter().copied()), Some("tool"));
         assert_eq!(closest("zzzzzz", TASK_FIELDS.iter().copied()), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);

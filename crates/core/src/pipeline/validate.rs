@@ -12,10 +12,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde_json::{Map, Value};
 
 use super::source::{
-    self, closest, describe, diagnostic, key_diagnostic, pointer_push, sort_diagnostics, suggestion, SourceMap,
+    self, closest, describe, diagnostic, key_diagnostic, pointer_push, sort_diagnostics,
+    suggestion, SourceMap,
 };
 use super::template::{is_template, Templates};
-use super::{task_dependencies, Dag, DagError, Diagnostic, Pipeline, PipelineDef, TaskDef, ToolCatalog};
+use super::{
+    task_dependencies, Dag, DagError, Diagnostic, Pipeline, PipelineDef, TaskDef, ToolCatalog,
+};
 use crate::ids::TaskId;
 
 /// Top-level names a template may read, besides `item` and `index` in fan-out tasks.
@@ -35,7 +38,11 @@ const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "debug", "namespace"];
 /// Every problem found, sorted by line and column: the reading problems of
 /// [`source::parse_pipeline`] together with those of [`validate_def`]. When the text does not
 /// parse at all, the one parse error.
-pub fn validate(file: &str, text: &str, catalog: &dyn ToolCatalog) -> Result<Pipeline, Vec<Diagnostic>> {
+pub fn validate(
+    file: &str,
+    text: &str,
+    catalog: &dyn ToolCatalog,
+) -> Result<Pipeline, Vec<Diagnostic>> {
     let (value, map) = source::parse_document(file, text)?;
     let reading = source::read_pipeline(file, &value, &map);
     let mut diagnostics = reading.diagnostics;
@@ -45,6 +52,7 @@ pub fn validate(file: &str, text: &str, catalog: &dyn ToolCatalog) -> Result<Pip
         task_sources: reading.task_sources,
         unreadable_tasks: reading.unreadable_tasks,
         unreadable_params: reading.unreadable_params,
+        check_empty: reading.tasks_listed,
         catalog,
     };
     diagnostics.extend(context.check(&reading.def));
@@ -54,9 +62,23 @@ pub fn validate(file: &str, text: &str, catalog: &dyn ToolCatalog) -> Result<Pip
         match serde_json::from_value::<PipelineDef>(value) {
             Ok(def) => match Pipeline::build(def) {
                 Ok(pipeline) => return Ok(pipeline),
-                Err(err) => diagnostics.push(diagnostic("cycle", err.to_string(), file, Some(&map), "/tasks", None)),
+                Err(err) => diagnostics.push(diagnostic(
+                    "cycle",
+                    err.to_string(),
+                    file,
+                    Some(&map),
+                    "/tasks",
+                    None,
+                )),
             },
-            Err(err) => diagnostics.push(diagnostic("invalid_value", err.to_string(), file, Some(&map), "", None)),
+            Err(err) => diagnostics.push(diagnostic(
+                "invalid_value",
+                err.to_string(),
+                file,
+                Some(&map),
+                "",
+                None,
+            )),
         }
     }
     sort_diagnostics(&mut diagnostics);
@@ -68,13 +90,19 @@ pub fn validate(file: &str, text: &str, catalog: &dyn ToolCatalog) -> Result<Pip
 /// and columns; without it, only pointers.
 ///
 /// Returns every problem found, sorted by position; empty when the definition is valid.
-pub fn validate_def(def: &PipelineDef, map: Option<&SourceMap>, file: &str, catalog: &dyn ToolCatalog) -> Vec<Diagnostic> {
+pub fn validate_def(
+    def: &PipelineDef,
+    map: Option<&SourceMap>,
+    file: &str,
+    catalog: &dyn ToolCatalog,
+) -> Vec<Diagnostic> {
     let context = Context {
         file,
         map,
         task_sources: (0..def.tasks.len()).collect(),
         unreadable_tasks: BTreeSet::new(),
         unreadable_params: BTreeSet::new(),
+        check_empty: true,
         catalog,
     };
     let mut diagnostics = context.check(def);
@@ -140,6 +168,9 @@ struct Context<'a> {
     unreadable_tasks: BTreeSet<String>,
     /// Names of declared params that could not be read.
     unreadable_params: BTreeSet<String>,
+    /// Whether to report an empty task list (not when `tasks` itself is missing or broken,
+    /// which is reported already).
+    check_empty: bool,
     catalog: &'a dyn ToolCatalog,
 }
 
@@ -154,17 +185,26 @@ struct TemplateSite {
 }
 
 impl Context<'_> {
-    fn diagnostic(&self, code: &'static str, message: String, pointer: &str, hint: Option<String>) -> Diagnostic {
+    fn diagnostic(
+        &self,
+        code: &'static str,
+        message: String,
+        pointer: &str,
+        hint: Option<String>,
+    ) -> Diagnostic {
         diagnostic(code, message, self.file, self.map, pointer, hint)
     }
 
     fn task_pointer(&self, position: usize) -> String {
-        format!("/tasks/{}", self.task_sources.get(position).copied().unwrap_or(position))
+        format!(
+            "/tasks/{}",
+            self.task_sources.get(position).copied().unwrap_or(position)
+        )
     }
 
     fn check(&self, def: &PipelineDef) -> Vec<Diagnostic> {
         let mut out = Vec::new();
-        if def.tasks.is_empty() && self.unreadable_tasks.is_empty() {
+        if self.check_empty && def.tasks.is_empty() && self.unreadable_tasks.is_empty() {
             out.push(self.diagnostic(
                 "empty_pipeline",
                 "the pipeline has no tasks".to_owned(),
@@ -182,8 +222,12 @@ impl Context<'_> {
         }
         self.check_params(def, &mut out);
         self.check_duplicates(def, &mut out);
-        let known: BTreeSet<&str> =
-            def.tasks.iter().map(|t| t.id.as_str()).chain(self.unreadable_tasks.iter().map(String::as_str)).collect();
+        let known: BTreeSet<&str> = def
+            .tasks
+            .iter()
+            .map(|t| t.id.as_str())
+            .chain(self.unreadable_tasks.iter().map(String::as_str))
+            .collect();
         let known_list: Vec<&str> = known.iter().copied().collect();
         let templates = Templates::new();
         let mut tools = HashMap::new();
@@ -191,7 +235,15 @@ impl Context<'_> {
             let pointer = self.task_pointer(position);
             self.check_tool(task, &pointer, &mut tools, &mut out);
             self.check_dependencies(task, &pointer, &known, &known_list, &mut out);
-            self.check_templates(def, task, &pointer, &templates, &known, &known_list, &mut out);
+            self.check_templates(
+                def,
+                task,
+                &pointer,
+                &templates,
+                &known,
+                &known_list,
+                &mut out,
+            );
             self.check_policies(task, &pointer, &mut out);
         }
         self.check_cycle(def, &templates, &mut out);
@@ -200,7 +252,9 @@ impl Context<'_> {
 
     fn check_params(&self, def: &PipelineDef, out: &mut Vec<Diagnostic>) {
         for (name, param) in &def.params {
-            let Some(default) = &param.default else { continue };
+            let Some(default) = &param.default else {
+                continue;
+            };
             if !param.param_type.accepts(default) {
                 let pointer = pointer_push(&pointer_push("/params", name), "default");
                 out.push(self.diagnostic(
@@ -233,18 +287,29 @@ impl Context<'_> {
                         Some((line, _)) => format!("on line {line}"),
                         None => format!("at {earlier_pointer}"),
                     };
-                    out.push(self.diagnostic(
-                        "duplicate_task_id",
-                        format!("task id `{}` is already used by the task {place}", task.id),
-                        &format!("{}/id", self.task_pointer(position)),
-                        Some("task ids must be unique within a pipeline; rename one of the two".to_owned()),
-                    ));
+                    out.push(
+                        self.diagnostic(
+                            "duplicate_task_id",
+                            format!("task id `{}` is already used by the task {place}", task.id),
+                            &format!("{}/id", self.task_pointer(position)),
+                            Some(
+                                "task ids must be unique within a pipeline; rename one of the two"
+                                    .to_owned(),
+                            ),
+                        ),
+                    );
                 }
             }
         }
     }
 
-    fn check_tool(&self, task: &TaskDef, pointer: &str, tools: &mut HashMap<String, Option<Tool>>, out: &mut Vec<Diagnostic>) {
+    fn check_tool(
+        &self,
+        task: &TaskDef,
+        pointer: &str,
+        tools: &mut HashMap<String, Option<Tool>>,
+        out: &mut Vec<Diagnostic>,
+    ) {
         let tool = tools.entry(task.tool.clone()).or_insert_with(|| {
             self.catalog.input_schema(&task.tool).map(|schema| {
                 let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string());
@@ -268,7 +333,10 @@ impl Context<'_> {
             Err(message) => {
                 out.push(self.diagnostic(
                     "input_schema",
-                    format!("the input schema of tool `{}` does not compile: {message}", task.tool),
+                    format!(
+                        "the input schema of tool `{}` does not compile: {message}",
+                        task.tool
+                    ),
                     &format!("{pointer}/tool"),
                     Some("fix the tool's registration".to_owned()),
                 ));
@@ -284,35 +352,59 @@ impl Context<'_> {
                 continue;
             }
             let location = error.instance_path().as_str().to_owned();
-            let object_hint = schema_properties(&tool.schema, &location).map(|p| format!("tool `{}` takes {p}", task.tool));
+            let object_hint = schema_properties(&tool.schema, &location)
+                .map(|p| format!("tool `{}` takes {p}", task.tool));
             let found = match error.kind() {
-                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => unexpected
-                    .iter()
-                    .map(|name| {
-                        let field = pointer_push(&location, name);
-                        let message = format!("tool `{}` takes no input `{}`", task.tool, &field[1..]);
-                        let known = schema_property_names(&tool.schema, &location);
-                        let hint = match closest(name, known.iter().map(String::as_str)) {
-                            Some(best) => Some(format!("did you mean `{best}`? {}", object_hint.clone().unwrap_or_default())),
-                            None => object_hint.clone(),
-                        };
-                        (true, format!("{with}{field}"), message, hint)
-                    })
-                    .collect(),
+                jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+                    unexpected
+                        .iter()
+                        .map(|name| {
+                            let field = pointer_push(&location, name);
+                            let message =
+                                format!("tool `{}` takes no input `{}`", task.tool, &field[1..]);
+                            let known = schema_property_names(&tool.schema, &location);
+                            let hint = match closest(name, known.iter().map(String::as_str)) {
+                                Some(best) => Some(format!(
+                                    "did you mean `{best}`? {}",
+                                    object_hint.clone().unwrap_or_default()
+                                )),
+                                None => object_hint.clone(),
+                            };
+                            (true, format!("{with}{field}"), message, hint)
+                        })
+                        .collect()
+                }
                 jsonschema::error::ValidationErrorKind::Required { property } => {
-                    let name = property.as_str().map_or_else(|| property.to_string(), str::to_owned);
+                    let name = property
+                        .as_str()
+                        .map_or_else(|| property.to_string(), str::to_owned);
                     let field = pointer_push(&location, &name);
                     let message = format!("tool `{}` needs input `{}`", task.tool, &field[1..]);
-                    vec![(true, format!("{with}{location}"), message, object_hint.clone())]
+                    vec![(
+                        true,
+                        format!("{with}{location}"),
+                        message,
+                        object_hint.clone(),
+                    )]
                 }
                 _ => {
                     let message = match location.is_empty() {
-                        false => format!("input `{}` of tool `{}`: {error}", &location[1..], task.tool),
+                        false => format!(
+                            "input `{}` of tool `{}`: {error}",
+                            &location[1..],
+                            task.tool
+                        ),
                         true => format!("inputs of tool `{}`: {error}", task.tool),
                     };
                     let parent = location.rsplit_once('/').map_or("", |(parent, _)| parent);
-                    let hint = schema_properties(&tool.schema, parent).map(|p| format!("tool `{}` takes {p}", task.tool));
-                    vec![(location.is_empty(), format!("{with}{location}"), message, hint)]
+                    let hint = schema_properties(&tool.schema, parent)
+                        .map(|p| format!("tool `{}` takes {p}", task.tool));
+                    vec![(
+                        location.is_empty(),
+                        format!("{with}{location}"),
+                        message,
+                        hint,
+                    )]
                 }
             };
             for (at_key, pointer, message, hint) in found {
@@ -370,8 +462,12 @@ impl Context<'_> {
         known_list: &[&str],
         out: &mut Vec<Diagnostic>,
     ) {
-        let params: Vec<&str> =
-            def.params.keys().map(String::as_str).chain(self.unreadable_params.iter().map(String::as_str)).collect();
+        let params: Vec<&str> = def
+            .params
+            .keys()
+            .map(String::as_str)
+            .chain(self.unreadable_params.iter().map(String::as_str))
+            .collect();
         for site in template_sites(task, pointer) {
             if let Err(err) = templates.check_syntax(&site.text, site.is_condition) {
                 out.push(self.diagnostic(
@@ -382,10 +478,13 @@ impl Context<'_> {
                 ));
                 continue;
             }
-            let Ok(references) = templates.references(&site.text, site.is_condition) else { continue };
+            let Ok(references) = templates.references(&site.text, site.is_condition) else {
+                continue;
+            };
             let mut reported = BTreeSet::new();
             for reference in &references {
-                let Some((code, message, hint)) = self.check_reference(task, &site, reference, &params, known, known_list)
+                let Some((code, message, hint)) =
+                    self.check_reference(task, &site, reference, &params, known, known_list)
                 else {
                     continue;
                 };
@@ -418,16 +517,26 @@ impl Context<'_> {
                 }
                 let hint = match closest(name, params.iter().copied()) {
                     Some(best) => format!("did you mean `params.{best}`?"),
-                    None => format!("declare it under `params:`; {}", suggestion(name, params, "declared params")),
+                    None => format!(
+                        "declare it under `params:`; {}",
+                        suggestion(name, params, "declared params")
+                    ),
                 };
-                Some(("unknown_reference", format!("`params.{name}` is not a declared param"), hint))
+                Some((
+                    "unknown_reference",
+                    format!("`params.{name}` is not a declared param"),
+                    hint,
+                ))
             }
             "tasks" => {
                 let id = second?;
                 if id == task.id.as_str() {
                     return Some((
                         "self_dependency",
-                        format!("task `{}` reads its own outputs through `tasks.{id}`", task.id),
+                        format!(
+                            "task `{}` reads its own outputs through `tasks.{id}`",
+                            task.id
+                        ),
                         "a task can read only the outputs of other tasks".to_owned(),
                     ));
                 }
@@ -436,7 +545,11 @@ impl Context<'_> {
                         Some(best) => format!("did you mean `tasks.{best}`?"),
                         None => suggestion(id, known_list, "tasks"),
                     };
-                    return Some(("unknown_reference", format!("`tasks.{id}` names no task"), hint));
+                    return Some((
+                        "unknown_reference",
+                        format!("`tasks.{id}` names no task"),
+                        hint,
+                    ));
                 }
                 let field = third?;
                 if TASK_CONTEXT_FIELDS.contains(&field) {
@@ -446,7 +559,11 @@ impl Context<'_> {
                     Some(best) => format!("did you mean `tasks.{id}.{best}`?"),
                     None => "a task exposes `outputs` and `state`".to_owned(),
                 };
-                Some(("unknown_reference", format!("`tasks.{id}.{field}` does not exist"), hint))
+                Some((
+                    "unknown_reference",
+                    format!("`tasks.{id}.{field}` does not exist"),
+                    hint,
+                ))
             }
             "run" => {
                 let field = second?;
@@ -454,7 +571,11 @@ impl Context<'_> {
                     return None;
                 }
                 let hint = suggestion(field, RUN_CONTEXT_FIELDS, "`run` holds");
-                Some(("unknown_reference", format!("`run.{field}` does not exist"), hint))
+                Some((
+                    "unknown_reference",
+                    format!("`run.{field}` does not exist"),
+                    hint,
+                ))
             }
             "item" | "index" if site.item_allowed => None,
             "item" | "index" => {
@@ -481,10 +602,18 @@ impl Context<'_> {
                     Some(best) => format!("did you mean `{best}`?"),
                     None => format!(
                         "templates read {}",
-                        allowed.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+                        allowed
+                            .iter()
+                            .map(|n| format!("`{n}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                 };
-                Some(("unknown_reference", format!("unknown name `{name}` in template"), hint))
+                Some((
+                    "unknown_reference",
+                    format!("unknown name `{name}` in template"),
+                    hint,
+                ))
             }
         }
     }
@@ -501,12 +630,17 @@ impl Context<'_> {
             }
         }
         if task.timeout.is_some_and(|t| t.is_zero()) {
-            out.push(self.diagnostic(
-                "invalid_timeout",
-                format!("task `{}` has a zero timeout", task.id),
-                &format!("{pointer}/timeout"),
-                Some("use a positive duration such as \"30s\", or leave `timeout` out for none".to_owned()),
-            ));
+            out.push(
+                self.diagnostic(
+                    "invalid_timeout",
+                    format!("task `{}` has a zero timeout", task.id),
+                    &format!("{pointer}/timeout"),
+                    Some(
+                        "use a positive duration such as \"30s\", or leave `timeout` out for none"
+                            .to_owned(),
+                    ),
+                ),
+            );
         }
         match &task.for_each {
             None | Some(Value::Array(_)) => {}
@@ -537,8 +671,13 @@ impl Context<'_> {
                 .collect();
             nodes.push((task.id.clone(), dependencies));
         }
-        let Err(DagError::Cycle(cycle)) = Dag::build(&nodes) else { return };
-        let (Some(first), Some(previous)) = (cycle.first(), cycle.len().checked_sub(2).and_then(|i| cycle.get(i))) else {
+        let Err(DagError::Cycle(cycle)) = Dag::build(&nodes) else {
+            return;
+        };
+        let (Some(first), Some(previous)) = (
+            cycle.first(),
+            cycle.len().checked_sub(2).and_then(|i| cycle.get(i)),
+        ) else {
             return;
         };
         let position = positions[first];
@@ -553,7 +692,12 @@ impl Context<'_> {
                 .find(|site| {
                     templates
                         .references(&site.text, site.is_condition)
-                        .is_ok_and(|refs| refs.iter().any(|r| r.split('.').nth(1) == Some(previous.as_str()) && r.starts_with("tasks.")))
+                        .is_ok_and(|refs| {
+                            refs.iter().any(|r| {
+                                r.split('.').nth(1) == Some(previous.as_str())
+                                    && r.starts_with("tasks.")
+                            })
+                        })
                 })
                 .map_or_else(|| format!("{task_pointer}/depends_on"), |site| site.pointer),
         };
@@ -572,7 +716,12 @@ fn template_sites(task: &TaskDef, pointer: &str) -> Vec<TemplateSite> {
     fn walk(value: &Value, pointer: String, item_allowed: bool, out: &mut Vec<TemplateSite>) {
         match value {
             Value::String(text) if is_template(text) => {
-                out.push(TemplateSite { pointer, text: text.clone(), is_condition: false, item_allowed });
+                out.push(TemplateSite {
+                    pointer,
+                    text: text.clone(),
+                    is_condition: false,
+                    item_allowed,
+                });
             }
             Value::Array(items) => {
                 for (index, item) in items.iter().enumerate() {
@@ -589,7 +738,12 @@ fn template_sites(task: &TaskDef, pointer: &str) -> Vec<TemplateSite> {
     }
     let mut out = Vec::new();
     for (key, value) in &task.inputs {
-        walk(value, pointer_push(&format!("{pointer}/with"), key), task.for_each.is_some(), &mut out);
+        walk(
+            value,
+            pointer_push(&format!("{pointer}/with"), key),
+            task.for_each.is_some(),
+            &mut out,
+        );
     }
     if let Some(condition) = &task.condition {
         out.push(TemplateSite {
@@ -638,11 +792,22 @@ fn schema_property_names(schema: &Value, location: &str) -> Vec<String> {
 fn schema_properties(schema: &Value, location: &str) -> Option<String> {
     let object = subschema(schema, location)?;
     let properties = object.get("properties")?.as_object()?;
-    let required: BTreeSet<&str> =
-        object.get("required").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let required: BTreeSet<&str> = object
+        .get("required")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
     let listed: Vec<String> = properties
         .keys()
-        .map(|k| if required.contains(k.as_str()) { format!("`{k}` (required)") } else { format!("`{k}`") })
+        .map(|k| {
+            if required.contains(k.as_str()) {
+                format!("`{k}` (required)")
+            } else {
+                format!("`{k}`")
+            }
+        })
         .collect();
     Some(listed.join(", "))
 }
@@ -675,7 +840,10 @@ mod tests {
                     "additionalProperties": false
                 }),
             ),
-            ("http".to_owned(), json!({"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]})),
+            (
+                "http".to_owned(),
+                json!({"type": "object", "properties": {"url": {"type": "string"}}, "required": ["url"]}),
+            ),
             ("shell".to_owned(), json!({"type": "object"})),
         ]))
     }
@@ -685,7 +853,10 @@ mod tests {
     }
 
     fn summary(diagnostics: &[Diagnostic]) -> Vec<(&'static str, Option<u32>, Option<u32>, &str)> {
-        diagnostics.iter().map(|d| (d.code, d.line, d.column, d.pointer.as_str())).collect()
+        diagnostics
+            .iter()
+            .map(|d| (d.code, d.line, d.column, d.pointer.as_str()))
+            .collect()
     }
 
     #[test]
@@ -707,7 +878,12 @@ tasks:
     if: tasks.species.state == 'succeeded' and run.id
 ";
         let pipeline = validate("p.yaml", text, &catalog()).unwrap();
-        let order: Vec<&str> = pipeline.dag.topological_order().iter().map(TaskId::as_str).collect();
+        let order: Vec<&str> = pipeline
+            .dag
+            .topological_order()
+            .iter()
+            .map(TaskId::as_str)
+            .collect();
         assert_eq!(order, ["load", "species", "report"]);
     }
 
@@ -744,24 +920,54 @@ tasks:
                 ("param_type", Some(3), Some(34), "/params/year/default"),
                 ("unknown_tool", Some(6), Some(11), "/tasks/0/tool"),
                 ("duplicate_task_id", Some(7), Some(9), "/tasks/1/id"),
-                ("unknown_reference", Some(10), Some(14), "/tasks/1/with/query"),
+                (
+                    "unknown_reference",
+                    Some(10),
+                    Some(14),
+                    "/tasks/1/with/query"
+                ),
                 ("input_schema", Some(11), Some(14), "/tasks/1/with/limit"),
-                ("unknown_dependency", Some(14), Some(18), "/tasks/2/depends_on/0"),
-                ("self_dependency", Some(14), Some(23), "/tasks/2/depends_on/1"),
+                (
+                    "unknown_dependency",
+                    Some(14),
+                    Some(18),
+                    "/tasks/2/depends_on/0"
+                ),
+                (
+                    "self_dependency",
+                    Some(14),
+                    Some(23),
+                    "/tasks/2/depends_on/1"
+                ),
                 ("unknown_field", Some(15), Some(5), "/tasks/2/depends-on"),
                 ("unknown_reference", Some(16), Some(17), "/tasks/2/with/url"),
                 ("invalid_timeout", Some(17), Some(14), "/tasks/2/timeout"),
-                ("invalid_retry", Some(18), Some(27), "/tasks/2/retry/max_attempts"),
+                (
+                    "invalid_retry",
+                    Some(18),
+                    Some(27),
+                    "/tasks/2/retry/max_attempts"
+                ),
                 ("for_each_type", Some(21), Some(15), "/tasks/3/for_each"),
                 ("unknown_reference", Some(22), Some(9), "/tasks/3/if"),
             ]
         );
         let hint = |code: &str, pointer: &str| {
-            found.iter().find(|d| d.code == code && d.pointer == pointer).and_then(|d| d.hint.clone()).unwrap()
+            found
+                .iter()
+                .find(|d| d.code == code && d.pointer == pointer)
+                .and_then(|d| d.hint.clone())
+                .unwrap()
         };
         assert_eq!(hint("unknown_tool", "/tasks/0/tool"), "did you mean `sql`?");
-        assert_eq!(hint("unknown_dependency", "/tasks/2/depends_on/0"), "did you mean `load`?");
-        assert_eq!(hint("unknown_reference", "/tasks/1/with/query"), "did you mean `params.year`?");
+        assert_eq!(
+            hint("unknown_dependency", "/tasks/2/depends_on/0"),
+            "did you mean `load`?"
+        );
+        assert_eq!(
+            hint("unknown_reference", "/tasks/1/with/query"),
+            "did you mean `params.year`?"
+        );
         assert!(found[2].message.contains("line 5"), "{}", found[2].message);
     }
 
@@ -783,7 +989,10 @@ tasks:
     tool: shell
 ";
         let found = problems(text);
-        assert_eq!(summary(&found), [("cycle", Some(5), Some(18), "/tasks/0/depends_on/0")]);
+        assert_eq!(
+            summary(&found),
+            [("cycle", Some(5), Some(18), "/tasks/0/depends_on/0")]
+        );
         assert_eq!(found[0].message, "dependency cycle: a -> b -> c -> a");
     }
 
@@ -800,7 +1009,10 @@ tasks:
     depends_on: [a]
 ";
         let found = problems(text);
-        assert_eq!(summary(&found), [("cycle", Some(5), Some(15), "/tasks/0/with/x")]);
+        assert_eq!(
+            summary(&found),
+            [("cycle", Some(5), Some(15), "/tasks/0/with/x")]
+        );
         assert_eq!(found[0].message, "dependency cycle: a -> b -> a");
     }
 
@@ -830,9 +1042,15 @@ tasks:
             ]
         );
         assert_eq!(found[0].message, "tool `sql` needs input `query`");
-        assert_eq!(found[0].hint.as_deref(), Some("tool `sql` takes `limit`, `query` (required)"));
+        assert_eq!(
+            found[0].hint.as_deref(),
+            Some("tool `sql` takes `limit`, `query` (required)")
+        );
         assert_eq!(found[1].message, "tool `sql` takes no input `extra`");
-        assert_eq!(found[2].message, "input `url` of tool `http`: 42 is not of type \"string\"");
+        assert_eq!(
+            found[2].message,
+            "input `url` of tool `http`: 42 is not of type \"string\""
+        );
     }
 
     #[test]
@@ -886,13 +1104,39 @@ tasks:
                 ("unknown_reference", "/tasks/1/with/x"),
             ]
         );
-        assert_eq!(found[2].hint.as_deref(), Some("did you mean `tasks.b.outputs`?"));
+        assert_eq!(
+            found[2].hint.as_deref(),
+            Some("did you mean `tasks.b.outputs`?")
+        );
         assert_eq!(found[4].message, "`run.nope` does not exist");
     }
 
     #[test]
     fn an_empty_pipeline_is_reported() {
-        assert_eq!(summary(&problems("name: p\ntasks: []\n")), [("empty_pipeline", Some(2), Some(8), "/tasks")]);
+        assert_eq!(
+            summary(&problems("name: p\ntasks: []\n")),
+            [("empty_pipeline", Some(2), Some(8), "/tasks")]
+        );
+    }
+
+    #[test]
+    fn a_document_without_tasks_is_reported_once() {
+        let found = problems("name: p\n");
+        assert_eq!(summary(&found), [("missing_field", Some(1), Some(1), "")]);
+        assert_eq!(found[0].message, "a pipeline needs a `tasks` field");
+    }
+
+    #[test]
+    fn a_number_where_text_is_expected_suggests_quoting() {
+        let found = problems("name: p\ntasks:\n  - id: a\n    tool: shell\n    description: 12\n");
+        assert_eq!(
+            summary(&found),
+            [("invalid_type", Some(5), Some(18), "/tasks/0/description")]
+        );
+        assert_eq!(
+            found[0].hint.as_deref(),
+            Some("quote the value (`'...'`) to keep it text")
+        );
     }
 
     #[test]
@@ -910,8 +1154,14 @@ tasks:
         }))
         .unwrap();
         let found = validate_def(&def, None, "api", &catalog());
-        assert_eq!(summary(&found), [("unknown_tool", None, None, "/tasks/0/tool")]);
-        assert_eq!(found[0].hint.as_deref(), Some("known tools: `http`, `shell`, `sql`"));
+        assert_eq!(
+            summary(&found),
+            [("unknown_tool", None, None, "/tasks/0/tool")]
+        );
+        assert_eq!(
+            found[0].hint.as_deref(),
+            Some("known tools: `http`, `shell`, `sql`")
+        );
     }
 
     #[test]
@@ -926,10 +1176,19 @@ tasks:
             "tasks": [{"id": "a", "tool": "shell"}]
         }))
         .unwrap();
-        let given = json!({"name": "adelie", "limit": 2.5}).as_object().cloned().unwrap();
-        assert_eq!(check_params(&def, &given).unwrap(), json!({"year": 2008, "name": "adelie", "limit": 2.5}));
+        let given = json!({"name": "adelie", "limit": 2.5})
+            .as_object()
+            .cloned()
+            .unwrap();
+        assert_eq!(
+            check_params(&def, &given).unwrap(),
+            json!({"year": 2008, "name": "adelie", "limit": 2.5})
+        );
 
-        let given = json!({"yaer": 2009, "year": "2009"}).as_object().cloned().unwrap();
+        let given = json!({"yaer": 2009, "year": "2009"})
+            .as_object()
+            .cloned()
+            .unwrap();
         let problems = check_params(&def, &given).unwrap_err();
         assert_eq!(
             problems,

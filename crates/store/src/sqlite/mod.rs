@@ -102,7 +102,10 @@ impl SqliteStore {
             .foreign_keys(true)
             .busy_timeout(BUSY_TIMEOUT)
             .synchronous(synchronous);
-        let open_error = |source| Error::Open { path: path.to_path_buf(), source };
+        let open_error = |source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        };
 
         // The writer is opened first: it creates the file and switches it to WAL, which is a
         // property of the file that the readers then find. It keeps its one connection for
@@ -123,7 +126,10 @@ impl SqliteStore {
         sqlx::migrate!("./migrations")
             .run(&writer)
             .await
-            .map_err(|source| Error::Migrate { path: path.to_path_buf(), source })?;
+            .map_err(|source| Error::Migrate {
+                path: path.to_path_buf(),
+                source,
+            })?;
         let reader = SqlitePoolOptions::new()
             .max_connections(READ_CONNECTIONS_MAX)
             .connect_with(options)
@@ -302,7 +308,12 @@ fn canonical(value: Value) -> Value {
         Value::Object(map) => {
             let mut entries: Vec<(String, Value)> = map.into_iter().collect();
             entries.sort_by(|a, b| a.0.cmp(&b.0));
-            Value::Object(entries.into_iter().map(|(k, v)| (k, canonical(v))).collect())
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k, canonical(v)))
+                    .collect(),
+            )
         }
         Value::Array(items) => Value::Array(items.into_iter().map(canonical).collect()),
         other => other,
@@ -382,7 +393,9 @@ impl Store for SqliteStore {
         // Encoding runs on the async thread: it costs about a microsecond per row and batches
         // are bounded by the engine, while moving it to a blocking thread would need a copy
         // of the batch that costs as much as the encoding itself.
-        let runs = (!batch.runs.is_empty()).then(|| encode_runs(&batch.runs)).transpose()?;
+        let runs = (!batch.runs.is_empty())
+            .then(|| encode_runs(&batch.runs))
+            .transpose()?;
         let task_runs = (!batch.task_runs.is_empty())
             .then(|| encode_task_runs(&batch.task_runs))
             .transpose()?;
@@ -392,7 +405,11 @@ impl Store for SqliteStore {
 
         let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
         if let Some(runs) = runs {
-            sqlx::query(UPSERT_RUNS).bind(runs).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query(UPSERT_RUNS)
+                .bind(runs)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         let mut stale_task_runs = Vec::new();
         if let Some(EncodedTaskRuns { rows, tokens }) = task_runs {
@@ -404,10 +421,18 @@ impl Store for SqliteStore {
             for id in stored_higher {
                 stale_task_runs.push(parse_text::<TaskRunId>(&id, "task_runs.id")?);
             }
-            sqlx::query(UPSERT_TASK_RUNS).bind(rows).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query(UPSERT_TASK_RUNS)
+                .bind(rows)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         if let Some(attempts) = attempts {
-            sqlx::query(UPSERT_ATTEMPTS).bind(attempts).execute(&mut *tx).await.map_err(db)?;
+            sqlx::query(UPSERT_ATTEMPTS)
+                .bind(attempts)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
 
@@ -417,7 +442,10 @@ impl Store for SqliteStore {
             }
         }
         if !stale_task_runs.is_empty() {
-            tracing::debug!(count = stale_task_runs.len(), "stale task-run writes refused");
+            tracing::debug!(
+                count = stale_task_runs.len(),
+                "stale task-run writes refused"
+            );
         }
         Ok(CommitReport { stale_task_runs })
     }
@@ -434,7 +462,8 @@ impl Store for SqliteStore {
     async fn runs(&self, filter: &RunFilter) -> StoreResult<Vec<RunRecord>> {
         // Built per filter rather than with `?n IS NULL OR …` so that SQLite can pick the
         // index matching the filters actually given.
-        let mut query = QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE true"));
+        let mut query =
+            QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE true"));
         if let Some(name) = &filter.pipeline_name {
             query.push(" AND pipeline_name = ").push_bind(name.clone());
         }
@@ -446,7 +475,11 @@ impl Store for SqliteStore {
         }
         query
             .push(" ORDER BY id DESC LIMIT ")
-            .push_bind(clamp_limit(filter.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX));
+            .push_bind(clamp_limit(
+                filter.limit,
+                LIST_LIMIT_DEFAULT,
+                LIST_LIMIT_MAX,
+            ));
         let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
         rows.iter().map(run_from_row).collect()
     }
@@ -481,7 +514,11 @@ impl Store for SqliteStore {
         }
         let encoded = encode_logs(lines)?;
         let mut tx = self.writer.begin_with(BEGIN_WRITE).await.map_err(db)?;
-        sqlx::query(INSERT_LOGS).bind(encoded).execute(&mut *tx).await.map_err(db)?;
+        sqlx::query(INSERT_LOGS)
+            .bind(encoded)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(())
     }
@@ -493,11 +530,15 @@ impl Store for SqliteStore {
         builder.push_bind(query.run_id.to_string());
         builder.push(" AND seq > ").push_bind(query.after_seq);
         if let Some(task_id) = &query.task_id {
-            builder.push(" AND task_id = ").push_bind(task_id.as_str().to_owned());
+            builder
+                .push(" AND task_id = ")
+                .push_bind(task_id.as_str().to_owned());
         }
-        builder
-            .push(" ORDER BY seq LIMIT ")
-            .push_bind(clamp_limit(query.limit, LOG_LIMIT_DEFAULT, LOG_LIMIT_MAX));
+        builder.push(" ORDER BY seq LIMIT ").push_bind(clamp_limit(
+            query.limit,
+            LOG_LIMIT_DEFAULT,
+            LOG_LIMIT_MAX,
+        ));
         let rows = builder.build().fetch_all(&self.reader).await.map_err(db)?;
         rows.iter().map(log_from_row).collect()
     }
@@ -510,8 +551,9 @@ impl Store for SqliteStore {
     ) -> StoreResult<ArtifactRecord> {
         let id = ArtifactId::new();
         let created_at = self.clock.now();
-        let size = i64::try_from(size_bytes)
-            .map_err(|_| StoreError::Conflict(format!("artifact size {size_bytes} is out of range")))?;
+        let size = i64::try_from(size_bytes).map_err(|_| {
+            StoreError::Conflict(format!("artifact size {size_bytes} is out of range"))
+        })?;
         let table_meta = meta.table.as_ref().map(to_json).transpose()?;
         let inputs = to_json(&meta.inputs)?;
         let producer = meta.produced_by.as_ref();
@@ -551,11 +593,13 @@ impl Store for SqliteStore {
     }
 
     async fn artifact(&self, id: ArtifactId) -> StoreResult<Option<ArtifactRecord>> {
-        let row = sqlx::query(&format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE id = ?1"))
-            .bind(id.to_string())
-            .fetch_optional(&self.reader)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(&format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
         row.as_ref().map(artifact_from_row).transpose()
     }
 
@@ -576,13 +620,18 @@ impl Store for SqliteStore {
                 query.push(" ORDER BY version DESC LIMIT 1");
             }
         }
-        let row = query.build().fetch_optional(&self.reader).await.map_err(db)?;
+        let row = query
+            .build()
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
         row.as_ref().map(artifact_from_row).transpose()
     }
 
     async fn artifacts(&self, filter: &ArtifactFilter) -> StoreResult<Vec<ArtifactRecord>> {
-        let mut query =
-            QueryBuilder::<Sqlite>::new(format!("SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE true"));
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE true"
+        ));
         if let Some(name) = &filter.name {
             query.push(" AND name = ").push_bind(name.clone());
         }
@@ -591,7 +640,11 @@ impl Store for SqliteStore {
         }
         query
             .push(" ORDER BY id DESC LIMIT ")
-            .push_bind(clamp_limit(filter.limit, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX));
+            .push_bind(clamp_limit(
+                filter.limit,
+                LIST_LIMIT_DEFAULT,
+                LIST_LIMIT_MAX,
+            ));
         let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
         rows.iter().map(artifact_from_row).collect()
     }
@@ -613,7 +666,10 @@ mod tests {
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
         let value = serde_json::json!({"b": 1, "a": {"d": [{"z": 1, "y": 2}], "c": null}});
-        assert_eq!(canonical(value).to_string(), r#"{"a":{"c":null,"d":[{"y":2,"z":1}]},"b":1}"#);
+        assert_eq!(
+            canonical(value).to_string(),
+            r#"{"a":{"c":null,"d":[{"y":2,"z":1}]},"b":1}"#
+        );
     }
 
     #[test]

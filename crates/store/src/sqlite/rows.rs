@@ -21,7 +21,8 @@ use crate::error::db;
 
 /// Encodes a value as JSON text.
 pub(super) fn to_json<T: Serialize + ?Sized>(value: &T) -> StoreResult<String> {
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(format!("cannot encode json: {e}")))
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Backend(format!("cannot encode json: {e}")))
 }
 
 fn optional_json(value: Option<&Value>) -> StoreResult<Option<String>> {
@@ -34,8 +35,11 @@ fn micros(at: Option<Timestamp>) -> Option<i64> {
 
 /// SQLite integers are signed; a fencing token above `i64::MAX` cannot be stored or compared.
 fn token(value: u64) -> StoreResult<i64> {
-    i64::try_from(value)
-        .map_err(|_| StoreError::Conflict(format!("fencing token {value} is above the largest storable value")))
+    i64::try_from(value).map_err(|_| {
+        StoreError::Conflict(format!(
+            "fencing token {value} is above the largest storable value"
+        ))
+    })
 }
 
 #[derive(Serialize)]
@@ -139,7 +143,10 @@ pub(super) fn encode_task_runs(task_runs: &[TaskRunRecord]) -> StoreResult<Encod
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
-    Ok(EncodedTaskRuns { rows: to_json(&rows)?, tokens: to_json(&tokens)? })
+    Ok(EncodedTaskRuns {
+        rows: to_json(&rows)?,
+        tokens: to_json(&tokens)?,
+    })
 }
 
 #[derive(Serialize)]
@@ -212,11 +219,13 @@ where
 
 /// An integer column that must fit a `u32`.
 pub(super) fn to_u32(value: i64, column: &str) -> StoreResult<u32> {
-    u32::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
+    u32::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
 }
 
 fn to_u64(value: i64, column: &str) -> StoreResult<u64> {
-    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
+    u64::try_from(value)
+        .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
 }
 
 fn u32_column(row: &SqliteRow, name: &str) -> StoreResult<u32> {
@@ -224,7 +233,9 @@ fn u32_column(row: &SqliteRow, name: &str) -> StoreResult<u32> {
 }
 
 fn optional_u32_column(row: &SqliteRow, name: &str) -> StoreResult<Option<u32>> {
-    column::<Option<i64>>(row, name)?.map(|v| to_u32(v, name)).transpose()
+    column::<Option<i64>>(row, name)?
+        .map(|v| to_u32(v, name))
+        .transpose()
 }
 
 fn parsed_column<T: std::str::FromStr>(row: &SqliteRow, name: &str) -> StoreResult<T>
@@ -236,7 +247,8 @@ where
 }
 
 fn json_text<T: DeserializeOwned>(text: &str, name: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("{name} holds invalid json: {e}")))
+    serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("{name} holds invalid json: {e}")))
 }
 
 fn json_column<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
@@ -244,8 +256,13 @@ fn json_column<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<
     json_text(text, name)
 }
 
-fn optional_json_column<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<Option<T>> {
-    column::<Option<&str>>(row, name)?.map(|text| json_text(text, name)).transpose()
+fn optional_json_column<T: DeserializeOwned>(
+    row: &SqliteRow,
+    name: &str,
+) -> StoreResult<Option<T>> {
+    column::<Option<&str>>(row, name)?
+        .map(|text| json_text(text, name))
+        .transpose()
 }
 
 fn timestamp_column(row: &SqliteRow, name: &str) -> StoreResult<Timestamp> {
