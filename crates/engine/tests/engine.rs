@@ -667,7 +667,7 @@ async fn exhausting_the_attempts_fails_the_task_skips_its_dependents_and_fails_t
     let report = h
         .complete(&second, retryable("timeout talking to the API"))
         .await;
-    assert!(report.assignments.is_empty());
+    assert!(report.assignments.is_empty(), "{:?}", report.assignments);
 
     let extract = h.stored_task(run_id, "extract").await;
     assert_eq!(extract.state, TaskRunState::Failed);

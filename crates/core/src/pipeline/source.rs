@@ -181,8 +181,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 /// The candidate closest to `target` by edit distance, if it is close enough to be a likely
 /// typo: at most one edit for names of up to three characters, two up to eight, and a third
-/// of the length beyond. Case differences count as half an edit's worth by being checked
-/// first.
+/// of the length beyond. A name that differs only in case is the closest of all.
 pub(crate) fn closest<'a>(
     target: &str,
     candidates: impl IntoIterator<Item = &'a str>,

@@ -222,28 +222,22 @@ impl Context<'_> {
         }
         self.check_params(def, &mut out);
         self.check_duplicates(def, &mut out);
-        let known: BTreeSet<&str> = def
+        // Every task id written, sorted and without repeats, for membership and hints.
+        let known: Vec<&str> = def
             .tasks
             .iter()
             .map(|t| t.id.as_str())
             .chain(self.unreadable_tasks.iter().map(String::as_str))
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
-        let known_list: Vec<&str> = known.iter().copied().collect();
         let templates = Templates::new();
         let mut tools = HashMap::new();
         for (position, task) in def.tasks.iter().enumerate() {
             let pointer = self.task_pointer(position);
             self.check_tool(task, &pointer, &mut tools, &mut out);
-            self.check_dependencies(task, &pointer, &known, &known_list, &mut out);
-            self.check_templates(
-                def,
-                task,
-                &pointer,
-                &templates,
-                &known,
-                &known_list,
-                &mut out,
-            );
+            self.check_dependencies(task, &pointer, &known, &mut out);
+            self.check_templates(def, task, &pointer, &templates, &known, &mut out);
             self.check_policies(task, &pointer, &mut out);
         }
         self.check_cycle(def, &templates, &mut out);
@@ -427,8 +421,7 @@ impl Context<'_> {
         &self,
         task: &TaskDef,
         pointer: &str,
-        known: &BTreeSet<&str>,
-        known_list: &[&str],
+        known: &[&str],
         out: &mut Vec<Diagnostic>,
     ) {
         for (position, dependency) in task.depends_on.iter().enumerate() {
@@ -440,26 +433,24 @@ impl Context<'_> {
                     &dependency_pointer,
                     Some("remove it from `depends_on`".to_owned()),
                 ));
-            } else if !known.contains(dependency.as_str()) {
+            } else if !known.contains(&dependency.as_str()) {
                 out.push(self.diagnostic(
                     "unknown_dependency",
                     format!("task `{}` depends on unknown task `{dependency}`", task.id),
                     &dependency_pointer,
-                    Some(suggestion(dependency.as_str(), known_list, "tasks")),
+                    Some(suggestion(dependency.as_str(), known, "tasks")),
                 ));
             }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn check_templates(
         &self,
         def: &PipelineDef,
         task: &TaskDef,
         pointer: &str,
         templates: &Templates,
-        known: &BTreeSet<&str>,
-        known_list: &[&str],
+        known: &[&str],
         out: &mut Vec<Diagnostic>,
     ) {
         let params: Vec<&str> = def
@@ -484,7 +475,7 @@ impl Context<'_> {
             let mut reported = BTreeSet::new();
             for reference in &references {
                 let Some((code, message, hint)) =
-                    self.check_reference(task, &site, reference, &params, known, known_list)
+                    self.check_reference(task, &site, reference, &params, known)
                 else {
                     continue;
                 };
@@ -502,8 +493,7 @@ impl Context<'_> {
         site: &TemplateSite,
         reference: &str,
         params: &[&str],
-        known: &BTreeSet<&str>,
-        known_list: &[&str],
+        known: &[&str],
     ) -> Option<(&'static str, String, String)> {
         let mut parts = reference.split('.');
         let root = parts.next().unwrap_or_default();
@@ -540,10 +530,10 @@ impl Context<'_> {
                         "a task can read only the outputs of other tasks".to_owned(),
                     ));
                 }
-                if !known.contains(id) {
-                    let hint = match closest(id, known_list.iter().copied()) {
+                if !known.contains(&id) {
+                    let hint = match closest(id, known.iter().copied()) {
                         Some(best) => format!("did you mean `tasks.{best}`?"),
-                        None => suggestion(id, known_list, "tasks"),
+                        None => suggestion(id, known, "tasks"),
                     };
                     return Some((
                         "unknown_reference",
