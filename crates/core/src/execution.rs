@@ -879,7 +879,7 @@ impl RunExecution {
             if !dep_state.is_terminal() {
                 return false;
             }
-            if !dep_state.satisfies_dependents() && blocked_by.is_none() {
+            if blocked_by.is_none() && !self.lets_dependents_run(dep) {
                 blocked_by = Some((dep.clone(), dep_state));
             }
         }
@@ -916,6 +916,32 @@ impl RunExecution {
             },
             Some(for_each) => self.fan_out(&task, parent, for_each, &context, now),
         }
+    }
+
+    /// Whether a finished task lets its dependents run. A task that succeeded does; so does
+    /// one skipped because its condition was false. A task skipped because an upstream task
+    /// failed or was cancelled does not: otherwise the failure would stop only one level down
+    /// and the tasks below the skipped one would run. The state alone cannot tell the two
+    /// skips apart, so this walks up through skipped tasks: a skip blocks when a failed or
+    /// cancelled task lies above it (a skip by condition only happens once every dependency
+    /// let it run). Linear in the skipped part of the upstream graph.
+    fn lets_dependents_run(&self, task_id: &TaskId) -> bool {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![task_id];
+        while let Some(task) = stack.pop() {
+            match self.task_runs[self.nodes[task].parent].state {
+                TaskRunState::Succeeded => {}
+                TaskRunState::Skipped => {
+                    for dep in self.pipeline.dag.dependencies(task) {
+                        if seen.insert(dep) {
+                            stack.push(dep);
+                        }
+                    }
+                }
+                _ => return false,
+            }
+        }
+        true
     }
 
     fn fan_out(
@@ -957,6 +983,11 @@ impl RunExecution {
         }
         self.task_runs[parent].fan_out = Some(items.len() as u32);
         if items.is_empty() {
+            // Pending → succeeded is not a legal transition: the fan-out starts and finishes
+            // at once. (Going straight to succeeded was refused by `transition`, which left
+            // the parent pending and the run stuck for ever in release builds.)
+            self.transition(parent, TaskRunState::Running, now);
+            self.task_runs[parent].started_at = Some(now);
             self.task_runs[parent].outputs = Some(Value::Array(Vec::new()));
             self.set_terminal(parent, TaskRunState::Succeeded, None, now);
             return true;

@@ -169,7 +169,16 @@ impl Attempt {
             }
         };
         log.finish().await;
-        self.running.lock().expect("the running map is never poisoned").remove(&a.task_run_id);
+        {
+            // Remove our entry only if it is still ours: when our lease expired, the scheduler
+            // stopped us and leased the task run again, and the new attempt's entry (a higher
+            // token) replaced ours under the same id. Removing it would make the new attempt
+            // unstoppable by a cancel or by its own lease expiry.
+            let mut running = self.running.lock().expect("the running map is never poisoned");
+            if running.get(&a.task_run_id).is_some_and(|(held, _)| *held == a.fencing_token) {
+                running.remove(&a.task_run_id);
+            }
+        }
         let outcome = outcome.unwrap_or_else(|| AttemptOutcome::Failed {
             message: "stopped".into(),
             retryable: false,

@@ -1,0 +1,710 @@
+//! Integration tests of the built-in tools against the real SQLite store and local artifact
+//! store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arches_core::ids::{RunId, TaskId, TaskRunId};
+use arches_core::ports::{ArtifactStore, LogSink, Tool, ToolContext, ToolError};
+use arches_core::records::{Durability, LogStream, NewArtifact};
+use arches_store::{LocalArtifactStore, SqliteStore};
+use arches_tools::{builtin_registry, EchoTool, FileTool, NoopTool, ShellTool, SqlTool};
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+const PENGUINS_CSV: &str = "/work/shared/data/penguins.csv";
+
+/// Log lines kept in memory.
+#[derive(Default)]
+struct MemoryLogs {
+    lines: Mutex<Vec<(LogStream, String)>>,
+}
+
+#[async_trait]
+impl LogSink for MemoryLogs {
+    async fn write(&self, stream: LogStream, text: &str) {
+        self.lines.lock().unwrap().push((stream, text.to_owned()));
+    }
+}
+
+impl MemoryLogs {
+    fn of(&self, stream: LogStream) -> Vec<String> {
+        let lines = self.lines.lock().unwrap();
+        lines
+            .iter()
+            .filter(|(s, _)| *s == stream)
+            .map(|(_, text)| text.clone())
+            .collect()
+    }
+}
+
+/// A fresh store, artifact store and log for one test.
+struct Harness {
+    dir: TempDir,
+    artifacts: Arc<LocalArtifactStore>,
+    logs: Arc<MemoryLogs>,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("arches.db"), Durability::Normal)
+            .await
+            .unwrap();
+        let artifacts = LocalArtifactStore::new(&dir.path().join("artifacts"), Arc::new(store)).unwrap();
+        Self {
+            dir,
+            artifacts: Arc::new(artifacts),
+            logs: Arc::new(MemoryLogs::default()),
+        }
+    }
+
+    /// A context for task `task` with these upstream outputs and a fresh working directory.
+    fn context(&self, task: &str, upstream: BTreeMap<String, Value>) -> ToolContext {
+        let work_dir = tempfile::tempdir_in(self.dir.path()).unwrap().keep();
+        ToolContext {
+            run_id: RunId::new(),
+            task_run_id: TaskRunId::new(),
+            task_id: TaskId::parse(task).unwrap(),
+            attempt: 1,
+            item: None,
+            upstream,
+            work_dir,
+            artifacts: self.artifacts.clone(),
+            logs: self.logs.clone(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Stores bytes as an artifact and returns the outputs of a task that produced it.
+    async fn upstream_output(&self, name: &str, media_type: &str, content: &[u8]) -> Value {
+        let record = self
+            .artifacts
+            .put_bytes(content.to_vec(), new_artifact(name, media_type))
+            .await
+            .unwrap();
+        json!({ "artifact": record })
+    }
+
+    async fn read_artifact(&self, outputs: &Value) -> Vec<u8> {
+        let id = outputs["artifact"]["id"].as_str().unwrap().parse().unwrap();
+        self.artifacts.read(id, 1 << 20).await.unwrap()
+    }
+}
+
+fn new_artifact(name: &str, media_type: &str) -> NewArtifact {
+    NewArtifact {
+        name: name.to_owned(),
+        media_type: media_type.to_owned(),
+        table: None,
+        produced_by: None,
+        inputs: Vec::new(),
+    }
+}
+
+fn upstream(entries: &[(&str, Value)]) -> BTreeMap<String, Value> {
+    entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+}
+
+async fn penguins_upstream(harness: &Harness) -> Value {
+    let content = std::fs::read(PENGUINS_CSV).unwrap();
+    harness.upstream_output("penguins", "text/csv", &content).await
+}
+
+fn species_counts(preview: &Value) -> Vec<(String, i64)> {
+    preview
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| (row["species"].as_str().unwrap().to_owned(), row["n"].as_i64().unwrap()))
+        .collect()
+}
+
+fn expected_species() -> Vec<(String, i64)> {
+    vec![
+        ("Adelie".to_owned(), 152),
+        ("Chinstrap".to_owned(), 68),
+        ("Gentoo".to_owned(), 124),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------
+// sql
+
+#[tokio::test]
+async fn sql_counts_the_penguins_of_an_upstream_csv_artifact() {
+    let harness = Harness::new().await;
+    let upstream_outputs = penguins_upstream(&harness).await;
+    let context = harness.context("count", upstream(&[("load-penguins", upstream_outputs.clone())]));
+
+    let outputs = SqlTool::new()
+        .execute(context, json!({"query": "SELECT count(*) AS n FROM load_penguins"}))
+        .await
+        .unwrap();
+
+    assert_eq!(outputs["rows"], json!(1));
+    assert_eq!(outputs["preview"], json!([{"n": 344}]));
+    assert_eq!(outputs["schema"][0]["name"], "n");
+    assert_eq!(outputs["schema"][0]["data_type"], "Int64");
+    let artifact = &outputs["artifact"];
+    assert_eq!(artifact["name"], "count");
+    assert_eq!(artifact["media_type"], "application/vnd.apache.parquet");
+    assert_eq!(artifact["table"]["rows"], json!(1));
+    assert_eq!(artifact["inputs"], json!([upstream_outputs["artifact"]["id"]]));
+    assert!(harness.read_artifact(&outputs).await.starts_with(b"PAR1"));
+}
+
+#[tokio::test]
+async fn sql_groups_penguins_from_a_local_path_into_a_csv_artifact() {
+    let harness = Harness::new().await;
+    let context = harness.context("by-species", BTreeMap::new());
+
+    let outputs = SqlTool::new()
+        .execute(
+            context,
+            json!({
+                "query": "SELECT species, count(*) AS n FROM penguins GROUP BY species ORDER BY species",
+                "tables": {"penguins": {"path": PENGUINS_CSV}},
+                "output": {"name": "penguins/by-species", "format": "csv"}
+            }),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outputs["rows"], json!(3));
+    assert_eq!(species_counts(&outputs["preview"]), expected_species());
+    assert_eq!(
+        outputs["schema"],
+        json!([
+            {"name": "species", "data_type": "Utf8", "nullable": true},
+            {"name": "n", "data_type": "Int64", "nullable": false}
+        ])
+    );
+    assert_eq!(outputs["artifact"]["name"], "penguins/by-species");
+    assert_eq!(outputs["artifact"]["media_type"], "text/csv");
+    let content = harness.read_artifact(&outputs).await;
+    assert_eq!(
+        String::from_utf8(content).unwrap(),
+        "species,n\nAdelie,152\nChinstrap,68\nGentoo,124\n"
+    );
+}
+
+#[tokio::test]
+async fn sql_reads_the_parquet_result_of_an_upstream_sql_task() {
+    let harness = Harness::new().await;
+    let load = harness.context("load", upstream(&[("raw", penguins_upstream(&harness).await)]));
+    let loaded = SqlTool::new()
+        .execute(load, json!({"query": "SELECT * FROM raw", "preview_rows": 2}))
+        .await
+        .unwrap();
+    assert_eq!(loaded["rows"], json!(344));
+    assert_eq!(loaded["preview"].as_array().unwrap().len(), 2);
+
+    let count = harness.context("count", upstream(&[("load", loaded)]));
+    let outputs = SqlTool::new()
+        .execute(
+            count,
+            json!({"query": "SELECT species, count(*) AS n FROM load GROUP BY species ORDER BY n DESC"}),
+        )
+        .await
+        .unwrap();
+
+    let mut counts = species_counts(&outputs["preview"]);
+    assert_eq!(counts[0], ("Adelie".to_owned(), 152));
+    counts.sort();
+    assert_eq!(counts, expected_species());
+}
+
+#[tokio::test]
+async fn sql_reads_a_fan_out_upstream_as_one_table() {
+    let harness = Harness::new().await;
+    let first = harness.upstream_output("part", "text/csv", b"id,label\n1,a\n2,b\n").await;
+    let second = harness.upstream_output("part", "text/csv", b"id,label\n3,c\n").await;
+    let third = harness
+        .upstream_output("part", "application/json", br#"[{"id": 4, "label": "d"}]"#)
+        .await;
+    let context = harness.context(
+        "merge",
+        upstream(&[("split-parts", json!([first, second, third]))]),
+    );
+
+    let outputs = SqlTool::new()
+        .execute(
+            context,
+            json!({"query": "SELECT sum(id) AS total, count(*) AS n FROM split_parts"}),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outputs["preview"], json!([{"total": 10, "n": 4}]));
+    assert_eq!(outputs["artifact"]["inputs"].as_array().unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_sql_syntax_error_is_permanent_and_quotes_the_query() {
+    let harness = Harness::new().await;
+    let context = harness.context("broken", BTreeMap::new());
+    let query = "SELEC species FROM penguins";
+
+    let error = SqlTool::new()
+        .execute(
+            context,
+            json!({"query": query, "tables": {"penguins": {"path": PENGUINS_CSV}}}),
+        )
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(error.message.starts_with("sql syntax error"), "{}", error.message);
+    assert!(error.message.contains(query), "{}", error.message);
+}
+
+#[tokio::test]
+async fn an_unknown_column_is_a_permanent_error_naming_the_column() {
+    let harness = Harness::new().await;
+    let context = harness.context("broken", upstream(&[("penguins", penguins_upstream(&harness).await)]));
+
+    let error = SqlTool::new()
+        .execute(context, json!({"query": "SELECT wingspan FROM penguins"}))
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(error.message.starts_with("sql planning error"), "{}", error.message);
+    assert!(error.message.contains("wingspan"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn an_unknown_table_is_a_permanent_error_naming_the_table() {
+    let harness = Harness::new().await;
+    let context = harness.context("broken", BTreeMap::new());
+
+    let error = SqlTool::new()
+        .execute(context, json!({"query": "SELECT * FROM nowhere"}))
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(error.message.contains("nowhere"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn a_missing_sql_input_file_is_a_permanent_error_naming_the_path() {
+    let harness = Harness::new().await;
+    let context = harness.context("broken", BTreeMap::new());
+    let missing = harness.path("absent/penguins.csv");
+
+    let error = SqlTool::new()
+        .execute(
+            context,
+            json!({"query": "SELECT 1", "tables": {"penguins": {"path": missing}}}),
+        )
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(error.message.contains("input file not found"), "{}", error.message);
+    assert!(error.message.contains(missing.to_str().unwrap()), "{}", error.message);
+}
+
+#[tokio::test]
+async fn sql_refuses_statements_that_write_files() {
+    let harness = Harness::new().await;
+    let context = harness.context("copy", BTreeMap::new());
+    let target = harness.path("copied.csv");
+    let query = format!("COPY (SELECT 1 AS x) TO '{}' STORED AS CSV", target.display());
+
+    let error = SqlTool::new()
+        .execute(context, json!({ "query": query }))
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(!target.exists());
+}
+
+// ---------------------------------------------------------------------------------------
+// shell
+
+async fn run_shell(harness: &Harness, inputs: Value) -> Result<Value, ToolError> {
+    ShellTool::new()
+        .execute(harness.context("script", BTreeMap::new()), inputs)
+        .await
+}
+
+#[tokio::test]
+async fn shell_outputs_come_from_the_arches_output_file() {
+    let harness = Harness::new().await;
+
+    let outputs = run_shell(
+        &harness,
+        json!({"command": r#"printf '{"answer": 42, "exit_code": 9}' > "$ARCHES_OUTPUT""#}),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(outputs, json!({"answer": 42, "exit_code": 0, "artifacts": []}));
+}
+
+#[tokio::test]
+async fn invalid_json_in_the_output_file_is_a_permanent_error_naming_the_file() {
+    let harness = Harness::new().await;
+
+    let error = run_shell(&harness, json!({"command": r#"echo '{"answer":' > "$ARCHES_OUTPUT""#}))
+        .await
+        .unwrap_err();
+
+    assert!(!error.retryable);
+    assert!(error.message.contains("arches-output.json"), "{}", error.message);
+    assert!(error.message.contains("not valid json"), "{}", error.message);
+}
+
+#[tokio::test]
+async fn shell_scrubs_the_environment_but_passes_declared_variables() {
+    let harness = Harness::new().await;
+    std::env::set_var("TOOLS_TEST_PARENT_SECRET", "leaked");
+    std::env::set_var("ARCHES_TOOLS_TEST_PARENT_SECRET", "leaked");
+
+    run_shell(
+        &harness,
+        json!({
+            "command": r#"echo "${TOOLS_TEST_PARENT_SECRET-unset} ${ARCHES_TOOLS_TEST_PARENT_SECRET-unset} $GREETING $ARCHES_TASK_ID $ARCHES_ATTEMPT""#,
+            "env": {"GREETING": "hello there"}
+        }),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(
+        harness.logs.of(LogStream::Stdout),
+        vec!["unset unset hello there script 1".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn shell_logs_stdout_and_stderr_lines_and_reads_stdin() {
+    let harness = Harness::new().await;
+
+    run_shell(
+        &harness,
+        json!({"command": "printf 'one\\r\\ntwo\\n'; cat; echo oops >&2", "stdin": "from stdin"}),
+    )
+    .await
+    .unwrap();
+
+    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["one", "two", "from stdin"]);
+    assert_eq!(harness.logs.of(LogStream::Stderr), vec!["oops"]);
+}
+
+#[tokio::test]
+async fn non_utf8_output_is_logged_lossily() {
+    let harness = Harness::new().await;
+
+    run_shell(&harness, json!({"argv": ["printf", "caf\\351\\nok"]}))
+        .await
+        .unwrap();
+
+    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["caf\u{FFFD}", "ok"]);
+}
+
+#[tokio::test]
+async fn huge_output_is_truncated_in_the_log_but_the_command_succeeds() {
+    let harness = Harness::new().await;
+
+    let outputs = run_shell(&harness, json!({"command": "yes | head -c 50000000"}))
+        .await
+        .unwrap();
+
+    assert_eq!(outputs["exit_code"], json!(0));
+    let stdout = harness.logs.of(LogStream::Stdout);
+    assert_eq!(stdout.len(), 10_000);
+    assert!(stdout.iter().all(|line| line == "y"));
+    // 10,000 lines of "y\n" were logged; everything after them is counted.
+    assert_eq!(
+        harness.logs.of(LogStream::System),
+        vec!["output truncated: 49980000 more bytes of stdout".to_owned()]
+    );
+}
+
+#[tokio::test]
+async fn a_very_long_line_is_cut_at_64_kib() {
+    let harness = Harness::new().await;
+
+    run_shell(&harness, json!({"command": "head -c 200000 /dev/zero | tr '\\0' x; echo; echo next"}))
+        .await
+        .unwrap();
+
+    let stdout = harness.logs.of(LogStream::Stdout);
+    assert_eq!(stdout.len(), 2);
+    assert_eq!(stdout[0].len(), 64 * 1024);
+    assert_eq!(stdout[1], "next");
+}
+
+#[tokio::test]
+async fn a_missing_command_is_a_permanent_command_not_found_error() {
+    let harness = Harness::new().await;
+
+    let error = run_shell(&harness, json!({"command": "no-such-command-xyz --flag"}))
+        .await
+        .unwrap_err();
+    assert_eq!(error, ToolError::permanent("command not found: no-such-command-xyz"));
+
+    let error = run_shell(&harness, json!({"argv": ["no-such-program-xyz", "arg"]}))
+        .await
+        .unwrap_err();
+    assert_eq!(error, ToolError::permanent("command not found: no-such-program-xyz"));
+}
+
+#[tokio::test]
+async fn a_failing_command_reports_its_status_and_the_stderr_tail() {
+    let harness = Harness::new().await;
+
+    let error = run_shell(
+        &harness,
+        json!({"command": "i=1; while [ $i -le 30 ]; do echo \"line $i\" >&2; i=$((i+1)); done; exit 3"}),
+    )
+    .await
+    .unwrap_err();
+
+    assert!(error.retryable);
+    let mut lines = error.message.lines();
+    assert_eq!(lines.next(), Some("command exited with status 3; last stderr lines:"));
+    let tail: Vec<&str> = lines.collect();
+    let expected: Vec<String> = (11..=30).map(|i| format!("line {i}")).collect();
+    assert_eq!(tail, expected);
+}
+
+#[tokio::test]
+async fn collected_files_become_artifacts() {
+    let harness = Harness::new().await;
+
+    let outputs = run_shell(
+        &harness,
+        json!({
+            "command": "mkdir -p out && printf 'a,b\\n1,2\\n' > out/result.csv && echo notes > notes.md",
+            "collect": [
+                {"path": "out/result.csv"},
+                {"path": "notes.md", "name": "notes", "media_type": "text/plain"}
+            ]
+        }),
+    )
+    .await
+    .unwrap();
+
+    let artifacts = outputs["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 2);
+    assert_eq!(artifacts[0]["name"], "script/out/result.csv");
+    assert_eq!(artifacts[0]["media_type"], "text/csv");
+    assert_eq!(artifacts[1]["name"], "notes");
+    assert_eq!(artifacts[1]["media_type"], "text/plain");
+    let id = artifacts[0]["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(harness.artifacts.read(id, 1024).await.unwrap(), b"a,b\n1,2\n");
+}
+
+#[tokio::test]
+async fn a_missing_collected_file_is_a_permanent_error_naming_it() {
+    let harness = Harness::new().await;
+
+    let error = run_shell(
+        &harness,
+        json!({"command": "true", "collect": [{"path": "out/never-written.csv"}]}),
+    )
+    .await
+    .unwrap_err();
+
+    assert_eq!(error, ToolError::permanent("collected file not found: out/never-written.csv"));
+}
+
+#[tokio::test]
+async fn shell_files_hold_upstream_artifacts_and_json_values() {
+    let harness = Harness::new().await;
+    let extract = harness.upstream_output("rows", "text/csv", b"x\n1\n").await;
+    let context = harness.context("script", upstream(&[("extract", extract)]));
+
+    ShellTool::new()
+        .execute(
+            context,
+            json!({
+                "command": "cat input/rows.csv; tr -d ' \\n' < params.json; echo",
+                "files": {"input/rows.csv": "extract", "params.json": {"limit": 5}}
+            }),
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["x", "1", r#"{"limit":5}"#]);
+}
+
+/// Whether a process has ended: gone from `/proc`, or a zombie. A killed grandchild is
+/// re-parented to PID 1, which in some containers never reaps it; as a zombie it is dead.
+fn process_has_ended(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[tokio::test]
+async fn dropping_the_execute_future_kills_the_whole_process_group() {
+    let harness = Harness::new().await;
+    let context = harness.context("sleeper", BTreeMap::new());
+    let work_dir = context.work_dir.clone();
+    let tool = ShellTool::new();
+    let script = "sleep 30 & echo $! > grandchild.tmp && mv grandchild.tmp grandchild.pid; \
+                  echo $$ > child.tmp && mv child.tmp child.pid; sleep 30";
+    let execution = tool.execute(context, json!({ "command": script }));
+    tokio::pin!(execution);
+
+    // Drive the command until it has written both pids, bounded by 5 s.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (child, grandchild) = loop {
+        tokio::select! {
+            result = &mut execution => panic!("the command ended early: {result:?}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+        if let (Some(child), Some(grandchild)) = (
+            read_pid(&work_dir.join("child.pid")),
+            read_pid(&work_dir.join("grandchild.pid")),
+        ) {
+            break (child, grandchild);
+        }
+        assert!(Instant::now() < deadline, "the script did not write its pids within 5 s");
+    };
+    assert!(!process_has_ended(child));
+    assert!(!process_has_ended(grandchild));
+
+    // What the engine does on timeout or cancel.
+    drop(execution);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(process_has_ended(child) && process_has_ended(grandchild)) {
+        assert!(Instant::now() < deadline, "processes {child} and {grandchild} still run after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn background_jobs_are_killed_when_the_command_exits() {
+    let harness = Harness::new().await;
+    let context = harness.context("leaver", BTreeMap::new());
+    let work_dir = context.work_dir.clone();
+
+    // Without the kill the call would wait 30 s: the background job holds stdout open.
+    ShellTool::new()
+        .execute(context, json!({"command": "sleep 30 & echo $! > job.pid"}))
+        .await
+        .unwrap();
+
+    let job = read_pid(&work_dir.join("job.pid")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !process_has_ended(job) {
+        assert!(Instant::now() < deadline, "background job {job} still runs after 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// file
+
+#[tokio::test]
+async fn the_file_tool_stores_a_local_file_and_writes_it_back_out() {
+    let harness = Harness::new().await;
+    let stored = FileTool::new()
+        .execute(harness.context("import", BTreeMap::new()), json!({"path": PENGUINS_CSV}))
+        .await
+        .unwrap();
+    let artifact = &stored["artifact"];
+    assert_eq!(artifact["name"], "penguins.csv");
+    assert_eq!(artifact["media_type"], "text/csv");
+    assert_eq!(artifact["table"]["rows"], json!(344));
+    assert_eq!(artifact["table"]["columns"].as_array().unwrap().len(), 8);
+    assert_eq!(artifact["table"]["columns"][0]["name"], "species");
+
+    let destination = harness.path("exported/nested/penguins.csv");
+    let context = harness.context("export", upstream(&[("import", stored)]));
+    let written = FileTool::new()
+        .execute(context, json!({"artifact": "import", "to": destination}))
+        .await
+        .unwrap();
+
+    let original = std::fs::read(PENGUINS_CSV).unwrap();
+    assert_eq!(written["path"], json!(destination));
+    assert_eq!(written["size_bytes"], json!(original.len()));
+    assert_eq!(std::fs::read(&destination).unwrap(), original);
+}
+
+#[tokio::test]
+async fn the_file_tool_names_a_missing_path() {
+    let harness = Harness::new().await;
+    let missing = harness.path("nowhere/data.csv");
+
+    let error = FileTool::new()
+        .execute(harness.context("import", BTreeMap::new()), json!({"path": missing}))
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        error,
+        ToolError::permanent(format!("file not found: {}", missing.display()))
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// noop, echo and the registry
+
+#[tokio::test]
+async fn noop_returns_an_empty_object() {
+    let harness = Harness::new().await;
+    let outputs = NoopTool::new()
+        .execute(harness.context("noop", BTreeMap::new()), json!({"anything": 1}))
+        .await
+        .unwrap();
+    assert_eq!(outputs, json!({}));
+}
+
+#[tokio::test]
+async fn echo_fails_the_first_attempts_then_returns_its_inputs() {
+    let harness = Harness::new().await;
+    let inputs = json!({"fail": "flaky", "fail_times": 2, "value": [1, 2]});
+    for attempt in 1..=3 {
+        let mut context = harness.context("echo", BTreeMap::new());
+        context.attempt = attempt;
+        let result = EchoTool::new().execute(context, inputs.clone()).await;
+        if attempt <= 2 {
+            assert_eq!(result, Err(ToolError::transient("flaky")));
+        } else {
+            assert_eq!(result, Ok(inputs.clone()));
+        }
+    }
+    assert_eq!(harness.logs.of(LogStream::Stdout), vec![inputs.to_string()]);
+}
+
+#[test]
+fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
+    let registry = builtin_registry();
+    assert_eq!(
+        registry.names().collect::<Vec<_>>(),
+        vec!["echo", "file", "noop", "shell", "sql"]
+    );
+    for name in ["sql", "shell"] {
+        let schema = registry.get(name).unwrap().input_schema();
+        assert_eq!(schema["additionalProperties"], json!(false), "{name}");
+    }
+    let file = registry.get("file").unwrap().input_schema();
+    for shape in file["oneOf"].as_array().unwrap() {
+        assert_eq!(shape["additionalProperties"], json!(false));
+    }
+}
