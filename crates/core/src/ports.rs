@@ -227,6 +227,12 @@ pub trait Tool: Send + Sync + 'static {
     /// JSON Schema (draft 2020-12) of the `with` inputs.
     fn input_schema(&self) -> Value;
 
+    /// The upstream tasks the inputs name (for example the tables a query reads), among the
+    /// pipeline's `task_ids`; validation makes them dependencies of the task.
+    fn implied_dependencies(&self, _inputs: &Value, _task_ids: &[&str]) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Whether an attempt needs its working directory created; tools that touch no files
     /// (`noop`, `echo`) say no and save two filesystem calls per attempt.
     fn needs_work_dir(&self) -> bool {
@@ -280,5 +286,12 @@ impl crate::pipeline::ToolCatalog for ToolRegistry {
 
     fn tool_names(&self) -> Vec<String> {
         self.tools.keys().cloned().collect()
+    }
+
+    fn implied_dependencies(&self, tool: &str, inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+        self.tools
+            .get(tool)
+            .map(|t| t.implied_dependencies(inputs, task_ids))
+            .unwrap_or_default()
     }
 }

@@ -991,6 +991,30 @@ async fn a_false_condition_skips_the_task_and_its_dependents_still_run() {
     assert_eq!(leased(&report), ["notify"]);
 }
 
+#[tokio::test]
+async fn skips_by_condition_let_dependents_run_through_several_levels() {
+    let mut h = Harness::new().await;
+    let p = pipeline(json!({
+        "name": "gates",
+        "tasks": [
+            {"id": "prepare", "tool": "echo"},
+            {"id": "gate", "tool": "echo", "depends_on": ["prepare"], "if": "false"},
+            {"id": "inner", "tool": "echo", "depends_on": ["gate"], "if": "false"},
+            {"id": "finish", "tool": "echo", "depends_on": ["inner", "prepare"]},
+        ]
+    }));
+    let (run_id, report) = h.submit(&p, json!({})).await;
+    let prepare = assignment(&report, "prepare").clone();
+    let report = h.complete(&prepare, ok(json!({}))).await;
+    assert_eq!(leased(&report), ["finish"]);
+    let states = h.stored_states(run_id).await;
+    assert_eq!(states["gate"], TaskRunState::Skipped);
+    assert_eq!(states["inner"], TaskRunState::Skipped);
+    let finish = report.assignments[0].clone();
+    h.complete(&finish, ok(json!({}))).await;
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Succeeded);
+}
+
 // ---------------------------------------------------------------------------------------
 // Concurrency
 // ---------------------------------------------------------------------------------------
@@ -1214,6 +1238,112 @@ async fn a_crash_after_a_commit_keeps_the_completion_and_resume_releases_the_und
         h.attempt_states(run_id, c.task_run_id).await,
         [AttemptState::LeaseExpired, AttemptState::Succeeded]
     );
+}
+
+#[tokio::test]
+async fn a_fan_out_resumes_after_a_crash_without_rerunning_finished_items() {
+    let mut h = Harness::new().await;
+    let p = greet_everyone();
+    let (run_id, report) = h.submit(&p, json!({"names": ["ada", "bob", "cy"]})).await;
+    let mut items = report.assignments.clone();
+    items.sort_by_key(|a| a.inputs["position"].as_u64());
+    h.complete(&items[0], ok(json!("hi ada"))).await;
+    h.failpoints.fail_after_commit(1);
+    h.send_completion(&items[1], ok(json!("hi bob"))).await;
+    let crashed = h.scheduler.step().await;
+    assert!(
+        matches!(crashed, Err(Error::Injected("after commit"))),
+        "{crashed:?}"
+    );
+
+    h.restart().await;
+    let (reclaimed, report) = h.resume(run_id, &p).await;
+    assert_eq!(reclaimed, 1, "only cy's item was running");
+    assert_eq!(report.assignments.len(), 1);
+    let cy = report.assignments[0].clone();
+    assert_eq!((cy.task_run_id, cy.attempt), (items[2].task_run_id, 2));
+    assert_eq!(cy.inputs, json!({"name": "cy", "position": 2}));
+    h.assert_store_matches_memory(run_id).await;
+
+    let report = h.complete(&cy, ok(json!("hi cy"))).await;
+    let collect = assignment(&report, "collect").clone();
+    assert_eq!(
+        collect.inputs,
+        json!({"all": ["hi ada", "hi bob", "hi cy"]})
+    );
+    h.complete(&collect, ok(json!({}))).await;
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Succeeded);
+    for (item, expected) in items.iter().zip([1, 1, 2]) {
+        assert_eq!(
+            h.stored_attempts(run_id, item.task_run_id).await.len(),
+            expected
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_task_that_keeps_losing_its_lease_fails_after_the_limit() {
+    let mut h = Harness::new().await;
+    let (run_id, report) = h.submit(&single(None), json!({})).await;
+    let task_run_id = report.assignments[0].task_run_id;
+    let limit = ExecutionLimits::default().lease_expiries_max;
+    for expiry in 1..=limit {
+        h.clock.advance(LEASE_TTL);
+        let report = h.step().await;
+        assert_eq!(report.wakeups, 1);
+        if expiry < limit {
+            assert_eq!(assignment(&report, "work").attempt, expiry + 1);
+        } else {
+            assert!(report.assignments.is_empty());
+        }
+    }
+    let work = h.stored_task(run_id, "work").await;
+    assert_eq!(work.state, TaskRunState::Failed);
+    assert_eq!(
+        work.error.as_deref(),
+        Some("lease expired 5 times; the task may be crashing its worker")
+    );
+    let states = h.attempt_states(run_id, task_run_id).await;
+    assert_eq!(states, vec![AttemptState::LeaseExpired; limit as usize]);
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Failed);
+}
+
+#[tokio::test]
+async fn a_watcher_is_answered_when_the_run_finishes() {
+    let mut h = Harness::new().await;
+    let (run_id, report) = h.submit(&single(None), json!({})).await;
+    let lease = report.assignments[0].clone();
+    let mut events = h.scheduler.handle().subscribe();
+
+    let (reply, mut answer) = oneshot::channel();
+    h.send(Command::Watch { run_id, reply }).await;
+    h.step().await;
+    assert!(answer.try_recv().is_err(), "the run is not over yet");
+
+    let report = h.complete(&lease, ok(json!({}))).await;
+    let run = answer
+        .try_recv()
+        .expect("answered by the step that finished the run")
+        .expect("the run is known");
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(run, h.stored_run(run_id).await);
+    // The step's events are the ones published to subscribers.
+    let mut published = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        published.push(event);
+    }
+    assert_eq!(published, report.events);
+    assert_eq!(
+        published.len(),
+        2,
+        "the task run and the run succeeded: {published:?}"
+    );
+
+    // A finished run is answered from the store at once.
+    let (reply, mut answer) = oneshot::channel();
+    h.send(Command::Watch { run_id, reply }).await;
+    h.step().await;
+    assert_eq!(answer.try_recv().unwrap().unwrap(), run);
 }
 
 #[tokio::test]
@@ -1523,12 +1653,14 @@ async fn a_tool_that_panics_fails_its_task_without_crashing_the_engine() {
 #[tokio::test]
 async fn heartbeats_keep_the_lease_of_a_long_attempt() {
     let engine = LiveEngine::start(|options| {
-        options.lease_ttl = Duration::from_millis(600);
+        // The attempt outlives its lease; only heartbeats keep it. A stall of the test
+        // machine shorter than the lease minus one heartbeat (2.4 s) cannot fail it.
+        options.lease_ttl = Duration::from_millis(2500);
         options.heartbeat_interval = Duration::from_millis(100);
     })
     .await;
     let p = pipeline(
-        json!({"name": "long", "tasks": [{"id": "long", "tool": "sleep", "with": {"ms": 1500}}]}),
+        json!({"name": "long", "tasks": [{"id": "long", "tool": "sleep", "with": {"ms": 3500}}]}),
     );
     let run = engine.run_to_end(&p).await;
     assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);

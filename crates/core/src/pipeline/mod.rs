@@ -26,6 +26,33 @@ pub trait ToolCatalog {
     fn input_schema(&self, tool: &str) -> Option<Value>;
     /// Every tool name, for hints.
     fn tool_names(&self) -> Vec<String>;
+
+    /// The upstream tasks a task's inputs name for its tool (for example the tables a `sql`
+    /// query reads); they become dependencies of the task. `task_ids` are the pipeline's
+    /// task ids; the answer holds only some of them.
+    fn implied_dependencies(&self, _tool: &str, _inputs: &Value, _task_ids: &[&str]) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Adds to each task's `depends_on` the tasks its tool says its inputs read
+/// ([`ToolCatalog::implied_dependencies`]), so that the stored definition names every
+/// dependency explicitly. Returns how many were added.
+pub fn complete_dependencies(def: &mut PipelineDef, catalog: &dyn ToolCatalog) -> usize {
+    let ids: Vec<String> = def.tasks.iter().map(|t| t.id.to_string()).collect();
+    let id_refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let mut added = 0;
+    for task in &mut def.tasks {
+        let inputs = Value::Object(task.inputs.clone());
+        for name in catalog.implied_dependencies(&task.tool, &inputs, &id_refs) {
+            let Ok(id) = TaskId::parse(name) else { continue };
+            if id != task.id && !task.depends_on.contains(&id) {
+                task.depends_on.push(id);
+                added += 1;
+            }
+        }
+    }
+    added
 }
 
 /// One problem found in a pipeline definition.

@@ -44,7 +44,8 @@ pub fn validate(
     catalog: &dyn ToolCatalog,
 ) -> Result<Pipeline, Vec<Diagnostic>> {
     let (value, map) = source::parse_document(file, text)?;
-    let reading = source::read_pipeline(file, &value, &map);
+    let mut reading = source::read_pipeline(file, &value, &map);
+    super::complete_dependencies(&mut reading.def, catalog);
     let mut diagnostics = reading.diagnostics;
     let context = Context {
         file,
@@ -60,17 +61,20 @@ pub fn validate(
         // The reading mirrors the serde model; deserializing the whole value makes sure that
         // nothing it accepted is something the model refuses.
         match serde_json::from_value::<PipelineDef>(value) {
-            Ok(def) => match Pipeline::build(def) {
-                Ok(pipeline) => return Ok(pipeline),
-                Err(err) => diagnostics.push(diagnostic(
-                    "cycle",
-                    err.to_string(),
-                    file,
-                    Some(&map),
-                    "/tasks",
-                    None,
-                )),
-            },
+            Ok(mut def) => {
+                super::complete_dependencies(&mut def, catalog);
+                match Pipeline::build(def) {
+                    Ok(pipeline) => return Ok(pipeline),
+                    Err(err) => diagnostics.push(diagnostic(
+                        "cycle",
+                        err.to_string(),
+                        file,
+                        Some(&map),
+                        "/tasks",
+                        None,
+                    )),
+                }
+            }
             Err(err) => diagnostics.push(diagnostic(
                 "invalid_value",
                 err.to_string(),
