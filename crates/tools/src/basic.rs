@@ -30,6 +30,10 @@ impl Tool for NoopTool {
         "do nothing and return an empty object"
     }
 
+    fn needs_work_dir(&self) -> bool {
+        false
+    }
+
     fn input_schema(&self) -> Value {
         json!({"type": "object"})
     }
@@ -69,6 +73,10 @@ impl Tool for EchoTool {
         "return the inputs as outputs; fail on demand to exercise retries"
     }
 
+    fn needs_work_dir(&self) -> bool {
+        false
+    }
+
     fn input_schema(&self) -> Value {
         json!({
             "type": "object",
@@ -81,17 +89,25 @@ impl Tool for EchoTool {
 
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
         let Value::Object(map) = inputs else {
-            return Err(ToolError::permanent("invalid echo inputs: expected an object"));
+            return Err(ToolError::permanent(
+                "invalid echo inputs: expected an object",
+            ));
         };
         let fail = match map.get("fail") {
             None | Some(Value::Null) => None,
             Some(Value::String(message)) => Some(message.as_str()),
-            Some(_) => return Err(ToolError::permanent("invalid echo inputs: fail must be a string")),
+            Some(_) => {
+                return Err(ToolError::permanent(
+                    "invalid echo inputs: fail must be a string",
+                ))
+            }
         };
         let fail_times = match map.get("fail_times") {
             None | Some(Value::Null) => None,
             Some(value) => Some(value.as_u64().ok_or_else(|| {
-                ToolError::permanent("invalid echo inputs: fail_times must be a non-negative integer")
+                ToolError::permanent(
+                    "invalid echo inputs: fail_times must be a non-negative integer",
+                )
             })?),
         };
         let fails = match (fail, fail_times) {

@@ -58,7 +58,11 @@ impl ArtifactHandle {
         let id = value.get("id")?.as_str()?.parse().ok()?;
         Some(Self {
             id,
-            name: value.get("name").and_then(Value::as_str).unwrap_or_default().to_owned(),
+            name: value
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
             version: value
                 .get("version")
                 .and_then(Value::as_u64)
@@ -133,7 +137,12 @@ fn upstream_list(context: &ToolContext) -> String {
     if context.upstream.is_empty() {
         return "none".to_owned();
     }
-    context.upstream.keys().map(String::as_str).collect::<Vec<_>>().join(", ")
+    context
+        .upstream
+        .keys()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Resolves an artifact reference: an upstream task id (its artifacts), an artifact id, or
@@ -216,7 +225,9 @@ pub(crate) fn relative_path(what: &str, value: &str) -> Result<PathBuf, ToolErro
         }
     }
     if normal.as_os_str().is_empty() {
-        return Err(ToolError::permanent(format!("{what} {value:?} names no file")));
+        return Err(ToolError::permanent(format!(
+            "{what} {value:?} names no file"
+        )));
     }
     Ok(normal)
 }
@@ -235,20 +246,29 @@ pub(crate) async fn copy_artifact_to(
     artifact: &ArtifactHandle,
     destination: &Path,
 ) -> Result<u64, ToolError> {
-    let source = context.artifacts.local_path(artifact.id).await.map_err(|error| {
-        store_error(&format!("cannot read artifact {}", artifact.label()), error)
-    })?;
+    let source = context
+        .artifacts
+        .local_path(artifact.id)
+        .await
+        .map_err(|error| {
+            store_error(&format!("cannot read artifact {}", artifact.label()), error)
+        })?;
     if let Some(parent) = destination.parent() {
         tokio::fs::create_dir_all(parent).await.map_err(|error| {
-            ToolError::permanent(format!("cannot create directory {}: {error}", parent.display()))
+            ToolError::permanent(format!(
+                "cannot create directory {}: {error}",
+                parent.display()
+            ))
         })?;
     }
     // tokio::fs::copy runs the copy on the blocking pool.
-    tokio::fs::copy(&source, destination).await.map_err(|error| {
-        ToolError::permanent(format!(
-            "cannot copy artifact {} to {}: {error}",
-            artifact.label(),
-            destination.display()
-        ))
-    })
+    tokio::fs::copy(&source, destination)
+        .await
+        .map_err(|error| {
+            ToolError::permanent(format!(
+                "cannot copy artifact {} to {}: {error}",
+                artifact.label(),
+                destination.display()
+            ))
+        })
 }

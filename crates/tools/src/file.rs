@@ -186,6 +186,13 @@ impl Tool for FileTool {
         })
     }
 
+    fn implied_dependencies(&self, inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+        match inputs.get("artifact").and_then(Value::as_str) {
+            Some(task) if task_ids.contains(&task) => vec![task.to_owned()],
+            _ => Vec::new(),
+        }
+    }
+
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
         if inputs.get("path").is_some() {
             store(&context, parse_inputs("file", inputs)?).await

@@ -128,7 +128,9 @@ impl Invocation {
             (Some(command), None) => Ok(Self::Shell(command)),
             (None, Some(argv)) if !argv.is_empty() => Ok(Self::Program(argv)),
             (None, Some(_)) => Err(ToolError::permanent("argv needs at least the program")),
-            (Some(_), Some(_)) => Err(ToolError::permanent("give either command or argv, not both")),
+            (Some(_), Some(_)) => Err(ToolError::permanent(
+                "give either command or argv, not both",
+            )),
             (None, None) => Err(ToolError::permanent("give command or argv")),
         }
     }
@@ -171,7 +173,11 @@ impl Invocation {
             }
         }
         match self {
-            Self::Shell(line) => line.split_whitespace().next().unwrap_or_default().to_owned(),
+            Self::Shell(line) => line
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_owned(),
             Self::Program(argv) => argv[0].clone(),
         }
     }
@@ -218,7 +224,9 @@ impl ProcessGroup {
     fn kill(&self) {
         match killpg(self.group, Signal::SIGKILL) {
             Ok(()) | Err(Errno::ESRCH) => {}
-            Err(error) => tracing::warn!(group = self.group.as_raw(), %error, "cannot kill process group"),
+            Err(error) => {
+                tracing::warn!(group = self.group.as_raw(), %error, "cannot kill process group")
+            }
         }
     }
 }
@@ -263,7 +271,10 @@ impl StreamSummary {
             lines.pop();
         }
         let start = lines.len().saturating_sub(count);
-        lines[start..].iter().map(|line| (*line).to_owned()).collect()
+        lines[start..]
+            .iter()
+            .map(|line| (*line).to_owned())
+            .collect()
     }
 }
 
@@ -412,7 +423,10 @@ fn check_variable(name: &str, value: &str) -> Result<(), ToolError> {
 }
 
 /// Places the declared `files` in the working directory.
-async fn place_files(context: &ToolContext, files: &BTreeMap<String, Value>) -> Result<(), ToolError> {
+async fn place_files(
+    context: &ToolContext,
+    files: &BTreeMap<String, Value>,
+) -> Result<(), ToolError> {
     for (name, value) in files {
         let destination = context.work_dir.join(relative_path("files:", name)?);
         let with_name = |error: ToolError| ToolError {
@@ -453,12 +467,16 @@ async fn place_files(context: &ToolContext, files: &BTreeMap<String, Value>) -> 
                 })?;
                 if let Some(parent) = destination.parent() {
                     tokio::fs::create_dir_all(parent).await.map_err(|error| {
-                        with_name(ToolError::permanent(format!("cannot create directory: {error}")))
+                        with_name(ToolError::permanent(format!(
+                            "cannot create directory: {error}"
+                        )))
                     })?;
                 }
-                tokio::fs::write(&destination, content).await.map_err(|error| {
-                    with_name(ToolError::permanent(format!("cannot write file: {error}")))
-                })?;
+                tokio::fs::write(&destination, content)
+                    .await
+                    .map_err(|error| {
+                        with_name(ToolError::permanent(format!("cannot write file: {error}")))
+                    })?;
             }
         }
     }
@@ -485,7 +503,10 @@ async fn read_output_file(path: &Path) -> Result<Map<String, Value>, ToolError> 
         )));
     }
     let content = tokio::fs::read(path).await.map_err(|error| {
-        ToolError::permanent(format!("cannot read output file {}: {error}", path.display()))
+        ToolError::permanent(format!(
+            "cannot read output file {}: {error}",
+            path.display()
+        ))
     })?;
     match serde_json::from_slice::<Value>(&content) {
         Ok(Value::Object(map)) => Ok(map),
@@ -501,7 +522,10 @@ async fn read_output_file(path: &Path) -> Result<Map<String, Value>, ToolError> 
 }
 
 /// Stores the declared files as artifacts.
-async fn collect_files(context: &ToolContext, specs: &[CollectSpec]) -> Result<Vec<Value>, ToolError> {
+async fn collect_files(
+    context: &ToolContext,
+    specs: &[CollectSpec],
+) -> Result<Vec<Value>, ToolError> {
     let mut records = Vec::with_capacity(specs.len());
     for spec in specs {
         let relative = relative_path("collect:", &spec.path)?;
@@ -548,7 +572,9 @@ async fn collect_files(context: &ToolContext, specs: &[CollectSpec]) -> Result<V
                 },
             )
             .await
-            .map_err(|error| store_error(&format!("cannot store collected file {}", spec.path), error))?;
+            .map_err(|error| {
+                store_error(&format!("cannot store collected file {}", spec.path), error)
+            })?;
         records.push(artifact_json(&record)?);
     }
     Ok(records)
@@ -605,6 +631,24 @@ impl Tool for ShellTool {
                 "stdin": {"type": "string"}
             }
         })
+    }
+
+    fn implied_dependencies(&self, inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+        let files = inputs.get("files").and_then(Value::as_object);
+        let mut found: Vec<String> = Vec::new();
+        for value in files.into_iter().flat_map(|f| f.values()) {
+            let named = match value {
+                Value::String(task) => Some(task.as_str()),
+                Value::Object(map) => map.get("artifact").and_then(Value::as_str),
+                _ => None,
+            };
+            if let Some(task) = named.filter(|task| task_ids.contains(task)) {
+                if !found.iter().any(|t| t == task) {
+                    found.push(task.to_owned());
+                }
+            }
+        }
+        found
     }
 
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
@@ -689,8 +733,9 @@ impl Tool for ShellTool {
             feed
         );
         drop(group);
-        let status = status
-            .map_err(|error| ToolError::transient(format!("cannot wait for the command: {error}")))?;
+        let status = status.map_err(|error| {
+            ToolError::transient(format!("cannot wait for the command: {error}"))
+        })?;
 
         match status.code() {
             Some(0) => {}

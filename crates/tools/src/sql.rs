@@ -17,6 +17,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::Schema;
 use datafusion::arrow::json::writer::JsonArray;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use datafusion::common::TableReference;
 use datafusion::error::DataFusionError;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::parquet::arrow::AsyncArrowWriter;
@@ -24,7 +25,8 @@ use datafusion::prelude::{
     CsvReadOptions, DataFrame, JsonReadOptions, ParquetReadOptions, SQLOptions, SessionConfig,
     SessionContext,
 };
-use datafusion::common::TableReference;
+use datafusion::sql::parser::DFParser;
+use datafusion::sql::resolve::resolve_table_references;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -100,7 +102,10 @@ impl SqlTool {
             .map_err(|error| {
                 ToolError::permanent(format!("cannot configure the query runtime: {error}"))
             })?;
-        Ok(SessionContext::new_with_config_rt(SessionConfig::new(), runtime))
+        Ok(SessionContext::new_with_config_rt(
+            SessionConfig::new(),
+            runtime,
+        ))
     }
 }
 
@@ -266,7 +271,10 @@ pub(crate) async fn read_files(
 }
 
 /// Row count and columns of a table file.
-pub(crate) async fn inspect_table(path: &Path, format: TableFormat) -> Result<TableMeta, DataFusionError> {
+pub(crate) async fn inspect_table(
+    path: &Path,
+    format: TableFormat,
+) -> Result<TableMeta, DataFusionError> {
     let session = SessionContext::new();
     let file = TableFile {
         path: path.to_owned(),
@@ -309,8 +317,8 @@ async fn declared_table_files(
             Ok(files)
         }
         Value::Object(map) if map.contains_key("path") => {
-            let source: FileSource = parse_inputs("sql", source.clone())
-                .map_err(|error| table_error(alias, error))?;
+            let source: FileSource =
+                parse_inputs("sql", source.clone()).map_err(|error| table_error(alias, error))?;
             let path = crate::common::absolute_path(&source.path)?;
             match tokio::fs::metadata(&path).await {
                 Ok(meta) if meta.is_file() => {}
@@ -337,20 +345,22 @@ async fn declared_table_files(
                 Some(declared) => TableFormat::of_declared(declared, &path).await,
                 None => {
                     let inferred = media_type::for_path(&path);
-                    TableFormat::of_media_type(inferred, &path).await.ok_or_else(|| {
-                        ToolError::permanent(format!(
-                            "table {alias}: cannot tell the format of {} from its extension; \
+                    TableFormat::of_media_type(inferred, &path)
+                        .await
+                        .ok_or_else(|| {
+                            ToolError::permanent(format!(
+                                "table {alias}: cannot tell the format of {} from its extension; \
                              set format to csv, parquet or json",
-                            path.display()
-                        ))
-                    })?
+                                path.display()
+                            ))
+                        })?
                 }
             };
             Ok(vec![TableFile { path, format }])
         }
         Value::Object(map) if map.contains_key("artifact") => {
-            let source: ArtifactSource = parse_inputs("sql", source.clone())
-                .map_err(|error| table_error(alias, error))?;
+            let source: ArtifactSource =
+                parse_inputs("sql", source.clone()).map_err(|error| table_error(alias, error))?;
             let artifacts = resolve_artifact_reference(context, &source.artifact)
                 .await
                 .map_err(|error| table_error(alias, error))?;
@@ -388,9 +398,13 @@ async fn artifact_table_files(
         if declared.is_none() && !media_type::is_table(&artifact.media_type) {
             continue;
         }
-        let path = context.artifacts.local_path(artifact.id).await.map_err(|error| {
-            store_error(&format!("cannot read artifact {}", artifact.label()), error)
-        })?;
+        let path = context
+            .artifacts
+            .local_path(artifact.id)
+            .await
+            .map_err(|error| {
+                store_error(&format!("cannot read artifact {}", artifact.label()), error)
+            })?;
         let format = match declared {
             Some(declared) => TableFormat::of_declared(declared, &path).await,
             None => match TableFormat::of_media_type(&artifact.media_type, &path).await {
@@ -414,14 +428,15 @@ fn quoted_query(query: &str) -> String {
 
 /// A DataFusion error as a tool error. Only I/O failures may go away on another attempt; a
 /// query that fails to parse, plan or run over the same inputs fails again.
-fn query_error(stage: &str, error: DataFusionError, query: &str) -> ToolError {
+/// `what` opens the message, for example `sql syntax error`.
+fn query_error(what: &str, error: DataFusionError, query: &str) -> ToolError {
     let retryable = matches!(
         error.find_root(),
         DataFusionError::IoError(_) | DataFusionError::ObjectStore(_)
     );
     ToolError {
         message: format!(
-            "sql {stage} error: {}\nquery: {}",
+            "{what}: {}\nquery: {}",
             error.strip_backtrace(),
             quoted_query(query)
         ),
@@ -440,9 +455,16 @@ enum ResultWriter {
 }
 
 impl ResultWriter {
-    async fn create(path: &Path, format: OutputFormat, schema: Arc<Schema>) -> Result<Self, ToolError> {
+    async fn create(
+        path: &Path,
+        format: OutputFormat,
+        schema: Arc<Schema>,
+    ) -> Result<Self, ToolError> {
         let file = tokio::fs::File::create(path).await.map_err(|error| {
-            ToolError::permanent(format!("cannot create result file {}: {error}", path.display()))
+            ToolError::permanent(format!(
+                "cannot create result file {}: {error}",
+                path.display()
+            ))
         })?;
         Ok(match format {
             OutputFormat::Parquet => {
@@ -498,9 +520,10 @@ impl ResultWriter {
             Self::Parquet(writer) => writer.close().await.map(drop).map_err(|error| {
                 ToolError::permanent(format!("cannot write parquet result: {error}"))
             }),
-            Self::Csv { mut file, .. } => file.flush().await.map_err(|error| {
-                ToolError::transient(format!("cannot write csv result: {error}"))
-            }),
+            Self::Csv { mut file, .. } => file
+                .flush()
+                .await
+                .map_err(|error| ToolError::transient(format!("cannot write csv result: {error}"))),
         }
     }
 }
@@ -619,6 +642,10 @@ impl Tool for SqlTool {
         })
     }
 
+    fn implied_dependencies(&self, inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+        sql_dependencies(inputs, task_ids)
+    }
+
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
         let inputs: SqlInputs = parse_inputs("sql", inputs)?;
         let query = inputs.query.as_str();
@@ -630,7 +657,10 @@ impl Tool for SqlTool {
         }
         let mut declared = BTreeMap::new();
         for (alias, source) in &inputs.tables {
-            declared.insert(alias.clone(), declared_table_files(&context, alias, source).await?);
+            declared.insert(
+                alias.clone(),
+                declared_table_files(&context, alias, source).await?,
+            );
         }
 
         let session = self.session()?;
@@ -638,10 +668,10 @@ impl Tool for SqlTool {
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state
             .sql_to_statement(query, &dialect)
-            .map_err(|error| query_error("syntax", error, query))?;
+            .map_err(|error| query_error("sql syntax error", error, query))?;
         let references = state
             .resolve_table_references(&statement)
-            .map_err(|error| query_error("planning", error, query))?;
+            .map_err(|error| query_error("sql planning error", error, query))?;
         // Register only the tables the query names, so that upstream tables it does not
         // read cost nothing and cannot fail it.
         for reference in references {
@@ -663,32 +693,32 @@ impl Tool for SqlTool {
                 // Left to the planner, whose error names the missing table.
                 continue;
             }
-            let frame = read_files(&session, &files)
-                .await
-                .map_err(|error| query_error(&format!("table {table} read"), error, query))?;
+            let frame = read_files(&session, &files).await.map_err(|error| {
+                query_error(&format!("cannot read table {table}"), error, query)
+            })?;
             session
                 .register_table(TableReference::bare(table), frame.into_view())
-                .map_err(|error| query_error("planning", error, query))?;
+                .map_err(|error| query_error("sql planning error", error, query))?;
         }
         let state = session.state();
         let plan = state
             .statement_to_plan(statement)
             .await
-            .map_err(|error| query_error("planning", error, query))?;
+            .map_err(|error| query_error("sql planning error", error, query))?;
         SQLOptions::new()
             .with_allow_ddl(false)
             .with_allow_dml(false)
             .with_allow_statements(false)
             .verify_plan(&plan)
-            .map_err(|error| query_error("planning", error, query))?;
+            .map_err(|error| query_error("sql planning error", error, query))?;
         let frame = session
             .execute_logical_plan(plan)
             .await
-            .map_err(|error| query_error("planning", error, query))?;
+            .map_err(|error| query_error("sql planning error", error, query))?;
         let mut stream = frame
             .execute_stream()
             .await
-            .map_err(|error| query_error("planning", error, query))?;
+            .map_err(|error| query_error("sql planning error", error, query))?;
 
         let schema = stream.schema();
         let (file_name, media) = match inputs.output.format {
@@ -696,12 +726,13 @@ impl Tool for SqlTool {
             OutputFormat::Csv => ("result.csv", media_type::CSV),
         };
         let result_path = context.work_dir.join(file_name);
-        let mut writer = ResultWriter::create(&result_path, inputs.output.format, schema.clone()).await?;
+        let mut writer =
+            ResultWriter::create(&result_path, inputs.output.format, schema.clone()).await?;
         let mut rows: u64 = 0;
         let mut preview: Vec<RecordBatch> = Vec::new();
         let mut preview_left = preview_rows as usize;
         while let Some(batch) = stream.next().await {
-            let batch = batch.map_err(|error| query_error("execution", error, query))?;
+            let batch = batch.map_err(|error| query_error("sql execution error", error, query))?;
             rows += batch.num_rows() as u64;
             if preview_left > 0 && batch.num_rows() > 0 {
                 let take = preview_left.min(batch.num_rows());
@@ -744,7 +775,10 @@ impl Tool for SqlTool {
 }
 
 /// A declared table by alias: exactly, or as SQL folds an unquoted name to lowercase.
-fn lookup<'a>(declared: &'a BTreeMap<String, Vec<TableFile>>, table: &str) -> Option<&'a Vec<TableFile>> {
+fn lookup<'a>(
+    declared: &'a BTreeMap<String, Vec<TableFile>>,
+    table: &str,
+) -> Option<&'a Vec<TableFile>> {
     declared.get(table).or_else(|| {
         declared
             .iter()
@@ -753,17 +787,108 @@ fn lookup<'a>(declared: &'a BTreeMap<String, Vec<TableFile>>, table: &str) -> Op
     })
 }
 
-/// The upstream task a table name stands for: its id with `-` replaced by `_`, compared
-/// exactly or folded to lowercase.
-fn upstream_table(context: &ToolContext, table: &str) -> Option<String> {
-    let names: Vec<(String, &String)> = context
-        .upstream
-        .keys()
-        .map(|task| (task.replace('-', "_"), task))
-        .collect();
+/// The task a table name stands for: its id with `-` replaced by `_`, compared exactly or
+/// folded to lowercase (as SQL folds unquoted names).
+fn task_for_table<'a>(tasks: impl Iterator<Item = &'a str>, table: &str) -> Option<&'a str> {
+    let names: Vec<(String, &str)> = tasks.map(|task| (task.replace('-', "_"), task)).collect();
     names
         .iter()
         .find(|(name, _)| name == table)
         .or_else(|| names.iter().find(|(name, _)| name.to_lowercase() == table))
-        .map(|(_, task)| (*task).clone())
+        .map(|(_, task)| *task)
+}
+
+/// The upstream task a table name of the query stands for.
+fn upstream_table(context: &ToolContext, table: &str) -> Option<String> {
+    task_for_table(context.upstream.keys().map(String::as_str), table).map(str::to_owned)
+}
+
+/// The unqualified table names a query reads, or none when it does not parse. Template
+/// expressions (`{{ ... }}`) are read as `NULL` and template tags (`{% ... %}`, `{# ... #}`)
+/// are dropped, since dependencies are worked out before the inputs are rendered.
+fn query_tables(query: &str) -> Vec<String> {
+    let query = without_templates(query);
+    let Ok(statements) = DFParser::parse_sql(&query) else {
+        return Vec::new();
+    };
+    let mut tables = Vec::new();
+    for statement in &statements {
+        if let Ok((references, _)) = resolve_table_references(statement, true) {
+            tables.extend(
+                references
+                    .iter()
+                    .filter(|reference| reference.schema().is_none())
+                    .map(|reference| reference.table().to_owned()),
+            );
+        }
+    }
+    tables
+}
+
+fn without_templates(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find('{') {
+        let (close, replacement) = match rest[start..].chars().nth(1) {
+            Some('{') => ("}}", "NULL"),
+            Some('%') => ("%}", ""),
+            Some('#') => ("#}", ""),
+            _ => {
+                out.push_str(&rest[..=start]);
+                rest = &rest[start + 1..];
+                continue;
+            }
+        };
+        out.push_str(&rest[..start]);
+        match rest[start + 2..].find(close) {
+            Some(end) => {
+                out.push_str(replacement);
+                rest = &rest[start + 2 + end + close.len()..];
+            }
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The tasks the `sql` inputs read: upstream task ids under `tables`, and tables of the query
+/// that stand for a task and are not declared under `tables`.
+fn sql_dependencies(inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+    let mut found: Vec<String> = Vec::new();
+    let mut add = |task: &str| {
+        if !found.iter().any(|t| t == task) {
+            found.push(task.to_owned());
+        }
+    };
+    let tables = inputs.get("tables").and_then(Value::as_object);
+    for source in tables.into_iter().flat_map(|t| t.values()) {
+        let named = match source {
+            Value::String(task) => Some(task.as_str()),
+            Value::Object(map) => map.get("artifact").and_then(Value::as_str),
+            _ => None,
+        };
+        if let Some(task) = named.filter(|task| task_ids.contains(task)) {
+            add(task);
+        }
+    }
+    let declared = |table: &str| {
+        tables.is_some_and(|t| {
+            t.keys()
+                .any(|alias| alias == table || alias.to_lowercase() == table)
+        })
+    };
+    if let Some(query) = inputs.get("query").and_then(Value::as_str) {
+        for table in query_tables(query) {
+            if declared(&table) {
+                continue;
+            }
+            if let Some(task) = task_for_table(task_ids.iter().copied(), &table) {
+                add(task);
+            }
+        }
+    }
+    found
 }

@@ -54,7 +54,8 @@ impl Harness {
         let store = SqliteStore::open(&dir.path().join("arches.db"), Durability::Normal)
             .await
             .unwrap();
-        let artifacts = LocalArtifactStore::new(&dir.path().join("artifacts"), Arc::new(store)).unwrap();
+        let artifacts =
+            LocalArtifactStore::new(&dir.path().join("artifacts"), Arc::new(store)).unwrap();
         Self {
             dir,
             artifacts: Arc::new(artifacts),
@@ -109,12 +110,17 @@ fn new_artifact(name: &str, media_type: &str) -> NewArtifact {
 }
 
 fn upstream(entries: &[(&str, Value)]) -> BTreeMap<String, Value> {
-    entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect()
+    entries
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect()
 }
 
 async fn penguins_upstream(harness: &Harness) -> Value {
     let content = std::fs::read(PENGUINS_CSV).unwrap();
-    harness.upstream_output("penguins", "text/csv", &content).await
+    harness
+        .upstream_output("penguins", "text/csv", &content)
+        .await
 }
 
 fn species_counts(preview: &Value) -> Vec<(String, i64)> {
@@ -122,7 +128,12 @@ fn species_counts(preview: &Value) -> Vec<(String, i64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|row| (row["species"].as_str().unwrap().to_owned(), row["n"].as_i64().unwrap()))
+        .map(|row| {
+            (
+                row["species"].as_str().unwrap().to_owned(),
+                row["n"].as_i64().unwrap(),
+            )
+        })
         .collect()
 }
 
@@ -141,10 +152,16 @@ fn expected_species() -> Vec<(String, i64)> {
 async fn sql_counts_the_penguins_of_an_upstream_csv_artifact() {
     let harness = Harness::new().await;
     let upstream_outputs = penguins_upstream(&harness).await;
-    let context = harness.context("count", upstream(&[("load-penguins", upstream_outputs.clone())]));
+    let context = harness.context(
+        "count",
+        upstream(&[("load-penguins", upstream_outputs.clone())]),
+    );
 
     let outputs = SqlTool::new()
-        .execute(context, json!({"query": "SELECT count(*) AS n FROM load_penguins"}))
+        .execute(
+            context,
+            json!({"query": "SELECT count(*) AS n FROM load_penguins"}),
+        )
         .await
         .unwrap();
 
@@ -156,7 +173,10 @@ async fn sql_counts_the_penguins_of_an_upstream_csv_artifact() {
     assert_eq!(artifact["name"], "count");
     assert_eq!(artifact["media_type"], "application/vnd.apache.parquet");
     assert_eq!(artifact["table"]["rows"], json!(1));
-    assert_eq!(artifact["inputs"], json!([upstream_outputs["artifact"]["id"]]));
+    assert_eq!(
+        artifact["inputs"],
+        json!([upstream_outputs["artifact"]["id"]])
+    );
     assert!(harness.read_artifact(&outputs).await.starts_with(b"PAR1"));
 }
 
@@ -198,9 +218,15 @@ async fn sql_groups_penguins_from_a_local_path_into_a_csv_artifact() {
 #[tokio::test]
 async fn sql_reads_the_parquet_result_of_an_upstream_sql_task() {
     let harness = Harness::new().await;
-    let load = harness.context("load", upstream(&[("raw", penguins_upstream(&harness).await)]));
+    let load = harness.context(
+        "load",
+        upstream(&[("raw", penguins_upstream(&harness).await)]),
+    );
     let loaded = SqlTool::new()
-        .execute(load, json!({"query": "SELECT * FROM raw", "preview_rows": 2}))
+        .execute(
+            load,
+            json!({"query": "SELECT * FROM raw", "preview_rows": 2}),
+        )
         .await
         .unwrap();
     assert_eq!(loaded["rows"], json!(344));
@@ -224,8 +250,12 @@ async fn sql_reads_the_parquet_result_of_an_upstream_sql_task() {
 #[tokio::test]
 async fn sql_reads_a_fan_out_upstream_as_one_table() {
     let harness = Harness::new().await;
-    let first = harness.upstream_output("part", "text/csv", b"id,label\n1,a\n2,b\n").await;
-    let second = harness.upstream_output("part", "text/csv", b"id,label\n3,c\n").await;
+    let first = harness
+        .upstream_output("part", "text/csv", b"id,label\n1,a\n2,b\n")
+        .await;
+    let second = harness
+        .upstream_output("part", "text/csv", b"id,label\n3,c\n")
+        .await;
     let third = harness
         .upstream_output("part", "application/json", br#"[{"id": 4, "label": "d"}]"#)
         .await;
@@ -261,14 +291,21 @@ async fn a_sql_syntax_error_is_permanent_and_quotes_the_query() {
         .unwrap_err();
 
     assert!(!error.retryable);
-    assert!(error.message.starts_with("sql syntax error"), "{}", error.message);
+    assert!(
+        error.message.starts_with("sql syntax error"),
+        "{}",
+        error.message
+    );
     assert!(error.message.contains(query), "{}", error.message);
 }
 
 #[tokio::test]
 async fn an_unknown_column_is_a_permanent_error_naming_the_column() {
     let harness = Harness::new().await;
-    let context = harness.context("broken", upstream(&[("penguins", penguins_upstream(&harness).await)]));
+    let context = harness.context(
+        "broken",
+        upstream(&[("penguins", penguins_upstream(&harness).await)]),
+    );
 
     let error = SqlTool::new()
         .execute(context, json!({"query": "SELECT wingspan FROM penguins"}))
@@ -276,7 +313,11 @@ async fn an_unknown_column_is_a_permanent_error_naming_the_column() {
         .unwrap_err();
 
     assert!(!error.retryable);
-    assert!(error.message.starts_with("sql planning error"), "{}", error.message);
+    assert!(
+        error.message.starts_with("sql planning error"),
+        "{}",
+        error.message
+    );
     assert!(error.message.contains("wingspan"), "{}", error.message);
 }
 
@@ -309,8 +350,16 @@ async fn a_missing_sql_input_file_is_a_permanent_error_naming_the_path() {
         .unwrap_err();
 
     assert!(!error.retryable);
-    assert!(error.message.contains("input file not found"), "{}", error.message);
-    assert!(error.message.contains(missing.to_str().unwrap()), "{}", error.message);
+    assert!(
+        error.message.contains("input file not found"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains(missing.to_str().unwrap()),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
@@ -318,7 +367,10 @@ async fn sql_refuses_statements_that_write_files() {
     let harness = Harness::new().await;
     let context = harness.context("copy", BTreeMap::new());
     let target = harness.path("copied.csv");
-    let query = format!("COPY (SELECT 1 AS x) TO '{}' STORED AS CSV", target.display());
+    let query = format!(
+        "COPY (SELECT 1 AS x) TO '{}' STORED AS CSV",
+        target.display()
+    );
 
     let error = SqlTool::new()
         .execute(context, json!({ "query": query }))
@@ -349,20 +401,34 @@ async fn shell_outputs_come_from_the_arches_output_file() {
     .await
     .unwrap();
 
-    assert_eq!(outputs, json!({"answer": 42, "exit_code": 0, "artifacts": []}));
+    assert_eq!(
+        outputs,
+        json!({"answer": 42, "exit_code": 0, "artifacts": []})
+    );
 }
 
 #[tokio::test]
 async fn invalid_json_in_the_output_file_is_a_permanent_error_naming_the_file() {
     let harness = Harness::new().await;
 
-    let error = run_shell(&harness, json!({"command": r#"echo '{"answer":' > "$ARCHES_OUTPUT""#}))
-        .await
-        .unwrap_err();
+    let error = run_shell(
+        &harness,
+        json!({"command": r#"echo '{"answer":' > "$ARCHES_OUTPUT""#}),
+    )
+    .await
+    .unwrap_err();
 
     assert!(!error.retryable);
-    assert!(error.message.contains("arches-output.json"), "{}", error.message);
-    assert!(error.message.contains("not valid json"), "{}", error.message);
+    assert!(
+        error.message.contains("arches-output.json"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("not valid json"),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
@@ -398,7 +464,10 @@ async fn shell_logs_stdout_and_stderr_lines_and_reads_stdin() {
     .await
     .unwrap();
 
-    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["one", "two", "from stdin"]);
+    assert_eq!(
+        harness.logs.of(LogStream::Stdout),
+        vec!["one", "two", "from stdin"]
+    );
     assert_eq!(harness.logs.of(LogStream::Stderr), vec!["oops"]);
 }
 
@@ -410,7 +479,10 @@ async fn non_utf8_output_is_logged_lossily() {
         .await
         .unwrap();
 
-    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["caf\u{FFFD}", "ok"]);
+    assert_eq!(
+        harness.logs.of(LogStream::Stdout),
+        vec!["caf\u{FFFD}", "ok"]
+    );
 }
 
 #[tokio::test]
@@ -436,9 +508,12 @@ async fn huge_output_is_truncated_in_the_log_but_the_command_succeeds() {
 async fn a_very_long_line_is_cut_at_64_kib() {
     let harness = Harness::new().await;
 
-    run_shell(&harness, json!({"command": "head -c 200000 /dev/zero | tr '\\0' x; echo; echo next"}))
-        .await
-        .unwrap();
+    run_shell(
+        &harness,
+        json!({"command": "head -c 200000 /dev/zero | tr '\\0' x; echo; echo next"}),
+    )
+    .await
+    .unwrap();
 
     let stdout = harness.logs.of(LogStream::Stdout);
     assert_eq!(stdout.len(), 2);
@@ -453,12 +528,18 @@ async fn a_missing_command_is_a_permanent_command_not_found_error() {
     let error = run_shell(&harness, json!({"command": "no-such-command-xyz --flag"}))
         .await
         .unwrap_err();
-    assert_eq!(error, ToolError::permanent("command not found: no-such-command-xyz"));
+    assert_eq!(
+        error,
+        ToolError::permanent("command not found: no-such-command-xyz")
+    );
 
     let error = run_shell(&harness, json!({"argv": ["no-such-program-xyz", "arg"]}))
         .await
         .unwrap_err();
-    assert_eq!(error, ToolError::permanent("command not found: no-such-program-xyz"));
+    assert_eq!(
+        error,
+        ToolError::permanent("command not found: no-such-program-xyz")
+    );
 }
 
 #[tokio::test]
@@ -474,7 +555,10 @@ async fn a_failing_command_reports_its_status_and_the_stderr_tail() {
 
     assert!(error.retryable);
     let mut lines = error.message.lines();
-    assert_eq!(lines.next(), Some("command exited with status 3; last stderr lines:"));
+    assert_eq!(
+        lines.next(),
+        Some("command exited with status 3; last stderr lines:")
+    );
     let tail: Vec<&str> = lines.collect();
     let expected: Vec<String> = (11..=30).map(|i| format!("line {i}")).collect();
     assert_eq!(tail, expected);
@@ -504,7 +588,10 @@ async fn collected_files_become_artifacts() {
     assert_eq!(artifacts[1]["name"], "notes");
     assert_eq!(artifacts[1]["media_type"], "text/plain");
     let id = artifacts[0]["id"].as_str().unwrap().parse().unwrap();
-    assert_eq!(harness.artifacts.read(id, 1024).await.unwrap(), b"a,b\n1,2\n");
+    assert_eq!(
+        harness.artifacts.read(id, 1024).await.unwrap(),
+        b"a,b\n1,2\n"
+    );
 }
 
 #[tokio::test]
@@ -518,7 +605,10 @@ async fn a_missing_collected_file_is_a_permanent_error_naming_it() {
     .await
     .unwrap_err();
 
-    assert_eq!(error, ToolError::permanent("collected file not found: out/never-written.csv"));
+    assert_eq!(
+        error,
+        ToolError::permanent("collected file not found: out/never-written.csv")
+    );
 }
 
 #[tokio::test]
@@ -538,7 +628,10 @@ async fn shell_files_hold_upstream_artifacts_and_json_values() {
         .await
         .unwrap();
 
-    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["x", "1", r#"{"limit":5}"#]);
+    assert_eq!(
+        harness.logs.of(LogStream::Stdout),
+        vec!["x", "1", r#"{"limit":5}"#]
+    );
 }
 
 /// Whether a process has ended: gone from `/proc`, or a zombie. A killed grandchild is
@@ -565,14 +658,14 @@ async fn dropping_the_execute_future_kills_the_whole_process_group() {
     let tool = ShellTool::new();
     let script = "sleep 30 & echo $! > grandchild.tmp && mv grandchild.tmp grandchild.pid; \
                   echo $$ > child.tmp && mv child.tmp child.pid; sleep 30";
-    let execution = tool.execute(context, json!({ "command": script }));
-    tokio::pin!(execution);
+    // Boxed so that dropping it drops the future itself, not a pinned reference to it.
+    let mut execution = Box::pin(tool.execute(context, json!({ "command": script })));
 
     // Drive the command until it has written both pids, bounded by 5 s.
     let deadline = Instant::now() + Duration::from_secs(5);
     let (child, grandchild) = loop {
         tokio::select! {
-            result = &mut execution => panic!("the command ended early: {result:?}"),
+            result = execution.as_mut() => panic!("the command ended early: {result:?}"),
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
         if let (Some(child), Some(grandchild)) = (
@@ -581,7 +674,10 @@ async fn dropping_the_execute_future_kills_the_whole_process_group() {
         ) {
             break (child, grandchild);
         }
-        assert!(Instant::now() < deadline, "the script did not write its pids within 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "the script did not write its pids within 5 s"
+        );
     };
     assert!(!process_has_ended(child));
     assert!(!process_has_ended(grandchild));
@@ -591,7 +687,10 @@ async fn dropping_the_execute_future_kills_the_whole_process_group() {
 
     let deadline = Instant::now() + Duration::from_secs(5);
     while !(process_has_ended(child) && process_has_ended(grandchild)) {
-        assert!(Instant::now() < deadline, "processes {child} and {grandchild} still run after 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "processes {child} and {grandchild} still run after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -611,7 +710,10 @@ async fn background_jobs_are_killed_when_the_command_exits() {
     let job = read_pid(&work_dir.join("job.pid")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !process_has_ended(job) {
-        assert!(Instant::now() < deadline, "background job {job} still runs after 5 s");
+        assert!(
+            Instant::now() < deadline,
+            "background job {job} still runs after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -623,7 +725,10 @@ async fn background_jobs_are_killed_when_the_command_exits() {
 async fn the_file_tool_stores_a_local_file_and_writes_it_back_out() {
     let harness = Harness::new().await;
     let stored = FileTool::new()
-        .execute(harness.context("import", BTreeMap::new()), json!({"path": PENGUINS_CSV}))
+        .execute(
+            harness.context("import", BTreeMap::new()),
+            json!({"path": PENGUINS_CSV}),
+        )
         .await
         .unwrap();
     let artifact = &stored["artifact"];
@@ -652,7 +757,10 @@ async fn the_file_tool_names_a_missing_path() {
     let missing = harness.path("nowhere/data.csv");
 
     let error = FileTool::new()
-        .execute(harness.context("import", BTreeMap::new()), json!({"path": missing}))
+        .execute(
+            harness.context("import", BTreeMap::new()),
+            json!({"path": missing}),
+        )
         .await
         .unwrap_err();
 
@@ -669,7 +777,10 @@ async fn the_file_tool_names_a_missing_path() {
 async fn noop_returns_an_empty_object() {
     let harness = Harness::new().await;
     let outputs = NoopTool::new()
-        .execute(harness.context("noop", BTreeMap::new()), json!({"anything": 1}))
+        .execute(
+            harness.context("noop", BTreeMap::new()),
+            json!({"anything": 1}),
+        )
         .await
         .unwrap();
     assert_eq!(outputs, json!({}));
@@ -707,4 +818,29 @@ fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
     for shape in file["oneOf"].as_array().unwrap() {
         assert_eq!(shape["additionalProperties"], json!(false));
     }
+}
+
+#[test]
+fn tools_name_the_upstream_tasks_their_inputs_read() {
+    let registry = builtin_registry();
+    let tasks = ["load-penguins", "weather", "extract", "unrelated"];
+    let sql = registry.get("sql").unwrap();
+    let inputs = json!({
+        "query": "WITH w AS (SELECT * FROM weather) \
+                  SELECT * FROM load_penguins p JOIN w ON p.year = {{ params.year }} \
+                  JOIN extra ON true JOIN cte_free ON true",
+        "tables": {"extra": "extract", "cte_free": {"path": "x.csv"}}
+    });
+    let mut found = sql.implied_dependencies(&inputs, &tasks);
+    found.sort();
+    assert_eq!(found, vec!["extract", "load-penguins", "weather"]);
+
+    let shell = registry.get("shell").unwrap();
+    let inputs = json!({"command": "true", "files": {"a.csv": "extract", "b.json": {"x": 1}}});
+    assert_eq!(shell.implied_dependencies(&inputs, &tasks), vec!["extract"]);
+
+    let file = registry.get("file").unwrap();
+    let inputs = json!({"artifact": "weather", "to": "out.csv"});
+    assert_eq!(file.implied_dependencies(&inputs, &tasks), vec!["weather"]);
+    assert!(!registry.get("noop").unwrap().needs_work_dir());
 }
