@@ -171,11 +171,6 @@ fn detail(task_run: &TaskRunRecord) -> String {
 /// The task table of a run: one row per task, fan-out items collapsed unless `items`.
 async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Result<Table> {
     let task_runs = store.task_runs(run_id).await?;
-    let attempts = store.attempts(run_id).await?;
-    let mut attempt_counts: BTreeMap<_, u32> = BTreeMap::new();
-    for attempt in &attempts {
-        *attempt_counts.entry(attempt.task_run_id).or_default() += 1;
-    }
     let mut table = table(&["TASK", "STATE", "ATTEMPTS", "DURATION", "DETAIL"]);
     let mut shown_items: BTreeMap<TaskId, usize> = BTreeMap::new();
     let mut hidden_items: BTreeMap<TaskId, usize> = BTreeMap::new();
@@ -193,7 +188,7 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
             }
             *shown += 1;
         }
-        let attempts = if task_run.fan_out.is_some() { "-".to_owned() } else { attempt_counts.get(&task_run.id).copied().unwrap_or(0).to_string() };
+        let attempts = if task_run.fan_out.is_some() { "-".to_owned() } else { task_run.attempt.to_string() };
         table.add_row(vec![
             name,
             task_run.state.to_string(),

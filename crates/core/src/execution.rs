@@ -270,6 +270,8 @@ impl RunExecution {
         attempts: Vec<AttemptRecord>,
     ) -> Self {
         let mut execution = Self::assemble(run, pipeline, templates, limits, task_runs);
+        // Attempts still running have no row of their own (only ended attempts are written):
+        // rebuild them from their task runs. A running row, if a store holds one, wins.
         for attempt in attempts {
             if attempt.state == AttemptState::Running {
                 if let Some(&i) = execution.by_id.get(&attempt.task_run_id) {
@@ -277,6 +279,24 @@ impl RunExecution {
                         execution.open_attempts.insert(i, attempt);
                     }
                 }
+            }
+        }
+        for (i, task_run) in execution.task_runs.iter().enumerate() {
+            if task_run.state == TaskRunState::Running && task_run.fan_out.is_none() && !execution.open_attempts.contains_key(&i) {
+                execution.open_attempts.insert(
+                    i,
+                    AttemptRecord {
+                        task_run_id: task_run.id,
+                        run_id: task_run.run_id,
+                        attempt: task_run.attempt,
+                        fencing_token: task_run.fencing_token,
+                        worker: task_run.lease_owner.clone().unwrap_or_default(),
+                        state: AttemptState::Running,
+                        started_at: task_run.started_at.unwrap_or(task_run.created_at),
+                        finished_at: None,
+                        error: None,
+                    },
+                );
             }
         }
         execution
@@ -442,7 +462,10 @@ impl RunExecution {
             finished_at: None,
             error: None,
         };
-        self.attempts_out.push(attempt.clone());
+        // The open attempt is not written now: the task-run row already records the attempt
+        // number, token, worker and start, and [`RunExecution::restore`] rebuilds the open
+        // attempt from it. The attempt row is written once, when the attempt ends, which
+        // saves one row write per attempt on the hot path.
         self.open_attempts.insert(i, attempt);
         self.running += 1;
         let task_run = &self.task_runs[i];

@@ -41,6 +41,14 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// The storage port: durable state of pipelines, runs, task runs, attempts, logs and
 /// artifact metadata. Every backend passes the conformance suite in `arches-store`.
+///
+/// Rules every backend keeps (the suite checks them):
+/// - a write replaces the whole row: `None` clears a field, and `Some(Value::Null)` stays
+///   distinct from `None`;
+/// - a task run must belong to a stored run, and an attempt to a stored task run; a batch
+///   that breaks this fails whole with [`StoreError::Conflict`] and stores nothing;
+/// - fencing tokens are stored as signed 64-bit integers: a token above `i64::MAX` is refused;
+/// - a `limit` of 0 in a filter means the backend's default page size.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The durability mode commits run under.

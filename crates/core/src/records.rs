@@ -98,7 +98,9 @@ pub struct TaskRunRecord {
     pub finished_at: Option<Timestamp>,
 }
 
-/// One attempt of a task run.
+/// One attempt of a task run. The engine writes an attempt's row when the attempt ends; while
+/// it runs, it is described by its task run (attempt number, fencing token, lease owner,
+/// start time).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {
     /// The task run.

@@ -452,6 +452,21 @@ pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
         "an attempt of an unknown task run is a conflict, got {result:?}"
     );
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), vec![]);
+
+    let stored_task_run = task_run(&stored_run, "extract", 0, 7);
+    commit(
+        &*store,
+        WriteBatch {
+            task_runs: vec![stored_task_run.clone()],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        store.task_runs(stored_run.id).await.unwrap(),
+        vec![stored_task_run],
+        "a failed commit leaves the store writable"
+    );
 }
 
 /// A task-run write with a lower fencing token than the stored one is not applied and is

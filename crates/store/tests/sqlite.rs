@@ -6,14 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, RunId};
+use arches_core::ids::{ArtifactId, RunId, TaskId, TaskRunId};
 use arches_core::ports::{ArtifactStore, Store, StoreError};
-use arches_core::records::{Durability, NewArtifact, RunRecord, WriteBatch};
-use arches_core::state::RunState;
+use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch};
+use arches_core::state::{RunState, TaskRunState};
 use arches_core::time::Timestamp;
 use arches_store::conformance::Fixture;
 use arches_store::{LocalArtifactStore, SqliteStore};
 use sha2::{Digest, Sha256};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::Connection;
 use tempfile::TempDir;
 
 /// Bound on any single wait of these tests; a healthy store answers in milliseconds.
@@ -40,23 +42,24 @@ async fn the_durability_mode_is_reported_and_applied() {
         let (_directory, store) = open(durability).await;
         assert_eq!(store.durability(), durability);
         assert_eq!(Store::durability(&store), durability);
-        for pool in [store.pool(), store.read_pool()] {
-            let applied: i64 = sqlx::query_scalar("PRAGMA synchronous")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            assert_eq!(applied, synchronous, "synchronous for {durability:?}");
-            let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            assert_eq!(journal, "wal");
-            let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
-                .fetch_one(pool)
-                .await
-                .unwrap();
-            assert_eq!(foreign_keys, 1);
-        }
+        let synchronous_of_writer = store.writer_pragma("synchronous").await.unwrap();
+        assert_eq!(
+            synchronous_of_writer,
+            Some(synchronous.to_string()),
+            "writer, {durability:?}"
+        );
+        let journal_of_writer = store.writer_pragma("journal_mode").await.unwrap();
+        assert_eq!(journal_of_writer.as_deref(), Some("wal"));
+        let foreign_keys_of_writer = store.writer_pragma("foreign_keys").await.unwrap();
+        assert_eq!(foreign_keys_of_writer.as_deref(), Some("1"));
+        let synchronous_of_readers: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            synchronous_of_readers, synchronous,
+            "readers, {durability:?}"
+        );
     }
 }
 
@@ -98,7 +101,7 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
         .await
         .unwrap();
     let migrations: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
-        .fetch_one(store.read_pool())
+        .fetch_one(store.pool())
         .await
         .unwrap();
     store.close().await;
@@ -106,7 +109,7 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
     let reopened = SqliteStore::open(&path, Durability::Normal).await.unwrap();
     assert_eq!(reopened.run(run.id).await.unwrap(), Some(run));
     let after: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations")
-        .fetch_one(reopened.read_pool())
+        .fetch_one(reopened.pool())
         .await
         .unwrap();
     assert_eq!(after, migrations, "no migration ran twice");
@@ -135,7 +138,12 @@ async fn a_read_does_not_wait_for_an_open_write_transaction() {
         .await
         .unwrap();
 
-    let mut write = store.pool().begin_with("BEGIN IMMEDIATE").await.unwrap();
+    // Another connection takes the write lock and leaves its change uncommitted.
+    let mut other =
+        SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(store.path()))
+            .await
+            .unwrap();
+    let mut write = other.begin_with("BEGIN IMMEDIATE").await.unwrap();
     sqlx::query("UPDATE runs SET state = 'running' WHERE id = ?1")
         .bind(run.id.to_string())
         .execute(&mut *write)
@@ -151,6 +159,99 @@ async fn a_read_does_not_wait_for_an_open_write_transaction() {
         "the read sees the last committed state"
     );
     write.rollback().await.unwrap();
+}
+
+fn queued_run() -> RunRecord {
+    RunRecord {
+        id: RunId::new(),
+        pipeline_name: "daily".into(),
+        pipeline_version: 1,
+        params: serde_json::json!({}),
+        state: RunState::Queued,
+        error: None,
+        owner: None,
+        created_at: Timestamp(1),
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+fn pending_task_run(run_id: RunId, index: u32) -> TaskRunRecord {
+    TaskRunRecord {
+        id: TaskRunId::new(),
+        run_id,
+        task_id: TaskId::parse("each").unwrap(),
+        index: Some(index),
+        fan_out: None,
+        state: TaskRunState::Pending,
+        attempt: 0,
+        lease_expiries: 0,
+        fencing_token: 0,
+        item: Some(serde_json::json!(index)),
+        inputs: None,
+        outputs: None,
+        error: None,
+        lease_owner: None,
+        lease_expires_at: None,
+        ready_at: None,
+        created_at: Timestamp(i64::from(index)),
+        queued_at: None,
+        started_at: None,
+        finished_at: None,
+    }
+}
+
+#[tokio::test]
+async fn a_commit_abandoned_by_its_caller_is_all_or_nothing_and_the_next_one_goes_through() {
+    let (_directory, store) = open(Durability::Normal).await;
+    for orphaned in [false, true] {
+        let run = queued_run();
+        // An orphaned batch fails half-way on its last statement, inside its transaction.
+        let owner = if orphaned { RunId::new() } else { run.id };
+        let batch = WriteBatch {
+            runs: vec![run.clone()],
+            task_runs: (0..1_000).map(|i| pending_task_run(owner, i)).collect(),
+            attempts: vec![],
+        };
+        // Whether the caller gives up before or after the connection's thread has run the
+        // batch, the batch is stored whole or not at all.
+        let _ = tokio::time::timeout(Duration::ZERO, store.commit(&batch)).await;
+
+        let next = queued_run();
+        let written = WriteBatch {
+            runs: vec![next.clone()],
+            ..WriteBatch::default()
+        };
+        tokio::time::timeout(WAIT_MAX, store.commit(&written))
+            .await
+            .expect("the next commit does not wait for the abandoned one")
+            .unwrap();
+        assert_eq!(store.run(next.id).await.unwrap(), Some(next));
+        let stored_run = store.run(run.id).await.unwrap();
+        let stored_task_runs = store.task_runs(run.id).await.unwrap();
+        if orphaned {
+            assert_eq!(stored_run, None);
+        } else {
+            let whole = stored_run == Some(run.clone()) && stored_task_runs == batch.task_runs;
+            let nothing = stored_run.is_none() && stored_task_runs.is_empty();
+            assert!(whole || nothing, "the abandoned commit was stored in part");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_round_trips_on_a_multi_thread_runtime() {
+    // Large batches are encoded and decoded inside `block_in_place`, which only a multi-thread
+    // runtime allows; the conformance suite runs on the current-thread runtime.
+    let (_directory, store) = open(Durability::Normal).await;
+    let run = queued_run();
+    let batch = WriteBatch {
+        runs: vec![run.clone()],
+        task_runs: (0..2_000).map(|i| pending_task_run(run.id, i)).collect(),
+        attempts: vec![],
+    };
+    store.commit(&batch).await.unwrap();
+    assert_eq!(store.task_runs(run.id).await.unwrap(), batch.task_runs);
 }
 
 fn artifact(name: &str) -> NewArtifact {
