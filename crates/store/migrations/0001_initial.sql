@@ -51,7 +51,7 @@ CREATE TABLE task_runs (
     queued_at         INTEGER,
     started_at        INTEGER,
     finished_at       INTEGER
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 CREATE INDEX task_runs_by_run ON task_runs (run_id, created_at, id);
 
@@ -66,7 +66,7 @@ CREATE TABLE attempts (
     finished_at    INTEGER,
     error          TEXT,
     PRIMARY KEY (task_run_id, attempt)
-) STRICT;
+) STRICT, WITHOUT ROWID;
 
 CREATE INDEX attempts_by_run ON attempts (run_id, task_run_id, attempt);
 
