@@ -40,7 +40,8 @@ impl Home {
 
     /// Opens (creating if needed) the store and the artifact store.
     pub async fn open(&self) -> anyhow::Result<Opened> {
-        std::fs::create_dir_all(&self.root).with_context(|| format!("cannot create home directory {}", self.root.display()))?;
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create home directory {}", self.root.display()))?;
         let db = self.root.join("arches.db");
         let store: Arc<dyn Store> = Arc::new(
             SqliteStore::open(&db, self.durability)
@@ -48,7 +49,8 @@ impl Home {
                 .with_context(|| format!("cannot open store {}", db.display()))?,
         );
         let artifacts: Arc<dyn ArtifactStore> = Arc::new(
-            LocalArtifactStore::new(&self.root.join("artifacts"), store.clone()).context("cannot open the artifact store")?,
+            LocalArtifactStore::new(&self.root.join("artifacts"), store.clone())
+                .context("cannot open the artifact store")?,
         );
         Ok(Opened { store, artifacts })
     }
@@ -72,7 +74,8 @@ pub fn registry() -> ToolRegistry {
 
 /// Reads a pipeline file with a size bound.
 pub fn read_pipeline_file(file: &Path) -> anyhow::Result<String> {
-    let meta = std::fs::metadata(file).with_context(|| format!("cannot read pipeline file {}", file.display()))?;
+    let meta = std::fs::metadata(file)
+        .with_context(|| format!("cannot read pipeline file {}", file.display()))?;
     if meta.len() > PIPELINE_FILE_BYTES_MAX {
         anyhow::bail!(
             "pipeline file {} is {} bytes, above the limit of {PIPELINE_FILE_BYTES_MAX}",
@@ -80,21 +83,39 @@ pub fn read_pipeline_file(file: &Path) -> anyhow::Result<String> {
             meta.len()
         );
     }
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read pipeline file {}", file.display()))?;
-    String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("pipeline file {} is not UTF-8 (byte {})", file.display(), e.utf8_error().valid_up_to()))
+    let bytes = std::fs::read(file)
+        .with_context(|| format!("cannot read pipeline file {}", file.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "pipeline file {} is not UTF-8 (byte {})",
+            file.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
 }
 
 /// Reads and validates a pipeline, or prints every problem.
-pub fn load_pipeline(file: &Path, registry: &ToolRegistry) -> anyhow::Result<Result<Pipeline, Vec<Diagnostic>>> {
+pub fn load_pipeline(
+    file: &Path,
+    registry: &ToolRegistry,
+) -> anyhow::Result<Result<Pipeline, Vec<Diagnostic>>> {
     let text = read_pipeline_file(file)?;
-    Ok(validate::validate(&file.display().to_string(), &text, registry))
+    Ok(validate::validate(
+        &file.display().to_string(),
+        &text,
+        registry,
+    ))
 }
 
 pub fn print_diagnostics(diagnostics: &[Diagnostic]) {
     for diagnostic in diagnostics {
         eprintln!("{diagnostic}");
     }
-    eprintln!("{} problem{} found", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" });
+    eprintln!(
+        "{} problem{} found",
+        diagnostics.len(),
+        if diagnostics.len() == 1 { "" } else { "s" }
+    );
 }
 
 pub fn validate_command(file: &Path) -> anyhow::Result<ExitCode> {

@@ -63,10 +63,18 @@ struct Bench {
 }
 
 impl Bench {
-    async fn start(durability: Durability, workers: Option<usize>, batch: Option<usize>) -> anyhow::Result<Bench> {
+    async fn start(
+        durability: Durability,
+        workers: Option<usize>,
+        batch: Option<usize>,
+    ) -> anyhow::Result<Bench> {
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&dir.path().join("arches.db"), durability).await?);
-        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifactStore::new(&dir.path().join("artifacts"), store.clone())?);
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.path().join("arches.db"), durability).await?);
+        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifactStore::new(
+            &dir.path().join("artifacts"),
+            store.clone(),
+        )?);
         let mut options = EngineOptions::new(dir.path().join("work"));
         if let Some(workers) = workers {
             options.worker_slots = workers.max(1);
@@ -74,11 +82,24 @@ impl Bench {
         if let Some(batch) = batch {
             options.batch_size_max = batch.max(1);
         }
-        let engine = Engine::build(options.clone(), store.clone(), artifacts, arches_tools::builtin_registry(), Arc::new(SystemClock));
+        let engine = Engine::build(
+            options.clone(),
+            store.clone(),
+            artifacts,
+            arches_tools::builtin_registry(),
+            Arc::new(SystemClock),
+        );
         let handle = engine.handle();
         let shutdown = CancellationToken::new();
         let engine = tokio::spawn(engine.run(shutdown.clone()));
-        Ok(Bench { _dir: dir, store, handle, shutdown, engine, options })
+        Ok(Bench {
+            _dir: dir,
+            store,
+            handle,
+            shutdown,
+            engine,
+            options,
+        })
     }
 
     async fn run(&self, def: &PipelineDef, params: serde_json::Value) -> anyhow::Result<RunId> {
@@ -95,7 +116,12 @@ impl Bench {
         );
         let run_id = self.handle.submit(execution).await?;
         let run = self.handle.wait(run_id).await?;
-        anyhow::ensure!(run.state == RunState::Succeeded, "benchmark run {run_id} ended {}: {:?}", run.state, run.error);
+        anyhow::ensure!(
+            run.state == RunState::Succeeded,
+            "benchmark run {run_id} ended {}: {:?}",
+            run.state,
+            run.error
+        );
         Ok(run_id)
     }
 
@@ -131,9 +157,15 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|text| text.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     format!("{cpu}, {cores} cores")
 }
 
@@ -147,7 +179,9 @@ fn chain_def(tasks: usize) -> anyhow::Result<PipelineDef> {
             }
         })
         .collect();
-    Ok(serde_json::from_value(json!({"name": "bench-chain", "tasks": list}))?)
+    Ok(serde_json::from_value(
+        json!({"name": "bench-chain", "tasks": list}),
+    )?)
 }
 
 fn fanout_def() -> anyhow::Result<PipelineDef> {
@@ -179,15 +213,28 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 ordered.sort_by_key(|t| t.task_id.as_str()[1..].parse::<usize>().unwrap_or(0));
                 let mut gaps: Vec<f64> = ordered
                     .windows(2)
-                    .filter_map(|w| Some(w[1].started_at?.since(w[0].finished_at?).as_secs_f64() * 1000.0))
+                    .filter_map(|w| {
+                        Some(w[1].started_at?.since(w[0].finished_at?).as_secs_f64() * 1000.0)
+                    })
                     .collect();
                 all_gaps.extend(gaps.iter().copied());
                 run_medians.push(median(&mut gaps));
             }
             let store_durability = bench.store.durability();
             bench.stop().await?;
-            println!("chain of {tasks} noop tasks, {runs} runs, durability {}, machine: {}", store_durability.as_str(), machine());
-            println!("per-run median overhead (ms): {}", run_medians.iter().map(|m| format!("{m:.3}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "chain of {tasks} noop tasks, {runs} runs, durability {}, machine: {}",
+                store_durability.as_str(),
+                machine()
+            );
+            println!(
+                "per-run median overhead (ms): {}",
+                run_medians
+                    .iter()
+                    .map(|m| format!("{m:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             println!(
                 "per-task overhead: median of run medians {:.3} ms, p90 {:.3} ms, max {:.3} ms",
                 median(&mut run_medians.clone()),
@@ -195,7 +242,13 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 all_gaps.iter().copied().fold(0.0, f64::max)
             );
         }
-        BenchCommand::Fanout { width, runs, sync, workers, batch } => {
+        BenchCommand::Fanout {
+            width,
+            runs,
+            sync,
+            workers,
+            batch,
+        } => {
             let bench = Bench::start(sync, workers, batch).await?;
             let def = fanout_def()?;
             bench.run(&def, json!({"width": 100})).await?;
@@ -226,8 +279,22 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 options.batch_size_max,
                 machine()
             );
-            println!("task runs/s per run: {}", rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", "));
-            println!("wall seconds per run (submit to wait): {}", walls.iter().map(|w| format!("{w:.3}")).collect::<Vec<_>>().join(", "));
+            println!(
+                "task runs/s per run: {}",
+                rates
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "wall seconds per run (submit to wait): {}",
+                walls
+                    .iter()
+                    .map(|w| format!("{w:.3}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
             println!("median: {:.0} task runs/s", median(&mut rates));
         }
     }

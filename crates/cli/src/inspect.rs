@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use arches_core::ports::Store;
-use arches_core::records::{ArtifactFilter, ArtifactRecord, LogQuery, RunFilter, RunRecord, TaskRunRecord};
+use arches_core::records::{
+    ArtifactFilter, ArtifactRecord, LogQuery, RunFilter, RunRecord, TaskRunRecord,
+};
 use arches_core::{ArtifactId, RunId, RunState, TaskId, TaskRunState, Timestamp};
 use clap::Subcommand;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
@@ -98,7 +100,11 @@ pub fn table(header: &[&str]) -> Table {
 
 fn time(at: Timestamp) -> String {
     chrono::DateTime::from_timestamp_micros(at.as_micros())
-        .map(|t| t.with_timezone(&chrono::Local).format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.with_timezone(&chrono::Local)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_else(|| "?".into())
 }
 
@@ -141,14 +147,19 @@ fn detail(task_run: &TaskRunRecord) -> String {
     if let Some(error) = &task_run.error {
         return truncate(error, 100);
     }
-    let Some(outputs) = &task_run.outputs else { return String::new() };
+    let Some(outputs) = &task_run.outputs else {
+        return String::new();
+    };
     if let Some(n) = task_run.fan_out {
         return format!("{n} items");
     }
     let mut parts = Vec::new();
     if let Some(artifact) = outputs.get("artifact") {
         let name = artifact.get("name").and_then(|v| v.as_str()).unwrap_or("?");
-        let version = artifact.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+        let version = artifact
+            .get("version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0);
         parts.push(format!("artifact {name}@{version}"));
     }
     if let Some(rows) = outputs.get("rows").and_then(|v| v.as_u64()) {
@@ -157,7 +168,10 @@ fn detail(task_run: &TaskRunRecord) -> String {
     if let Some(list) = outputs.get("artifacts").and_then(|v| v.as_array()) {
         for artifact in list {
             let name = artifact.get("name").and_then(|v| v.as_str()).unwrap_or("?");
-            let version = artifact.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+            let version = artifact
+                .get("version")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0);
             parts.push(format!("artifact {name}@{version}"));
         }
     }
@@ -188,7 +202,11 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
             }
             *shown += 1;
         }
-        let attempts = if task_run.fan_out.is_some() { "-".to_owned() } else { task_run.attempt.to_string() };
+        let attempts = if task_run.fan_out.is_some() {
+            "-".to_owned()
+        } else {
+            task_run.attempt.to_string()
+        };
         table.add_row(vec![
             name,
             task_run.state.to_string(),
@@ -198,7 +216,13 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
         ]);
     }
     for (task, hidden) in hidden_items {
-        table.add_row(vec![format!("  {task}[…]"), String::new(), String::new(), String::new(), format!("{hidden} more items (--items to list)")]);
+        table.add_row(vec![
+            format!("  {task}[…]"),
+            String::new(),
+            String::new(),
+            String::new(),
+            format!("{hidden} more items (--items to list)"),
+        ]);
     }
     Ok(table)
 }
@@ -207,7 +231,11 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
 pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Result<()> {
     println!("{}", task_table(store, run.id, false).await?);
     let artifacts = store
-        .artifacts(&ArtifactFilter { run_id: Some(run.id), limit: 100, ..ArtifactFilter::default() })
+        .artifacts(&ArtifactFilter {
+            run_id: Some(run.id),
+            limit: 100,
+            ..ArtifactFilter::default()
+        })
         .await?;
     if !artifacts.is_empty() {
         println!("{}", artifact_table(&artifacts));
@@ -225,7 +253,15 @@ pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Re
 }
 
 fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
-    let mut table = table(&["ARTIFACT", "VERSION", "TYPE", "SIZE", "ROWS", "PRODUCED BY", "ID"]);
+    let mut table = table(&[
+        "ARTIFACT",
+        "VERSION",
+        "TYPE",
+        "SIZE",
+        "ROWS",
+        "PRODUCED BY",
+        "ID",
+    ]);
     for artifact in artifacts {
         let produced = artifact
             .meta
@@ -238,7 +274,12 @@ fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
             artifact.version.to_string(),
             artifact.meta.media_type.clone(),
             bytes(artifact.size_bytes),
-            artifact.meta.table.as_ref().map(|t| t.rows.to_string()).unwrap_or_default(),
+            artifact
+                .meta
+                .table
+                .as_ref()
+                .map(|t| t.rows.to_string())
+                .unwrap_or_default(),
             produced,
             artifact.id.to_string(),
         ]);
@@ -250,8 +291,19 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
     let opened = home.open_existing().await?;
     let store = &*opened.store;
     match command {
-        RunsCommand::List { pipeline, state, limit } => {
-            let runs = store.runs(&RunFilter { pipeline_name: pipeline, state, before: None, limit }).await?;
+        RunsCommand::List {
+            pipeline,
+            state,
+            limit,
+        } => {
+            let runs = store
+                .runs(&RunFilter {
+                    pipeline_name: pipeline,
+                    state,
+                    before: None,
+                    limit,
+                })
+                .await?;
             let mut table = table(&["RUN", "PIPELINE", "VERSION", "STATE", "CREATED", "DURATION"]);
             for run in runs {
                 table.add_row(vec![
@@ -266,9 +318,15 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
             println!("{table}");
         }
         RunsCommand::Show { run_id, items } => {
-            let run = store.run(run_id).await?.with_context(|| format!("no run {run_id}"))?;
+            let run = store
+                .run(run_id)
+                .await?
+                .with_context(|| format!("no run {run_id}"))?;
             println!("run       {}", run.id);
-            println!("pipeline  {} (version {})", run.pipeline_name, run.pipeline_version);
+            println!(
+                "pipeline  {} (version {})",
+                run.pipeline_name, run.pipeline_version
+            );
             println!("state     {}", run.state);
             println!("created   {}", time(run.created_at));
             println!("duration  {}", duration(run.started_at, run.finished_at));
@@ -279,24 +337,48 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
             println!("{}", task_table(store, run_id, items).await?);
         }
         RunsCommand::Logs { run_id, task } => {
-            store.run(run_id).await?.with_context(|| format!("no run {run_id}"))?;
+            store
+                .run(run_id)
+                .await?
+                .with_context(|| format!("no run {run_id}"))?;
             let task_runs = store.task_runs(run_id).await?;
             let labels: BTreeMap<_, _> = task_runs
                 .iter()
-                .map(|t| (t.id, t.index.map(|i| format!("{}[{i}]", t.task_id)).unwrap_or_else(|| t.task_id.to_string())))
+                .map(|t| {
+                    (
+                        t.id,
+                        t.index
+                            .map(|i| format!("{}[{i}]", t.task_id))
+                            .unwrap_or_else(|| t.task_id.to_string()),
+                    )
+                })
                 .collect();
             let mut after = 0;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             loop {
                 let page = store
-                    .logs(&LogQuery { run_id, task_id: task.clone(), after_seq: after, limit: 5000 })
+                    .logs(&LogQuery {
+                        run_id,
+                        task_id: task.clone(),
+                        after_seq: after,
+                        limit: 5000,
+                    })
                     .await?;
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 for line in &page {
-                    let label = labels.get(&line.line.task_run_id).map(String::as_str).unwrap_or("?");
-                    writeln!(out, "{label} #{} {:<6} | {}", line.line.attempt, line.line.stream.as_str(), line.line.text)?;
+                    let label = labels
+                        .get(&line.line.task_run_id)
+                        .map(String::as_str)
+                        .unwrap_or("?");
+                    writeln!(
+                        out,
+                        "{label} #{} {:<6} | {}",
+                        line.line.attempt,
+                        line.line.stream.as_str(),
+                        line.line.text
+                    )?;
                 }
             }
         }
@@ -307,12 +389,19 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
 /// Resolves an artifact reference: an id, a name (latest version) or `name@version`.
 async fn resolve(store: &dyn Store, reference: &str) -> anyhow::Result<ArtifactRecord> {
     if let Ok(id) = reference.parse::<ArtifactId>() {
-        return store.artifact(id).await?.with_context(|| format!("no artifact {id}"));
+        return store
+            .artifact(id)
+            .await?
+            .with_context(|| format!("no artifact {id}"));
     }
     let (name, version) = match reference.rsplit_once('@') {
         Some((name, version)) => (
             name,
-            Some(version.parse::<u32>().with_context(|| format!("bad version in {reference:?}; write name@3"))?),
+            Some(
+                version
+                    .parse::<u32>()
+                    .with_context(|| format!("bad version in {reference:?}; write name@3"))?,
+            ),
         ),
         None => (reference, None),
     };
@@ -327,7 +416,13 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
     let store = &*opened.store;
     match command {
         ArtifactsCommand::List { name, run, limit } => {
-            let list = store.artifacts(&ArtifactFilter { name, run_id: run, limit }).await?;
+            let list = store
+                .artifacts(&ArtifactFilter {
+                    name,
+                    run_id: run,
+                    limit,
+                })
+                .await?;
             println!("{}", artifact_table(&list));
         }
         ArtifactsCommand::Show { artifact } => {
@@ -336,12 +431,15 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
             for id in &record.meta.inputs {
                 let input = store.artifact(*id).await?;
                 inputs.push(match input {
-                    Some(a) => serde_json::json!({"id": a.id, "name": a.meta.name, "version": a.version}),
+                    Some(a) => {
+                        serde_json::json!({"id": a.id, "name": a.meta.name, "version": a.version})
+                    }
                     None => serde_json::json!({"id": id, "missing": true}),
                 });
             }
             let mut shown = serde_json::to_value(&record)?;
-            shown["lineage"] = serde_json::json!({"produced_by": record.meta.produced_by, "inputs": inputs});
+            shown["lineage"] =
+                serde_json::json!({"produced_by": record.meta.produced_by, "inputs": inputs});
             println!("{}", serde_json::to_string_pretty(&shown)?);
         }
         ArtifactsCommand::Cat { artifact } => {
@@ -358,10 +456,17 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
             let record = resolve(store, &artifact).await?;
             let path = opened.artifacts.local_path(record.id).await?;
             if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("cannot create {}", parent.display()))?;
             }
-            std::fs::copy(&path, &output).with_context(|| format!("cannot write {}", output.display()))?;
-            println!("{} ({}) written to {}", record.meta.name, bytes(record.size_bytes), output.display());
+            std::fs::copy(&path, &output)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            println!(
+                "{} ({}) written to {}",
+                record.meta.name,
+                bytes(record.size_bytes),
+                output.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

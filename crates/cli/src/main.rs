@@ -18,13 +18,22 @@ use clap::{Parser, Subcommand};
 
 /// Command-line interface of Arches.
 #[derive(Parser, Debug)]
-#[command(name = "arches", version, about = "Run data and AI pipelines: DAGs of tasks on a durable engine")]
+#[command(
+    name = "arches",
+    version,
+    about = "Run data and AI pipelines: DAGs of tasks on a durable engine"
+)]
 struct Cli {
     /// Data directory: the SQLite store, artifacts and working directories.
     #[arg(long, global = true, env = "ARCHES_HOME", default_value = ".arches")]
     home: PathBuf,
     /// Store durability: `normal` (SQLite synchronous=NORMAL) or `full` (synchronous=FULL).
-    #[arg(long, global = true, env = "ARCHES_DURABILITY", default_value = "normal")]
+    #[arg(
+        long,
+        global = true,
+        env = "ARCHES_DURABILITY",
+        default_value = "normal"
+    )]
     durability: Durability,
     /// Log filter for diagnostics on stderr (tracing env-filter syntax).
     #[arg(long, global = true, env = "ARCHES_LOG", default_value = "warn")]
@@ -70,9 +79,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

@@ -35,7 +35,12 @@ fn label(task_id: &TaskId, index: Option<u32>) -> String {
 }
 
 impl Progress {
-    pub fn start(mut events: broadcast::Receiver<DomainEvent>, run_id: RunId, total_tasks: usize, quiet: bool) -> Self {
+    pub fn start(
+        mut events: broadcast::Receiver<DomainEvent>,
+        run_id: RunId,
+        total_tasks: usize,
+        quiet: bool,
+    ) -> Self {
         let (stop, mut stopped) = oneshot::channel();
         let interactive = std::io::stderr().is_terminal() && !quiet;
         let task = tokio::spawn(async move {
@@ -45,9 +50,13 @@ impl Progress {
                 ProgressDrawTarget::hidden()
             });
             let header = multi.add(ProgressBar::new_spinner());
-            header.set_style(ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}").expect("valid template"));
+            header.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                    .expect("valid template"),
+            );
             header.enable_steady_tick(Duration::from_millis(100));
-            let line_style = ProgressStyle::with_template("  {spinner} {msg} {elapsed}").expect("valid template");
+            let line_style = ProgressStyle::with_template("  {spinner} {msg} {elapsed}")
+                .expect("valid template");
             let mut entries: HashMap<TaskRunId, Entry> = HashMap::new();
             let mut lines: HashMap<TaskRunId, ProgressBar> = HashMap::new();
             let mut hidden_running = 0usize;
@@ -60,7 +69,16 @@ impl Progress {
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
                 };
-                let DomainEvent::TaskRunStateChanged { run_id: event_run, task_run_id, task_id, index, state, attempt, .. } = event else {
+                let DomainEvent::TaskRunStateChanged {
+                    run_id: event_run,
+                    task_run_id,
+                    task_id,
+                    index,
+                    state,
+                    attempt,
+                    ..
+                } = event
+                else {
                     continue;
                 };
                 if event_run != run_id {
@@ -69,10 +87,17 @@ impl Progress {
                 if !interactive && !quiet && index.is_none() && state.is_terminal() {
                     eprintln!("{:<10} {}", state.as_str(), task_id);
                 }
-                let entry = entries.entry(task_run_id).or_insert(Entry { task_id, index, state: TaskRunState::Pending, attempt });
+                let entry = entries.entry(task_run_id).or_insert(Entry {
+                    task_id,
+                    index,
+                    state: TaskRunState::Pending,
+                    attempt,
+                });
                 // A fan-out parent goes from pending straight to running while its items run;
                 // it gets no line of its own.
-                let is_fan_out_parent = entry.index.is_none() && entry.state == TaskRunState::Pending && state == TaskRunState::Running;
+                let is_fan_out_parent = entry.index.is_none()
+                    && entry.state == TaskRunState::Pending
+                    && state == TaskRunState::Running;
                 entry.state = state;
                 entry.attempt = attempt;
                 if state == TaskRunState::Running && !is_fan_out_parent {
@@ -80,7 +105,11 @@ impl Progress {
                         let entry = &entries[&task_run_id];
                         let bar = multi.add(ProgressBar::new_spinner());
                         bar.set_style(line_style.clone());
-                        let retry = if entry.attempt > 1 { format!(" (attempt {})", entry.attempt) } else { String::new() };
+                        let retry = if entry.attempt > 1 {
+                            format!(" (attempt {})", entry.attempt)
+                        } else {
+                            String::new()
+                        };
                         bar.set_message(format!("{}{retry}", label(&entry.task_id, entry.index)));
                         bar.enable_steady_tick(Duration::from_millis(100));
                         lines.insert(task_run_id, bar);
@@ -90,10 +119,14 @@ impl Progress {
                 } else if let Some(bar) = lines.remove(&task_run_id) {
                     bar.finish_and_clear();
                     multi.remove(&bar);
-                } else if state != TaskRunState::Running && hidden_running > 0 && state.is_terminal() {
+                } else if state != TaskRunState::Running
+                    && hidden_running > 0
+                    && state.is_terminal()
+                {
                     hidden_running = hidden_running.saturating_sub(1);
                 }
-                let mut counts: Vec<(TaskRunState, usize)> = TaskRunState::ALL.iter().map(|s| (*s, 0)).collect();
+                let mut counts: Vec<(TaskRunState, usize)> =
+                    TaskRunState::ALL.iter().map(|s| (*s, 0)).collect();
                 for entry in entries.values() {
                     if let Some(slot) = counts.iter_mut().find(|(s, _)| *s == entry.state) {
                         slot.1 += 1;
@@ -104,8 +137,17 @@ impl Progress {
                     .filter(|(_, n)| *n > 0)
                     .map(|(s, n)| format!("{n} {s}"))
                     .collect();
-                let more = if hidden_running > 0 { format!(" (+{hidden_running} more running)") } else { String::new() };
-                header.set_message(format!("{} task runs ({} tasks): {}{more}", entries.len().max(total_tasks), total_tasks, summary.join(" · ")));
+                let more = if hidden_running > 0 {
+                    format!(" (+{hidden_running} more running)")
+                } else {
+                    String::new()
+                };
+                header.set_message(format!(
+                    "{} task runs ({} tasks): {}{more}",
+                    entries.len().max(total_tasks),
+                    total_tasks,
+                    summary.join(" · ")
+                ));
             }
             for (_, bar) in lines.drain() {
                 bar.finish_and_clear();

@@ -71,7 +71,11 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let params = parse_params(&pipeline.def, &args.params)?;
     let opened = home.open().await?;
-    let stored = opened.store.save_pipeline(&pipeline.def).await.context("cannot save the pipeline")?;
+    let stored = opened
+        .store
+        .save_pipeline(&pipeline.def)
+        .await
+        .context("cannot save the pipeline")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let execution = RunExecution::create(
         RunId::new(),
@@ -83,7 +87,15 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
         clock.now(),
     );
     let options = engine_options(home, args.workers);
-    drive(home, opened, options, clock, Submission::New(Box::new(execution)), args.quiet).await
+    drive(
+        home,
+        opened,
+        options,
+        clock,
+        Submission::New(Box::new(execution)),
+        args.quiet,
+    )
+    .await
 }
 
 pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
@@ -112,7 +124,15 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{reclaimed} task run(s) were running when the run stopped; they run again");
     }
     let options = engine_options(home, None);
-    drive(home, opened, options, clock, Submission::Resume(Box::new(execution)), args.quiet).await
+    drive(
+        home,
+        opened,
+        options,
+        clock,
+        Submission::Resume(Box::new(execution)),
+        args.quiet,
+    )
+    .await
 }
 
 pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
@@ -127,9 +147,15 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(pid) = run.owner.as_deref().and_then(owner::live_pid) {
         // The owning process cancels on SIGINT: it stops its running tasks and records it.
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGINT)
-            .with_context(|| format!("cannot signal process {pid}"))?;
-        println!("asked process {pid}, which drives run {}, to cancel it", run.id);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGINT,
+        )
+        .with_context(|| format!("cannot signal process {pid}"))?;
+        println!(
+            "asked process {pid}, which drives run {}, to cancel it",
+            run.id
+        );
         return Ok(ExitCode::SUCCESS);
     }
     // Nobody drives the run: cancel it in the store directly.
@@ -152,10 +178,20 @@ pub async fn restore(store: &dyn Store, run: RunRecord) -> anyhow::Result<RunExe
     let stored = store
         .pipeline(&run.pipeline_name, run.pipeline_version)
         .await?
-        .with_context(|| format!("pipeline {} version {} is missing from the store", run.pipeline_name, run.pipeline_version))?;
-    let def: PipelineDef = serde_json::from_value(stored.definition)
-        .with_context(|| format!("stored pipeline {} version {} does not decode", run.pipeline_name, run.pipeline_version))?;
-    let pipeline = Pipeline::build(def).map_err(|e| anyhow::anyhow!("stored pipeline is invalid: {e}"))?;
+        .with_context(|| {
+            format!(
+                "pipeline {} version {} is missing from the store",
+                run.pipeline_name, run.pipeline_version
+            )
+        })?;
+    let def: PipelineDef = serde_json::from_value(stored.definition).with_context(|| {
+        format!(
+            "stored pipeline {} version {} does not decode",
+            run.pipeline_name, run.pipeline_version
+        )
+    })?;
+    let pipeline =
+        Pipeline::build(def).map_err(|e| anyhow::anyhow!("stored pipeline is invalid: {e}"))?;
     let task_runs = store.task_runs(run.id).await?;
     let attempts = store.attempts(run.id).await?;
     Ok(RunExecution::restore(
@@ -182,7 +218,13 @@ async fn drive(
     submission: Submission,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let engine = Engine::build(options, opened.store.clone(), opened.artifacts.clone(), app::registry(), clock);
+    let engine = Engine::build(
+        options,
+        opened.store.clone(),
+        opened.artifacts.clone(),
+        app::registry(),
+        clock,
+    );
     let handle = engine.handle();
     let shutdown = CancellationToken::new();
     let engine_task = tokio::spawn(engine.run(shutdown.clone()));
@@ -197,7 +239,11 @@ async fn drive(
             (handle.resume(*execution).await?, tasks)
         }
     };
-    eprintln!("run {run_id} started (store {}, durability {})", home.root.display(), home.durability.as_str());
+    eprintln!(
+        "run {run_id} started (store {}, durability {})",
+        home.root.display(),
+        home.durability.as_str()
+    );
     let display = progress::Progress::start(events, run_id, total_tasks, quiet);
     let outcome = wait_with_interrupt(&handle, run_id).await;
     display.finish().await;
@@ -205,7 +251,9 @@ async fn drive(
     let engine_result = engine_task.await.context("engine task failed")?;
     let run = match (outcome, engine_result) {
         (Ok(run), _) => run,
-        (Err(err), Err(engine_err)) => return Err(anyhow::anyhow!(engine_err)).context(err.to_string()),
+        (Err(err), Err(engine_err)) => {
+            return Err(anyhow::anyhow!(engine_err)).context(err.to_string())
+        }
         (Err(err), Ok(())) => return Err(err),
     };
     inspect::print_run_summary(&*opened.store, &run).await?;
@@ -243,15 +291,18 @@ fn parse_params(def: &PipelineDef, given: &[String]) -> anyhow::Result<serde_jso
         let (name, raw) = text
             .split_once('=')
             .with_context(|| format!("param {text:?} must be written name=value"))?;
-        let declared = def
-            .params
-            .get(name)
-            .with_context(|| format!("unknown param {name:?}; the pipeline declares: {}", def.params.keys().cloned().collect::<Vec<_>>().join(", ")))?;
+        let declared = def.params.get(name).with_context(|| {
+            format!(
+                "unknown param {name:?}; the pipeline declares: {}",
+                def.params.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
         let value = declared
             .param_type
             .coerce(raw)
             .map_err(|e| anyhow::anyhow!("param {name}: {e}"))?;
         values.insert(name.to_owned(), value);
     }
-    validate::check_params(def, &values).map_err(|problems| anyhow::anyhow!("bad params: {}", problems.join("; ")))
+    validate::check_params(def, &values)
+        .map_err(|problems| anyhow::anyhow!("bad params: {}", problems.join("; ")))
 }

@@ -282,7 +282,10 @@ impl RunExecution {
             }
         }
         for (i, task_run) in execution.task_runs.iter().enumerate() {
-            if task_run.state == TaskRunState::Running && task_run.fan_out.is_none() && !execution.open_attempts.contains_key(&i) {
+            if task_run.state == TaskRunState::Running
+                && task_run.fan_out.is_none()
+                && !execution.open_attempts.contains_key(&i)
+            {
                 execution.open_attempts.insert(
                     i,
                     AttemptRecord {
@@ -426,7 +429,12 @@ impl RunExecution {
 
     /// Takes the next queued task run and leases it to `worker` until `now + lease_ttl`.
     /// Returns `None` when nothing is queued. The caller enforces concurrency limits.
-    pub fn lease_next(&mut self, worker: &str, now: Timestamp, lease_ttl: Duration) -> Option<Assignment> {
+    pub fn lease_next(
+        &mut self,
+        worker: &str,
+        now: Timestamp,
+        lease_ttl: Duration,
+    ) -> Option<Assignment> {
         self.drop_stale_queue_head();
         let i = self.queue.pop_front()?;
         Some(self.lease_index(i, worker, now, lease_ttl))
@@ -441,7 +449,13 @@ impl RunExecution {
         }
     }
 
-    fn lease_index(&mut self, i: usize, worker: &str, now: Timestamp, lease_ttl: Duration) -> Assignment {
+    fn lease_index(
+        &mut self,
+        i: usize,
+        worker: &str,
+        now: Timestamp,
+        lease_ttl: Duration,
+    ) -> Assignment {
         self.transition(i, TaskRunState::Running, now);
         let expires = now.plus(lease_ttl);
         let task_run = &mut self.task_runs[i];
@@ -474,7 +488,10 @@ impl RunExecution {
             task_run_id: task_run.id,
             fencing_token: task_run.fencing_token,
         });
-        let task = self.pipeline.task(&task_run.task_id).expect("task runs belong to pipeline tasks");
+        let task = self
+            .pipeline
+            .task(&task_run.task_id)
+            .expect("task runs belong to pipeline tasks");
         Assignment {
             run_id: self.run.id,
             task_run_id: task_run.id,
@@ -526,7 +543,11 @@ impl RunExecution {
         let expires = now.plus(lease_ttl);
         self.task_runs[i].lease_expires_at = Some(expires);
         self.dirty.insert(i);
-        self.wakeups.push(Wakeup::LeaseExpiry { at: expires, task_run_id: id, fencing_token });
+        self.wakeups.push(Wakeup::LeaseExpiry {
+            at: expires,
+            task_run_id: id,
+            fencing_token,
+        });
         Ok(())
     }
 
@@ -559,7 +580,9 @@ impl RunExecution {
         }
         let (attempt_state, error, retryable, outputs) = match outcome {
             AttemptOutcome::Succeeded(outputs) => {
-                let size = serde_json::to_vec(&outputs).map(|v| v.len()).unwrap_or(usize::MAX);
+                let size = serde_json::to_vec(&outputs)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
                 if size > self.limits.outputs_bytes_max {
                     let message = format!(
                         "outputs are {size} bytes, above the limit of {} bytes; store large results as an artifact",
@@ -570,10 +593,15 @@ impl RunExecution {
                     (AttemptState::Succeeded, None, false, Some(outputs))
                 }
             }
-            AttemptOutcome::Failed { message, retryable } => (AttemptState::Failed, Some(message), retryable, None),
+            AttemptOutcome::Failed { message, retryable } => {
+                (AttemptState::Failed, Some(message), retryable, None)
+            }
             AttemptOutcome::TimedOut { timeout } => (
                 AttemptState::TimedOut,
-                Some(format!("timed out after {}", crate::pipeline::format_duration(timeout))),
+                Some(format!(
+                    "timed out after {}",
+                    crate::pipeline::format_duration(timeout)
+                )),
                 true,
                 None,
             ),
@@ -590,16 +618,25 @@ impl RunExecution {
             return Ok(());
         }
         let policy = self.retry_policy(&self.task_runs[i].task_id.clone());
-        let counted = self.task_runs[i].attempt.saturating_sub(self.task_runs[i].lease_expiries);
+        let counted = self.task_runs[i]
+            .attempt
+            .saturating_sub(self.task_runs[i].lease_expiries);
         if retryable && policy.allows_retry_after(counted) && self.run.state == RunState::Running {
             let ready_at = now.plus(policy.delay_after(counted, random));
             self.transition(i, TaskRunState::WaitingToRetry, now);
             self.task_runs[i].ready_at = Some(ready_at);
             self.task_runs[i].error = error;
-            self.wakeups.push(Wakeup::RetryDue { at: ready_at, task_run_id: id });
+            self.wakeups.push(Wakeup::RetryDue {
+                at: ready_at,
+                task_run_id: id,
+            });
         } else {
             let message = error.unwrap_or_else(|| "failed".into());
-            let message = if counted > 1 { format!("{message} (after {counted} attempts)") } else { message };
+            let message = if counted > 1 {
+                format!("{message} (after {counted} attempts)")
+            } else {
+                message
+            };
             self.finish(i, TaskRunState::Failed, Some(message), now);
         }
         Ok(())
@@ -610,7 +647,9 @@ impl RunExecution {
     /// (or fails once it has lost [`ExecutionLimits::lease_expiries_max`] leases). Returns
     /// whether the lease expired.
     pub fn expire_lease(&mut self, id: TaskRunId, fencing_token: u64, now: Timestamp) -> bool {
-        let Ok(i) = self.check_lease(id, fencing_token) else { return false };
+        let Ok(i) = self.check_lease(id, fencing_token) else {
+            return false;
+        };
         match self.task_runs[i].lease_expires_at {
             Some(expires) if expires <= now => {}
             _ => return false,
@@ -623,7 +662,10 @@ impl RunExecution {
     /// (a restart after a crash). Returns how many task runs went back to the queue or failed.
     pub fn reclaim_leases(&mut self, now: Timestamp) -> usize {
         let held: Vec<usize> = (0..self.task_runs.len())
-            .filter(|&i| self.task_runs[i].state == TaskRunState::Running && self.task_runs[i].fan_out.is_none())
+            .filter(|&i| {
+                self.task_runs[i].state == TaskRunState::Running
+                    && self.task_runs[i].fan_out.is_none()
+            })
             .collect();
         for &i in &held {
             self.lose_lease(i, now);
@@ -633,13 +675,21 @@ impl RunExecution {
 
     fn lose_lease(&mut self, i: usize, now: Timestamp) {
         self.running -= 1;
-        self.close_attempt(i, AttemptState::LeaseExpired, Some("lease expired".into()), now);
+        self.close_attempt(
+            i,
+            AttemptState::LeaseExpired,
+            Some("lease expired".into()),
+            now,
+        );
         let task_run = &mut self.task_runs[i];
         task_run.lease_owner = None;
         task_run.lease_expires_at = None;
         task_run.lease_expiries += 1;
         if task_run.lease_expiries >= self.limits.lease_expiries_max {
-            let message = format!("lease expired {} times; the task may be crashing its worker", task_run.lease_expiries);
+            let message = format!(
+                "lease expired {} times; the task may be crashing its worker",
+                task_run.lease_expiries
+            );
             self.finish(i, TaskRunState::Failed, Some(message), now);
         } else {
             self.enqueue(i, now);
@@ -649,9 +699,13 @@ impl RunExecution {
     /// Handles a retry wakeup: a task run waiting to retry whose time has come is queued.
     /// Returns whether it was.
     pub fn retry_due(&mut self, id: TaskRunId, now: Timestamp) -> bool {
-        let Some(&i) = self.by_id.get(&id) else { return false };
+        let Some(&i) = self.by_id.get(&id) else {
+            return false;
+        };
         let task_run = &self.task_runs[i];
-        if task_run.state != TaskRunState::WaitingToRetry || task_run.ready_at.is_some_and(|at| at > now) {
+        if task_run.state != TaskRunState::WaitingToRetry
+            || task_run.ready_at.is_some_and(|at| at > now)
+        {
             return false;
         }
         self.task_runs[i].ready_at = None;
@@ -691,7 +745,9 @@ impl RunExecution {
             }
         }
         for i in 0..self.task_runs.len() {
-            if self.task_runs[i].fan_out.is_some() && self.task_runs[i].state == TaskRunState::Running {
+            if self.task_runs[i].fan_out.is_some()
+                && self.task_runs[i].state == TaskRunState::Running
+            {
                 self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
             }
         }
@@ -715,12 +771,19 @@ impl RunExecution {
 
     /// Hands over what changed since the last call.
     pub fn take_changes(&mut self) -> Changes {
-        let run = if self.run_dirty { Some(self.run.clone()) } else { None };
+        let run = if self.run_dirty {
+            Some(self.run.clone())
+        } else {
+            None
+        };
         self.run_dirty = false;
         let dirty = std::mem::take(&mut self.dirty);
         Changes {
             run,
-            task_runs: dirty.into_iter().map(|i| self.task_runs[i].clone()).collect(),
+            task_runs: dirty
+                .into_iter()
+                .map(|i| self.task_runs[i].clone())
+                .collect(),
             attempts: std::mem::take(&mut self.attempts_out),
             events: std::mem::take(&mut self.events),
             wakeups: std::mem::take(&mut self.wakeups),
@@ -738,7 +801,10 @@ impl RunExecution {
                     task_run_id: t.id,
                     fencing_token: t.fencing_token,
                 }),
-                (TaskRunState::WaitingToRetry, _, Some(at)) => Some(Wakeup::RetryDue { at, task_run_id: t.id }),
+                (TaskRunState::WaitingToRetry, _, Some(at)) => Some(Wakeup::RetryDue {
+                    at,
+                    task_run_id: t.id,
+                }),
                 _ => None,
             })
             .collect()
@@ -753,7 +819,13 @@ impl RunExecution {
             .unwrap_or_else(RetryPolicy::none)
     }
 
-    fn close_attempt(&mut self, i: usize, state: AttemptState, error: Option<String>, now: Timestamp) {
+    fn close_attempt(
+        &mut self,
+        i: usize,
+        state: AttemptState,
+        error: Option<String>,
+        now: Timestamp,
+    ) {
         if let Some(mut attempt) = self.open_attempts.remove(&i) {
             attempt.state = state;
             attempt.finished_at = Some(now);
@@ -801,7 +873,11 @@ impl RunExecution {
             self.run.error = error;
         }
         self.run_dirty = true;
-        self.events.push(DomainEvent::RunStateChanged { run_id: self.run.id, state: to, at: now });
+        self.events.push(DomainEvent::RunStateChanged {
+            run_id: self.run.id,
+            state: to,
+            at: now,
+        });
     }
 
     /// Moves a task run to a terminal state without propagating.
@@ -865,7 +941,10 @@ impl RunExecution {
                     first_error = Some(format!(
                         "item {}: {}",
                         child.index.unwrap_or_default(),
-                        child.error.clone().unwrap_or_else(|| child.state.to_string())
+                        child
+                            .error
+                            .clone()
+                            .unwrap_or_else(|| child.state.to_string())
                     ));
                 }
             }
@@ -907,33 +986,60 @@ impl RunExecution {
             }
         }
         if let Some((dep, state)) = blocked_by {
-            self.set_terminal(parent, TaskRunState::Skipped, Some(format!("upstream task {dep} {state}")), now);
+            self.set_terminal(
+                parent,
+                TaskRunState::Skipped,
+                Some(format!("upstream task {dep} {state}")),
+                now,
+            );
             return true;
         }
-        let task = self.pipeline.task(task_id).expect("nodes belong to pipeline tasks").clone();
+        let task = self
+            .pipeline
+            .task(task_id)
+            .expect("nodes belong to pipeline tasks")
+            .clone();
         let context = self.template_context(&task);
         if let Some(condition) = &task.condition {
             match self.templates.condition(condition, &context) {
                 Ok(true) => {}
                 Ok(false) => {
-                    self.set_terminal(parent, TaskRunState::Skipped, Some(format!("condition is false: {condition}")), now);
+                    self.set_terminal(
+                        parent,
+                        TaskRunState::Skipped,
+                        Some(format!("condition is false: {condition}")),
+                        now,
+                    );
                     return true;
                 }
                 Err(err) => {
-                    self.set_terminal(parent, TaskRunState::Failed, Some(format!("condition: {err}")), now);
+                    self.set_terminal(
+                        parent,
+                        TaskRunState::Failed,
+                        Some(format!("condition: {err}")),
+                        now,
+                    );
                     return true;
                 }
             }
         }
         match &task.for_each {
-            None => match self.templates.render_value(&Value::Object(task.inputs.clone()), &context) {
+            None => match self
+                .templates
+                .render_value(&Value::Object(task.inputs.clone()), &context)
+            {
                 Ok(inputs) => {
                     self.task_runs[parent].inputs = Some(inputs);
                     self.enqueue(parent, now);
                     false
                 }
                 Err(err) => {
-                    self.set_terminal(parent, TaskRunState::Failed, Some(format!("inputs: {err}")), now);
+                    self.set_terminal(
+                        parent,
+                        TaskRunState::Failed,
+                        Some(format!("inputs: {err}")),
+                        now,
+                    );
                     true
                 }
             },
@@ -991,7 +1097,12 @@ impl RunExecution {
                 return true;
             }
             Err(err) => {
-                self.set_terminal(parent, TaskRunState::Failed, Some(format!("for_each: {err}")), now);
+                self.set_terminal(
+                    parent,
+                    TaskRunState::Failed,
+                    Some(format!("for_each: {err}")),
+                    now,
+                );
                 return true;
             }
         };
@@ -1051,14 +1162,20 @@ impl RunExecution {
                 finished_at: None,
             });
             self.by_id.insert(self.task_runs[i].id, i);
-            self.nodes.get_mut(&task.id).expect("node exists").children.push(i);
+            self.nodes
+                .get_mut(&task.id)
+                .expect("node exists")
+                .children
+                .push(i);
             self.dirty.insert(i);
             match rendered {
                 Ok(inputs) => {
                     self.task_runs[i].inputs = Some(inputs);
                     self.enqueue(i, now);
                 }
-                Err(err) => self.set_terminal(i, TaskRunState::Failed, Some(format!("inputs: {err}")), now),
+                Err(err) => {
+                    self.set_terminal(i, TaskRunState::Failed, Some(format!("inputs: {err}")), now)
+                }
             }
         }
         // Items that failed to render may already complete the fan-out.
@@ -1072,7 +1189,10 @@ impl RunExecution {
             .dependencies(task_id)
             .map(|dep| {
                 let parent = &self.task_runs[self.nodes[dep].parent];
-                (dep.to_string(), parent.outputs.clone().unwrap_or(Value::Null))
+                (
+                    dep.to_string(),
+                    parent.outputs.clone().unwrap_or(Value::Null),
+                )
             })
             .collect()
     }
@@ -1107,7 +1227,9 @@ impl RunExecution {
             if !parent.state.is_terminal() {
                 return;
             }
-            if matches!(parent.state, TaskRunState::Failed | TaskRunState::Cancelled) && failed.is_none() {
+            if matches!(parent.state, TaskRunState::Failed | TaskRunState::Cancelled)
+                && failed.is_none()
+            {
                 failed = Some(format!(
                     "task {} {}: {}",
                     parent.task_id,

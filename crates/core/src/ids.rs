@@ -88,7 +88,8 @@ pub enum IdError {
 pub const NAME_LEN_MAX: usize = 128;
 
 fn check_name(kind: &'static str, value: &str) -> Result<(), IdError> {
-    let rule = "use 1 to 128 characters from a-z, A-Z, 0-9, '_' and '-', starting with a letter or '_'";
+    let rule =
+        "use 1 to 128 characters from a-z, A-Z, 0-9, '_' and '-', starting with a letter or '_'";
     let mut chars = value.chars();
     let ok = value.len() <= NAME_LEN_MAX
         && matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')

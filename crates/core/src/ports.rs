@@ -96,7 +96,11 @@ pub trait Store: Send + Sync + 'static {
     async fn artifact(&self, id: ArtifactId) -> StoreResult<Option<ArtifactRecord>>;
 
     /// The given version of a name, or its latest.
-    async fn artifact_by_name(&self, name: &str, version: Option<u32>) -> StoreResult<Option<ArtifactRecord>>;
+    async fn artifact_by_name(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<ArtifactRecord>>;
 
     /// Artifact versions, newest first.
     async fn artifacts(&self, filter: &ArtifactFilter) -> StoreResult<Vec<ArtifactRecord>>;
@@ -136,12 +140,18 @@ pub struct ToolError {
 impl ToolError {
     /// An error another attempt may not fix.
     pub fn permanent(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: false }
+        Self {
+            message: message.into(),
+            retryable: false,
+        }
     }
 
     /// An error another attempt may fix.
     pub fn transient(message: impl Into<String>) -> Self {
-        Self { message: message.into(), retryable: true }
+        Self {
+            message: message.into(),
+            retryable: true,
+        }
     }
 }
 
@@ -205,7 +215,11 @@ impl ToolContext {
 fn collect_artifact_ids(value: &Value, found: &mut Vec<ArtifactId>) {
     match value {
         Value::Object(map) => {
-            if let Some(id) = map.get("id").and_then(Value::as_str).and_then(|s| s.parse().ok()) {
+            if let Some(id) = map
+                .get("id")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse().ok())
+            {
                 if map.contains_key("digest") {
                     found.push(id);
                 }

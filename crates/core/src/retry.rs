@@ -80,13 +80,25 @@ impl RetryPolicy {
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         if self.max_attempts == 0 || self.max_attempts > MAX_ATTEMPTS_LIMIT {
-            out.push(("max_attempts", format!("must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}", self.max_attempts)));
+            out.push((
+                "max_attempts",
+                format!(
+                    "must be between 1 and {MAX_ATTEMPTS_LIMIT}, got {}",
+                    self.max_attempts
+                ),
+            ));
         }
         if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            out.push(("multiplier", format!("must be at least 1, got {}", self.multiplier)));
+            out.push((
+                "multiplier",
+                format!("must be at least 1, got {}", self.multiplier),
+            ));
         }
         if !(0.0..=1.0).contains(&self.jitter) {
-            out.push(("jitter", format!("must be between 0 and 1, got {}", self.jitter)));
+            out.push((
+                "jitter",
+                format!("must be between 0 and 1, got {}", self.jitter),
+            ));
         }
         if self.max_delay < self.initial_delay {
             out.push(("max_delay", "must not be shorter than initial_delay".into()));
@@ -144,9 +156,17 @@ mod tests {
 
     #[test]
     fn attempts_stop_at_the_maximum() {
-        let policy = RetryPolicy { max_attempts: 2, ..RetryPolicy::default() };
+        let policy = RetryPolicy {
+            max_attempts: 2,
+            ..RetryPolicy::default()
+        };
         assert!(policy.allows_retry_after(1));
         assert!(!policy.allows_retry_after(2));
-        assert!(!RetryPolicy { max_attempts: 0, ..RetryPolicy::default() }.problems().is_empty());
+        assert!(!RetryPolicy {
+            max_attempts: 0,
+            ..RetryPolicy::default()
+        }
+        .problems()
+        .is_empty());
     }
 }

@@ -78,7 +78,10 @@ state_enum!(
 impl RunState {
     /// Whether the run is over.
     pub fn is_terminal(self) -> bool {
-        matches!(self, RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+        )
     }
 
     /// Checks a transition.
@@ -91,14 +94,23 @@ impl RunState {
         use RunState::*;
         let ok = matches!(
             (self, to),
-            (Queued, Running) | (Queued, Cancelled) | (Queued, Failed)
-                | (Running, Succeeded) | (Running, Failed) | (Running, Cancelled)
-                | (Failed, Running) | (Cancelled, Running)
+            (Queued, Running)
+                | (Queued, Cancelled)
+                | (Queued, Failed)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Cancelled)
+                | (Failed, Running)
+                | (Cancelled, Running)
         );
         if ok {
             Ok(())
         } else {
-            Err(IllegalTransition { machine: "run", from: self.as_str(), to: to.as_str() })
+            Err(IllegalTransition {
+                machine: "run",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
         }
     }
 }
@@ -130,7 +142,10 @@ impl TaskRunState {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            TaskRunState::Succeeded | TaskRunState::Failed | TaskRunState::Skipped | TaskRunState::Cancelled
+            TaskRunState::Succeeded
+                | TaskRunState::Failed
+                | TaskRunState::Skipped
+                | TaskRunState::Cancelled
         )
     }
 
@@ -152,17 +167,34 @@ impl TaskRunState {
         use TaskRunState::*;
         let ok = matches!(
             (self, to),
-            (Pending, Queued) | (Pending, Running) | (Pending, Skipped) | (Pending, Cancelled) | (Pending, Failed)
-                | (Queued, Running) | (Queued, Cancelled) | (Queued, Skipped) | (Queued, Failed)
-                | (Running, Succeeded) | (Running, Failed) | (Running, WaitingToRetry)
-                | (Running, Queued) | (Running, Cancelled)
-                | (WaitingToRetry, Queued) | (WaitingToRetry, Cancelled)
-                | (Failed, Pending) | (Cancelled, Pending) | (Skipped, Pending)
+            (Pending, Queued)
+                | (Pending, Running)
+                | (Pending, Skipped)
+                | (Pending, Cancelled)
+                | (Pending, Failed)
+                | (Queued, Running)
+                | (Queued, Cancelled)
+                | (Queued, Skipped)
+                | (Queued, Failed)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, WaitingToRetry)
+                | (Running, Queued)
+                | (Running, Cancelled)
+                | (WaitingToRetry, Queued)
+                | (WaitingToRetry, Cancelled)
+                | (Failed, Pending)
+                | (Cancelled, Pending)
+                | (Skipped, Pending)
         );
         if ok {
             Ok(())
         } else {
-            Err(IllegalTransition { machine: "task run", from: self.as_str(), to: to.as_str() })
+            Err(IllegalTransition {
+                machine: "task run",
+                from: self.as_str(),
+                to: to.as_str(),
+            })
         }
     }
 }
@@ -192,8 +224,12 @@ mod tests {
 
     #[test]
     fn a_succeeded_task_run_cannot_run_again() {
-        assert!(TaskRunState::Succeeded.check(TaskRunState::Running).is_err());
-        assert!(TaskRunState::Succeeded.check(TaskRunState::Pending).is_err());
+        assert!(TaskRunState::Succeeded
+            .check(TaskRunState::Running)
+            .is_err());
+        assert!(TaskRunState::Succeeded
+            .check(TaskRunState::Pending)
+            .is_err());
         assert!(TaskRunState::Queued.check(TaskRunState::Running).is_ok());
     }
 

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 /// An instant in microseconds since 1970-01-01T00:00:00Z (UTC).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -19,7 +21,10 @@ impl Timestamp {
 
     /// This instant moved forward by `duration` (saturating).
     pub fn plus(self, duration: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(duration.as_micros().min(i64::MAX as u128) as i64))
+        Timestamp(
+            self.0
+                .saturating_add(duration.as_micros().min(i64::MAX as u128) as i64),
+        )
     }
 
     /// The time from `earlier` to `self`, zero if `earlier` is later.
@@ -116,7 +121,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "m" => value * 60.0,
             "h" => value * 3600.0,
             "d" => value * 86400.0,
-            other => return Err(format!("unknown unit {other:?} in duration {text:?}; use ms, s, m, h or d")),
+            other => {
+                return Err(format!(
+                    "unknown unit {other:?} in duration {text:?}; use ms, s, m, h or d"
+                ))
+            }
         };
         total += Duration::from_secs_f64(seconds);
     }

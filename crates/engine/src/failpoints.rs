@@ -36,7 +36,13 @@ impl FailPoints {
 
 fn hit(counter: &AtomicU32) -> bool {
     counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| if n == 0 { None } else { Some(n - 1) })
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            if n == 0 {
+                None
+            } else {
+                Some(n - 1)
+            }
+        })
         .map(|previous| previous == 1)
         .unwrap_or(false)
 }

@@ -92,7 +92,9 @@ pub struct EngineOptions {
 impl EngineOptions {
     /// Defaults for a process whose working directories live under `work_root`.
     pub fn new(work_root: PathBuf) -> Self {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2);
         Self {
             worker_id: format!("pid{}", std::process::id()),
             worker_slots: (cores * 4).max(8),
@@ -127,7 +129,8 @@ impl Engine {
         clock: Arc<dyn Clock>,
     ) -> Engine {
         let log_writer = LogWriter::new(store.clone(), options.log_channel_capacity);
-        let (scheduler, assignments) = Scheduler::new(options.clone(), store, clock.clone(), FailPoints::default());
+        let (scheduler, assignments) =
+            Scheduler::new(options.clone(), store, clock.clone(), FailPoints::default());
         let pool = WorkerPool::new(
             options,
             scheduler.handle(),
@@ -137,7 +140,11 @@ impl Engine {
             log_writer.handle(),
             clock,
         );
-        Engine { scheduler, pool, log_writer }
+        Engine {
+            scheduler,
+            pool,
+            log_writer,
+        }
     }
 
     /// A cheap handle to submit, resume, cancel and watch runs.
@@ -152,7 +159,11 @@ impl Engine {
     /// # Errors
     /// [`Error::Store`] when a commit fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
-        let Engine { scheduler, pool, log_writer } = self;
+        let Engine {
+            scheduler,
+            pool,
+            log_writer,
+        } = self;
         let log_task = tokio::spawn(log_writer.run());
         let pool_shutdown = shutdown.child_token();
         let pool_task = tokio::spawn(pool.run(pool_shutdown.clone()));

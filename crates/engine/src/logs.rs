@@ -31,13 +31,20 @@ impl LogWriter {
     /// A writer whose channel holds at most `capacity` lines.
     pub fn new(store: Arc<dyn Store>, capacity: usize) -> Self {
         let (sender, lines) = mpsc::channel(capacity.max(1));
-        Self { store, lines, sender: Some(sender) }
+        Self {
+            store,
+            lines,
+            sender: Some(sender),
+        }
     }
 
     /// A handle for senders.
     pub fn handle(&self) -> LogWriterHandle {
         LogWriterHandle {
-            lines: self.sender.clone().expect("handles are taken before the writer runs"),
+            lines: self
+                .sender
+                .clone()
+                .expect("handles are taken before the writer runs"),
         }
     }
 
@@ -93,7 +100,10 @@ impl AttemptLog {
     pub(crate) async fn finish(&self) {
         let dropped = self.dropped.load(Ordering::Relaxed);
         if dropped > 0 {
-            let text = format!("log truncated: {dropped} more lines were not kept (limit {} lines per attempt)", self.lines_max);
+            let text = format!(
+                "log truncated: {dropped} more lines were not kept (limit {} lines per attempt)",
+                self.lines_max
+            );
             self.send(LogStream::System, text).await;
         }
     }
@@ -111,7 +121,11 @@ impl LogSink for AttemptLog {
             while !text.is_char_boundary(cut) {
                 cut -= 1;
             }
-            format!("{}… [line cut at {} bytes]", &text[..cut], self.line_bytes_max)
+            format!(
+                "{}… [line cut at {} bytes]",
+                &text[..cut],
+                self.line_bytes_max
+            )
         } else {
             text.to_owned()
         };

@@ -13,7 +13,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 
 use arches_core::events::DomainEvent;
-use arches_core::execution::{AttemptOutcome, Assignment, RunExecution, Wakeup};
+use arches_core::execution::{Assignment, AttemptOutcome, RunExecution, Wakeup};
 use arches_core::ports::Store;
 use arches_core::records::{RunRecord, WriteBatch};
 use arches_core::{Clock, RunId, TaskRunId, Timestamp};
@@ -110,7 +110,10 @@ pub struct StepReport {
 impl StepReport {
     /// Whether the step found nothing to do.
     pub fn is_idle(&self) -> bool {
-        self.commands == 0 && self.wakeups == 0 && self.assignments.is_empty() && self.task_runs_written == 0
+        self.commands == 0
+            && self.wakeups == 0
+            && self.assignments.is_empty()
+            && self.task_runs_written == 0
     }
 }
 
@@ -130,7 +133,10 @@ impl SchedulerHandle {
         self.inbox.send(command).await.map_err(|_| Error::Stopped)
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command) -> Result<T, Error> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, Error>>) -> Command,
+    ) -> Result<T, Error> {
         let (reply, answer) = oneshot::channel();
         self.send(make(reply)).await?;
         answer.await.map_err(|_| Error::Stopped)?
@@ -141,7 +147,11 @@ impl SchedulerHandle {
     /// # Errors
     /// [`Error::Stopped`], [`Error::AlreadyActive`], or the store's error.
     pub async fn submit(&self, execution: RunExecution) -> Result<RunId, Error> {
-        self.call(|reply| Command::Submit { execution: Box::new(execution), reply }).await
+        self.call(|reply| Command::Submit {
+            execution: Box::new(execution),
+            reply,
+        })
+        .await
     }
 
     /// Continues a restored run.
@@ -149,7 +159,11 @@ impl SchedulerHandle {
     /// # Errors
     /// As [`SchedulerHandle::submit`].
     pub async fn resume(&self, execution: RunExecution) -> Result<RunId, Error> {
-        self.call(|reply| Command::Resume { execution: Box::new(execution), reply }).await
+        self.call(|reply| Command::Resume {
+            execution: Box::new(execution),
+            reply,
+        })
+        .await
     }
 
     /// Cancels a run: running task runs are stopped and the rest skipped.
@@ -157,7 +171,12 @@ impl SchedulerHandle {
     /// # Errors
     /// [`Error::UnknownRun`] when this engine does not drive the run.
     pub async fn cancel(&self, run_id: RunId, reason: &str) -> Result<(), Error> {
-        self.call(|reply| Command::Cancel { run_id, reason: reason.to_owned(), reply }).await
+        self.call(|reply| Command::Cancel {
+            run_id,
+            reason: reason.to_owned(),
+            reply,
+        })
+        .await
     }
 
     /// Waits until the run is over and returns its record.
@@ -220,7 +239,10 @@ impl Scheduler {
             clock,
             failpoints,
             inbox,
-            handle: SchedulerHandle { inbox: inbox_tx, events },
+            handle: SchedulerHandle {
+                inbox: inbox_tx,
+                events,
+            },
             dispatch,
             runs: HashMap::new(),
             run_order: Vec::new(),
@@ -287,9 +309,7 @@ impl Scheduler {
     /// store never diverge further.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
         loop {
-            let delay = self
-                .next_wakeup_at()
-                .map(|at| at.since(self.clock.now()));
+            let delay = self.next_wakeup_at().map(|at| at.since(self.clock.now()));
             let command = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -323,7 +343,14 @@ impl Scheduler {
     async fn apply(&mut self, command: Command) {
         let now = self.clock.now();
         match command {
-            Command::Submit { mut execution, reply } | Command::Resume { mut execution, reply } => {
+            Command::Submit {
+                mut execution,
+                reply,
+            }
+            | Command::Resume {
+                mut execution,
+                reply,
+            } => {
                 let run_id = execution.id();
                 if self.runs.contains_key(&run_id) {
                     let _ = reply.send(Err(Error::AlreadyActive(run_id)));
@@ -339,7 +366,11 @@ impl Scheduler {
                 self.touched.insert(run_id);
                 self.replies.push(Reply::Run(reply, run_id));
             }
-            Command::Cancel { run_id, reason, reply } => match self.runs.get_mut(&run_id) {
+            Command::Cancel {
+                run_id,
+                reason,
+                reply,
+            } => match self.runs.get_mut(&run_id) {
                 Some(execution) => {
                     let stopped = execution.cancel(now, &reason);
                     self.stops.extend(stopped);
@@ -350,21 +381,41 @@ impl Scheduler {
                     let _ = reply.send(Err(Error::UnknownRun(run_id)));
                 }
             },
-            Command::Completed { run_id, task_run_id, fencing_token, outcome, executed_at, finished_at } => {
+            Command::Completed {
+                run_id,
+                task_run_id,
+                fencing_token,
+                outcome,
+                executed_at,
+                finished_at,
+            } => {
                 self.in_flight = self.in_flight.saturating_sub(1);
                 let Some(execution) = self.runs.get_mut(&run_id) else {
                     debug!(%run_id, %task_run_id, "completion for a run that is no longer active");
                     return;
                 };
                 let random: f64 = rand::rng().random();
-                match execution.complete(task_run_id, fencing_token, outcome, executed_at, finished_at, random) {
+                match execution.complete(
+                    task_run_id,
+                    fencing_token,
+                    outcome,
+                    executed_at,
+                    finished_at,
+                    random,
+                ) {
                     Ok(()) => {
                         self.touched.insert(run_id);
                     }
-                    Err(rejection) => warn!(%run_id, %task_run_id, fencing_token, %rejection, "completion rejected"),
+                    Err(rejection) => {
+                        warn!(%run_id, %task_run_id, fencing_token, %rejection, "completion rejected")
+                    }
                 }
             }
-            Command::Heartbeat { run_id, task_run_id, fencing_token } => {
+            Command::Heartbeat {
+                run_id,
+                task_run_id,
+                fencing_token,
+            } => {
                 let Some(execution) = self.runs.get_mut(&run_id) else {
                     self.stops.push((task_run_id, fencing_token));
                     return;
@@ -397,7 +448,8 @@ impl Scheduler {
 
     fn push_wakeup(&mut self, run_id: RunId, wakeup: Wakeup) {
         self.wakeup_seq += 1;
-        self.wakeups.push(Reverse((wakeup.at(), self.wakeup_seq, run_id, wakeup)));
+        self.wakeups
+            .push(Reverse((wakeup.at(), self.wakeup_seq, run_id, wakeup)));
     }
 
     fn fire_due_wakeups(&mut self) -> usize {
@@ -407,10 +459,18 @@ impl Scheduler {
             if *at > now {
                 break;
             }
-            let Some(Reverse((_, _, run_id, wakeup))) = self.wakeups.pop() else { break };
-            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let Some(Reverse((_, _, run_id, wakeup))) = self.wakeups.pop() else {
+                break;
+            };
+            let Some(execution) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
             let changed = match wakeup {
-                Wakeup::LeaseExpiry { task_run_id, fencing_token, .. } => {
+                Wakeup::LeaseExpiry {
+                    task_run_id,
+                    fencing_token,
+                    ..
+                } => {
                     let expired = execution.expire_lease(task_run_id, fencing_token, now);
                     if expired {
                         warn!(%run_id, %task_run_id, fencing_token, "lease expired");
@@ -445,10 +505,14 @@ impl Scheduler {
                 break;
             }
             let run_id = self.run_order[(start + offset) % count];
-            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let Some(execution) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
             let limit = execution.concurrency_limit().unwrap_or(usize::MAX);
             while free > 0 && execution.running_count() < limit {
-                let Some(assignment) = execution.lease_next(&self.options.worker_id, now, self.options.lease_ttl) else {
+                let Some(assignment) =
+                    execution.lease_next(&self.options.worker_id, now, self.options.lease_ttl)
+                else {
                     break;
                 };
                 free -= 1;
@@ -459,14 +523,20 @@ impl Scheduler {
         }
     }
 
-    async fn flush(&mut self, report: &mut StepReport, keep_assignments: bool) -> Result<(), Error> {
+    async fn flush(
+        &mut self,
+        report: &mut StepReport,
+        keep_assignments: bool,
+    ) -> Result<(), Error> {
         self.lease(report);
         let mut batch = WriteBatch::default();
         let mut events = Vec::new();
         let mut wakeups = Vec::new();
         let mut finished = Vec::new();
         for run_id in self.touched.drain() {
-            let Some(execution) = self.runs.get_mut(&run_id) else { continue };
+            let Some(execution) = self.runs.get_mut(&run_id) else {
+                continue;
+            };
             let changes = execution.take_changes();
             batch.runs.extend(changes.run);
             batch.task_runs.extend(changes.task_runs);
@@ -483,7 +553,10 @@ impl Scheduler {
             }
             let committed = self.store.commit(&batch).await?;
             if !committed.stale_task_runs.is_empty() {
-                warn!(count = committed.stale_task_runs.len(), "store refused stale task-run writes");
+                warn!(
+                    count = committed.stale_task_runs.len(),
+                    "store refused stale task-run writes"
+                );
             }
             if self.failpoints.hit_after_commit() {
                 return Err(Error::Injected("after commit"));

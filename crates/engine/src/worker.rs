@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 
-use arches_core::execution::{AttemptOutcome, Assignment};
+use arches_core::execution::{Assignment, AttemptOutcome};
 use arches_core::ports::{ArtifactStore, LogSink, ToolContext, ToolRegistry};
 use arches_core::records::LogStream;
 use arches_core::{Clock, TaskRunId};
@@ -47,7 +47,15 @@ impl WorkerPool {
         logs: LogWriterHandle,
         clock: Arc<dyn Clock>,
     ) -> Self {
-        Self { options, scheduler, dispatches, tools, artifacts, logs, clock }
+        Self {
+            options,
+            scheduler,
+            dispatches,
+            tools,
+            artifacts,
+            logs,
+            clock,
+        }
     }
 
     /// Executes dispatches until `shutdown`; then stops every attempt still running.
@@ -70,7 +78,10 @@ impl WorkerPool {
                     running
                         .lock()
                         .expect("the running map is never poisoned")
-                        .insert(assignment.task_run_id, (assignment.fencing_token, stop.clone()));
+                        .insert(
+                            assignment.task_run_id,
+                            (assignment.fencing_token, stop.clone()),
+                        );
                     let attempt = Attempt {
                         assignment: *assignment,
                         options: self.options.clone(),
@@ -93,7 +104,11 @@ impl WorkerPool {
                 }
             }
         }
-        for (_, (_, stop)) in running.lock().expect("the running map is never poisoned").iter() {
+        for (_, (_, stop)) in running
+            .lock()
+            .expect("the running map is never poisoned")
+            .iter()
+        {
             stop.cancel();
         }
         while tasks.join_next().await.is_some() {}
@@ -143,7 +158,10 @@ impl Attempt {
                 }
                 match prepared {
                     Err(err) => Some(AttemptOutcome::Failed {
-                        message: format!("cannot create working directory {}: {err}", work_dir.display()),
+                        message: format!(
+                            "cannot create working directory {}: {err}",
+                            work_dir.display()
+                        ),
                         retryable: true,
                     }),
                     Ok(()) => {
@@ -158,7 +176,8 @@ impl Attempt {
                             artifacts: self.artifacts.clone(),
                             logs: log.clone(),
                         };
-                        let execution = AssertUnwindSafe(tool.execute(context, a.inputs.clone())).catch_unwind();
+                        let execution = AssertUnwindSafe(tool.execute(context, a.inputs.clone()))
+                            .catch_unwind();
                         let outcome = self.supervise(execution, &stop, &log).await;
                         if tool.needs_work_dir() {
                             remove_dir(work_dir).await;
@@ -174,8 +193,14 @@ impl Attempt {
             // stopped us and leased the task run again, and the new attempt's entry (a higher
             // token) replaced ours under the same id. Removing it would make the new attempt
             // unstoppable by a cancel or by its own lease expiry.
-            let mut running = self.running.lock().expect("the running map is never poisoned");
-            if running.get(&a.task_run_id).is_some_and(|(held, _)| *held == a.fencing_token) {
+            let mut running = self
+                .running
+                .lock()
+                .expect("the running map is never poisoned");
+            if running
+                .get(&a.task_run_id)
+                .is_some_and(|(held, _)| *held == a.fencing_token)
+            {
                 running.remove(&a.task_run_id);
             }
         }
@@ -198,9 +223,16 @@ impl Attempt {
 
     /// Drives the tool's future with heartbeats, the timeout and the stop signal. `None`
     /// when stopped.
-    async fn supervise<F>(&self, execution: F, stop: &CancellationToken, log: &AttemptLog) -> Option<AttemptOutcome>
+    async fn supervise<F>(
+        &self,
+        execution: F,
+        stop: &CancellationToken,
+        log: &AttemptLog,
+    ) -> Option<AttemptOutcome>
     where
-        F: std::future::Future<Output = std::thread::Result<Result<serde_json::Value, arches_core::ports::ToolError>>>,
+        F: std::future::Future<
+            Output = std::thread::Result<Result<serde_json::Value, arches_core::ports::ToolError>>,
+        >,
     {
         let a = &self.assignment;
         let mut execution = std::pin::pin!(execution);

@@ -10,7 +10,11 @@ fn run_yaml(yaml: &str) -> (bool, String, String, tempfile::TempDir) {
 #[test]
 fn malformed_yaml_is_reported_with_its_line_and_column() {
     let home = tempfile::tempdir().unwrap();
-    let file = pipeline_file(home.path(), "bad.yaml", "name: x\ntasks:\n  - id: a\n    tool: [noop\n");
+    let file = pipeline_file(
+        home.path(),
+        "bad.yaml",
+        "name: x\ntasks:\n  - id: a\n    tool: [noop\n",
+    );
     let (out, _, stderr) = output(arches(home.path()).arg("validate").arg(&file));
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr.contains("malformed_yaml"), "{stderr}");
@@ -55,7 +59,12 @@ fn a_command_that_does_not_exist_fails_clearly_and_the_run_stops_downstream() {
     let (ok, stdout, _, _) = run_yaml(yaml);
     assert!(!ok);
     assert!(stdout.contains("command not found"), "{stdout}");
-    assert!(stdout.lines().any(|l| l.contains("after") && l.contains("skipped")), "{stdout}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("after") && l.contains("skipped")),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -65,8 +74,16 @@ fn non_utf8_and_huge_output_are_logged_safely() {
     assert!(ok, "{stdout}{stderr}");
     let run_id = stderr.split_whitespace().nth(1).unwrap().to_owned();
     let (_, logs, _) = output(arches(home.path()).args(["runs", "logs", &run_id]));
-    assert!(logs.contains("caf\u{FFFD}"), "{}", &logs[..logs.len().min(300)]);
-    assert!(logs.len() < 2_000_000, "huge output was not bounded: {} bytes", logs.len());
+    assert!(
+        logs.contains("caf\u{FFFD}"),
+        "{}",
+        &logs[..logs.len().min(300)]
+    );
+    assert!(
+        logs.len() < 2_000_000,
+        "huge output was not bounded: {} bytes",
+        logs.len()
+    );
 }
 
 #[test]
@@ -81,10 +98,23 @@ fn a_full_disk_fails_the_task_with_the_cause() {
 fn a_param_of_the_wrong_type_is_refused_before_running() {
     let home = tempfile::tempdir().unwrap();
     let file = pipeline_file(home.path(), "p.yaml", "name: x\nparams:\n  n:\n    type: integer\n    default: 1\ntasks:\n  - id: a\n    tool: noop\n");
-    let (out, _, stderr) = output(arches(home.path()).arg("run").arg(&file).args(["--param", "n=abc"]));
+    let (out, _, stderr) = output(
+        arches(home.path())
+            .arg("run")
+            .arg(&file)
+            .args(["--param", "n=abc"]),
+    );
     assert!(!out.status.success());
-    assert!(stderr.contains("param n") && stderr.contains("integer"), "{stderr}");
-    let (out, _, stderr) = output(arches(home.path()).arg("run").arg(&file).args(["--param", "zz=1"]));
+    assert!(
+        stderr.contains("param n") && stderr.contains("integer"),
+        "{stderr}"
+    );
+    let (out, _, stderr) = output(
+        arches(home.path())
+            .arg("run")
+            .arg(&file)
+            .args(["--param", "zz=1"]),
+    );
     assert!(!out.status.success());
     assert!(stderr.contains("unknown param"), "{stderr}");
 }

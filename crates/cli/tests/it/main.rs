@@ -10,13 +10,19 @@ use std::process::{Command, Output};
 
 /// The repository root, where the examples live.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repo root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repo root")
 }
 
 /// An `arches` command with its home in `home`, run from the repository root.
 pub fn arches(home: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_arches"));
-    command.current_dir(repo_root()).env("ARCHES_HOME", home).env_remove("ARCHES_LOG");
+    command
+        .current_dir(repo_root())
+        .env("ARCHES_HOME", home)
+        .env_remove("ARCHES_LOG");
     command
 }
 

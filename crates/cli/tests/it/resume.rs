@@ -8,7 +8,11 @@ use crate::{arches, output, pipeline_file};
 fn await_file(path: &std::path::Path, bound: Duration) {
     let deadline = Instant::now() + bound;
     while !path.exists() {
-        assert!(Instant::now() < deadline, "{} did not appear within {bound:?}", path.display());
+        assert!(
+            Instant::now() < deadline,
+            "{} did not appear within {bound:?}",
+            path.display()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -55,27 +59,46 @@ tasks:
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
     await_file(&dir.path().join("second-started"), Duration::from_secs(30));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     child.wait().unwrap();
 
     // The store shows the run as it stood: first succeeded, second running.
     let (_, shown, _) = output(arches(home.path()).args(["runs", "show", &run_id]));
     assert!(shown.contains("state     running"), "{shown}");
-    assert!(shown.lines().any(|l| l.contains("first") && l.contains("succeeded")), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("first") && l.contains("succeeded")),
+        "{shown}"
+    );
 
     std::fs::write(dir.path().join("release"), "").unwrap();
     let (resume, stdout, stderr) = output(arches(home.path()).args(["resume", "--quiet", &run_id]));
     assert!(resume.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("succeeded in"), "{stdout}");
 
-    let runs = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default().lines().count();
+    let runs = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
     assert_eq!(runs("first-runs"), 1, "a succeeded task ran again");
     assert_eq!(runs("second-runs"), 2, "the interrupted task runs again");
     assert_eq!(runs("third-runs"), 1);
 
     // The interrupted attempt is kept in the history as lost.
     let (_, shown, _) = output(arches(home.path()).args(["runs", "show", &run_id]));
-    assert!(shown.lines().any(|l| l.contains("second") && l.contains("succeeded") && l.contains(" 2 ")), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("second") && l.contains("succeeded") && l.contains(" 2 ")),
+        "{shown}"
+    );
 
     // Resuming a finished run changes nothing.
     let (again, stdout, _) = output(arches(home.path()).args(["resume", &run_id]));
@@ -92,9 +115,17 @@ fn cancelling_a_run_whose_process_died_records_it_in_the_store() {
         "name: stuck\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"touch {d}/started; sleep 60\"\n  - id: after\n    tool: noop\n    depends_on: [wait]\n"
     );
     let file = pipeline_file(dir.path(), "stuck.yaml", &yaml);
-    let mut child = arches(home.path()).args(["run", "--quiet"]).arg(&file).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = arches(home.path())
+        .args(["run", "--quiet"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let run_id = line.split_whitespace().nth(1).unwrap().to_owned();
     await_file(&dir.path().join("started"), Duration::from_secs(30));
     child.kill().unwrap();
@@ -104,5 +135,10 @@ fn cancelling_a_run_whose_process_died_records_it_in_the_store() {
     assert!(cancel.status.success(), "{stdout}{stderr}");
     let (_, shown, _) = output(arches(home.path()).args(["runs", "show", &run_id]));
     assert!(shown.contains("state     cancelled"), "{shown}");
-    assert!(shown.lines().any(|l| l.contains("after") && l.contains("skipped")), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("after") && l.contains("skipped")),
+        "{shown}"
+    );
 }

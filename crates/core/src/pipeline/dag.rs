@@ -37,14 +37,24 @@ impl Dag {
     /// # Errors
     /// [`DagError::UnknownDependency`] or [`DagError::Cycle`] (one cycle, named in order).
     pub fn build(tasks: &[(TaskId, BTreeSet<TaskId>)]) -> Result<Dag, DagError> {
-        let position: BTreeMap<&TaskId, usize> = tasks.iter().enumerate().map(|(i, (id, _))| (id, i)).collect();
-        let mut dependents: BTreeMap<TaskId, Vec<TaskId>> = tasks.iter().map(|(id, _)| (id.clone(), Vec::new())).collect();
+        let position: BTreeMap<&TaskId, usize> = tasks
+            .iter()
+            .enumerate()
+            .map(|(i, (id, _))| (id, i))
+            .collect();
+        let mut dependents: BTreeMap<TaskId, Vec<TaskId>> = tasks
+            .iter()
+            .map(|(id, _)| (id.clone(), Vec::new()))
+            .collect();
         for (id, deps) in tasks {
             for dep in deps {
                 match dependents.get_mut(dep) {
                     Some(list) => list.push(id.clone()),
                     None => {
-                        return Err(DagError::UnknownDependency { task: id.clone(), dependency: dep.clone() })
+                        return Err(DagError::UnknownDependency {
+                            task: id.clone(),
+                            dependency: dep.clone(),
+                        })
                     }
                 }
             }
@@ -109,8 +119,13 @@ impl Dag {
 /// Walks dependencies from the first task left with unmet dependencies until a task repeats.
 fn find_cycle(tasks: &[(TaskId, BTreeSet<TaskId>)], remaining: &BTreeSet<&TaskId>) -> Vec<TaskId> {
     let deps: BTreeMap<&TaskId, &BTreeSet<TaskId>> = tasks.iter().map(|(id, d)| (id, d)).collect();
-    let start = tasks.iter().map(|(id, _)| id).find(|id| remaining.contains(id));
-    let Some(mut current) = start else { return Vec::new() };
+    let start = tasks
+        .iter()
+        .map(|(id, _)| id)
+        .find(|id| remaining.contains(id));
+    let Some(mut current) = start else {
+        return Vec::new();
+    };
     let mut path: Vec<&TaskId> = Vec::new();
     loop {
         if let Some(at) = path.iter().position(|id| *id == current) {
@@ -141,12 +156,20 @@ mod tests {
     }
 
     fn tasks(spec: &[(&str, &[&str])]) -> Vec<(TaskId, BTreeSet<TaskId>)> {
-        spec.iter().map(|(id, deps)| (t(id), deps.iter().map(|d| t(d)).collect())).collect()
+        spec.iter()
+            .map(|(id, deps)| (t(id), deps.iter().map(|d| t(d)).collect()))
+            .collect()
     }
 
     #[test]
     fn the_order_puts_dependencies_first_and_keeps_written_order() {
-        let dag = Dag::build(&tasks(&[("c", &["a"]), ("a", &[]), ("b", &[]), ("d", &["c", "b"])])).unwrap();
+        let dag = Dag::build(&tasks(&[
+            ("c", &["a"]),
+            ("a", &[]),
+            ("b", &[]),
+            ("d", &["c", "b"]),
+        ]))
+        .unwrap();
         let order: Vec<&str> = dag.topological_order().iter().map(TaskId::as_str).collect();
         assert_eq!(order, ["a", "b", "c", "d"]);
         assert_eq!(dag.dependents(&t("a")), &[t("c")]);
@@ -154,7 +177,13 @@ mod tests {
 
     #[test]
     fn a_cycle_is_named_in_order() {
-        let err = Dag::build(&tasks(&[("a", &["c"]), ("b", &["a"]), ("c", &["b"]), ("d", &[])])).unwrap_err();
+        let err = Dag::build(&tasks(&[
+            ("a", &["c"]),
+            ("b", &["a"]),
+            ("c", &["b"]),
+            ("d", &[]),
+        ]))
+        .unwrap_err();
         assert_eq!(err.to_string(), "dependency cycle: a -> b -> c -> a");
     }
 

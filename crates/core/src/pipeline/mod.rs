@@ -30,7 +30,12 @@ pub trait ToolCatalog {
     /// The upstream tasks a task's inputs name for its tool (for example the tables a `sql`
     /// query reads); they become dependencies of the task. `task_ids` are the pipeline's
     /// task ids; the answer holds only some of them.
-    fn implied_dependencies(&self, _tool: &str, _inputs: &Value, _task_ids: &[&str]) -> Vec<String> {
+    fn implied_dependencies(
+        &self,
+        _tool: &str,
+        _inputs: &Value,
+        _task_ids: &[&str],
+    ) -> Vec<String> {
         Vec::new()
     }
 }
@@ -45,7 +50,9 @@ pub fn complete_dependencies(def: &mut PipelineDef, catalog: &dyn ToolCatalog) -
     for task in &mut def.tasks {
         let inputs = Value::Object(task.inputs.clone());
         for name in catalog.implied_dependencies(&task.tool, &inputs, &id_refs) {
-            let Ok(id) = TaskId::parse(name) else { continue };
+            let Ok(id) = TaskId::parse(name) else {
+                continue;
+            };
             if id != task.id && !task.depends_on.contains(&id) {
                 task.depends_on.push(id);
                 added += 1;
@@ -119,7 +126,10 @@ impl Pipeline {
             .map(|task| (task.id.clone(), task_dependencies(task, &templates)))
             .collect();
         let dag = Dag::build(&tasks)?;
-        Ok(Pipeline { def: Arc::new(def), dag: Arc::new(dag) })
+        Ok(Pipeline {
+            def: Arc::new(def),
+            dag: Arc::new(dag),
+        })
     }
 
     /// The definition of a task.

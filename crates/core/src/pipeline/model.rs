@@ -70,13 +70,19 @@ impl ParamType {
         let parsed = match self {
             ParamType::String => return Ok(Value::String(text.to_owned())),
             ParamType::Integer => text.trim().parse::<i64>().ok().map(Value::from),
-            ParamType::Number => text.trim().parse::<f64>().ok().and_then(|n| serde_json::Number::from_f64(n).map(Value::Number)),
+            ParamType::Number => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(|n| serde_json::Number::from_f64(n).map(Value::Number)),
             ParamType::Boolean => match text.trim() {
                 "true" => Some(Value::Bool(true)),
                 "false" => Some(Value::Bool(false)),
                 _ => None,
             },
-            ParamType::Array | ParamType::Object => serde_json::from_str(text).ok().filter(|v: &Value| self.accepts(v)),
+            ParamType::Array | ParamType::Object => serde_json::from_str(text)
+                .ok()
+                .filter(|v: &Value| self.accepts(v)),
         };
         parsed.ok_or_else(|| format!("expected {}, got {text:?}", self.as_str()))
     }
@@ -122,7 +128,11 @@ pub struct TaskDef {
     pub description: Option<String>,
     /// Inputs of the tool; strings are minijinja templates over `params`, `tasks.<id>.outputs`,
     /// `item`, `index` and `run`.
-    #[serde(default, rename = "with", skip_serializing_if = "serde_json::Map::is_empty")]
+    #[serde(
+        default,
+        rename = "with",
+        skip_serializing_if = "serde_json::Map::is_empty"
+    )]
     pub inputs: serde_json::Map<String, Value>,
     /// Tasks that must finish first. Tasks referenced from templates are dependencies too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -152,7 +162,10 @@ pub mod optional_duration {
     use super::*;
 
     /// Writes the duration as text, for example `"1.5s"`.
-    pub fn serialize<S: Serializer>(value: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         match value {
             Some(duration) => serializer.serialize_str(&format_duration(*duration)),
             None => serializer.serialize_none(),
@@ -160,7 +173,9 @@ pub mod optional_duration {
     }
 
     /// Reads text or a number of seconds.
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let value = Option::<Value>::deserialize(deserializer)?;
         match value {
             None | Some(Value::Null) => Ok(None),
@@ -168,7 +183,9 @@ pub mod optional_duration {
                 .as_f64()
                 .filter(|s| *s >= 0.0 && s.is_finite())
                 .map(|s| Some(Duration::from_secs_f64(s)))
-                .ok_or_else(|| serde::de::Error::custom("duration must be a positive number of seconds")),
+                .ok_or_else(|| {
+                    serde::de::Error::custom("duration must be a positive number of seconds")
+                }),
             Some(Value::String(text)) => crate::time::parse_duration(&text)
                 .map(Some)
                 .map_err(serde::de::Error::custom),

@@ -91,10 +91,18 @@ impl Templates {
     ///
     /// # Errors
     /// [`TemplateError`] naming the template that failed.
-    pub fn render_value(&self, value: &Value, context: &minijinja::Value) -> Result<Value, TemplateError> {
+    pub fn render_value(
+        &self,
+        value: &Value,
+        context: &minijinja::Value,
+    ) -> Result<Value, TemplateError> {
         match value {
             Value::String(text) if is_template(text) => self.render_string(text, context),
-            Value::Array(items) => items.iter().map(|v| self.render_value(v, context)).collect::<Result<_, _>>().map(Value::Array),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| self.render_value(v, context))
+                .collect::<Result<_, _>>()
+                .map(Value::Array),
             Value::Object(map) => map
                 .iter()
                 .map(|(k, v)| Ok((k.clone(), self.render_value(v, context)?)))
@@ -104,14 +112,27 @@ impl Templates {
         }
     }
 
-    fn render_string(&self, text: &str, context: &minijinja::Value) -> Result<Value, TemplateError> {
+    fn render_string(
+        &self,
+        text: &str,
+        context: &minijinja::Value,
+    ) -> Result<Value, TemplateError> {
         if let Some(expr) = whole_expression(text) {
-            let compiled = self.env.compile_expression(expr).map_err(|e| TemplateError::new(text, e))?;
-            let out = compiled.eval(context).map_err(|e| TemplateError::new(text, e))?;
+            let compiled = self
+                .env
+                .compile_expression(expr)
+                .map_err(|e| TemplateError::new(text, e))?;
+            let out = compiled
+                .eval(context)
+                .map_err(|e| TemplateError::new(text, e))?;
             if out.is_undefined() {
-                return Err(TemplateError { message: format!("template {text:?} is undefined") });
+                return Err(TemplateError {
+                    message: format!("template {text:?} is undefined"),
+                });
             }
-            return serde_json::to_value(&out).map_err(|e| TemplateError { message: format!("template {text:?}: {e}") });
+            return serde_json::to_value(&out).map_err(|e| TemplateError {
+                message: format!("template {text:?}: {e}"),
+            });
         }
         self.env
             .render_str(text, context)
@@ -128,7 +149,10 @@ impl Templates {
             .env
             .compile_expression(condition_expression(text))
             .map_err(|e| TemplateError::new(text, e))?;
-        compiled.eval(context).map(|v| v.is_true()).map_err(|e| TemplateError::new(text, e))
+        compiled
+            .eval(context)
+            .map(|v| v.is_true())
+            .map_err(|e| TemplateError::new(text, e))
     }
 
     /// Checks that a template or condition compiles.
@@ -137,9 +161,15 @@ impl Templates {
     /// [`TemplateError`] with minijinja's syntax error.
     pub fn check_syntax(&self, text: &str, is_condition: bool) -> Result<(), TemplateError> {
         if is_condition {
-            self.env.compile_expression(condition_expression(text)).map(|_| ()).map_err(|e| TemplateError::new(text, e))
+            self.env
+                .compile_expression(condition_expression(text))
+                .map(|_| ())
+                .map_err(|e| TemplateError::new(text, e))
         } else {
-            self.env.template_from_str(text).map(|_| ()).map_err(|e| TemplateError::new(text, e))
+            self.env
+                .template_from_str(text)
+                .map(|_| ())
+                .map_err(|e| TemplateError::new(text, e))
         }
     }
 
@@ -148,7 +178,11 @@ impl Templates {
     ///
     /// # Errors
     /// [`TemplateError`] with minijinja's syntax error.
-    pub fn references(&self, text: &str, is_condition: bool) -> Result<BTreeSet<String>, TemplateError> {
+    pub fn references(
+        &self,
+        text: &str,
+        is_condition: bool,
+    ) -> Result<BTreeSet<String>, TemplateError> {
         let names = if is_condition {
             self.env
                 .compile_expression(condition_expression(text))
@@ -198,9 +232,14 @@ mod tests {
     #[test]
     fn a_whole_expression_keeps_its_json_type() {
         let t = Templates::new();
-        assert_eq!(t.render_value(&json!("{{ tasks.load.outputs.rows }}"), &ctx()).unwrap(), json!(344));
         assert_eq!(
-            t.render_value(&json!("{{ tasks.load.outputs.species }}"), &ctx()).unwrap(),
+            t.render_value(&json!("{{ tasks.load.outputs.rows }}"), &ctx())
+                .unwrap(),
+            json!(344)
+        );
+        assert_eq!(
+            t.render_value(&json!("{{ tasks.load.outputs.species }}"), &ctx())
+                .unwrap(),
             json!(["Adelie", "Gentoo"])
         );
     }
@@ -208,15 +247,23 @@ mod tests {
     #[test]
     fn mixed_text_renders_to_a_string() {
         let t = Templates::new();
-        let out = t.render_value(&json!({"q": "year = {{ params.year }}", "n": 3}), &ctx()).unwrap();
+        let out = t
+            .render_value(&json!({"q": "year = {{ params.year }}", "n": 3}), &ctx())
+            .unwrap();
         assert_eq!(out, json!({"q": "year = 2008", "n": 3}));
     }
 
     #[test]
     fn an_undefined_name_is_an_error_that_names_the_template() {
         let t = Templates::new();
-        let err = t.render_value(&json!("{{ tasks.nope.outputs }}"), &ctx()).unwrap_err();
-        assert!(err.message.contains("tasks.nope.outputs"), "{}", err.message);
+        let err = t
+            .render_value(&json!("{{ tasks.nope.outputs }}"), &ctx())
+            .unwrap_err();
+        assert!(
+            err.message.contains("tasks.nope.outputs"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -229,7 +276,12 @@ mod tests {
     #[test]
     fn references_name_the_upstream_tasks() {
         let t = Templates::new();
-        let refs = t.references("{{ tasks.load.outputs.rows }} and {{ params.year }}", false).unwrap();
-        assert_eq!(referenced_tasks(&refs), ["load".to_owned()].into_iter().collect());
+        let refs = t
+            .references("{{ tasks.load.outputs.rows }} and {{ params.year }}", false)
+            .unwrap();
+        assert_eq!(
+            referenced_tasks(&refs),
+            ["load".to_owned()].into_iter().collect()
+        );
     }
 }

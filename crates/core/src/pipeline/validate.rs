@@ -822,14 +822,23 @@ mod tests {
             self.0.keys().cloned().collect()
         }
         /// A `sql` task depends on every task id its query mentions as a word.
-        fn implied_dependencies(&self, tool: &str, inputs: &Value, task_ids: &[&str]) -> Vec<String> {
+        fn implied_dependencies(
+            &self,
+            tool: &str,
+            inputs: &Value,
+            task_ids: &[&str],
+        ) -> Vec<String> {
             let query = inputs.get("query").and_then(Value::as_str).unwrap_or("");
             if tool != "sql" {
                 return Vec::new();
             }
             task_ids
                 .iter()
-                .filter(|id| query.split(|c: char| !c.is_alphanumeric() && c != '_').any(|w| w == **id))
+                .filter(|id| {
+                    query
+                        .split(|c: char| !c.is_alphanumeric() && c != '_')
+                        .any(|w| w == **id)
+                })
                 .map(|id| (*id).to_owned())
                 .collect()
         }
@@ -841,11 +850,19 @@ mod tests {
         let pipeline = validate("p.yaml", yaml, &catalog()).unwrap();
         let clean = pipeline.def.task("clean").unwrap();
         assert_eq!(clean.depends_on, [TaskId::parse("load").unwrap()]);
-        assert_eq!(pipeline.dag.dependents(&TaskId::parse("load").unwrap()), [TaskId::parse("clean").unwrap()]);
+        assert_eq!(
+            pipeline.dag.dependents(&TaskId::parse("load").unwrap()),
+            [TaskId::parse("clean").unwrap()]
+        );
 
         let cyclic = "name: p\ntasks:\n  - id: a\n    tool: sql\n    with: {query: SELECT * FROM b}\n  - id: b\n    tool: sql\n    with: {query: SELECT * FROM a}\n";
         let diagnostics = validate("p.yaml", cyclic, &catalog()).unwrap_err();
-        assert!(diagnostics.iter().any(|d| d.code == "cycle" && d.message.contains("a -> b -> a")), "{diagnostics:?}");
+        assert!(
+            diagnostics
+                .iter()
+                .any(|d| d.code == "cycle" && d.message.contains("a -> b -> a")),
+            "{diagnostics:?}"
+        );
     }
 
     fn catalog() -> Catalog {
