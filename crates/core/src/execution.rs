@@ -756,19 +756,6 @@ impl RunExecution {
         stopped
     }
 
-    /// Fails the run at once (for example when its pipeline can no longer be loaded),
-    /// cancelling what runs and skipping the rest.
-    pub fn abort(&mut self, now: Timestamp, reason: &str) -> Vec<(TaskRunId, u64)> {
-        let stopped = self.cancel(now, reason);
-        self.run.state = RunState::Failed;
-        self.run.error = Some(reason.to_owned());
-        self.run_dirty = true;
-        if let Some(DomainEvent::RunStateChanged { state, .. }) = self.events.last_mut() {
-            *state = RunState::Failed;
-        }
-        stopped
-    }
-
     /// Hands over what changed since the last call.
     pub fn take_changes(&mut self) -> Changes {
         let run = if self.run_dirty {

@@ -149,11 +149,6 @@ impl TaskRunState {
         )
     }
 
-    /// Whether dependents may run after this state (succeeded or skipped by condition).
-    pub fn satisfies_dependents(self) -> bool {
-        matches!(self, TaskRunState::Succeeded | TaskRunState::Skipped)
-    }
-
     /// Checks a transition.
     ///
     /// # Errors
