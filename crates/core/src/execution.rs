@@ -228,28 +228,7 @@ impl RunExecution {
             .dag
             .topological_order()
             .iter()
-            .map(|task_id| TaskRunRecord {
-                id: TaskRunId::new(),
-                run_id,
-                task_id: task_id.clone(),
-                index: None,
-                fan_out: None,
-                state: TaskRunState::Pending,
-                attempt: 0,
-                lease_expiries: 0,
-                fencing_token: 0,
-                item: None,
-                inputs: None,
-                outputs: None,
-                error: None,
-                lease_owner: None,
-                lease_expires_at: None,
-                ready_at: None,
-                created_at: now,
-                queued_at: None,
-                started_at: None,
-                finished_at: None,
-            })
+            .map(|task_id| TaskRunRecord::pending(run_id, task_id.clone(), None, None, now))
             .collect();
         let mut execution = Self::assemble(run, pipeline, templates, limits, task_runs);
         execution.run_dirty = true;
@@ -1126,28 +1105,13 @@ impl RunExecution {
                 Ok(inputs.clone())
             };
             let i = self.task_runs.len();
-            self.task_runs.push(TaskRunRecord {
-                id: TaskRunId::new(),
+            self.task_runs.push(TaskRunRecord::pending(
                 run_id,
-                task_id: task.id.clone(),
-                index: Some(index as u32),
-                fan_out: None,
-                state: TaskRunState::Pending,
-                attempt: 0,
-                lease_expiries: 0,
-                fencing_token: 0,
-                item: Some(item),
-                inputs: None,
-                outputs: None,
-                error: None,
-                lease_owner: None,
-                lease_expires_at: None,
-                ready_at: None,
-                created_at: now,
-                queued_at: None,
-                started_at: None,
-                finished_at: None,
-            });
+                task.id.clone(),
+                Some(index as u32),
+                Some(item),
+                now,
+            ));
             self.by_id.insert(self.task_runs[i].id, i);
             self.nodes
                 .get_mut(&task.id)

@@ -98,6 +98,41 @@ pub struct TaskRunRecord {
     pub finished_at: Option<Timestamp>,
 }
 
+impl TaskRunRecord {
+    /// A new pending task run with no attempt yet: the parent of a task (`index` `None`) or
+    /// one fan-out item (`index` and `item` set).
+    pub fn pending(
+        run_id: RunId,
+        task_id: TaskId,
+        index: Option<u32>,
+        item: Option<Value>,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            id: TaskRunId::new(),
+            run_id,
+            task_id,
+            index,
+            fan_out: None,
+            state: TaskRunState::Pending,
+            attempt: 0,
+            lease_expiries: 0,
+            fencing_token: 0,
+            item,
+            inputs: None,
+            outputs: None,
+            error: None,
+            lease_owner: None,
+            lease_expires_at: None,
+            ready_at: None,
+            created_at: now,
+            queued_at: None,
+            started_at: None,
+            finished_at: None,
+        }
+    }
+}
+
 /// One attempt of a task run. The engine writes an attempt's row when the attempt ends; while
 /// it runs, it is described by its task run (attempt number, fencing token, lease owner,
 /// start time).
