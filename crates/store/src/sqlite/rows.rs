@@ -1,9 +1,11 @@
-//! Rows in and out of SQLite: records encoded as the JSON arrays that the set-based statements
-//! expand with `json_each`, and rows decoded back into records.
+//! Rows in and out of SQLite: runs and log lines encoded as the JSON arrays that the set-based
+//! statements expand with `json_each`, task runs and attempts bound as the parameters of
+//! multi-row upserts, and rows decoded back into records.
 //!
-//! JSON values of the records (params, items, inputs, outputs) travel as strings inside the
-//! batch document, so `->>` hands SQLite their text unchanged; `None` travels as JSON `null`
-//! and is stored as SQL `NULL`, while `Some(Value::Null)` is stored as the text `null`.
+//! JSON values of the records (params, items, inputs, outputs) are stored as their JSON text.
+//! Inside a batch document they travel as strings, so `->>` hands SQLite their text unchanged;
+//! as parameters they are bound as text. `None` is stored as SQL `NULL` (JSON `null` in a
+//! document, a `NULL` parameter), while `Some(Value::Null)` is stored as the text `null`.
 
 use arches_core::ids::{RunId, TaskId, TaskRunId};
 use arches_core::ports::{StoreError, StoreResult};
@@ -13,8 +15,8 @@ use arches_core::time::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::Value;
-use sqlx::sqlite::SqliteRow;
-use sqlx::{Decode, Row, Sqlite, Type};
+use sqlx::sqlite::{SqliteArguments, SqliteRow};
+use sqlx::{Arguments, Decode, Encode, Row, Sqlite, Type};
 
 use super::parse_text;
 use crate::error::db;
@@ -78,109 +80,84 @@ pub(super) fn encode_runs(runs: &[RunRecord]) -> StoreResult<String> {
     to_json(&rows)
 }
 
-#[derive(Serialize)]
-struct TaskRunRow<'a> {
-    id: TaskRunId,
-    run_id: RunId,
-    task_id: &'a str,
-    index: Option<u32>,
-    fan_out: Option<u32>,
-    state: &'static str,
-    attempt: u32,
-    lease_expiries: u32,
-    fencing_token: i64,
-    item: Option<String>,
-    inputs: Option<String>,
-    outputs: Option<String>,
-    error: Option<&'a str>,
-    lease_owner: Option<&'a str>,
-    lease_expires_at: Option<i64>,
-    ready_at: Option<i64>,
-    created_at: i64,
-    queued_at: Option<i64>,
-    started_at: Option<i64>,
-    finished_at: Option<i64>,
+/// Appends one bound parameter.
+fn push<'q, T>(args: &mut SqliteArguments<'q>, value: T) -> StoreResult<()>
+where
+    T: Encode<'q, Sqlite> + Type<Sqlite> + 'q,
+{
+    args.add(value)
+        .map_err(|e| StoreError::Backend(format!("cannot bind a parameter: {e}")))
 }
 
-/// The batch's task runs as one JSON array, and their `[id, fencing token]` pairs as another
-/// for the stale-write check.
-pub(super) struct EncodedTaskRuns {
-    /// Every field of every task run.
-    pub rows: String,
-    /// `[[id, token], …]`.
-    pub tokens: String,
+/// Binds one JSON document, the parameter of a statement that expands it with `json_each`.
+pub(super) fn bind_text(args: &mut SqliteArguments<'_>, text: String) -> StoreResult<()> {
+    push(args, text)
 }
 
-/// Encodes the batch's task runs.
-pub(super) fn encode_task_runs(task_runs: &[TaskRunRecord]) -> StoreResult<EncodedTaskRuns> {
-    let mut tokens = Vec::with_capacity(task_runs.len());
-    let rows = task_runs
+/// Columns of one task run bound by [`bind_task_runs`], in `INSERT` column order.
+pub(super) const TASK_RUN_PARAMS: usize = 20;
+
+/// Binds every field of `task_runs`, row after row, in the column order of the task-run
+/// upsert. `None` is bound as SQL `NULL`; a JSON value, `Some(Value::Null)` included, as
+/// its JSON text.
+pub(super) fn bind_task_runs<'q>(
+    args: &mut SqliteArguments<'q>,
+    task_runs: &'q [TaskRunRecord],
+) -> StoreResult<()> {
+    for task_run in task_runs {
+        push(args, task_run.id.to_string())?;
+        push(args, task_run.run_id.to_string())?;
+        push(args, task_run.task_id.as_str())?;
+        push(args, task_run.index.map(i64::from))?;
+        push(args, task_run.fan_out.map(i64::from))?;
+        push(args, task_run.state.as_str())?;
+        push(args, i64::from(task_run.attempt))?;
+        push(args, i64::from(task_run.lease_expiries))?;
+        push(args, token(task_run.fencing_token)?)?;
+        push(args, optional_json(task_run.item.as_ref())?)?;
+        push(args, optional_json(task_run.inputs.as_ref())?)?;
+        push(args, optional_json(task_run.outputs.as_ref())?)?;
+        push(args, task_run.error.as_deref())?;
+        push(args, task_run.lease_owner.as_deref())?;
+        push(args, micros(task_run.lease_expires_at))?;
+        push(args, micros(task_run.ready_at))?;
+        push(args, task_run.created_at.as_micros())?;
+        push(args, micros(task_run.queued_at))?;
+        push(args, micros(task_run.started_at))?;
+        push(args, micros(task_run.finished_at))?;
+    }
+    Ok(())
+}
+
+/// The `[[id, fencing token], …]` pairs of the batch's task runs, for the stale-write check.
+pub(super) fn encode_task_run_tokens(task_runs: &[TaskRunRecord]) -> StoreResult<String> {
+    let tokens = task_runs
         .iter()
-        .map(|task_run| {
-            let fencing_token = token(task_run.fencing_token)?;
-            tokens.push((task_run.id, fencing_token));
-            Ok(TaskRunRow {
-                id: task_run.id,
-                run_id: task_run.run_id,
-                task_id: task_run.task_id.as_str(),
-                index: task_run.index,
-                fan_out: task_run.fan_out,
-                state: task_run.state.as_str(),
-                attempt: task_run.attempt,
-                lease_expiries: task_run.lease_expiries,
-                fencing_token,
-                item: optional_json(task_run.item.as_ref())?,
-                inputs: optional_json(task_run.inputs.as_ref())?,
-                outputs: optional_json(task_run.outputs.as_ref())?,
-                error: task_run.error.as_deref(),
-                lease_owner: task_run.lease_owner.as_deref(),
-                lease_expires_at: micros(task_run.lease_expires_at),
-                ready_at: micros(task_run.ready_at),
-                created_at: task_run.created_at.as_micros(),
-                queued_at: micros(task_run.queued_at),
-                started_at: micros(task_run.started_at),
-                finished_at: micros(task_run.finished_at),
-            })
-        })
+        .map(|task_run| Ok((task_run.id, token(task_run.fencing_token)?)))
         .collect::<StoreResult<Vec<_>>>()?;
-    Ok(EncodedTaskRuns {
-        rows: to_json(&rows)?,
-        tokens: to_json(&tokens)?,
-    })
+    to_json(&tokens)
 }
 
-#[derive(Serialize)]
-struct AttemptRow<'a> {
-    task_run_id: TaskRunId,
-    attempt: u32,
-    run_id: RunId,
-    fencing_token: i64,
-    worker: &'a str,
-    state: &'static str,
-    started_at: i64,
-    finished_at: Option<i64>,
-    error: Option<&'a str>,
-}
+/// Columns of one attempt bound by [`bind_attempts`], in `INSERT` column order.
+pub(super) const ATTEMPT_PARAMS: usize = 9;
 
-/// The batch's attempts as one JSON array.
-pub(super) fn encode_attempts(attempts: &[AttemptRecord]) -> StoreResult<String> {
-    let rows = attempts
-        .iter()
-        .map(|attempt| {
-            Ok(AttemptRow {
-                task_run_id: attempt.task_run_id,
-                attempt: attempt.attempt,
-                run_id: attempt.run_id,
-                fencing_token: token(attempt.fencing_token)?,
-                worker: &attempt.worker,
-                state: attempt.state.as_str(),
-                started_at: attempt.started_at.as_micros(),
-                finished_at: micros(attempt.finished_at),
-                error: attempt.error.as_deref(),
-            })
-        })
-        .collect::<StoreResult<Vec<_>>>()?;
-    to_json(&rows)
+/// Binds every field of `attempts`, row after row, in the column order of the attempt upsert.
+pub(super) fn bind_attempts<'q>(
+    args: &mut SqliteArguments<'q>,
+    attempts: &'q [AttemptRecord],
+) -> StoreResult<()> {
+    for attempt in attempts {
+        push(args, attempt.task_run_id.to_string())?;
+        push(args, i64::from(attempt.attempt))?;
+        push(args, attempt.run_id.to_string())?;
+        push(args, token(attempt.fencing_token)?)?;
+        push(args, attempt.worker.as_str())?;
+        push(args, attempt.state.as_str())?;
+        push(args, attempt.started_at.as_micros())?;
+        push(args, micros(attempt.finished_at))?;
+        push(args, attempt.error.as_deref())?;
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]

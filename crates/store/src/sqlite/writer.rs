@@ -12,7 +12,7 @@
 //! finished, and the next write first rolls back whatever is left.
 
 use arches_core::ports::StoreResult;
-use sqlx::sqlite::SqliteConnection;
+use sqlx::sqlite::{SqliteArguments, SqliteConnection};
 
 use super::BEGIN_WRITE;
 use crate::error::db;
@@ -51,30 +51,35 @@ impl Writer {
     }
 
     /// Runs `statements` in one `BEGIN IMMEDIATE … COMMIT` transaction, in one round trip.
-    /// Each statement takes exactly one anonymous parameter (`?`), bound from `values` in
-    /// order. Returns the first column of every row the statements return, as text.
-    pub(super) async fn run_script(
+    /// The statements take anonymous parameters (`?`) only, bound from `args` in order across
+    /// all of them. Returns the first column of every row the statements return, as text.
+    ///
+    /// A script whose text varies from call to call is not `persistent`: caching its prepared
+    /// statements would only evict the ones that repeat.
+    pub(super) async fn run_script<'q, S: AsRef<str>>(
         &mut self,
-        statements: &[&str],
-        values: Vec<String>,
+        statements: &[S],
+        args: SqliteArguments<'q>,
+        persistent: bool,
     ) -> StoreResult<Vec<String>> {
-        debug_assert_eq!(statements.len(), values.len(), "one value per statement");
-        let mut script =
-            String::with_capacity(statements.iter().map(|s| s.len() + 1).sum::<usize>() + 32);
+        let mut script = String::with_capacity(
+            statements
+                .iter()
+                .map(|s| s.as_ref().len() + 1)
+                .sum::<usize>()
+                + 32,
+        );
         script.push_str(BEGIN_WRITE);
         script.push(';');
         for statement in statements {
-            script.push_str(statement);
+            script.push_str(statement.as_ref());
             script.push(';');
         }
         script.push_str("COMMIT;");
 
         self.settle().await?;
         self.in_doubt = true;
-        let mut query = sqlx::query_scalar::<_, String>(&script);
-        for value in values {
-            query = query.bind(value);
-        }
+        let query = sqlx::query_scalar_with::<_, String, _>(&script, args).persistent(persistent);
         match query.fetch_all(&mut self.connection).await {
             Ok(rows) => {
                 self.in_doubt = false;
