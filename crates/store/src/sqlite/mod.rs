@@ -264,6 +264,9 @@ ORDER BY j.key";
 /// The identity of a task run (run, task, fan-out index, creation time) never changes after
 /// its insert, so the update leaves those columns out: it writes less and spares SQLite the
 /// foreign-key check of `run_id` on every state change.
+/// Largest number of task-run and attempt rows whose commit script is kept prepared.
+const PERSISTENT_SCRIPT_ROWS_MAX: usize = 8;
+
 const UPSERT_TASK_RUNS_HEAD: &str = "
 INSERT INTO task_runs (id, run_id, task_id, item_index, fan_out, state, attempt,
                        lease_expiries, fencing_token, item, inputs, outputs, error,
@@ -538,7 +541,11 @@ impl Store for SqliteStore {
             }
             StoreResult::Ok((statements, args))
         })?;
-        let persistent = batch.task_runs.is_empty() && batch.attempts.is_empty();
+        // A script's text depends on how many rows it carries. Small batches (a chain of
+        // tasks commits one or two rows at a time) repeat the same few texts, so keeping
+        // their prepared statements saves SQLite a parse per commit; large batches vary too
+        // much to be worth a place in the statement cache.
+        let persistent = batch.task_runs.len() + batch.attempts.len() <= PERSISTENT_SCRIPT_ROWS_MAX;
         let stored_higher = self
             .writer()
             .await?
