@@ -216,12 +216,18 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
         ]);
     }
     for (task, hidden) in hidden_items {
+        let shown = shown_items.get(&task).copied().unwrap_or(0);
+        let what = if shown == 0 {
+            format!("{hidden} items succeeded (--items to list them)")
+        } else {
+            format!("{hidden} more items (--items to list them)")
+        };
         table.add_row(vec![
             format!("  {task}[…]"),
             String::new(),
             String::new(),
             String::new(),
-            format!("{hidden} more items (--items to list)"),
+            what,
         ]);
     }
     Ok(table)
