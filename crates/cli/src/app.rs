@@ -109,9 +109,9 @@ pub fn load_pipeline(
 
 pub fn print_diagnostics(diagnostics: &[Diagnostic]) {
     for diagnostic in diagnostics {
-        eprintln!("{diagnostic}");
+        status!("{diagnostic}");
     }
-    eprintln!(
+    status!(
         "{} problem{} found",
         diagnostics.len(),
         if diagnostics.len() == 1 { "" } else { "s" }
@@ -121,7 +121,7 @@ pub fn print_diagnostics(diagnostics: &[Diagnostic]) {
 pub fn validate_command(file: &Path) -> anyhow::Result<ExitCode> {
     match load_pipeline(file, &registry())? {
         Ok(pipeline) => {
-            println!(
+            out!(
                 "{}: pipeline {} is valid ({} tasks)",
                 file.display(),
                 pipeline.def.name,
@@ -140,7 +140,7 @@ pub fn graph_command(file: &Path, format: &str) -> anyhow::Result<ExitCode> {
     let format: GraphFormat = format.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
     match load_pipeline(file, &registry())? {
         Ok(pipeline) => {
-            print!("{}", graph::render(&pipeline, format));
+            out_raw!("{}", graph::render(&pipeline, format));
             Ok(ExitCode::SUCCESS)
         }
         Err(diagnostics) => {
@@ -156,6 +156,6 @@ pub fn tools_command() -> anyhow::Result<ExitCode> {
     for tool in registry.tools() {
         table.add_row(vec![tool.name().to_owned(), tool.description().to_owned()]);
     }
-    println!("{table}");
+    out!("{table}");
     Ok(ExitCode::SUCCESS)
 }

@@ -222,12 +222,12 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             }
             let store_durability = bench.store.durability();
             bench.stop().await?;
-            println!(
+            out!(
                 "chain of {tasks} noop tasks, {runs} runs, durability {}, machine: {}",
                 store_durability.as_str(),
                 machine()
             );
-            println!(
+            out!(
                 "per-run median overhead (ms): {}",
                 run_medians
                     .iter()
@@ -235,7 +235,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            println!(
+            out!(
                 "per-task overhead: median of run medians {:.3} ms, p90 {:.3} ms, max {:.3} ms",
                 median(&mut run_medians.clone()),
                 percentile(&mut all_gaps.clone(), 90.0),
@@ -272,14 +272,14 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             let store_durability = bench.store.durability();
             let options = bench.options.clone();
             bench.stop().await?;
-            println!(
+            out!(
                 "fan-out 1 -> {width} -> 1 noop tasks, {runs} runs, durability {}, worker slots {}, batch max {}, machine: {}",
                 store_durability.as_str(),
                 options.worker_slots,
                 options.batch_size_max,
                 machine()
             );
-            println!(
+            out!(
                 "task runs/s per run: {}",
                 rates
                     .iter()
@@ -287,7 +287,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            println!(
+            out!(
                 "wall seconds per run (submit to wait): {}",
                 walls
                     .iter()
@@ -295,7 +295,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            println!("median: {:.0} task runs/s", median(&mut rates));
+            out!("median: {:.0} task runs/s", median(&mut rates));
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -235,7 +235,7 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
 
 /// Prints the end-of-run summary.
 pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Result<()> {
-    println!("{}", task_table(store, run.id, false).await?);
+    out!("{}", task_table(store, run.id, false).await?);
     let artifacts = store
         .artifacts(&ArtifactFilter {
             run_id: Some(run.id),
@@ -244,16 +244,16 @@ pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Re
         })
         .await?;
     if !artifacts.is_empty() {
-        println!("{}", artifact_table(&artifacts));
+        out!("{}", artifact_table(&artifacts));
     }
-    println!(
+    out!(
         "run {} {} in {}",
         run.id,
         run.state,
         duration(run.started_at.or(Some(run.created_at)), run.finished_at)
     );
     if let Some(error) = &run.error {
-        println!("error: {error}");
+        out!("error: {error}");
     }
     Ok(())
 }
@@ -321,26 +321,27 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
                     duration(run.started_at, run.finished_at),
                 ]);
             }
-            println!("{table}");
+            out!("{table}");
         }
         RunsCommand::Show { run_id, items } => {
             let run = store
                 .run(run_id)
                 .await?
                 .with_context(|| format!("no run {run_id}"))?;
-            println!("run       {}", run.id);
-            println!(
+            out!("run       {}", run.id);
+            out!(
                 "pipeline  {} (version {})",
-                run.pipeline_name, run.pipeline_version
+                run.pipeline_name,
+                run.pipeline_version
             );
-            println!("state     {}", run.state);
-            println!("created   {}", time(run.created_at));
-            println!("duration  {}", duration(run.started_at, run.finished_at));
-            println!("params    {}", run.params);
+            out!("state     {}", run.state);
+            out!("created   {}", time(run.created_at));
+            out!("duration  {}", duration(run.started_at, run.finished_at));
+            out!("params    {}", run.params);
             if let Some(error) = &run.error {
-                println!("error     {error}");
+                out!("error     {error}");
             }
-            println!("{}", task_table(store, run_id, items).await?);
+            out!("{}", task_table(store, run_id, items).await?);
         }
         RunsCommand::Logs { run_id, task } => {
             store
@@ -429,7 +430,7 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
                     limit,
                 })
                 .await?;
-            println!("{}", artifact_table(&list));
+            out!("{}", artifact_table(&list));
         }
         ArtifactsCommand::Show { artifact } => {
             let record = resolve(store, &artifact).await?;
@@ -446,7 +447,7 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
             let mut shown = serde_json::to_value(&record)?;
             shown["lineage"] =
                 serde_json::json!({"produced_by": record.meta.produced_by, "inputs": inputs});
-            println!("{}", serde_json::to_string_pretty(&shown)?);
+            out!("{}", serde_json::to_string_pretty(&shown)?);
         }
         ArtifactsCommand::Cat { artifact } => {
             let record = resolve(store, &artifact).await?;
@@ -467,7 +468,7 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
             }
             std::fs::copy(&path, &output)
                 .with_context(|| format!("cannot write {}", output.display()))?;
-            println!(
+            out!(
                 "{} ({}) written to {}",
                 record.meta.name,
                 bytes(record.size_bytes),

@@ -3,6 +3,31 @@
 //! Local mode: the store is an embedded SQLite file under the home directory (`./.arches`
 //! by default, `ARCHES_HOME` or `--home` to change it) and the workers run in this process.
 
+/// Writes a line to standard output; a closed pipe (`arches runs list | head`) is not an
+/// error worth a panic, so write errors are ignored.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Writes text to standard output without a newline, ignoring a closed pipe.
+macro_rules! out_raw {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// Writes a status line to standard error, ignoring a closed pipe.
+macro_rules! status {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod app;
 mod bench;
 mod inspect;
@@ -92,14 +117,14 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
+            status!("error: cannot start the async runtime: {err}");
             return ExitCode::from(70);
         }
     };
     match runtime.block_on(dispatch(cli)) {
         Ok(code) => code,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            status!("error: {err:#}");
             ExitCode::FAILURE
         }
     }

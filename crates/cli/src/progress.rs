@@ -85,7 +85,7 @@ impl Progress {
                     continue;
                 }
                 if !interactive && !quiet && index.is_none() && state.is_terminal() {
-                    eprintln!("{:<10} {}", state.as_str(), task_id);
+                    status!("{:<10} {}", state.as_str(), task_id);
                 }
                 let entry = entries.entry(task_run_id).or_insert(Entry {
                     task_id,

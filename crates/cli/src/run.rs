@@ -106,7 +106,7 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
         .await?
         .with_context(|| format!("no run {}", args.run_id))?;
     if run.state.is_terminal() {
-        println!("run {} is already {}", run.id, run.state);
+        out!("run {} is already {}", run.id, run.state);
         return Ok(exit_code(&run));
     }
     if let Some(pid) = run.owner.as_deref().and_then(owner::live_pid) {
@@ -121,7 +121,7 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
     let mut execution = restore(&*opened.store, run).await?;
     let reclaimed = execution.reclaim_leases(clock.now());
     if reclaimed > 0 {
-        eprintln!("{reclaimed} task run(s) were running when the run stopped; they run again");
+        status!("{reclaimed} task run(s) were running when the run stopped; they run again");
     }
     let options = engine_options(home, None);
     drive(
@@ -152,7 +152,7 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
             nix::sys::signal::Signal::SIGINT,
         )
         .with_context(|| format!("cannot signal process {pid}"))?;
-        println!(
+        out!(
             "asked process {pid}, which drives run {}, to cancel it",
             run.id
         );
@@ -169,7 +169,7 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
         attempts: changes.attempts,
     };
     opened.store.commit(&batch).await?;
-    println!("run {} cancelled", execution.id());
+    out!("run {} cancelled", execution.id());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -239,7 +239,7 @@ async fn drive(
             (handle.resume(*execution).await?, tasks)
         }
     };
-    eprintln!(
+    status!(
         "run {run_id} started (store {}, durability {})",
         home.root.display(),
         home.durability.as_str()
@@ -270,7 +270,7 @@ async fn wait_with_interrupt(handle: &SchedulerHandle, run_id: RunId) -> anyhow:
             signal = tokio::signal::ctrl_c(), if !interrupted => {
                 signal.context("cannot listen for Ctrl-C")?;
                 interrupted = true;
-                eprintln!("interrupted: cancelling run {run_id}");
+                status!("interrupted: cancelling run {run_id}");
                 handle.cancel(run_id, "cancelled by user (interrupt)").await.ok();
             }
         }

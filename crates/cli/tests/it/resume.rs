@@ -142,3 +142,69 @@ fn cancelling_a_run_whose_process_died_records_it_in_the_store() {
         "{shown}"
     );
 }
+
+#[test]
+fn cancelling_a_live_run_stops_its_running_task_and_skips_the_rest() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display();
+    let yaml = format!(
+        "name: live\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"echo $$ > {d}/pid; touch {d}/started; sleep 60\"\n  - id: after\n    tool: noop\n    depends_on: [wait]\n"
+    );
+    let file = pipeline_file(dir.path(), "live.yaml", &yaml);
+    let mut child = arches(home.path())
+        .args(["run", "--quiet"])
+        .arg(&file)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first line gives the run id; then the reader is dropped, so the owner's stderr
+    // is a closed pipe when it reports the interrupt: that must not kill it either.
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let run_id = line.split_whitespace().nth(1).unwrap().to_owned();
+    await_file(&dir.path().join("started"), Duration::from_secs(30));
+    let shell_pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+
+    let (cancel, stdout, stderr) = output(arches(home.path()).args(["cancel", &run_id]));
+    assert!(cancel.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("asked process"), "{stdout}");
+
+    // The owner cancels, records it, and exits with failure.
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    let (_, shown, _) = output(arches(home.path()).args(["runs", "show", &run_id]));
+    assert!(shown.contains("state     cancelled"), "{shown}");
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("wait") && l.contains("cancelled")),
+        "{shown}"
+    );
+    assert!(
+        shown
+            .lines()
+            .any(|l| l.contains("after") && l.contains("skipped")),
+        "{shown}"
+    );
+    // The task's shell is gone with its process group.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{shell_pid}")).exists() {
+        let stat = std::fs::read_to_string(format!("/proc/{shell_pid}/stat")).unwrap_or_default();
+        if stat.split_whitespace().nth(2) == Some("Z") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task's shell {shell_pid} still runs"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
