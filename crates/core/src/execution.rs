@@ -633,7 +633,7 @@ impl RunExecution {
             Some(expires) if expires <= now => {}
             _ => return false,
         }
-        self.lose_lease(i, now);
+        self.lose_lease(i, now, true);
         true
     }
 
@@ -647,12 +647,14 @@ impl RunExecution {
             })
             .collect();
         for &i in &held {
-            self.lose_lease(i, now);
+            // A restart is not the task's fault: the attempt is recorded as lost, but it does
+            // not count towards `lease_expiries_max` (each resume is a deliberate act).
+            self.lose_lease(i, now, false);
         }
         held.len()
     }
 
-    fn lose_lease(&mut self, i: usize, now: Timestamp) {
+    fn lose_lease(&mut self, i: usize, now: Timestamp, counts: bool) {
         self.running -= 1;
         self.close_attempt(
             i,
@@ -663,7 +665,9 @@ impl RunExecution {
         let task_run = &mut self.task_runs[i];
         task_run.lease_owner = None;
         task_run.lease_expires_at = None;
-        task_run.lease_expiries += 1;
+        if counts {
+            task_run.lease_expiries += 1;
+        }
         if task_run.lease_expiries >= self.limits.lease_expiries_max {
             let message = format!(
                 "lease expired {} times; the task may be crashing its worker",

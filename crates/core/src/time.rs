@@ -95,7 +95,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         if seconds < 0.0 || !seconds.is_finite() {
             return Err(format!("duration {text:?} must be a positive number"));
         }
-        return Ok(Duration::from_secs_f64(seconds));
+        return Duration::try_from_secs_f64(seconds)
+            .map_err(|_| format!("duration {text:?} is too large"));
     }
     let mut total = Duration::ZERO;
     let mut rest = text;
@@ -127,7 +128,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
                 ))
             }
         };
-        total += Duration::from_secs_f64(seconds);
+        total = Duration::try_from_secs_f64(seconds)
+            .ok()
+            .and_then(|part| total.checked_add(part))
+            .ok_or_else(|| format!("duration {text:?} is too large"))?;
     }
     Ok(total)
 }
@@ -143,5 +147,9 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("5x").unwrap_err().contains("unknown unit"));
         assert!(parse_duration("").is_err());
+        assert!(parse_duration("1e30").unwrap_err().contains("too large"));
+        assert!(parse_duration("99999999999999999999d")
+            .unwrap_err()
+            .contains("too large"));
     }
 }

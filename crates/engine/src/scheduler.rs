@@ -217,6 +217,9 @@ pub struct Scheduler {
     replies: Vec<Reply>,
     stops: Vec<(TaskRunId, u64)>,
     waiters: HashMap<RunId, Vec<oneshot::Sender<Result<RunRecord, Error>>>>,
+    /// Set when a flush failed: memory may hold changes the store does not, so the scheduler
+    /// refuses to go on (a new one must be built from the store).
+    poisoned: bool,
 }
 
 impl Scheduler {
@@ -254,6 +257,7 @@ impl Scheduler {
             replies: Vec::new(),
             stops: Vec::new(),
             waiters: HashMap::new(),
+            poisoned: false,
         };
         (scheduler, dispatch_rx)
     }
@@ -289,6 +293,9 @@ impl Scheduler {
     /// # Errors
     /// [`Error::Store`] when the commit fails, [`Error::Injected`] from a failure point.
     pub async fn step(&mut self) -> Result<StepReport, Error> {
+        if self.poisoned {
+            return Err(Error::Stopped);
+        }
         let mut report = StepReport::default();
         match self.inbox.try_recv() {
             Ok(command) => {
@@ -297,7 +304,11 @@ impl Scheduler {
             }
             Err(_) => report.wakeups = self.fire_due_wakeups(),
         }
-        self.flush(&mut report, true).await?;
+        if let Err(err) = self.flush(&mut report, true).await {
+            // Memory has moved past the store; nothing after this may act on it.
+            self.poisoned = true;
+            return Err(err);
+        }
         Ok(report)
     }
 

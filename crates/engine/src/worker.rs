@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use arches_core::execution::{Assignment, AttemptOutcome};
 use arches_core::ports::{ArtifactStore, LogSink, ToolContext, ToolRegistry};
 use arches_core::records::LogStream;
-use arches_core::{Clock, TaskRunId};
+use arches_core::{Clock, RunId, TaskRunId};
 use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -62,11 +62,18 @@ impl WorkerPool {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let running: Running = Arc::default();
         let mut tasks = JoinSet::new();
+        // Which attempt each spawned task executes, so that one that unwinds outside the
+        // tool's own future (which is caught) is still reported: otherwise its slot would
+        // never come back and enough of them would stall the engine.
+        let mut spawned: HashMap<tokio::task::Id, (RunId, TaskRunId, u64)> = HashMap::new();
         loop {
             let dispatch = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                    self.joined(joined, &mut spawned, &running).await;
+                    continue;
+                }
                 dispatch = self.dispatches.recv() => match dispatch {
                     Some(dispatch) => dispatch,
                     None => break,
@@ -92,7 +99,13 @@ impl WorkerPool {
                         clock: self.clock.clone(),
                         running: running.clone(),
                     };
-                    tasks.spawn(attempt.execute(stop));
+                    let identity = (
+                        attempt.assignment.run_id,
+                        attempt.assignment.task_run_id,
+                        attempt.assignment.fencing_token,
+                    );
+                    let handle = tasks.spawn(attempt.execute(stop, shutdown.clone()));
+                    spawned.insert(handle.id(), identity);
                 }
                 Dispatch::Stop(task_run_id, token) => {
                     let map = running.lock().expect("the running map is never poisoned");
@@ -113,6 +126,47 @@ impl WorkerPool {
         }
         while tasks.join_next().await.is_some() {}
     }
+
+    /// Handles the end of an attempt's task: a task that panicked is reported as a failed
+    /// attempt in its place.
+    async fn joined(
+        &self,
+        joined: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+        spawned: &mut HashMap<tokio::task::Id, (RunId, TaskRunId, u64)>,
+        running: &Running,
+    ) {
+        let (id, panic) = match joined {
+            Ok((id, ())) => (id, None),
+            Err(error) => (error.id(), Some(error.to_string())),
+        };
+        let Some((run_id, task_run_id, fencing_token)) = spawned.remove(&id) else {
+            return;
+        };
+        let Some(panic) = panic else { return };
+        warn!(%run_id, %task_run_id, error = %panic, "attempt task panicked");
+        {
+            let mut map = running.lock().expect("the running map is never poisoned");
+            if map
+                .get(&task_run_id)
+                .is_some_and(|(held, _)| *held == fencing_token)
+            {
+                map.remove(&task_run_id);
+            }
+        }
+        let now = self.clock.now();
+        let command = Command::Completed {
+            run_id,
+            task_run_id,
+            fencing_token,
+            outcome: AttemptOutcome::Failed {
+                message: format!("worker panicked: {panic}"),
+                retryable: false,
+            },
+            executed_at: now,
+            finished_at: now,
+        };
+        let _ = self.scheduler.send(command).await;
+    }
 }
 
 struct Attempt {
@@ -127,7 +181,7 @@ struct Attempt {
 }
 
 impl Attempt {
-    async fn execute(self, stop: CancellationToken) {
+    async fn execute(self, stop: CancellationToken, shutdown: CancellationToken) {
         let a = &self.assignment;
         let executed_at = self.clock.now();
         let log = Arc::new(AttemptLog {
@@ -204,10 +258,18 @@ impl Attempt {
                 running.remove(&a.task_run_id);
             }
         }
-        let outcome = outcome.unwrap_or_else(|| AttemptOutcome::Failed {
-            message: "stopped".into(),
-            retryable: false,
-        });
+        let outcome = match outcome {
+            Some(outcome) => outcome,
+            // Stopped by shutdown: say nothing. The lease stays as committed and is reclaimed
+            // by `arches resume`; reporting a failure here would fail the task for good.
+            None if shutdown.is_cancelled() => return,
+            // Stopped by a cancel or a lost lease: the state machine refuses this report (the
+            // task run is no longer running under this token); it only frees the slot.
+            None => AttemptOutcome::Failed {
+                message: "stopped".into(),
+                retryable: false,
+            },
+        };
         let command = Command::Completed {
             run_id: a.run_id,
             task_run_id: a.task_run_id,
@@ -236,7 +298,10 @@ impl Attempt {
     {
         let a = &self.assignment;
         let mut execution = std::pin::pin!(execution);
-        let deadline = a.timeout.map(|t| tokio::time::Instant::now() + t);
+        // A timeout too large to add to the clock means no deadline, not a panic.
+        let deadline = a
+            .timeout
+            .and_then(|t| tokio::time::Instant::now().checked_add(t));
         let mut heartbeat = tokio::time::interval(self.options.heartbeat_interval);
         heartbeat.tick().await;
         loop {

@@ -118,3 +118,13 @@ fn a_param_of_the_wrong_type_is_refused_before_running() {
     assert!(!out.status.success());
     assert!(stderr.contains("unknown param"), "{stderr}");
 }
+
+#[test]
+fn an_enormous_timeout_is_no_deadline_and_an_impossible_one_is_refused() {
+    let (ok, stdout, stderr, _home) = run_yaml("name: x\ntasks:\n  - id: s\n    tool: shell\n    timeout: 1e19\n    with:\n      command: echo fine\n");
+    assert!(ok, "{stdout}{stderr}");
+    let (ok, _, stderr, _home) =
+        run_yaml("name: x\ntasks:\n  - id: s\n    tool: noop\n    timeout: \"1e30\"\n");
+    assert!(!ok);
+    assert!(stderr.contains("too large"), "{stderr}");
+}

@@ -182,7 +182,8 @@ pub mod optional_duration {
             Some(Value::Number(n)) => n
                 .as_f64()
                 .filter(|s| *s >= 0.0 && s.is_finite())
-                .map(|s| Some(Duration::from_secs_f64(s)))
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .map(Some)
                 .ok_or_else(|| {
                     serde::de::Error::custom("duration must be a positive number of seconds")
                 }),
