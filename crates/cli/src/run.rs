@@ -100,11 +100,7 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
     let opened = home.open_existing().await?;
-    let run = opened
-        .store
-        .run(args.run_id)
-        .await?
-        .with_context(|| format!("no run {}", args.run_id))?;
+    let run = stored_run(&*opened.store, args.run_id).await?;
     if run.state.is_terminal() {
         out!("run {} is already {}", run.id, run.state);
         return Ok(exit_code(&run));
@@ -137,11 +133,7 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
     let opened = home.open_existing().await?;
-    let run = opened
-        .store
-        .run(args.run_id)
-        .await?
-        .with_context(|| format!("no run {}", args.run_id))?;
+    let run = stored_run(&*opened.store, args.run_id).await?;
     if run.state.is_terminal() {
         anyhow::bail!("run {} is already {}", run.id, run.state);
     }
@@ -171,6 +163,14 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
     opened.store.commit(&batch).await?;
     out!("run {} cancelled", execution.id());
     Ok(ExitCode::SUCCESS)
+}
+
+/// A stored run, or an error naming the id.
+async fn stored_run(store: &dyn Store, run_id: RunId) -> anyhow::Result<RunRecord> {
+    store
+        .run(run_id)
+        .await?
+        .with_context(|| format!("no run {run_id}"))
 }
 
 /// Rebuilds a run from the store.
