@@ -17,6 +17,29 @@ fn await_file(path: &std::path::Path, bound: Duration) {
     }
 }
 
+/// Starts `arches run --quiet FILE` in the background and returns the process with the run id
+/// from its first line. The process's stderr reader is dropped after that line, so its stderr
+/// is a closed pipe from then on (which it must survive).
+fn start_run(home: &std::path::Path, file: &std::path::Path) -> (std::process::Child, String) {
+    let mut child = arches(home)
+        .args(["run", "--quiet"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let run_id = line
+        .strip_prefix("run ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (child, run_id)
+}
+
 #[test]
 fn a_run_killed_with_sigkill_is_finished_by_resume_without_rerunning_succeeded_tasks() {
     let home = tempfile::tempdir().unwrap();
@@ -43,21 +66,7 @@ tasks:
 "#
     );
     let file = pipeline_file(dir.path(), "crash.yaml", &yaml);
-    let mut child = arches(home.path())
-        .args(["run", "--quiet"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    let run_id = line
-        .strip_prefix("run ")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
+    let (mut child, run_id) = start_run(home.path(), &file);
     await_file(&dir.path().join("second-started"), Duration::from_secs(30));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -115,18 +124,7 @@ fn cancelling_a_run_whose_process_died_records_it_in_the_store() {
         "name: stuck\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"touch {d}/started; sleep 60\"\n  - id: after\n    tool: noop\n    depends_on: [wait]\n"
     );
     let file = pipeline_file(dir.path(), "stuck.yaml", &yaml);
-    let mut child = arches(home.path())
-        .args(["run", "--quiet"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let run_id = line.split_whitespace().nth(1).unwrap().to_owned();
+    let (mut child, run_id) = start_run(home.path(), &file);
     await_file(&dir.path().join("started"), Duration::from_secs(30));
     child.kill().unwrap();
     child.wait().unwrap();
@@ -152,20 +150,9 @@ fn cancelling_a_live_run_stops_its_running_task_and_skips_the_rest() {
         "name: live\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"echo $$ > {d}/pid; touch {d}/started; sleep 60\"\n  - id: after\n    tool: noop\n    depends_on: [wait]\n"
     );
     let file = pipeline_file(dir.path(), "live.yaml", &yaml);
-    let mut child = arches(home.path())
-        .args(["run", "--quiet"])
-        .arg(&file)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // The first line gives the run id; then the reader is dropped, so the owner's stderr
-    // is a closed pipe when it reports the interrupt: that must not kill it either.
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let run_id = line.split_whitespace().nth(1).unwrap().to_owned();
+    // After the first line the owner's stderr is a closed pipe when it reports the
+    // interrupt: that must not kill it either.
+    let (mut child, run_id) = start_run(home.path(), &file);
     await_file(&dir.path().join("started"), Duration::from_secs(30));
     let shell_pid: i32 = std::fs::read_to_string(dir.path().join("pid"))
         .unwrap()
