@@ -559,9 +559,7 @@ impl RunExecution {
         }
         let (attempt_state, error, retryable, outputs) = match outcome {
             AttemptOutcome::Succeeded(outputs) => {
-                let size = serde_json::to_vec(&outputs)
-                    .map(|v| v.len())
-                    .unwrap_or(usize::MAX);
+                let size = serialized_size(&outputs);
                 if size > self.limits.outputs_bytes_max {
                     let message = format!(
                         "outputs are {size} bytes, above the limit of {} bytes; store large results as an artifact",
@@ -1197,5 +1195,26 @@ impl RunExecution {
             None => self.set_run_state(RunState::Succeeded, now, None),
             Some(message) => self.set_run_state(RunState::Failed, now, Some(message)),
         }
+    }
+}
+
+/// The length in bytes of a value's JSON text, counted without building the text: every
+/// completion is measured against [`ExecutionLimits::outputs_bytes_max`], so this is on the
+/// hot path.
+fn serialized_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    match serde_json::to_writer(&mut counter, value) {
+        Ok(()) => counter.0,
+        Err(_) => usize::MAX,
     }
 }
