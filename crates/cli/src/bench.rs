@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use arches_core::execution::{ExecutionLimits, RunExecution};
+use arches_core::execution::{ExecutionLimits, NewRun, RunExecution};
 use arches_core::pipeline::{Pipeline, PipelineDef, Templates};
 use arches_core::ports::{ArtifactStore, Store};
 use arches_core::records::Durability;
-use arches_core::{Clock, RunId, RunState, SystemClock};
+use arches_core::{Clock, OrgId, RunId, RunState, SystemClock};
 use arches_engine::{Engine, EngineOptions};
 use arches_store::{LocalArtifactStore, SqliteStore};
 use clap::Subcommand;
@@ -104,12 +104,15 @@ impl Bench {
 
     async fn run(&self, def: &PipelineDef, params: serde_json::Value) -> anyhow::Result<RunId> {
         let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let version = self.store.save_pipeline(def).await?.version;
+        let version = self.store.save_pipeline(OrgId::DEFAULT, def).await?.version;
         let execution = RunExecution::create(
-            RunId::new(),
+            NewRun {
+                id: RunId::new(),
+                org_id: OrgId::DEFAULT,
+                pipeline_version: version,
+                params,
+            },
             pipeline,
-            version,
-            params,
             Arc::new(Templates::new()),
             ExecutionLimits::default(),
             SystemClock.now(),

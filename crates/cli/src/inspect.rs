@@ -10,7 +10,7 @@ use arches_core::ports::Store;
 use arches_core::records::{
     ArtifactFilter, ArtifactRecord, LogQuery, RunFilter, RunRecord, TaskRunRecord,
 };
-use arches_core::{ArtifactId, RunId, RunState, TaskId, TaskRunState, Timestamp};
+use arches_core::{ArtifactId, OrgId, RunId, RunState, TaskId, TaskRunState, Timestamp};
 use clap::Subcommand;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 
@@ -306,8 +306,8 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
                 .runs(&RunFilter {
                     pipeline_name: pipeline,
                     state,
-                    before: None,
                     limit,
+                    ..RunFilter::default()
                 })
                 .await?;
             let mut table = table(&["RUN", "PIPELINE", "VERSION", "STATE", "CREATED", "DURATION"]);
@@ -413,7 +413,7 @@ async fn resolve(store: &dyn Store, reference: &str) -> anyhow::Result<ArtifactR
         None => (reference, None),
     };
     store
-        .artifact_by_name(name, version)
+        .artifact_by_name(OrgId::DEFAULT, name, version)
         .await?
         .with_context(|| format!("no artifact named {reference:?}"))
 }
@@ -428,6 +428,7 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
                     name,
                     run_id: run,
                     limit,
+                    ..ArtifactFilter::default()
                 })
                 .await?;
             out!("{}", artifact_table(&list));

@@ -34,6 +34,7 @@ mod inspect;
 mod owner;
 mod progress;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -100,10 +101,27 @@ enum Command {
     /// Measure the engine (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Serve the REST API, live events and the web of accounts and organizations, with
+    /// in-process workers.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // `serve` takes `--home` as an override of its configuration only when it was given
+    // (on the command line or in ARCHES_HOME), so that `arches.toml` can set it.
+    let home_given = matches!(
+        matches.value_source("home"),
+        Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+    );
+    if let Command::Serve(_) = cli.command {
+        // The server sets up its own (JSON by default) logging from its configuration.
+        return block_on(dispatch(cli, home_given));
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()
@@ -111,6 +129,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    block_on(dispatch(cli, home_given))
+}
+
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,7 +143,7 @@ fn main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
-    match runtime.block_on(dispatch(cli)) {
+    match runtime.block_on(work) {
         Ok(code) => code,
         Err(err) => {
             status!("error: {err:#}");
@@ -130,9 +152,13 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
+    let command = match cli.command {
+        Command::Serve(args) => return serve::serve(home_given.then_some(cli.home), args).await,
+        command => command,
+    };
     let home = app::Home::new(cli.home, cli.durability);
-    match cli.command {
+    match command {
         Command::Run(args) => run::run(&home, args).await,
         Command::Resume(args) => run::resume(&home, args).await,
         Command::Cancel(args) => run::cancel(&home, args).await,
@@ -142,5 +168,6 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Artifacts(command) => inspect::artifacts(&home, command).await,
         Command::Tools => app::tools_command(),
         Command::Bench(command) => bench::bench(command).await,
+        Command::Serve(args) => serve::serve(Some(home.root.clone()), args).await,
     }
 }

@@ -5,11 +5,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use arches_core::execution::{ExecutionLimits, RunExecution};
-use arches_core::pipeline::{validate, Pipeline, PipelineDef, Templates};
+use arches_core::execution::{ExecutionLimits, NewRun, RunExecution};
+use arches_core::pipeline::{validate, PipelineDef, Templates};
 use arches_core::ports::Store;
 use arches_core::records::{RunRecord, WriteBatch};
-use arches_core::{Clock, RunId, RunState, SystemClock};
+use arches_core::{Clock, OrgId, RunId, RunState, SystemClock};
 use arches_engine::{Engine, EngineOptions, SchedulerHandle};
 use clap::Args;
 use tokio_util::sync::CancellationToken;
@@ -73,15 +73,18 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
     let opened = home.open().await?;
     let stored = opened
         .store
-        .save_pipeline(&pipeline.def)
+        .save_pipeline(OrgId::DEFAULT, &pipeline.def)
         .await
         .context("cannot save the pipeline")?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let execution = RunExecution::create(
-        RunId::new(),
+        NewRun {
+            id: RunId::new(),
+            org_id: OrgId::DEFAULT,
+            pipeline_version: stored.version,
+            params,
+        },
         pipeline,
-        stored.version,
-        params,
         Arc::new(Templates::new()),
         ExecutionLimits::default(),
         clock.now(),
@@ -175,33 +178,7 @@ async fn stored_run(store: &dyn Store, run_id: RunId) -> anyhow::Result<RunRecor
 
 /// Rebuilds a run from the store.
 pub async fn restore(store: &dyn Store, run: RunRecord) -> anyhow::Result<RunExecution> {
-    let stored = store
-        .pipeline(&run.pipeline_name, run.pipeline_version)
-        .await?
-        .with_context(|| {
-            format!(
-                "pipeline {} version {} is missing from the store",
-                run.pipeline_name, run.pipeline_version
-            )
-        })?;
-    let def: PipelineDef = serde_json::from_value(stored.definition).with_context(|| {
-        format!(
-            "stored pipeline {} version {} does not decode",
-            run.pipeline_name, run.pipeline_version
-        )
-    })?;
-    let pipeline =
-        Pipeline::build(def).map_err(|e| anyhow::anyhow!("stored pipeline is invalid: {e}"))?;
-    let task_runs = store.task_runs(run.id).await?;
-    let attempts = store.attempts(run.id).await?;
-    Ok(RunExecution::restore(
-        run,
-        pipeline,
-        Arc::new(Templates::new()),
-        ExecutionLimits::default(),
-        task_runs,
-        attempts,
-    ))
+    Ok(arches_engine::restore_run(store, run).await?)
 }
 
 enum Submission {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{RunId, TaskId, TaskRunId};
+use crate::ids::{OrgId, RunId, TaskId, TaskRunId};
 use crate::state::{RunState, TaskRunState};
 use crate::time::Timestamp;
 
@@ -14,6 +14,8 @@ use crate::time::Timestamp;
 pub enum DomainEvent {
     /// A run changed state.
     RunStateChanged {
+        /// The run's org.
+        org_id: OrgId,
         /// The run.
         run_id: RunId,
         /// Its new state.
@@ -23,6 +25,8 @@ pub enum DomainEvent {
     },
     /// A task run changed state.
     TaskRunStateChanged {
+        /// The run's org.
+        org_id: OrgId,
         /// The run.
         run_id: RunId,
         /// The task run.

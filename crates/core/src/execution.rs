@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::events::DomainEvent;
-use crate::ids::{RunId, TaskId, TaskRunId};
+use crate::ids::{OrgId, RunId, TaskId, TaskRunId};
 use crate::pipeline::{Pipeline, TaskDef, Templates};
 use crate::records::{AttemptRecord, RunRecord, TaskRunRecord};
 use crate::retry::RetryPolicy;
@@ -100,6 +100,8 @@ pub enum AttemptOutcome {
 /// A task run handed to a worker: everything needed to execute one attempt.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Assignment {
+    /// The run's org.
+    pub org_id: OrgId,
     /// The run.
     pub run_id: RunId,
     /// The task run.
@@ -196,27 +198,44 @@ pub struct RunExecution {
     attempts_out: Vec<AttemptRecord>,
     events: Vec<DomainEvent>,
     wakeups: Vec<Wakeup>,
+    /// Attempts a task run had made when a retry of the run gave it a fresh retry budget,
+    /// by task run index. Held in memory only: after a restart the budget counts every
+    /// attempt, which can only mean fewer automatic retries, never more.
+    retry_base: HashMap<usize, u32>,
+}
+
+/// What identifies a new run before it starts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewRun {
+    /// The run's id.
+    pub id: RunId,
+    /// The org it belongs to (its pipeline's org).
+    pub org_id: OrgId,
+    /// The pipeline version it executes.
+    pub pipeline_version: u32,
+    /// The params after defaults, as a JSON object.
+    pub params: Value,
 }
 
 impl RunExecution {
     /// A new run, queued, with one pending task run per task.
     ///
-    /// `params` must already be checked against the pipeline's declarations (see
+    /// `run.params` must already be checked against the pipeline's declarations (see
     /// [`crate::pipeline::validate::check_params`]).
     pub fn create(
-        run_id: RunId,
+        run: NewRun,
         pipeline: Pipeline,
-        pipeline_version: u32,
-        params: Value,
         templates: Arc<Templates>,
         limits: ExecutionLimits,
         now: Timestamp,
     ) -> Self {
+        let run_id = run.id;
         let run = RunRecord {
-            id: run_id,
+            id: run.id,
+            org_id: run.org_id,
             pipeline_name: pipeline.def.name.to_string(),
-            pipeline_version,
-            params,
+            pipeline_version: run.pipeline_version,
+            params: run.params,
             state: RunState::Queued,
             error: None,
             owner: None,
@@ -333,6 +352,88 @@ impl RunExecution {
             attempts_out: Vec::new(),
             events: Vec::new(),
             wakeups: Vec::new(),
+            retry_base: HashMap::new(),
+        }
+    }
+
+    /// Retries a failed or cancelled run from its failed tasks: every failed, cancelled or
+    /// skipped task run goes back to pending (fan-out items that did not succeed are queued
+    /// again under their parent, which runs again; the items that succeeded keep their
+    /// outputs), the run goes back to running, and the ready task runs are queued. Succeeded
+    /// task runs and their outputs are kept. Attempt numbers keep counting up, and each task
+    /// run retried gets a fresh retry budget. Returns how many task runs were reset (0, and
+    /// nothing changes, when the run is not failed or cancelled or has nothing to retry).
+    pub fn retry_failed(&mut self, now: Timestamp) -> usize {
+        if !matches!(self.run.state, RunState::Failed | RunState::Cancelled) {
+            return 0;
+        }
+        let retried = |state: TaskRunState| {
+            matches!(
+                state,
+                TaskRunState::Failed | TaskRunState::Cancelled | TaskRunState::Skipped
+            )
+        };
+        let mut reset = 0;
+        let order: Vec<TaskId> = self.pipeline.dag.topological_order().to_vec();
+        for task_id in &order {
+            let node = &self.nodes[task_id];
+            let parent = node.parent;
+            if !retried(self.task_runs[parent].state) {
+                continue;
+            }
+            let children = node.children.clone();
+            if children.is_empty() {
+                self.reset_task_run(parent, now, false);
+                reset += 1;
+                continue;
+            }
+            // An expanded fan-out: its parent runs again, and only its unfinished items.
+            self.reset_task_run(parent, now, true);
+            self.transition(parent, TaskRunState::Running, now);
+            self.task_runs[parent].started_at = Some(now);
+            reset += 1;
+            for child in children {
+                if retried(self.task_runs[child].state) {
+                    self.reset_task_run(child, now, true);
+                    if let Some(node) = self.nodes.get_mut(task_id) {
+                        node.children_terminal = node.children_terminal.saturating_sub(1);
+                    }
+                    self.enqueue(child, now);
+                    reset += 1;
+                }
+            }
+        }
+        if reset == 0 {
+            return 0;
+        }
+        self.set_run_state(RunState::Running, now, None);
+        self.run.finished_at = None;
+        self.run.error = None;
+        self.run_dirty = true;
+        for task_id in order {
+            self.try_ready(&task_id, now);
+        }
+        self.check_run_finished(now);
+        reset
+    }
+
+    /// Back to pending with its results cleared; the attempt count and fencing token stay,
+    /// and so do the rendered inputs and fan-out size with `keep_expansion` (fan-out items,
+    /// and an expanded fan-out parent).
+    fn reset_task_run(&mut self, i: usize, now: Timestamp, keep_expansion: bool) {
+        self.transition(i, TaskRunState::Pending, now);
+        let task_run = &mut self.task_runs[i];
+        self.retry_base
+            .insert(i, task_run.attempt.saturating_sub(task_run.lease_expiries));
+        task_run.error = None;
+        task_run.outputs = None;
+        task_run.finished_at = None;
+        task_run.ready_at = None;
+        task_run.lease_owner = None;
+        task_run.lease_expires_at = None;
+        if !keep_expansion {
+            task_run.inputs = None;
+            task_run.fan_out = None;
         }
     }
 
@@ -472,6 +573,7 @@ impl RunExecution {
             .task(&task_run.task_id)
             .expect("task runs belong to pipeline tasks");
         Assignment {
+            org_id: self.run.org_id,
             run_id: self.run.id,
             task_run_id: task_run.id,
             task_id: task_run.task_id.clone(),
@@ -597,7 +699,8 @@ impl RunExecution {
         let policy = self.retry_policy(&self.task_runs[i].task_id.clone());
         let counted = self.task_runs[i]
             .attempt
-            .saturating_sub(self.task_runs[i].lease_expiries);
+            .saturating_sub(self.task_runs[i].lease_expiries)
+            .saturating_sub(self.retry_base.get(&i).copied().unwrap_or(0));
         if retryable && policy.allows_retry_after(counted) && self.run.state == RunState::Running {
             let ready_at = now.plus(policy.delay_after(counted, random));
             self.transition(i, TaskRunState::WaitingToRetry, now);
@@ -811,6 +914,7 @@ impl RunExecution {
         task_run.state = to;
         self.dirty.insert(i);
         self.events.push(DomainEvent::TaskRunStateChanged {
+            org_id: self.run.org_id,
             run_id: task_run.run_id,
             task_run_id: task_run.id,
             task_id: task_run.task_id.clone(),
@@ -842,6 +946,7 @@ impl RunExecution {
         }
         self.run_dirty = true;
         self.events.push(DomainEvent::RunStateChanged {
+            org_id: self.run.org_id,
             run_id: self.run.id,
             state: to,
             at: now,

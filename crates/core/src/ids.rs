@@ -60,6 +60,34 @@ uuid_id!(
     /// Identifies one stored artifact version.
     ArtifactId
 );
+uuid_id!(
+    /// Identifies an organization: the tenant every pipeline, run, artifact and audit
+    /// event belongs to.
+    OrgId
+);
+uuid_id!(
+    /// Identifies a user account.
+    UserId
+);
+uuid_id!(
+    /// Identifies a login session (a refresh-token family).
+    SessionId
+);
+uuid_id!(
+    /// Identifies a personal API key.
+    ApiKeyId
+);
+uuid_id!(
+    /// Identifies an invitation to an organization.
+    InvitationId
+);
+
+impl OrgId {
+    /// The default organization of a single-tenant installation: created by the first
+    /// migration, so the CLI and a fresh server share it. Its id is fixed
+    /// (`00000000-0000-0000-0000-000000000001`) so every process agrees without a lookup.
+    pub const DEFAULT: OrgId = OrgId(Uuid::from_u128(1));
+}
 
 /// Errors of id and name parsing.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

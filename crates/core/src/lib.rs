@@ -9,6 +9,7 @@
 
 pub mod events;
 pub mod execution;
+pub mod identity;
 pub mod ids;
 pub mod pipeline;
 pub mod ports;
@@ -17,6 +18,9 @@ pub mod retry;
 pub mod state;
 pub mod time;
 
-pub use ids::{ArtifactId, PipelineName, RunId, TaskId, TaskRunId};
+pub use ids::{
+    ApiKeyId, ArtifactId, InvitationId, OrgId, PipelineName, RunId, SessionId, TaskId, TaskRunId,
+    UserId,
+};
 pub use state::{AttemptState, RunState, TaskRunState};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use crate::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
 use crate::pipeline::PipelineDef;
 use crate::records::*;
+use crate::time::Timestamp;
 
 /// Errors of the storage and artifact ports.
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +55,41 @@ pub trait Store: Send + Sync + 'static {
     /// The durability mode commits run under.
     fn durability(&self) -> Durability;
 
-    /// Saves a pipeline definition and returns its version. Saving a definition identical to
-    /// a stored version of the same name returns that version.
-    async fn save_pipeline(&self, definition: &PipelineDef) -> StoreResult<StoredPipeline>;
+    /// Saves a pipeline definition in an org and returns its version. Saving a definition
+    /// identical to a stored version of the same name returns that version.
+    async fn save_pipeline(
+        &self,
+        org: OrgId,
+        definition: &PipelineDef,
+    ) -> StoreResult<StoredPipeline>;
 
     /// A stored pipeline version.
-    async fn pipeline(&self, name: &str, version: u32) -> StoreResult<Option<StoredPipeline>>;
+    async fn pipeline(
+        &self,
+        org: OrgId,
+        name: &str,
+        version: u32,
+    ) -> StoreResult<Option<StoredPipeline>>;
+
+    /// The latest version of each pipeline of an org, by name; archived ones only with
+    /// `include_archived`.
+    async fn pipelines(
+        &self,
+        org: OrgId,
+        include_archived: bool,
+    ) -> StoreResult<Vec<StoredPipeline>>;
+
+    /// Every version of a pipeline, newest first; empty if the name is unknown.
+    async fn pipeline_versions(&self, org: OrgId, name: &str) -> StoreResult<Vec<StoredPipeline>>;
+
+    /// Archives a pipeline name at `at`, or restores it with `None`. `false` if the org has
+    /// no pipeline of that name.
+    async fn set_pipeline_archived(
+        &self,
+        org: OrgId,
+        name: &str,
+        at: Option<Timestamp>,
+    ) -> StoreResult<bool>;
 
     /// Applies a batch atomically: all of it or nothing. Task-run writes that carry an older
     /// fencing token than the stored row are skipped and reported.
@@ -98,12 +128,17 @@ pub trait Store: Send + Sync + 'static {
     /// The given version of a name, or its latest.
     async fn artifact_by_name(
         &self,
+        org: OrgId,
         name: &str,
         version: Option<u32>,
     ) -> StoreResult<Option<ArtifactRecord>>;
 
     /// Artifact versions, newest first.
     async fn artifacts(&self, filter: &ArtifactFilter) -> StoreResult<Vec<ArtifactRecord>>;
+
+    /// How many runs, task runs and ended attempts are in each state (every org), for
+    /// metrics. A full count: meant for a scrape every few seconds, not per request.
+    async fn state_counts(&self) -> StoreResult<StateCounts>;
 }
 
 /// The artifact port: content-addressed blobs (SHA-256) with versioned, named metadata and
@@ -166,6 +201,8 @@ pub trait LogSink: Send + Sync {
 /// What a tool sees of the run while it executes one attempt.
 #[derive(Clone)]
 pub struct ToolContext {
+    /// The org the run belongs to; artifacts the tool stores belong to it too.
+    pub org_id: OrgId,
     /// The run.
     pub run_id: RunId,
     /// The task run.

@@ -6,13 +6,15 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use crate::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
 use crate::state::{AttemptState, RunState, TaskRunState};
 use crate::time::Timestamp;
 
 /// A stored pipeline version. Saving the same definition twice yields the same version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StoredPipeline {
+    /// The org the pipeline belongs to; names are unique per org.
+    pub org_id: OrgId,
     /// The pipeline's name.
     pub name: String,
     /// 1, 2, 3… per name, in the order versions were saved.
@@ -23,6 +25,10 @@ pub struct StoredPipeline {
     pub definition: Value,
     /// When this version was first saved.
     pub created_at: Timestamp,
+    /// When the pipeline (every version of the name) was archived: hidden from lists, and
+    /// no new runs.
+    #[serde(default)]
+    pub archived_at: Option<Timestamp>,
 }
 
 /// One run of a pipeline.
@@ -30,6 +36,8 @@ pub struct StoredPipeline {
 pub struct RunRecord {
     /// The run's id.
     pub id: RunId,
+    /// The org the run belongs to (its pipeline's org).
+    pub org_id: OrgId,
     /// The pipeline's name.
     pub pipeline_name: String,
     /// The pipeline version the run executes.
@@ -252,10 +260,16 @@ pub struct LogQuery {
 /// Which runs to list, newest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RunFilter {
+    /// Only runs of this org (the API always sets it; the local CLI sees every org).
+    pub org_id: Option<OrgId>,
     /// Only runs of this pipeline.
     pub pipeline_name: Option<String>,
     /// Only runs in this state.
     pub state: Option<RunState>,
+    /// Only runs created at or after this time.
+    pub created_after: Option<Timestamp>,
+    /// Only runs created before this time.
+    pub created_before: Option<Timestamp>,
     /// Only runs created before this one (cursor).
     pub before: Option<RunId>,
     /// At most this many.
@@ -298,6 +312,8 @@ pub struct Producer {
 /// An artifact to store: its metadata before it has a version.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewArtifact {
+    /// The org the artifact belongs to; names are versioned per org.
+    pub org_id: OrgId,
     /// A name, for example `penguins/clean`; each store under the same name is a new version.
     pub name: String,
     /// IANA media type, for example `text/csv`, `application/vnd.apache.parquet`.
@@ -331,12 +347,26 @@ pub struct ArtifactRecord {
 /// Which artifacts to list, newest first.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ArtifactFilter {
+    /// Only this org's artifacts (the API always sets it).
+    pub org_id: Option<OrgId>,
     /// Only versions of this name.
     pub name: Option<String>,
     /// Only artifacts produced by this run.
     pub run_id: Option<RunId>,
     /// At most this many.
     pub limit: u32,
+}
+
+/// How many runs, task runs and ended attempts the store holds in each state, for
+/// metrics. States with none are absent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateCounts {
+    /// Runs by state.
+    pub runs: Vec<(RunState, u64)>,
+    /// Task runs by state.
+    pub task_runs: Vec<(TaskRunState, u64)>,
+    /// Ended attempts by how they ended.
+    pub attempts: Vec<(AttemptState, u64)>,
 }
 
 /// The durability mode of a store: what a commit guarantees on power loss.

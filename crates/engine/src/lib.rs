@@ -15,6 +15,7 @@
 //! - This crate knows the storage only through the `Store` port; it depends on no
 //!   database crate.
 
+pub mod bus;
 mod failpoints;
 mod logs;
 mod scheduler;
@@ -29,6 +30,7 @@ use arches_core::ports::{ArtifactStore, Store, StoreError, ToolRegistry};
 use arches_core::{Clock, RunId};
 use tokio_util::sync::CancellationToken;
 
+pub use bus::{EventBus, InProcessBus};
 pub use failpoints::FailPoints;
 pub use logs::{LogWriter, LogWriterHandle};
 // `Dispatch` is the item type of the receiver `Scheduler::new` returns; it must be nameable
@@ -58,6 +60,58 @@ pub enum Error {
     /// A failure point armed by a test fired.
     #[error("injected failure: {0}")]
     Injected(&'static str),
+    /// A stored run cannot be rebuilt: its pipeline version is missing or unreadable.
+    #[error("cannot restore run {run}: {reason}")]
+    Restore {
+        /// The run.
+        run: RunId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Rebuilds a stored run in memory (its pipeline version, task runs and open attempts), to
+/// resume it after a restart or retry it from its failed tasks.
+///
+/// # Errors
+/// [`Error::Store`] when the store fails; [`Error::Restore`] when the run's pipeline
+/// version is missing or does not decode into a valid DAG.
+pub async fn restore_run(
+    store: &dyn Store,
+    run: arches_core::records::RunRecord,
+) -> Result<arches_core::execution::RunExecution, Error> {
+    use arches_core::pipeline::{Pipeline, PipelineDef, Templates};
+    let restore_error = |reason: String| Error::Restore {
+        run: run.id,
+        reason,
+    };
+    let stored = store
+        .pipeline(run.org_id, &run.pipeline_name, run.pipeline_version)
+        .await?
+        .ok_or_else(|| {
+            restore_error(format!(
+                "pipeline {} version {} is missing from the store",
+                run.pipeline_name, run.pipeline_version
+            ))
+        })?;
+    let def: PipelineDef = serde_json::from_value(stored.definition).map_err(|e| {
+        restore_error(format!(
+            "stored pipeline {} version {} does not decode: {e}",
+            run.pipeline_name, run.pipeline_version
+        ))
+    })?;
+    let pipeline = Pipeline::build(def)
+        .map_err(|e| restore_error(format!("stored pipeline is invalid: {e}")))?;
+    let task_runs = store.task_runs(run.id).await?;
+    let attempts = store.attempts(run.id).await?;
+    Ok(arches_core::execution::RunExecution::restore(
+        run,
+        pipeline,
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        task_runs,
+        attempts,
+    ))
 }
 
 /// Settings of the engine. Every bound is named with its unit.
@@ -128,9 +182,25 @@ impl Engine {
         tools: ToolRegistry,
         clock: Arc<dyn Clock>,
     ) -> Engine {
-        let log_writer = LogWriter::new(store.clone(), options.log_channel_capacity);
-        let (scheduler, assignments) =
+        Self::build_with_bus(options, store, artifacts, tools, clock, None)
+    }
+
+    /// Builds the engine publishing committed state changes and task log lines on `bus`.
+    pub fn build_with_bus(
+        options: EngineOptions,
+        store: Arc<dyn Store>,
+        artifacts: Arc<dyn ArtifactStore>,
+        tools: ToolRegistry,
+        clock: Arc<dyn Clock>,
+        bus: Option<Arc<dyn EventBus>>,
+    ) -> Engine {
+        let mut log_writer = LogWriter::new(store.clone(), options.log_channel_capacity);
+        let (mut scheduler, assignments) =
             Scheduler::new(options.clone(), store, clock.clone(), FailPoints::default());
+        if let Some(bus) = bus {
+            log_writer = log_writer.with_event_bus(bus.clone());
+            scheduler.set_event_bus(bus);
+        }
         let pool = WorkerPool::new(
             options,
             scheduler.handle(),

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use arches_core::ports::{LogSink, Store};
 use arches_core::records::{LogStream, NewLogLine};
-use arches_core::{Clock, RunId, TaskRunId};
+use arches_core::{Clock, OrgId, RunId, TaskId, TaskRunId};
+
+use crate::bus::{BusEvent, EventBus, LogEvent, LogLineEvent};
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 use tracing::warn;
@@ -19,12 +21,22 @@ pub struct LogWriter {
     store: Arc<dyn Store>,
     lines: mpsc::Receiver<NewLogLine>,
     sender: Option<mpsc::Sender<NewLogLine>>,
+    bus: Option<Arc<dyn EventBus>>,
 }
 
-/// A cheap handle to send lines to the [`LogWriter`].
-#[derive(Clone, Debug)]
+/// A cheap handle to send lines to the [`LogWriter`] (and, with a bus, to live watchers).
+#[derive(Clone)]
 pub struct LogWriterHandle {
     lines: mpsc::Sender<NewLogLine>,
+    bus: Option<Arc<dyn EventBus>>,
+}
+
+impl std::fmt::Debug for LogWriterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogWriterHandle")
+            .field("bus", &self.bus.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl LogWriter {
@@ -35,7 +47,15 @@ impl LogWriter {
             store,
             lines,
             sender: Some(sender),
+            bus: None,
         }
+    }
+
+    /// Also publishes every line on `bus` as it is written (before it is stored: a live
+    /// tail must not wait for the batch).
+    pub fn with_event_bus(mut self, bus: Arc<dyn EventBus>) -> Self {
+        self.bus = Some(bus);
+        self
     }
 
     /// A handle for senders.
@@ -45,6 +65,7 @@ impl LogWriter {
                 .sender
                 .clone()
                 .expect("handles are taken before the writer runs"),
+            bus: self.bus.clone(),
         }
     }
 
@@ -73,6 +94,8 @@ impl LogWriter {
 pub(crate) struct AttemptLog {
     pub(crate) writer: LogWriterHandle,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) org_id: OrgId,
+    pub(crate) task_id: TaskId,
     pub(crate) run_id: RunId,
     pub(crate) task_run_id: TaskRunId,
     pub(crate) attempt: u32,
@@ -92,6 +115,20 @@ impl AttemptLog {
             at: self.clock.now(),
             text,
         };
+        if let Some(bus) = &self.writer.bus {
+            bus.publish(vec![BusEvent::Log(LogLineEvent {
+                line: LogEvent {
+                    org_id: self.org_id,
+                    run_id: line.run_id,
+                    task_run_id: line.task_run_id,
+                    task_id: self.task_id.clone(),
+                    attempt: line.attempt,
+                    stream: line.stream,
+                    at: line.at,
+                    text: line.text.clone(),
+                },
+            })]);
+        }
         // The writer lives as long as the engine; a closed channel means shutdown.
         let _ = self.writer.lines.send(line).await;
     }

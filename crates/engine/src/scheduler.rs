@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::bus::{BusEvent, EventBus};
 use crate::{EngineOptions, Error, FailPoints};
 
 /// An input of the scheduler.
@@ -217,6 +218,9 @@ pub struct Scheduler {
     replies: Vec<Reply>,
     stops: Vec<(TaskRunId, u64)>,
     waiters: HashMap<RunId, Vec<oneshot::Sender<Result<RunRecord, Error>>>>,
+    /// Where committed events are published for live watchers, besides the handle's
+    /// broadcast.
+    bus: Option<Arc<dyn EventBus>>,
     /// Set when a flush failed: memory may hold changes the store does not, so the scheduler
     /// refuses to go on (a new one must be built from the store).
     poisoned: bool,
@@ -257,9 +261,15 @@ impl Scheduler {
             replies: Vec::new(),
             stops: Vec::new(),
             waiters: HashMap::new(),
+            bus: None,
             poisoned: false,
         };
         (scheduler, dispatch_rx)
+    }
+
+    /// Publishes committed events on `bus` too.
+    pub fn set_event_bus(&mut self, bus: Arc<dyn EventBus>) {
+        self.bus = Some(bus);
     }
 
     /// A handle for callers and workers.
@@ -589,6 +599,9 @@ impl Scheduler {
         }
         for event in &events {
             let _ = self.handle.events.send(event.clone());
+        }
+        if let Some(bus) = &self.bus {
+            bus.publish(events.iter().cloned().map(BusEvent::Domain).collect());
         }
         report.events = events;
         for reply in self.replies.drain(..) {

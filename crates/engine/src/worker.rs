@@ -187,6 +187,8 @@ impl Attempt {
         let log = Arc::new(AttemptLog {
             writer: self.logs.clone(),
             clock: self.clock.clone(),
+            org_id: a.org_id,
+            task_id: a.task_id.clone(),
             run_id: a.run_id,
             task_run_id: a.task_run_id,
             attempt: a.attempt,
@@ -220,6 +222,7 @@ impl Attempt {
                     }),
                     Ok(()) => {
                         let context = ToolContext {
+                            org_id: a.org_id,
                             run_id: a.run_id,
                             task_run_id: a.task_run_id,
                             task_id: a.task_id.clone(),

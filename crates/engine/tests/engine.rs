@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::execution::{Assignment, AttemptOutcome, ExecutionLimits, RunExecution};
+use arches_core::execution::{Assignment, AttemptOutcome, ExecutionLimits, NewRun, RunExecution};
 use arches_core::pipeline::{Pipeline, PipelineDef, Templates};
 use arches_core::ports::{Store, Tool, ToolContext, ToolError, ToolRegistry};
 use arches_core::records::{AttemptRecord, Durability, RunRecord, TaskRunRecord};
+use arches_core::OrgId;
 use arches_core::{
     AttemptState, Clock, ManualClock, RunId, RunState, SystemClock, TaskRunId, TaskRunState,
     Timestamp,
@@ -41,10 +42,13 @@ fn pipeline(definition: Value) -> Pipeline {
 
 fn new_run(pipeline: &Pipeline, params: Value, now: Timestamp) -> RunExecution {
     RunExecution::create(
-        RunId::new(),
+        NewRun {
+            id: RunId::new(),
+            org_id: OrgId::DEFAULT,
+            pipeline_version: 1,
+            params,
+        },
         pipeline.clone(),
-        1,
-        params,
         Arc::new(Templates::new()),
         ExecutionLimits::default(),
         now,
@@ -1722,4 +1726,117 @@ async fn a_cancel_stops_the_attempt_that_took_over_an_expired_lease() {
         "{states:?}"
     );
     engine.stop().await;
+}
+
+/// A retry of a failed run runs again only what did not succeed: the failed fan-out item
+/// (not its succeeded siblings, not the upstream task), then the parent gathers every item's
+/// outputs and the skipped downstream task runs. The retried item gets a fresh retry budget
+/// and its attempt numbers keep counting up.
+#[tokio::test]
+async fn a_retry_runs_only_the_task_runs_that_did_not_succeed() {
+    let mut h = Harness::new().await;
+    let p = pipeline(json!({
+        "name": "retry",
+        "tasks": [
+            {"id": "a", "tool": "noop"},
+            {"id": "b", "tool": "noop", "depends_on": ["a"], "for_each": [1, 2, 3]},
+            {"id": "c", "tool": "noop", "depends_on": ["b"]}
+        ]
+    }));
+    let (run_id, report) = h.submit(&p, json!({})).await;
+    let a = assignment(&report, "a").clone();
+    let report = h.complete(&a, ok(json!({"a": 1}))).await;
+    let items = report.assignments.clone();
+    assert_eq!(items.len(), 3);
+    let item = |n: i64| {
+        items
+            .iter()
+            .find(|i| i.item == Some(json!(n)))
+            .expect("the item is leased")
+            .clone()
+    };
+    h.complete(&item(1), ok(json!("one"))).await;
+    h.complete(&item(2), permanent("boom")).await;
+    h.complete(&item(3), ok(json!("three"))).await;
+    let failed = h.store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(failed.state, RunState::Failed);
+    assert_eq!(
+        h.stored_task(run_id, "c").await.state,
+        TaskRunState::Skipped
+    );
+    let a_before = h.stored_task(run_id, "a").await;
+
+    let mut execution = RunExecution::restore(
+        failed,
+        p.clone(),
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        h.store.task_runs(run_id).await.unwrap(),
+        h.store.attempts(run_id).await.unwrap(),
+    );
+    assert_eq!(
+        execution.retry_failed(h.now()),
+        3,
+        "b, its failed item, and c"
+    );
+    let (reply, mut answer) = oneshot::channel();
+    h.send(Command::Resume {
+        execution: Box::new(execution),
+        reply,
+    })
+    .await;
+    let report = h.step().await;
+    answer.try_recv().expect("answered").expect("resumed");
+    assert_eq!(
+        h.store.run(run_id).await.unwrap().unwrap().state,
+        RunState::Running
+    );
+    assert_eq!(
+        report.assignments.len(),
+        1,
+        "only the failed item runs again"
+    );
+    let again = report.assignments[0].clone();
+    assert_eq!(again.item, Some(json!(2)));
+    assert_eq!(again.attempt, 2, "attempt numbers keep counting");
+
+    let report = h.complete(&again, ok(json!("two"))).await;
+    let c = assignment(&report, "c").clone();
+    assert_eq!(
+        h.stored_task(run_id, "b").await.outputs,
+        Some(json!(["one", "two", "three"]))
+    );
+    h.complete(&c, ok(json!({}))).await;
+    let run = h.store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(run.error, None);
+    assert_eq!(
+        h.stored_task(run_id, "a").await,
+        a_before,
+        "a is kept as it was"
+    );
+}
+
+/// Only a failed or cancelled run can be retried, and one with nothing to retry is left as
+/// it is.
+#[tokio::test]
+async fn a_retry_of_a_run_that_did_not_fail_changes_nothing() {
+    let mut h = Harness::new().await;
+    let p = pipeline(json!({"name": "ok", "tasks": [{"id": "a", "tool": "noop"}]}));
+    let (run_id, report) = h.submit(&p, json!({})).await;
+    let a = assignment(&report, "a").clone();
+    h.complete(&a, ok(json!({}))).await;
+    let run = h.store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.state, RunState::Succeeded);
+    let mut execution = RunExecution::restore(
+        run.clone(),
+        p,
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        h.store.task_runs(run_id).await.unwrap(),
+        h.store.attempts(run_id).await.unwrap(),
+    );
+    assert_eq!(execution.retry_failed(h.now()), 0);
+    assert_eq!(execution.run(), &run);
+    assert!(execution.take_changes().task_runs.is_empty());
 }

@@ -25,7 +25,7 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use arches_core::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError};
 use arches_core::records::*;
@@ -79,6 +79,9 @@ macro_rules! conformance_tests {
             logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit,
             artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter,
             a_batch_of_ten_thousand_task_runs_round_trips,
+            pipelines_are_named_per_org_listed_by_latest_version_and_archived,
+            runs_and_artifacts_are_scoped_by_org_and_runs_filter_by_creation_time,
+            state_counts_count_runs_task_runs_and_attempts_by_state,
         );
     };
 }
@@ -117,6 +120,7 @@ fn pipeline(name: &str, command: &str) -> PipelineDef {
 /// A run with only its required fields.
 fn run(pipeline_name: &str, state: RunState, created_at: i64) -> RunRecord {
     RunRecord {
+        org_id: OrgId::DEFAULT,
         id: RunId::new(),
         pipeline_name: pipeline_name.to_owned(),
         pipeline_version: 1,
@@ -177,7 +181,10 @@ async fn commit(store: &dyn Store, batch: WriteBatch) -> CommitReport {
 /// Saving a definition twice returns the first version, with its digest and creation time.
 pub async fn saving_the_same_pipeline_twice_returns_the_same_version(store: Arc<dyn Store>) {
     let definition = pipeline("daily", "echo one");
-    let first = store.save_pipeline(&definition).await.unwrap();
+    let first = store
+        .save_pipeline(OrgId::DEFAULT, &definition)
+        .await
+        .unwrap();
     assert_eq!(first.name, "daily");
     assert_eq!(first.version, 1);
     assert_eq!(first.digest.len(), 64, "the digest is sha-256 in hex");
@@ -187,10 +194,13 @@ pub async fn saving_the_same_pipeline_twice_returns_the_same_version(store: Arc<
         .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     assert_eq!(first.definition, serde_json::to_value(&definition).unwrap());
 
-    let again = store.save_pipeline(&definition).await.unwrap();
+    let again = store
+        .save_pipeline(OrgId::DEFAULT, &definition)
+        .await
+        .unwrap();
     assert_eq!(again, first);
     assert_eq!(
-        store.pipeline("daily", 1).await.unwrap(),
+        store.pipeline(OrgId::DEFAULT, "daily", 1).await.unwrap(),
         Some(first.clone())
     );
     let read_back: PipelineDef = serde_json::from_value(first.definition).unwrap();
@@ -200,15 +210,15 @@ pub async fn saving_the_same_pipeline_twice_returns_the_same_version(store: Arc<
 /// A changed definition is the next version of its name; versions count per name.
 pub async fn a_changed_pipeline_gets_the_next_version_of_its_name(store: Arc<dyn Store>) {
     let first = store
-        .save_pipeline(&pipeline("daily", "echo one"))
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo one"))
         .await
         .unwrap();
     let second = store
-        .save_pipeline(&pipeline("daily", "echo two"))
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo two"))
         .await
         .unwrap();
     let other = store
-        .save_pipeline(&pipeline("weekly", "echo one"))
+        .save_pipeline(OrgId::DEFAULT, &pipeline("weekly", "echo one"))
         .await
         .unwrap();
     assert_eq!((first.version, second.version, other.version), (1, 2, 1));
@@ -219,24 +229,30 @@ pub async fn a_changed_pipeline_gets_the_next_version_of_its_name(store: Arc<dyn
     );
 
     let resaved = store
-        .save_pipeline(&pipeline("daily", "echo one"))
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo one"))
         .await
         .unwrap();
     assert_eq!(resaved.version, 1, "an older definition keeps its version");
     let third = store
-        .save_pipeline(&pipeline("daily", "echo three"))
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo three"))
         .await
         .unwrap();
     assert_eq!(third.version, 3);
 
     let stored = store
-        .pipeline("daily", 2)
+        .pipeline(OrgId::DEFAULT, "daily", 2)
         .await
         .unwrap()
         .expect("version 2 exists");
     assert_eq!(stored, second);
-    assert_eq!(store.pipeline("daily", 4).await.unwrap(), None);
-    assert_eq!(store.pipeline("missing", 1).await.unwrap(), None);
+    assert_eq!(
+        store.pipeline(OrgId::DEFAULT, "daily", 4).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.pipeline(OrgId::DEFAULT, "missing", 1).await.unwrap(),
+        None
+    );
 }
 
 /// Every field of runs, task runs and attempts reads back as written, `Some` and `None` alike,
@@ -245,6 +261,7 @@ pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(
     store: Arc<dyn Store>,
 ) {
     let full_run = RunRecord {
+        org_id: OrgId::DEFAULT,
         id: RunId::new(),
         pipeline_name: "daily".to_owned(),
         pipeline_version: 7,
@@ -860,6 +877,7 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
         ],
     };
     let raw = NewArtifact {
+        org_id: OrgId::DEFAULT,
         name: "penguins/raw".into(),
         media_type: "text/csv".into(),
         table: None,
@@ -874,6 +892,7 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
         .await
         .unwrap();
     let clean = NewArtifact {
+        org_id: OrgId::DEFAULT,
         name: "penguins/clean".into(),
         media_type: "application/vnd.apache.parquet".into(),
         table: Some(table_meta),
@@ -907,24 +926,33 @@ pub async fn artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter
     assert_eq!(store.artifact(ArtifactId::new()).await.unwrap(), None);
 
     assert_eq!(
-        store.artifact_by_name("penguins/raw", None).await.unwrap(),
+        store
+            .artifact_by_name(OrgId::DEFAULT, "penguins/raw", None)
+            .await
+            .unwrap(),
         Some(raw_v3.clone())
     );
     assert_eq!(
         store
-            .artifact_by_name("penguins/raw", Some(2))
+            .artifact_by_name(OrgId::DEFAULT, "penguins/raw", Some(2))
             .await
             .unwrap(),
         Some(raw_v2.clone())
     );
     assert_eq!(
         store
-            .artifact_by_name("penguins/raw", Some(4))
+            .artifact_by_name(OrgId::DEFAULT, "penguins/raw", Some(4))
             .await
             .unwrap(),
         None
     );
-    assert_eq!(store.artifact_by_name("missing", None).await.unwrap(), None);
+    assert_eq!(
+        store
+            .artifact_by_name(OrgId::DEFAULT, "missing", None)
+            .await
+            .unwrap(),
+        None
+    );
 
     let all = store.artifacts(&ArtifactFilter::default()).await.unwrap();
     assert_eq!(
@@ -1003,4 +1031,250 @@ pub async fn a_batch_of_ten_thousand_task_runs_round_trips(store: Arc<dyn Store>
     .await;
     assert!(report.stale_task_runs.is_empty());
     assert_eq!(store.task_runs(stored_run.id).await.unwrap(), task_runs);
+}
+
+/// Pipeline names are per org; a list shows each name's latest version, archived names only
+/// when asked; archiving applies to every version and can be undone.
+pub async fn pipelines_are_named_per_org_listed_by_latest_version_and_archived(
+    store: Arc<dyn Store>,
+) {
+    let other = OrgId::new();
+    let a1 = store
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo one"))
+        .await
+        .unwrap();
+    let a2 = store
+        .save_pipeline(OrgId::DEFAULT, &pipeline("daily", "echo two"))
+        .await
+        .unwrap();
+    let b1 = store
+        .save_pipeline(other, &pipeline("daily", "echo two"))
+        .await
+        .unwrap();
+    let weekly = store
+        .save_pipeline(OrgId::DEFAULT, &pipeline("weekly", "echo one"))
+        .await
+        .unwrap();
+    assert_eq!((a1.version, a2.version, b1.version), (1, 2, 1));
+    assert_eq!(b1.org_id, other);
+    assert_eq!(
+        store.pipeline(other, "daily", 2).await.unwrap(),
+        None,
+        "another org's versions are not visible"
+    );
+    assert_eq!(store.pipeline(other, "weekly", 1).await.unwrap(), None);
+
+    let listed = store.pipelines(OrgId::DEFAULT, false).await.unwrap();
+    assert_eq!(listed, vec![a2.clone(), weekly.clone()]);
+    assert_eq!(
+        store.pipelines(other, false).await.unwrap(),
+        vec![b1.clone()]
+    );
+    let versions = store
+        .pipeline_versions(OrgId::DEFAULT, "daily")
+        .await
+        .unwrap();
+    assert_eq!(versions, vec![a2.clone(), a1.clone()]);
+    assert!(store
+        .pipeline_versions(other, "weekly")
+        .await
+        .unwrap()
+        .is_empty());
+
+    let at = Timestamp(1_700_000_000_000_000);
+    assert!(store
+        .set_pipeline_archived(OrgId::DEFAULT, "daily", Some(at))
+        .await
+        .unwrap());
+    assert!(!store
+        .set_pipeline_archived(other, "weekly", Some(at))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.pipelines(OrgId::DEFAULT, false).await.unwrap(),
+        vec![weekly.clone()]
+    );
+    let with_archived = store.pipelines(OrgId::DEFAULT, true).await.unwrap();
+    assert_eq!(with_archived.len(), 2);
+    assert_eq!(with_archived[0].archived_at, Some(at));
+    let archived_v1 = store
+        .pipeline(OrgId::DEFAULT, "daily", 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        archived_v1.archived_at,
+        Some(at),
+        "every version is archived"
+    );
+    assert_eq!(
+        store.pipelines(other, false).await.unwrap(),
+        vec![b1],
+        "archiving is per org"
+    );
+
+    assert!(store
+        .set_pipeline_archived(OrgId::DEFAULT, "daily", None)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.pipelines(OrgId::DEFAULT, false).await.unwrap(),
+        vec![a2, weekly]
+    );
+}
+
+/// Runs and artifacts carry their org; filters by org see only that org's rows, artifact
+/// versions count per org and name, and runs filter by a creation-time range.
+pub async fn runs_and_artifacts_are_scoped_by_org_and_runs_filter_by_creation_time(
+    store: Arc<dyn Store>,
+) {
+    let other = OrgId::new();
+    let mut runs = Vec::new();
+    for (i, org) in [OrgId::DEFAULT, other, OrgId::DEFAULT, other]
+        .into_iter()
+        .enumerate()
+    {
+        let mut record = run("daily", RunState::Queued, 1_000 * (i as i64 + 1));
+        record.org_id = org;
+        runs.push(record);
+    }
+    commit(
+        store.as_ref(),
+        WriteBatch {
+            runs: runs.clone(),
+            ..WriteBatch::default()
+        },
+    )
+    .await;
+    assert_eq!(store.run(runs[1].id).await.unwrap().unwrap().org_id, other);
+    let ids = |list: Vec<RunRecord>| list.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let of_other = store
+        .runs(&RunFilter {
+            org_id: Some(other),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids(of_other), vec![runs[3].id, runs[1].id]);
+    let in_range = store
+        .runs(&RunFilter {
+            org_id: Some(OrgId::DEFAULT),
+            created_after: Some(Timestamp(1_000)),
+            created_before: Some(Timestamp(3_000)),
+            ..RunFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(in_range),
+        vec![runs[0].id],
+        "after is inclusive, before is not"
+    );
+    let everything = store.runs(&RunFilter::default()).await.unwrap();
+    assert_eq!(everything.len(), 4, "no org filter sees every org");
+
+    let meta = |org: OrgId| NewArtifact {
+        org_id: org,
+        name: "report".into(),
+        media_type: "text/markdown".into(),
+        table: None,
+        produced_by: None,
+        inputs: vec![],
+    };
+    let digest = "c".repeat(64);
+    let mine = store
+        .insert_artifact(&digest, 3, &meta(OrgId::DEFAULT))
+        .await
+        .unwrap();
+    let theirs = store
+        .insert_artifact(&digest, 3, &meta(other))
+        .await
+        .unwrap();
+    let mine_again = store
+        .insert_artifact(&digest, 3, &meta(OrgId::DEFAULT))
+        .await
+        .unwrap();
+    assert_eq!(
+        (mine.version, theirs.version, mine_again.version),
+        (1, 1, 2)
+    );
+    assert_eq!(
+        store
+            .artifact(theirs.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .meta
+            .org_id,
+        other
+    );
+    assert_eq!(
+        store
+            .artifact_by_name(other, "report", None)
+            .await
+            .unwrap()
+            .map(|a| a.id),
+        Some(theirs.id)
+    );
+    assert_eq!(
+        store
+            .artifact_by_name(other, "report", Some(2))
+            .await
+            .unwrap(),
+        None
+    );
+    let listed = store
+        .artifacts(&ArtifactFilter {
+            org_id: Some(OrgId::DEFAULT),
+            ..ArtifactFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.into_iter().map(|a| a.id).collect::<Vec<_>>(),
+        vec![mine_again.id, mine.id]
+    );
+}
+
+/// State counts see every row by its state, and nothing when the store is empty.
+pub async fn state_counts_count_runs_task_runs_and_attempts_by_state(store: Arc<dyn Store>) {
+    assert_eq!(store.state_counts().await.unwrap(), StateCounts::default());
+    let done = run("daily", RunState::Succeeded, 1);
+    let going = run("daily", RunState::Running, 2);
+    let queued = run("daily", RunState::Running, 3);
+    let mut a = task_run(&done, "a", 1, 1);
+    a.state = TaskRunState::Succeeded;
+    let mut b = task_run(&going, "b", 1, 2);
+    b.state = TaskRunState::Queued;
+    let mut c = task_run(&queued, "c", 1, 3);
+    c.state = TaskRunState::Queued;
+    commit(
+        store.as_ref(),
+        WriteBatch {
+            runs: vec![done, going, queued],
+            task_runs: vec![a.clone(), b, c],
+            attempts: vec![AttemptRecord {
+                task_run_id: a.id,
+                run_id: a.run_id,
+                attempt: 1,
+                fencing_token: 1,
+                worker: "w".into(),
+                state: AttemptState::LeaseExpired,
+                started_at: Timestamp(1),
+                finished_at: Some(Timestamp(2)),
+                error: None,
+            }],
+        },
+    )
+    .await;
+    let counts = store.state_counts().await.unwrap();
+    assert_eq!(
+        counts.runs,
+        vec![(RunState::Running, 2), (RunState::Succeeded, 1)]
+    );
+    assert_eq!(
+        counts.task_runs,
+        vec![(TaskRunState::Queued, 2), (TaskRunState::Succeeded, 1)]
+    );
+    assert_eq!(counts.attempts, vec![(AttemptState::LeaseExpired, 1)]);
 }

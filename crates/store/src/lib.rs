@@ -12,6 +12,7 @@
 
 mod artifacts;
 pub mod conformance;
+pub mod conformance_identity;
 mod error;
 mod sqlite;
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
 use arches_core::ports::{ArtifactStore, Store, StoreError};
 use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch};
 use arches_core::state::{RunState, TaskRunState};
@@ -35,6 +35,10 @@ async fn sqlite_fixture() -> Fixture {
 }
 
 arches_store::conformance_tests!(sqlite_fixture());
+arches_store::identity_conformance_tests!(async {
+    let (directory, store) = open(Durability::Normal).await;
+    arches_store::conformance_identity::IdentityFixture::new(Arc::new(store), directory)
+});
 
 #[tokio::test]
 async fn the_durability_mode_is_reported_and_applied() {
@@ -81,6 +85,7 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path().join("arches.db");
     let run = RunRecord {
+        org_id: OrgId::DEFAULT,
         id: RunId::new(),
         pipeline_name: "daily".into(),
         pipeline_version: 1,
@@ -119,6 +124,7 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
 async fn a_read_does_not_wait_for_an_open_write_transaction() {
     let (_directory, store) = open(Durability::Normal).await;
     let run = RunRecord {
+        org_id: OrgId::DEFAULT,
         id: RunId::new(),
         pipeline_name: "daily".into(),
         pipeline_version: 1,
@@ -163,6 +169,7 @@ async fn a_read_does_not_wait_for_an_open_write_transaction() {
 
 fn queued_run() -> RunRecord {
     RunRecord {
+        org_id: OrgId::DEFAULT,
         id: RunId::new(),
         pipeline_name: "daily".into(),
         pipeline_version: 1,
@@ -256,6 +263,7 @@ async fn a_large_batch_round_trips_on_a_multi_thread_runtime() {
 
 fn artifact(name: &str) -> NewArtifact {
     NewArtifact {
+        org_id: OrgId::DEFAULT,
         name: name.into(),
         media_type: "text/csv".into(),
         table: None,

@@ -102,6 +102,7 @@ async fn store(context: &ToolContext, inputs: StoreInputs) -> Result<Value, Tool
         .put_file(
             &path,
             NewArtifact {
+                org_id: context.org_id,
                 name,
                 media_type,
                 table,

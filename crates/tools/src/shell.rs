@@ -564,6 +564,7 @@ async fn collect_files(
             .put_file(
                 &path,
                 NewArtifact {
+                    org_id: context.org_id,
                     name,
                     media_type,
                     table: None,

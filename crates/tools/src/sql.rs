@@ -753,6 +753,7 @@ impl Tool for SqlTool {
             .put_file(
                 &result_path,
                 NewArtifact {
+                    org_id: context.org_id,
                     name,
                     media_type: media.to_owned(),
                     table: Some(TableMeta {

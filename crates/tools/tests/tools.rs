@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arches_core::ids::{RunId, TaskId, TaskRunId};
+use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
 use arches_core::ports::{ArtifactStore, LogSink, Tool, ToolContext, ToolError};
 use arches_core::records::{Durability, LogStream, NewArtifact};
 use arches_store::{LocalArtifactStore, SqliteStore};
@@ -67,6 +67,7 @@ impl Harness {
     fn context(&self, task: &str, upstream: BTreeMap<String, Value>) -> ToolContext {
         let work_dir = tempfile::tempdir_in(self.dir.path()).unwrap().keep();
         ToolContext {
+            org_id: OrgId::DEFAULT,
             run_id: RunId::new(),
             task_run_id: TaskRunId::new(),
             task_id: TaskId::parse(task).unwrap(),
@@ -101,6 +102,7 @@ impl Harness {
 
 fn new_artifact(name: &str, media_type: &str) -> NewArtifact {
     NewArtifact {
+        org_id: OrgId::DEFAULT,
         name: name.to_owned(),
         media_type: media_type.to_owned(),
         table: None,

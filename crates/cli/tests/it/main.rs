@@ -4,6 +4,7 @@
 mod bad_input;
 mod penguins;
 mod resume;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -11,6 +11,7 @@
 //!
 //! This module must never hold a transaction open across anything but its own statements.
 
+mod identity;
 mod rows;
 mod writer;
 
@@ -21,11 +22,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, RunId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, TaskRunId};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
-use arches_core::time::{Clock, SystemClock};
+use arches_core::time::{Clock, SystemClock, Timestamp};
 use async_trait::async_trait;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -235,14 +236,15 @@ impl SqliteStore {
 // SQLite's JSON functions took about half the writer thread's time.
 
 const UPSERT_RUNS: &str = "
-INSERT INTO runs (id, pipeline_name, pipeline_version, params, state, error, owner,
+INSERT INTO runs (id, org_id, pipeline_name, pipeline_version, params, state, error, owner,
                   created_at, started_at, finished_at)
 WITH batch (key, r) AS MATERIALIZED (SELECT key, jsonb(value) FROM json_each(?))
-SELECT r ->> '$.id', r ->> '$.pipeline_name', r ->> '$.pipeline_version',
+SELECT r ->> '$.id', r ->> '$.org_id', r ->> '$.pipeline_name', r ->> '$.pipeline_version',
        r ->> '$.params', r ->> '$.state', r ->> '$.error', r ->> '$.owner',
        r ->> '$.created_at', r ->> '$.started_at', r ->> '$.finished_at'
 FROM batch WHERE true ORDER BY key
 ON CONFLICT (id) DO UPDATE SET
+    org_id = excluded.org_id,
     pipeline_name = excluded.pipeline_name,
     pipeline_version = excluded.pipeline_version,
     params = excluded.params,
@@ -353,14 +355,21 @@ SELECT r ->> '$.run_id', r ->> '$.task_run_id',
 FROM batch
 ORDER BY key";
 
-const RUN_COLUMNS: &str = "id, pipeline_name, pipeline_version, params, state, error, owner, \
+/// Pipeline versions with their name's archive time.
+const PIPELINE_SELECT: &str = "SELECT p.org_id, p.name, p.version, p.digest, p.definition, \
+     p.created_at, a.archived_at FROM pipelines AS p \
+     LEFT JOIN pipeline_archive AS a ON a.org_id = p.org_id AND a.name = p.name";
+
+const RUN_COLUMNS: &str =
+    "id, org_id, pipeline_name, pipeline_version, params, state, error, owner, \
                            created_at, started_at, finished_at";
 
 const TASK_RUN_COLUMNS: &str = "id, run_id, task_id, item_index, fan_out, state, attempt, \
      lease_expiries, fencing_token, item, inputs, outputs, error, lease_owner, \
      lease_expires_at, ready_at, created_at, queued_at, started_at, finished_at";
 
-const ARTIFACT_COLUMNS: &str = "id, name, version, digest, size_bytes, media_type, table_meta, \
+const ARTIFACT_COLUMNS: &str =
+    "id, org_id, name, version, digest, size_bytes, media_type, table_meta, \
      run_id, task_run_id, task_id, attempt, inputs, created_at";
 
 /// Rows encoded or decoded on the async thread at most; more go through
@@ -432,7 +441,11 @@ impl Store for SqliteStore {
         self.durability
     }
 
-    async fn save_pipeline(&self, definition: &PipelineDef) -> StoreResult<StoredPipeline> {
+    async fn save_pipeline(
+        &self,
+        org: OrgId,
+        definition: &PipelineDef,
+    ) -> StoreResult<StoredPipeline> {
         let value = serde_json::to_value(definition)
             .map_err(|e| StoreError::Backend(format!("cannot encode pipeline definition: {e}")))?;
         let value = canonical(value);
@@ -446,9 +459,12 @@ impl Store for SqliteStore {
             .begin_with(BEGIN_WRITE)
             .await
             .map_err(db)?;
+        let org_text = org.to_string();
         let existing: Option<(i64, i64)> = sqlx::query_as(
-            "SELECT version, created_at FROM pipelines WHERE name = ?1 AND digest = ?2",
+            "SELECT version, created_at FROM pipelines
+             WHERE org_id = ?1 AND name = ?2 AND digest = ?3",
         )
+        .bind(&org_text)
         .bind(name)
         .bind(&digest)
         .fetch_optional(&mut *tx)
@@ -459,11 +475,12 @@ impl Store for SqliteStore {
             None => {
                 let created_at = self.clock.now().as_micros();
                 let version: i64 = sqlx::query_scalar(
-                    "INSERT INTO pipelines (name, version, digest, definition, created_at)
-                     SELECT ?1, COALESCE(MAX(version), 0) + 1, ?2, ?3, ?4
-                     FROM pipelines WHERE name = ?1
+                    "INSERT INTO pipelines (org_id, name, version, digest, definition, created_at)
+                     SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5
+                     FROM pipelines WHERE org_id = ?1 AND name = ?2
                      RETURNING version",
                 )
+                .bind(&org_text)
                 .bind(name)
                 .bind(&digest)
                 .bind(&text)
@@ -474,27 +491,126 @@ impl Store for SqliteStore {
                 (version, created_at)
             }
         };
+        let archived_at: Option<i64> = sqlx::query_scalar(
+            "SELECT archived_at FROM pipeline_archive WHERE org_id = ?1 AND name = ?2",
+        )
+        .bind(&org_text)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
         tx.commit().await.map_err(db)?;
         Ok(StoredPipeline {
+            org_id: org,
             name: name.to_owned(),
             version: to_u32(version, "pipelines.version")?,
             digest,
             definition: value,
             created_at: arches_core::Timestamp(created_at),
+            archived_at: archived_at.map(arches_core::Timestamp),
         })
     }
 
-    async fn pipeline(&self, name: &str, version: u32) -> StoreResult<Option<StoredPipeline>> {
-        let row = sqlx::query(
-            "SELECT name, version, digest, definition, created_at
-             FROM pipelines WHERE name = ?1 AND version = ?2",
-        )
+    async fn pipeline(
+        &self,
+        org: OrgId,
+        name: &str,
+        version: u32,
+    ) -> StoreResult<Option<StoredPipeline>> {
+        let row = sqlx::query(&format!(
+            "{PIPELINE_SELECT} WHERE p.org_id = ?1 AND p.name = ?2 AND p.version = ?3"
+        ))
+        .bind(org.to_string())
         .bind(name)
         .bind(i64::from(version))
         .fetch_optional(&self.reader)
         .await
         .map_err(db)?;
         row.as_ref().map(pipeline_from_row).transpose()
+    }
+
+    async fn pipelines(
+        &self,
+        org: OrgId,
+        include_archived: bool,
+    ) -> StoreResult<Vec<StoredPipeline>> {
+        let archived = if include_archived {
+            ""
+        } else {
+            " AND a.archived_at IS NULL"
+        };
+        let rows = sqlx::query(&format!(
+            "{PIPELINE_SELECT} WHERE p.org_id = ?1{archived}
+               AND p.version = (SELECT MAX(version) FROM pipelines
+                                WHERE org_id = p.org_id AND name = p.name)
+             ORDER BY p.name"
+        ))
+        .bind(org.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || rows.iter().map(pipeline_from_row).collect())
+    }
+
+    async fn pipeline_versions(&self, org: OrgId, name: &str) -> StoreResult<Vec<StoredPipeline>> {
+        let rows = sqlx::query(&format!(
+            "{PIPELINE_SELECT} WHERE p.org_id = ?1 AND p.name = ?2 ORDER BY p.version DESC"
+        ))
+        .bind(org.to_string())
+        .bind(name)
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || rows.iter().map(pipeline_from_row).collect())
+    }
+
+    async fn set_pipeline_archived(
+        &self,
+        org: OrgId,
+        name: &str,
+        at: Option<Timestamp>,
+    ) -> StoreResult<bool> {
+        let org_text = org.to_string();
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM pipelines WHERE org_id = ?1 AND name = ?2 LIMIT 1")
+                .bind(&org_text)
+                .bind(name)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        match at {
+            Some(at) => {
+                sqlx::query(
+                    "INSERT INTO pipeline_archive (org_id, name, archived_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (org_id, name) DO NOTHING",
+                )
+                .bind(&org_text)
+                .bind(name)
+                .bind(at.as_micros())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            }
+            None => {
+                sqlx::query("DELETE FROM pipeline_archive WHERE org_id = ?1 AND name = ?2")
+                    .bind(&org_text)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(true)
     }
 
     async fn commit(&self, batch: &WriteBatch) -> StoreResult<CommitReport> {
@@ -584,6 +700,19 @@ impl Store for SqliteStore {
         // index matching the filters actually given.
         let mut query =
             QueryBuilder::<Sqlite>::new(format!("SELECT {RUN_COLUMNS} FROM runs WHERE true"));
+        if let Some(org) = filter.org_id {
+            query.push(" AND org_id = ").push_bind(org.to_string());
+        }
+        if let Some(after) = filter.created_after {
+            query
+                .push(" AND created_at >= ")
+                .push_bind(after.as_micros());
+        }
+        if let Some(before) = filter.created_before {
+            query
+                .push(" AND created_at < ")
+                .push_bind(before.as_micros());
+        }
         if let Some(name) = &filter.pipeline_name {
             query.push(" AND pipeline_name = ").push_bind(name.clone());
         }
@@ -683,10 +812,12 @@ impl Store for SqliteStore {
             .await
             .map_err(db)?;
         let version: i64 = sqlx::query_scalar(
-            "INSERT INTO artifacts (id, name, version, digest, size_bytes, media_type, table_meta,
-                                    run_id, task_run_id, task_id, attempt, inputs, created_at)
-             SELECT ?1, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12
-             FROM artifacts WHERE name = ?2
+            "INSERT INTO artifacts (id, org_id, name, version, digest, size_bytes, media_type,
+                                    table_meta, run_id, task_run_id, task_id, attempt, inputs,
+                                    created_at)
+             SELECT ?1, ?13, ?2, COALESCE(MAX(version), 0) + 1, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,
+                    ?11, ?12
+             FROM artifacts WHERE org_id = ?13 AND name = ?2
              RETURNING version",
         )
         .bind(id.to_string())
@@ -701,6 +832,7 @@ impl Store for SqliteStore {
         .bind(producer.map(|p| i64::from(p.attempt)))
         .bind(inputs)
         .bind(created_at.as_micros())
+        .bind(meta.org_id.to_string())
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
@@ -728,13 +860,15 @@ impl Store for SqliteStore {
 
     async fn artifact_by_name(
         &self,
+        org: OrgId,
         name: &str,
         version: Option<u32>,
     ) -> StoreResult<Option<ArtifactRecord>> {
         let mut query = QueryBuilder::<Sqlite>::new(format!(
-            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE name = "
+            "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE org_id = "
         ));
-        query.push_bind(name.to_owned());
+        query.push_bind(org.to_string());
+        query.push(" AND name = ").push_bind(name.to_owned());
         match version {
             Some(version) => {
                 query.push(" AND version = ").push_bind(i64::from(version));
@@ -755,6 +889,9 @@ impl Store for SqliteStore {
         let mut query = QueryBuilder::<Sqlite>::new(format!(
             "SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE true"
         ));
+        if let Some(org) = filter.org_id {
+            query.push(" AND org_id = ").push_bind(org.to_string());
+        }
         if let Some(name) = &filter.name {
             query.push(" AND name = ").push_bind(name.clone());
         }
@@ -770,6 +907,33 @@ impl Store for SqliteStore {
             ));
         let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
         cpu_work(rows.len(), || rows.iter().map(artifact_from_row).collect())
+    }
+
+    async fn state_counts(&self) -> StoreResult<StateCounts> {
+        async fn count<T: FromStr>(reader: &SqlitePool, table: &str) -> StoreResult<Vec<(T, u64)>>
+        where
+            T::Err: std::fmt::Display,
+        {
+            let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+                "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state"
+            ))
+            .fetch_all(reader)
+            .await
+            .map_err(db)?;
+            rows.into_iter()
+                .map(|(state, n)| {
+                    Ok((
+                        parse_text::<T>(&state, &format!("{table}.state"))?,
+                        u64::try_from(n).unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        }
+        Ok(StateCounts {
+            runs: count(&self.reader, "runs").await?,
+            task_runs: count(&self.reader, "task_runs").await?,
+            attempts: count(&self.reader, "attempts").await?,
+        })
     }
 }
 

@@ -7,7 +7,7 @@
 //! as parameters they are bound as text. `None` is stored as SQL `NULL` (JSON `null` in a
 //! document, a `NULL` parameter), while `Some(Value::Null)` is stored as the text `null`.
 
-use arches_core::ids::{RunId, TaskId, TaskRunId};
+use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
 use arches_core::ports::{StoreError, StoreResult};
 use arches_core::records::*;
 use arches_core::state::{AttemptState, RunState, TaskRunState};
@@ -47,6 +47,7 @@ fn token(value: u64) -> StoreResult<i64> {
 #[derive(Serialize)]
 struct RunRow<'a> {
     id: RunId,
+    org_id: OrgId,
     pipeline_name: &'a str,
     pipeline_version: u32,
     params: String,
@@ -65,6 +66,7 @@ pub(super) fn encode_runs(runs: &[RunRecord]) -> StoreResult<String> {
         .map(|run| {
             Ok(RunRow {
                 id: run.id,
+                org_id: run.org_id,
                 pipeline_name: &run.pipeline_name,
                 pipeline_version: run.pipeline_version,
                 params: to_json(&run.params)?,
@@ -257,11 +259,13 @@ fn task_id_text(text: &str, name: &str) -> StoreResult<TaskId> {
 /// A `pipelines` row.
 pub(super) fn pipeline_from_row(row: &SqliteRow) -> StoreResult<StoredPipeline> {
     Ok(StoredPipeline {
+        org_id: parsed_column(row, "org_id")?,
         name: column(row, "name")?,
         version: u32_column(row, "version")?,
         digest: column(row, "digest")?,
         definition: json_column(row, "definition")?,
         created_at: timestamp_column(row, "created_at")?,
+        archived_at: optional_timestamp_column(row, "archived_at")?,
     })
 }
 
@@ -269,6 +273,7 @@ pub(super) fn pipeline_from_row(row: &SqliteRow) -> StoreResult<StoredPipeline> 
 pub(super) fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
     Ok(RunRecord {
         id: parsed_column(row, "id")?,
+        org_id: parsed_column(row, "org_id")?,
         pipeline_name: column(row, "pipeline_name")?,
         pipeline_version: u32_column(row, "pipeline_version")?,
         params: json_column(row, "params")?,
@@ -367,6 +372,7 @@ pub(super) fn artifact_from_row(row: &SqliteRow) -> StoreResult<ArtifactRecord> 
         version: u32_column(row, "version")?,
         created_at: timestamp_column(row, "created_at")?,
         meta: NewArtifact {
+            org_id: parsed_column(row, "org_id")?,
             name: column(row, "name")?,
             media_type: column(row, "media_type")?,
             table: optional_json_column(row, "table_meta")?,

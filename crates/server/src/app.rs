@@ -1,0 +1,345 @@
+//! Assembly: from a [`ServerConfig`] to a running server — the SQLite store (both ports),
+//! the artifact store, the event bus, the engine with its in-process workers, the auth
+//! services, and the router with its layers.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arches_auth::jwt::TokenIssuer;
+use arches_auth::mail::{LogMailer, Mailer, SmtpConfig as MailSmtpConfig, SmtpMailer, SmtpTls};
+use arches_auth::password::{PasswordHasher, PasswordPolicy};
+use arches_auth::throttle::{LoginThrottle, ThrottleConfig};
+use arches_core::records::Durability as StoreDurability;
+use arches_core::{Clock, SystemClock};
+use arches_engine::{Engine, EngineOptions, EventBus, InProcessBus};
+use arches_store::{LocalArtifactStore, SqliteStore};
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Durability, ServerConfig, SmtpTls as ConfigTls};
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::state::{AppState, AuthServices};
+
+/// Events kept for resuming live streams (`Last-Event-ID`).
+pub const EVENT_REPLAY_MAX: usize = 16_384;
+/// How far a live stream may fall behind before it gets a `reset` event.
+pub const EVENT_LIVE_CAPACITY: usize = 8_192;
+
+/// Options that only tests change.
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    /// Use cheap Argon2 parameters (tests only: hashing at the OWASP minimum costs ~50 ms).
+    pub insecure_fast_hashing: bool,
+    /// Use this clock instead of the system's.
+    pub clock: Option<Arc<dyn ClockDebug>>,
+}
+
+/// A [`Clock`] that can be debug-printed (for [`BuildOptions`]).
+pub trait ClockDebug: Clock + std::fmt::Debug {}
+impl<T: Clock + std::fmt::Debug> ClockDebug for T {}
+
+/// A built server: its state, its router (layered, ready to serve) and its engine.
+pub struct Built {
+    /// What handlers share.
+    pub state: AppState,
+    /// The router with every layer.
+    pub router: Router,
+    /// The engine, to run beside the HTTP server (absent with workers disabled).
+    pub engine: Option<Engine>,
+    /// The SQLite store, to close on shutdown.
+    pub store: SqliteStore,
+}
+
+/// Errors of assembly.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The home directory or a key file could not be created or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] arches_store::Error),
+    /// A setting is unusable.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Builds the server from its configuration.
+///
+/// # Errors
+/// [`BuildError`] when the home directory, the store or a key cannot be set up.
+pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built, BuildError> {
+    let home = config.home.clone();
+    std::fs::create_dir_all(&home).map_err(|source| BuildError::Io {
+        path: home.clone(),
+        source,
+    })?;
+    let clock: Arc<dyn Clock> = match options.clock {
+        Some(clock) => Arc::new(ClockAdapter(clock)),
+        None => Arc::new(SystemClock),
+    };
+    let durability = match config.durability {
+        Durability::Normal => StoreDurability::Normal,
+        Durability::Full => StoreDurability::Full,
+    };
+    let sqlite = SqliteStore::open(&home.join("arches.db"), durability).await?;
+    let store: Arc<SqliteStore> = Arc::new(sqlite.clone());
+    let artifacts = Arc::new(
+        LocalArtifactStore::new(&home.join("artifacts"), store.clone())
+            .map_err(BuildError::Store)?,
+    );
+    let epoch = u64::try_from(clock.now().as_micros()).unwrap_or_default();
+    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new(
+        epoch,
+        EVENT_REPLAY_MAX,
+        EVENT_LIVE_CAPACITY,
+    ));
+    let tools = arches_tools::builtin_registry();
+
+    let engine = if config.workers.enabled {
+        let mut engine_options = EngineOptions::new(home.join("work"));
+        engine_options.worker_id = format!("server:{}", std::process::id());
+        if let Some(slots) = config.workers.slots {
+            engine_options.worker_slots = slots.max(1);
+        }
+        Some(Engine::build_with_bus(
+            engine_options,
+            store.clone(),
+            artifacts.clone(),
+            arches_tools::builtin_registry(),
+            clock.clone(),
+            Some(bus.clone()),
+        ))
+    } else {
+        None
+    };
+
+    let secret = jwt_secret(&config, &home)?;
+    let tokens = TokenIssuer::new(
+        &secret,
+        config.auth.issuer.clone(),
+        config.auth.audience.clone(),
+        config.auth.access_ttl_secs,
+    )
+    .map_err(|e| BuildError::Config(format!("auth.jwt_secret: {e}")))?;
+    let hasher = if options.insecure_fast_hashing {
+        PasswordHasher::insecure_for_tests()
+    } else {
+        PasswordHasher::owasp_default().map_err(|e| BuildError::Config(e.to_string()))?
+    };
+    let mailer: Arc<dyn Mailer> = match &config.smtp {
+        None => Arc::new(LogMailer),
+        Some(smtp) => {
+            let mut mail = MailSmtpConfig::new(smtp.host.clone(), smtp.port, smtp.from.clone());
+            mail.username = smtp.username.clone();
+            mail.password = smtp.password.as_ref().map(|p| p.expose().to_owned());
+            mail.tls = match smtp.tls {
+                ConfigTls::None => SmtpTls::None,
+                ConfigTls::Starttls => SmtpTls::StartTls,
+                ConfigTls::Tls => SmtpTls::Tls,
+            };
+            Arc::new(SmtpMailer::new(mail).map_err(|e| BuildError::Config(format!("smtp: {e}")))?)
+        }
+    };
+    let metrics = Metrics::new();
+    let limiter = Arc::new(RateLimiter::new(&config.rate_limits).with_metrics(metrics.clone()));
+    let state = AppState {
+        config: Arc::new(config),
+        store: store.clone(),
+        identity: store,
+        artifacts,
+        bus,
+        engine: engine.as_ref().map(Engine::handle),
+        tools: Arc::new(tools),
+        auth: Arc::new(AuthServices {
+            hasher,
+            policy: PasswordPolicy::default(),
+            tokens,
+            throttle: LoginThrottle::new(ThrottleConfig::default()),
+            mailer,
+        }),
+        limiter: limiter.clone(),
+        metrics: metrics.clone(),
+        clock,
+        lease_expiries_reported: Arc::default(),
+    };
+    let router = router(state.clone());
+    Ok(Built {
+        state,
+        router,
+        engine,
+        store: sqlite,
+    })
+}
+
+/// The API router with the audit middleware, the fallbacks and every layer of
+/// [`crate::http::apply_layers`].
+pub fn router(state: AppState) -> Router {
+    let api = crate::api::router()
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::audit::audit_requests,
+        ))
+        .with_state(state.clone());
+    let api = crate::error::with_api_fallbacks(api);
+    crate::http::apply_layers(
+        api,
+        &state.config,
+        state.metrics.clone(),
+        state.limiter.clone(),
+    )
+}
+
+/// The signing key of access tokens: `auth.jwt_secret` when set, else a random 64-byte key
+/// kept in `<home>/jwt.key` (created with mode 0600 on first start, so tokens survive
+/// restarts).
+fn jwt_secret(config: &ServerConfig, home: &Path) -> Result<Vec<u8>, BuildError> {
+    if let Some(secret) = &config.auth.jwt_secret {
+        return Ok(secret.expose().as_bytes().to_vec());
+    }
+    let path = home.join("jwt.key");
+    let io = |source| BuildError::Io {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read(&path) {
+        Ok(bytes) if bytes.len() >= 32 => Ok(bytes),
+        Ok(_) => Err(BuildError::Config(format!(
+            "{} holds fewer than 32 bytes; delete it to make a new key",
+            path.display()
+        ))),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 64];
+            rand::fill(&mut key[..]);
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(io)?;
+            file.write_all(&key).map_err(io)?;
+            file.sync_all().map_err(io)?;
+            Ok(key)
+        }
+        Err(error) => Err(io(error)),
+    }
+}
+
+#[derive(Debug)]
+struct ClockAdapter(Arc<dyn ClockDebug>);
+
+impl Clock for ClockAdapter {
+    fn now(&self) -> arches_core::Timestamp {
+        self.0.now()
+    }
+}
+
+/// Most runs resumed at start.
+pub const RECOVER_RUNS_MAX: usize = 10_000;
+
+/// Resumes the runs a previous server process left queued or running (after a crash or a
+/// stop): their interrupted attempts are recorded `lease_expired` and run again, succeeded
+/// task runs are kept. Runs owned by a CLI process (`pid:…`) are left to `arches resume`.
+/// Returns how many runs were resumed.
+///
+/// # Errors
+/// The store's or the engine's error; a run that cannot be restored is logged and skipped.
+pub async fn recover_runs(state: &AppState) -> Result<usize, arches_engine::Error> {
+    use arches_core::records::RunFilter;
+    use arches_core::RunState;
+    let Some(engine) = &state.engine else {
+        return Ok(0);
+    };
+    let mut resumed = 0;
+    for run_state in [RunState::Running, RunState::Queued] {
+        let mut before = None;
+        loop {
+            let page = state
+                .store
+                .runs(&RunFilter {
+                    state: Some(run_state),
+                    before,
+                    limit: 500,
+                    ..RunFilter::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            for run in page {
+                if resumed >= RECOVER_RUNS_MAX {
+                    tracing::warn!(
+                        max = RECOVER_RUNS_MAX,
+                        "more unfinished runs than resumed at start"
+                    );
+                    return Ok(resumed);
+                }
+                if run.owner.as_deref().is_some_and(|o| o.starts_with("pid:")) {
+                    continue;
+                }
+                match arches_engine::restore_run(state.store.as_ref(), run).await {
+                    Ok(mut execution) => {
+                        execution.reclaim_leases(state.clock.now());
+                        match engine.resume(execution).await {
+                            Ok(_) => resumed += 1,
+                            Err(arches_engine::Error::AlreadyActive(_)) => {}
+                            Err(error) => return Err(error),
+                        }
+                    }
+                    Err(arches_engine::Error::Restore { run, reason }) => {
+                        tracing::error!(%run, %reason, "cannot resume run");
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+        }
+    }
+    Ok(resumed)
+}
+
+/// Runs a built server on `listener` until `shutdown` resolves: the HTTP server stops taking
+/// connections and lets requests in flight finish (within `http.shutdown_grace_secs`), then
+/// the engine stops — attempts still running are stopped and their leases left to expire,
+/// so a restart runs them again — and the store is closed.
+///
+/// # Errors
+/// The HTTP server's I/O error, or the engine's store error.
+pub async fn serve(
+    built: Built,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let Built {
+        state,
+        router,
+        engine,
+        store,
+    } = built;
+    let engine_stop = CancellationToken::new();
+    let engine_task = engine.map(|engine| tokio::spawn(engine.run(engine_stop.clone())));
+    match recover_runs(&state).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(runs = n, "resumed runs left unfinished by the last stop"),
+        Err(error) => tracing::error!(%error, "cannot resume unfinished runs"),
+    }
+    let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
+    let result = crate::http::serve(listener, router, grace, shutdown).await;
+    engine_stop.cancel();
+    if let Some(task) = engine_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "the engine stopped with an error"),
+            Err(error) => tracing::error!(%error, "the engine task failed"),
+        }
+    }
+    store.close().await;
+    result.map_err(Into::into)
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests of the HTTP API: a real server on a loopback port over a real SQLite
+//! file, driven with a real HTTP client.
+
+mod auth;
+mod common;
+mod core_api;

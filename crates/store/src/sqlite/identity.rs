@@ -1,0 +1,1295 @@
+//! The identity port on SQLite: organizations, users, memberships, sessions with their refresh
+//! tokens, API keys, one-time tokens, recovery codes, invitations and the audit trail (tables
+//! of migration `0003_identity.sql`).
+//!
+//! Every check-and-set (the last-owner rule, refresh rotation, token and code consumption,
+//! invitation acceptance, the TOTP step) runs in one `BEGIN IMMEDIATE` transaction on the
+//! writer connection, or is one conditional statement there, so of two concurrent callers
+//! exactly one wins. Reads use the read pool.
+//!
+//! Constraint violations are mapped by kind: a unique violation is
+//! [`StoreError::Conflict`] with a message naming what is duplicated, and a foreign-key
+//! violation (a user, org or session that does not exist) is [`StoreError::NotFound`]. An
+//! update of a row that does not exist is `NotFound` too; a revocation or consumption that
+//! finds nothing to act on answers `false` or `None` instead, as the port documents.
+//!
+//! This module must never store a secret in plain text: it only ever sees hashes.
+
+use std::fmt::Display;
+use std::str::FromStr;
+
+use arches_core::identity::*;
+use arches_core::ids::{ApiKeyId, InvitationId, OrgId, SessionId, UserId};
+use arches_core::ports::{StoreError, StoreResult};
+use arches_core::time::Timestamp;
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnection, SqliteRow};
+use sqlx::{Connection, Decode, QueryBuilder, Row, Sqlite, Type};
+
+use super::{clamp_limit, cpu_work, parse_text, SqliteStore, BEGIN_WRITE};
+use crate::error::db;
+
+/// Limit of [`IdentityStore::audit_events`] when the filter gives 0.
+const AUDIT_LIMIT_DEFAULT: u32 = 50;
+/// Most audit events one listing returns.
+const AUDIT_LIMIT_MAX: u32 = 1_000;
+
+/// Why a member's sessions end when the member is removed from the org they act in.
+const REASON_MEMBER_REMOVED: &str = "member_removed";
+/// Why a session ends when one of its used refresh tokens is presented again.
+const REASON_REFRESH_TOKEN_REUSE: &str = "refresh_token_reuse";
+
+const ORG_COLUMNS: &str = "id, slug, name, created_at";
+
+const USER_COLUMNS: &str = "id, email, display_name, password_hash, email_verified_at, \
+     totp_secret, totp_enabled_at, totp_last_step, created_at, disabled_at";
+
+const SESSION_COLUMNS: &str = "id, user_id, org_id, user_agent, ip, last_ip, created_at, \
+     last_seen_at, expires_at, revoked_at, revoked_reason";
+
+const API_KEY_COLUMNS: &str = "id, user_id, org_id, name, role, hash, created_at, expires_at, \
+     last_used_at, revoked_at";
+
+const INVITATION_COLUMNS: &str = "id, org_id, email, role, token_hash, invited_by, created_at, \
+     expires_at, accepted_at, accepted_by, revoked_at";
+
+const AUDIT_COLUMNS: &str = "seq, org_id, actor_user_id, actor_api_key_id, action, target_kind, \
+     target_id, at, ip, request_id, outcome, status, details";
+
+/// Maps a failed write: a unique violation becomes [`StoreError::Conflict`] with `duplicate`,
+/// a foreign-key violation [`StoreError::NotFound`] with `missing`, anything else goes
+/// through [`db`].
+fn refused(
+    duplicate: &'static str,
+    missing: &'static str,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |error| match &error {
+        sqlx::Error::Database(database) if database.is_unique_violation() => {
+            StoreError::Conflict(duplicate.to_owned())
+        }
+        _ => refers_to_nothing(missing)(error),
+    }
+}
+
+/// Maps a failed write that cannot break a uniqueness rule: a foreign-key violation becomes
+/// [`StoreError::NotFound`] with `missing`, anything else goes through [`db`].
+fn refers_to_nothing(missing: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |error| match &error {
+        sqlx::Error::Database(database) if database.is_foreign_key_violation() => {
+            StoreError::NotFound(missing.to_owned())
+        }
+        _ => db(error),
+    }
+}
+
+/// A TOTP step as SQLite's signed integer; real steps (30 s since 1970) are far below the
+/// limit, so a larger one is refused rather than wrapped.
+fn totp_step(step: u64) -> StoreResult<i64> {
+    i64::try_from(step).map_err(|_| {
+        StoreError::Conflict(format!(
+            "totp step {step} is above the largest storable value"
+        ))
+    })
+}
+
+/// `NotFound` when an update touched no row.
+fn found(rows_affected: u64, what: impl Display) -> StoreResult<()> {
+    if rows_affected == 0 {
+        Err(StoreError::NotFound(what.to_string()))
+    } else {
+        Ok(())
+    }
+}
+
+// --- decoding ---
+
+/// One column of a row; a value of the wrong type is corrupt data.
+fn column<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
+where
+    T: Decode<'r, Sqlite> + Type<Sqlite>,
+{
+    row.try_get(name).map_err(db)
+}
+
+fn parsed<T: FromStr>(row: &SqliteRow, name: &str) -> StoreResult<T>
+where
+    T::Err: Display,
+{
+    let text: &str = column(row, name)?;
+    parse_text(text, name)
+}
+
+fn optional_parsed<T: FromStr>(row: &SqliteRow, name: &str) -> StoreResult<Option<T>>
+where
+    T::Err: Display,
+{
+    column::<Option<&str>>(row, name)?
+        .map(|text| parse_text(text, name))
+        .transpose()
+}
+
+fn timestamp(row: &SqliteRow, name: &str) -> StoreResult<Timestamp> {
+    Ok(Timestamp(column(row, name)?))
+}
+
+fn optional_timestamp(row: &SqliteRow, name: &str) -> StoreResult<Option<Timestamp>> {
+    Ok(column::<Option<i64>>(row, name)?.map(Timestamp))
+}
+
+fn micros(at: Option<Timestamp>) -> Option<i64> {
+    at.map(Timestamp::as_micros)
+}
+
+fn org_from_row(row: &SqliteRow) -> StoreResult<OrgRecord> {
+    Ok(OrgRecord {
+        id: parsed(row, "id")?,
+        slug: column(row, "slug")?,
+        name: column(row, "name")?,
+        created_at: timestamp(row, "created_at")?,
+    })
+}
+
+fn user_from_row(row: &SqliteRow) -> StoreResult<UserRecord> {
+    let totp_last_step = column::<Option<i64>>(row, "totp_last_step")?
+        .map(|step| {
+            u64::try_from(step).map_err(|_| {
+                StoreError::Corrupt(format!("totp_last_step holds {step}, out of range"))
+            })
+        })
+        .transpose()?;
+    Ok(UserRecord {
+        id: parsed(row, "id")?,
+        email: column(row, "email")?,
+        display_name: column(row, "display_name")?,
+        password_hash: column(row, "password_hash")?,
+        email_verified_at: optional_timestamp(row, "email_verified_at")?,
+        totp_secret: column(row, "totp_secret")?,
+        totp_enabled_at: optional_timestamp(row, "totp_enabled_at")?,
+        totp_last_step,
+        created_at: timestamp(row, "created_at")?,
+        disabled_at: optional_timestamp(row, "disabled_at")?,
+    })
+}
+
+/// A membership; `created_at` names the column of its join time, which a query joining
+/// `users` renames.
+fn membership_from_row(row: &SqliteRow, created_at: &str) -> StoreResult<MembershipRecord> {
+    Ok(MembershipRecord {
+        org_id: parsed(row, "org_id")?,
+        user_id: parsed(row, "user_id")?,
+        role: parsed(row, "role")?,
+        created_at: timestamp(row, created_at)?,
+    })
+}
+
+fn session_from_row(row: &SqliteRow) -> StoreResult<SessionRecord> {
+    Ok(SessionRecord {
+        id: parsed(row, "id")?,
+        user_id: parsed(row, "user_id")?,
+        org_id: parsed(row, "org_id")?,
+        user_agent: column(row, "user_agent")?,
+        ip: column(row, "ip")?,
+        last_ip: column(row, "last_ip")?,
+        created_at: timestamp(row, "created_at")?,
+        last_seen_at: timestamp(row, "last_seen_at")?,
+        expires_at: timestamp(row, "expires_at")?,
+        revoked_at: optional_timestamp(row, "revoked_at")?,
+        revoked_reason: column(row, "revoked_reason")?,
+    })
+}
+
+fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
+    Ok(ApiKeyRecord {
+        id: parsed(row, "id")?,
+        user_id: parsed(row, "user_id")?,
+        org_id: parsed(row, "org_id")?,
+        name: column(row, "name")?,
+        role: parsed(row, "role")?,
+        hash: column(row, "hash")?,
+        created_at: timestamp(row, "created_at")?,
+        expires_at: optional_timestamp(row, "expires_at")?,
+        last_used_at: optional_timestamp(row, "last_used_at")?,
+        revoked_at: optional_timestamp(row, "revoked_at")?,
+    })
+}
+
+fn one_time_token_from_row(row: &SqliteRow) -> StoreResult<OneTimeTokenRecord> {
+    Ok(OneTimeTokenRecord {
+        hash: column(row, "hash")?,
+        user_id: parsed(row, "user_id")?,
+        purpose: parsed(row, "purpose")?,
+        created_at: timestamp(row, "created_at")?,
+        expires_at: timestamp(row, "expires_at")?,
+        used_at: optional_timestamp(row, "used_at")?,
+    })
+}
+
+fn invitation_from_row(row: &SqliteRow) -> StoreResult<InvitationRecord> {
+    Ok(InvitationRecord {
+        id: parsed(row, "id")?,
+        org_id: parsed(row, "org_id")?,
+        email: column(row, "email")?,
+        role: parsed(row, "role")?,
+        token_hash: column(row, "token_hash")?,
+        invited_by: parsed(row, "invited_by")?,
+        created_at: timestamp(row, "created_at")?,
+        expires_at: timestamp(row, "expires_at")?,
+        accepted_at: optional_timestamp(row, "accepted_at")?,
+        accepted_by: optional_parsed(row, "accepted_by")?,
+        revoked_at: optional_timestamp(row, "revoked_at")?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEventRecord> {
+    let status = column::<Option<i64>>(row, "status")?
+        .map(|status| {
+            u16::try_from(status)
+                .map_err(|_| StoreError::Corrupt(format!("status holds {status}, out of range")))
+        })
+        .transpose()?;
+    let details: &str = column(row, "details")?;
+    let details = serde_json::from_str(details)
+        .map_err(|e| StoreError::Corrupt(format!("details holds invalid json: {e}")))?;
+    Ok(AuditEventRecord {
+        seq: column(row, "seq")?,
+        event: NewAuditEvent {
+            org_id: optional_parsed(row, "org_id")?,
+            actor_user_id: optional_parsed(row, "actor_user_id")?,
+            actor_api_key_id: optional_parsed(row, "actor_api_key_id")?,
+            action: column(row, "action")?,
+            target_kind: column(row, "target_kind")?,
+            target_id: column(row, "target_id")?,
+            at: timestamp(row, "at")?,
+            ip: column(row, "ip")?,
+            request_id: column(row, "request_id")?,
+            outcome: parsed(row, "outcome")?,
+            status,
+            details,
+        },
+    })
+}
+
+// --- statements shared by several operations, run inside the caller's transaction ---
+
+/// A user's membership of an org.
+async fn membership_in(
+    connection: &mut SqliteConnection,
+    org: OrgId,
+    user: UserId,
+) -> StoreResult<Option<MembershipRecord>> {
+    let row = sqlx::query(
+        "SELECT org_id, user_id, role, created_at FROM memberships
+         WHERE org_id = ?1 AND user_id = ?2",
+    )
+    .bind(org.to_string())
+    .bind(user.to_string())
+    .fetch_optional(connection)
+    .await
+    .map_err(db)?;
+    row.as_ref()
+        .map(|row| membership_from_row(row, "created_at"))
+        .transpose()
+}
+
+/// Refuses to take the owner role from `membership` when it is the org's last owner.
+async fn keep_an_owner(
+    connection: &mut SqliteConnection,
+    membership: &MembershipRecord,
+) -> StoreResult<()> {
+    if membership.role != Role::Owner {
+        return Ok(());
+    }
+    let owners: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM memberships WHERE org_id = ?1 AND role = 'owner'")
+            .bind(membership.org_id.to_string())
+            .fetch_one(connection)
+            .await
+            .map_err(db)?;
+    if owners <= 1 {
+        return Err(StoreError::Conflict(
+            "an organization keeps at least one owner".to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl IdentityStore for SqliteStore {
+    // --- organizations ---
+
+    async fn create_org(&self, org: &OrgRecord, owner: UserId) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO orgs (id, slug, name, created_at) VALUES (?1, ?2, ?3, ?4)")
+            .bind(org.id.to_string())
+            .bind(&org.slug)
+            .bind(&org.name)
+            .bind(org.created_at.as_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(refused(
+                "an organization with this id or slug already exists",
+                "no such organization",
+            ))?;
+        sqlx::query(
+            "INSERT INTO memberships (org_id, user_id, role, created_at)
+             VALUES (?1, ?2, 'owner', ?3)",
+        )
+        .bind(org.id.to_string())
+        .bind(owner.to_string())
+        .bind(org.created_at.as_micros())
+        .execute(&mut *tx)
+        .await
+        .map_err(refers_to_nothing("no such user"))?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn org(&self, id: OrgId) -> StoreResult<Option<OrgRecord>> {
+        let row = sqlx::query(&format!("SELECT {ORG_COLUMNS} FROM orgs WHERE id = ?1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(org_from_row).transpose()
+    }
+
+    async fn rename_org(&self, id: OrgId, name: &str) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query("UPDATE orgs SET name = ?2 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(name)
+            .execute(&mut writer.connection)
+            .await
+            .map_err(db)?;
+        found(done.rows_affected(), format_args!("organization {id}"))
+    }
+
+    async fn orgs_of_user(&self, user: UserId) -> StoreResult<Vec<(OrgRecord, Role)>> {
+        let rows = sqlx::query(
+            "SELECT o.id, o.slug, o.name, o.created_at, m.role
+             FROM memberships AS m JOIN orgs AS o ON o.id = m.org_id
+             WHERE m.user_id = ?1
+             ORDER BY o.created_at, o.id",
+        )
+        .bind(user.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| Ok((org_from_row(row)?, parsed(row, "role")?)))
+            .collect()
+    }
+
+    // --- users ---
+
+    async fn create_user(
+        &self,
+        user: &UserRecord,
+        join: Option<Join>,
+    ) -> StoreResult<Option<Role>> {
+        let totp_last_step = user.totp_last_step.map(totp_step).transpose()?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        sqlx::query(&format!(
+            "INSERT INTO users ({USER_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ))
+        .bind(user.id.to_string())
+        .bind(&user.email)
+        .bind(&user.display_name)
+        .bind(&user.password_hash)
+        .bind(micros(user.email_verified_at))
+        .bind(user.totp_secret.as_deref())
+        .bind(micros(user.totp_enabled_at))
+        .bind(totp_last_step)
+        .bind(user.created_at.as_micros())
+        .bind(micros(user.disabled_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(refused(
+            "a user with this email already exists",
+            "no such user",
+        ))?;
+        let granted = match join {
+            None => None,
+            Some(join) => {
+                // The write lock taken by `BEGIN IMMEDIATE` makes "no member yet" and the
+                // insert one step: of two first signups, the second sees the first's row.
+                let role: String = sqlx::query_scalar(
+                    "INSERT INTO memberships (org_id, user_id, role, created_at)
+                     SELECT ?1, ?2,
+                            CASE WHEN ?3 AND NOT EXISTS
+                                     (SELECT 1 FROM memberships WHERE org_id = ?1)
+                                 THEN 'owner' ELSE ?4 END,
+                            ?5
+                     RETURNING role",
+                )
+                .bind(join.org_id.to_string())
+                .bind(user.id.to_string())
+                .bind(join.owner_if_first)
+                .bind(join.role.as_str())
+                .bind(user.created_at.as_micros())
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(refused(
+                    "the user is already a member of this organization",
+                    "no such organization",
+                ))?;
+                Some(parse_text::<Role>(&role, "role")?)
+            }
+        };
+        tx.commit().await.map_err(db)?;
+        Ok(granted)
+    }
+
+    async fn user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query(&format!("SELECT {USER_COLUMNS} FROM users WHERE id = ?1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {USER_COLUMNS} FROM users WHERE email = ?1"
+        ))
+        .bind(email)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(user_from_row).transpose()
+    }
+
+    async fn update_user(&self, user: &UserRecord) -> StoreResult<()> {
+        let totp_last_step = user.totp_last_step.map(totp_step).transpose()?;
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE users SET email = ?2, display_name = ?3, password_hash = ?4,
+                              email_verified_at = ?5, totp_secret = ?6, totp_enabled_at = ?7,
+                              totp_last_step = ?8, created_at = ?9, disabled_at = ?10
+             WHERE id = ?1",
+        )
+        .bind(user.id.to_string())
+        .bind(&user.email)
+        .bind(&user.display_name)
+        .bind(&user.password_hash)
+        .bind(micros(user.email_verified_at))
+        .bind(user.totp_secret.as_deref())
+        .bind(micros(user.totp_enabled_at))
+        .bind(totp_last_step)
+        .bind(user.created_at.as_micros())
+        .bind(micros(user.disabled_at))
+        .execute(&mut writer.connection)
+        .await
+        .map_err(refused(
+            "a user with this email already exists",
+            "no such user",
+        ))?;
+        found(done.rows_affected(), format_args!("user {}", user.id))
+    }
+
+    async fn advance_totp_step(&self, user: UserId, step: u64) -> StoreResult<bool> {
+        let step = totp_step(step)?;
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let last: Option<Option<i64>> =
+            sqlx::query_scalar("SELECT totp_last_step FROM users WHERE id = ?1")
+                .bind(user.to_string())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        let Some(last) = last else {
+            tx.rollback().await.map_err(db)?;
+            return Err(StoreError::NotFound(format!("user {user}")));
+        };
+        if last.is_some_and(|last| step <= last) {
+            tx.rollback().await.map_err(db)?;
+            return Ok(false);
+        }
+        sqlx::query("UPDATE users SET totp_last_step = ?2 WHERE id = ?1")
+            .bind(user.to_string())
+            .bind(step)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn replace_recovery_codes(&self, user: UserId, hashes: &[String]) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        sqlx::query("DELETE FROM recovery_codes WHERE user_id = ?1")
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        for hash in hashes {
+            // A hash given twice is one code.
+            sqlx::query(
+                "INSERT INTO recovery_codes (user_id, hash) VALUES (?1, ?2)
+                 ON CONFLICT (user_id, hash) DO NOTHING",
+            )
+            .bind(user.to_string())
+            .bind(hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(refers_to_nothing("no such user"))?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn consume_recovery_code(
+        &self,
+        user: UserId,
+        hash: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE recovery_codes SET used_at = ?3
+             WHERE user_id = ?1 AND hash = ?2 AND used_at IS NULL",
+        )
+        .bind(user.to_string())
+        .bind(hash)
+        .bind(now.as_micros())
+        .execute(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn recovery_codes_left(&self, user: UserId) -> StoreResult<u32> {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM recovery_codes WHERE user_id = ?1 AND used_at IS NULL",
+        )
+        .bind(user.to_string())
+        .fetch_one(&self.reader)
+        .await
+        .map_err(db)?;
+        u32::try_from(left)
+            .map_err(|_| StoreError::Corrupt(format!("recovery code count {left} out of range")))
+    }
+
+    // --- memberships ---
+
+    async fn membership(&self, org: OrgId, user: UserId) -> StoreResult<Option<MembershipRecord>> {
+        let mut connection = self.reader.acquire().await.map_err(db)?;
+        membership_in(&mut connection, org, user).await
+    }
+
+    async fn members(&self, org: OrgId) -> StoreResult<Vec<(MembershipRecord, UserRecord)>> {
+        let rows = sqlx::query(
+            "SELECT m.org_id, m.user_id, m.role, m.created_at AS joined_at,
+                    u.id, u.email, u.display_name, u.password_hash, u.email_verified_at,
+                    u.totp_secret, u.totp_enabled_at, u.totp_last_step, u.created_at,
+                    u.disabled_at
+             FROM memberships AS m JOIN users AS u ON u.id = m.user_id
+             WHERE m.org_id = ?1
+             ORDER BY m.created_at, m.user_id",
+        )
+        .bind(org.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || {
+            rows.iter()
+                .map(|row| Ok((membership_from_row(row, "joined_at")?, user_from_row(row)?)))
+                .collect()
+        })
+    }
+
+    async fn add_member(&self, membership: &MembershipRecord) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        sqlx::query(
+            "INSERT INTO memberships (org_id, user_id, role, created_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(membership.org_id.to_string())
+        .bind(membership.user_id.to_string())
+        .bind(membership.role.as_str())
+        .bind(membership.created_at.as_micros())
+        .execute(&mut writer.connection)
+        .await
+        .map_err(refused(
+            "the user is already a member of this organization",
+            "no such organization or user",
+        ))?;
+        Ok(())
+    }
+
+    async fn set_role(&self, org: OrgId, user: UserId, role: Role) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let membership = membership_in(&mut tx, org, user)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user} in organization {org}")))?;
+        if role != Role::Owner {
+            keep_an_owner(&mut tx, &membership).await?;
+        }
+        sqlx::query("UPDATE memberships SET role = ?3 WHERE org_id = ?1 AND user_id = ?2")
+            .bind(org.to_string())
+            .bind(user.to_string())
+            .bind(role.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn remove_member(&self, org: OrgId, user: UserId, now: Timestamp) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let membership = membership_in(&mut tx, org, user)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("user {user} in organization {org}")))?;
+        keep_an_owner(&mut tx, &membership).await?;
+        sqlx::query("DELETE FROM memberships WHERE org_id = ?1 AND user_id = ?2")
+            .bind(org.to_string())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+             WHERE org_id = ?1 AND user_id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(org.to_string())
+        .bind(user.to_string())
+        .bind(now.as_micros())
+        .bind(REASON_MEMBER_REMOVED)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "UPDATE api_keys SET revoked_at = ?3
+             WHERE org_id = ?1 AND user_id = ?2 AND revoked_at IS NULL",
+        )
+        .bind(org.to_string())
+        .bind(user.to_string())
+        .bind(now.as_micros())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    // --- sessions and refresh tokens ---
+
+    async fn create_session(
+        &self,
+        session: &SessionRecord,
+        refresh: &RefreshTokenRecord,
+    ) -> StoreResult<()> {
+        if refresh.session_id != session.id {
+            return Err(StoreError::Conflict(format!(
+                "the refresh token belongs to session {}, not {}",
+                refresh.session_id, session.id
+            )));
+        }
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        sqlx::query(&format!(
+            "INSERT INTO sessions ({SESSION_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        ))
+        .bind(session.id.to_string())
+        .bind(session.user_id.to_string())
+        .bind(session.org_id.to_string())
+        .bind(session.user_agent.as_deref())
+        .bind(session.ip.as_deref())
+        .bind(session.last_ip.as_deref())
+        .bind(session.created_at.as_micros())
+        .bind(session.last_seen_at.as_micros())
+        .bind(session.expires_at.as_micros())
+        .bind(micros(session.revoked_at))
+        .bind(session.revoked_reason.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(refused(
+            "a session with this id already exists",
+            "no such user or organization",
+        ))?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (hash, session_id, created_at, used_at)
+             VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(&refresh.hash)
+        .bind(refresh.session_id.to_string())
+        .bind(refresh.created_at.as_micros())
+        .bind(micros(refresh.used_at))
+        .execute(&mut *tx)
+        .await
+        .map_err(refused(
+            "this refresh token already exists",
+            "no such session",
+        ))?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn session(&self, id: SessionId) -> StoreResult<Option<SessionRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn sessions_of_user(
+        &self,
+        user: UserId,
+        active_only: bool,
+        now: Timestamp,
+    ) -> StoreResult<Vec<SessionRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions
+             WHERE user_id = ?1 AND (NOT ?2 OR (revoked_at IS NULL AND expires_at > ?3))
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(user.to_string())
+        .bind(active_only)
+        .bind(now.as_micros())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || rows.iter().map(session_from_row).collect())
+    }
+
+    async fn touch_session(
+        &self,
+        id: SessionId,
+        at: Timestamp,
+        ip: Option<&str>,
+    ) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query("UPDATE sessions SET last_seen_at = ?2, last_ip = ?3 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(at.as_micros())
+            .bind(ip)
+            .execute(&mut writer.connection)
+            .await
+            .map_err(db)?;
+        found(done.rows_affected(), format_args!("session {id}"))
+    }
+
+    async fn set_session_org(&self, id: SessionId, org: OrgId) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query("UPDATE sessions SET org_id = ?2 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(org.to_string())
+            .execute(&mut writer.connection)
+            .await
+            .map_err(refers_to_nothing("no such organization"))?;
+        found(done.rows_affected(), format_args!("session {id}"))
+    }
+
+    async fn revoke_session(
+        &self,
+        user: UserId,
+        id: SessionId,
+        at: Timestamp,
+        reason: &str,
+    ) -> StoreResult<bool> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+             WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL AND expires_at > ?3",
+        )
+        .bind(id.to_string())
+        .bind(user.to_string())
+        .bind(at.as_micros())
+        .bind(reason)
+        .execute(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revoke_sessions_of_user(
+        &self,
+        user: UserId,
+        keep: Option<SessionId>,
+        at: Timestamp,
+        reason: &str,
+    ) -> StoreResult<u32> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE sessions SET revoked_at = ?3, revoked_reason = ?4
+             WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?3
+               AND (?2 IS NULL OR id <> ?2)",
+        )
+        .bind(user.to_string())
+        .bind(keep.map(|id| id.to_string()))
+        .bind(at.as_micros())
+        .bind(reason)
+        .execute(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        // One user's sessions number far below `u32::MAX`; saturate rather than fail after
+        // the revocation is committed.
+        Ok(u32::try_from(done.rows_affected()).unwrap_or(u32::MAX))
+    }
+
+    async fn rotate_refresh_token(
+        &self,
+        presented_hash: &str,
+        next_hash: &str,
+        now: Timestamp,
+    ) -> StoreResult<RefreshOutcome> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let row = sqlx::query(
+            "SELECT t.used_at AS token_used_at, s.id, s.user_id, s.org_id, s.user_agent, s.ip,
+                    s.last_ip, s.created_at, s.last_seen_at, s.expires_at, s.revoked_at,
+                    s.revoked_reason
+             FROM refresh_tokens AS t JOIN sessions AS s ON s.id = t.session_id
+             WHERE t.hash = ?1",
+        )
+        .bind(presented_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            tx.rollback().await.map_err(db)?;
+            return Ok(RefreshOutcome::Unknown);
+        };
+        let mut session = session_from_row(&row)?;
+        let used_at = optional_timestamp(&row, "token_used_at")?;
+        // A dead family stays dead whichever of its tokens is presented; only a live one
+        // needs revoking on reuse.
+        if !session.is_active(now) {
+            tx.rollback().await.map_err(db)?;
+            return Ok(RefreshOutcome::Inactive(session.id));
+        }
+        if used_at.is_some() {
+            sqlx::query("UPDATE sessions SET revoked_at = ?2, revoked_reason = ?3 WHERE id = ?1")
+                .bind(session.id.to_string())
+                .bind(now.as_micros())
+                .bind(REASON_REFRESH_TOKEN_REUSE)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+            tracing::warn!(session_id = %session.id, "refresh token reused; session revoked");
+            return Ok(RefreshOutcome::Reused(session.id));
+        }
+        sqlx::query("UPDATE refresh_tokens SET used_at = ?2 WHERE hash = ?1")
+            .bind(presented_hash)
+            .bind(now.as_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO refresh_tokens (hash, session_id, created_at, used_at)
+             VALUES (?1, ?2, ?3, NULL)",
+        )
+        .bind(next_hash)
+        .bind(session.id.to_string())
+        .bind(now.as_micros())
+        .execute(&mut *tx)
+        .await
+        .map_err(refused(
+            "this refresh token already exists",
+            "no such session",
+        ))?;
+        sqlx::query("UPDATE sessions SET last_seen_at = ?2 WHERE id = ?1")
+            .bind(session.id.to_string())
+            .bind(now.as_micros())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        session.last_seen_at = now;
+        Ok(RefreshOutcome::Rotated(session))
+    }
+
+    // --- API keys ---
+
+    async fn create_api_key(&self, key: &ApiKeyRecord) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        sqlx::query(&format!(
+            "INSERT INTO api_keys ({API_KEY_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ))
+        .bind(key.id.to_string())
+        .bind(key.user_id.to_string())
+        .bind(key.org_id.to_string())
+        .bind(&key.name)
+        .bind(key.role.as_str())
+        .bind(&key.hash)
+        .bind(key.created_at.as_micros())
+        .bind(micros(key.expires_at))
+        .bind(micros(key.last_used_at))
+        .bind(micros(key.revoked_at))
+        .execute(&mut writer.connection)
+        .await
+        .map_err(refused(
+            "an api key with this id or hash already exists",
+            "no such user or organization",
+        ))?;
+        Ok(())
+    }
+
+    async fn api_key(&self, id: ApiKeyId) -> StoreResult<Option<ApiKeyRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(api_key_from_row).transpose()
+    }
+
+    async fn api_keys_of_user(&self, user: UserId) -> StoreResult<Vec<ApiKeyRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {API_KEY_COLUMNS} FROM api_keys WHERE user_id = ?1
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(user.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || rows.iter().map(api_key_from_row).collect())
+    }
+
+    async fn revoke_api_key(&self, user: UserId, id: ApiKeyId, at: Timestamp) -> StoreResult<bool> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = ?3
+             WHERE id = ?1 AND user_id = ?2 AND revoked_at IS NULL
+               AND (expires_at IS NULL OR expires_at > ?3)",
+        )
+        .bind(id.to_string())
+        .bind(user.to_string())
+        .bind(at.as_micros())
+        .execute(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn touch_api_key(&self, id: ApiKeyId, at: Timestamp) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query("UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1")
+            .bind(id.to_string())
+            .bind(at.as_micros())
+            .execute(&mut writer.connection)
+            .await
+            .map_err(db)?;
+        found(done.rows_affected(), format_args!("api key {id}"))
+    }
+
+    // --- one-time tokens ---
+
+    async fn create_one_time_token(&self, token: &OneTimeTokenRecord) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        sqlx::query(
+            "INSERT INTO one_time_tokens (hash, user_id, purpose, created_at, expires_at, used_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .bind(&token.hash)
+        .bind(token.user_id.to_string())
+        .bind(token.purpose.as_str())
+        .bind(token.created_at.as_micros())
+        .bind(token.expires_at.as_micros())
+        .bind(micros(token.used_at))
+        .execute(&mut writer.connection)
+        .await
+        .map_err(refused(
+            "this one-time token already exists",
+            "no such user",
+        ))?;
+        Ok(())
+    }
+
+    async fn consume_one_time_token(
+        &self,
+        hash: &str,
+        purpose: TokenPurpose,
+        now: Timestamp,
+    ) -> StoreResult<Option<OneTimeTokenRecord>> {
+        let mut writer = self.writer().await?;
+        // One statement: the check and the mark cannot be separated by another consumer.
+        let row = sqlx::query(
+            "UPDATE one_time_tokens SET used_at = ?3
+             WHERE hash = ?1 AND purpose = ?2 AND used_at IS NULL AND expires_at > ?3
+             RETURNING hash, user_id, purpose, created_at, expires_at, used_at",
+        )
+        .bind(hash)
+        .bind(purpose.as_str())
+        .bind(now.as_micros())
+        .fetch_optional(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(one_time_token_from_row).transpose()
+    }
+
+    // --- invitations ---
+
+    async fn create_invitation(&self, invitation: &InvitationRecord) -> StoreResult<()> {
+        let mut writer = self.writer().await?;
+        sqlx::query(&format!(
+            "INSERT INTO invitations ({INVITATION_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+        ))
+        .bind(invitation.id.to_string())
+        .bind(invitation.org_id.to_string())
+        .bind(&invitation.email)
+        .bind(invitation.role.as_str())
+        .bind(&invitation.token_hash)
+        .bind(invitation.invited_by.to_string())
+        .bind(invitation.created_at.as_micros())
+        .bind(invitation.expires_at.as_micros())
+        .bind(micros(invitation.accepted_at))
+        .bind(invitation.accepted_by.map(|id| id.to_string()))
+        .bind(micros(invitation.revoked_at))
+        .execute(&mut writer.connection)
+        .await
+        .map_err(refused(
+            "an invitation with this id or token already exists",
+            "no such organization or user",
+        ))?;
+        Ok(())
+    }
+
+    async fn invitations(&self, org: OrgId) -> StoreResult<Vec<InvitationRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations WHERE org_id = ?1
+             ORDER BY created_at DESC, id DESC"
+        ))
+        .bind(org.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .map_err(db)?;
+        cpu_work(rows.len(), || {
+            rows.iter().map(invitation_from_row).collect()
+        })
+    }
+
+    async fn invitation_by_token(&self, token_hash: &str) -> StoreResult<Option<InvitationRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations WHERE token_hash = ?1"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&self.reader)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(invitation_from_row).transpose()
+    }
+
+    async fn accept_invitation(
+        &self,
+        token_hash: &str,
+        user: UserId,
+        now: Timestamp,
+    ) -> StoreResult<Result<MembershipRecord, InvitationError>> {
+        let mut writer = self.writer().await?;
+        let mut tx = writer
+            .connection
+            .begin_with(BEGIN_WRITE)
+            .await
+            .map_err(db)?;
+        let row = sqlx::query(&format!(
+            "SELECT {INVITATION_COLUMNS} FROM invitations WHERE token_hash = ?1"
+        ))
+        .bind(token_hash)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let acceptable = match row.as_ref().map(invitation_from_row).transpose()? {
+            None => Err(InvitationError::Unknown),
+            Some(found) if found.accepted_at.is_some() => Err(InvitationError::AlreadyAccepted),
+            Some(found) if found.revoked_at.is_some() || now >= found.expires_at => {
+                Err(InvitationError::Expired)
+            }
+            Some(found) => Ok(found),
+        };
+        let invitation = match acceptable {
+            Ok(invitation) => invitation,
+            Err(refusal) => {
+                tx.rollback().await.map_err(db)?;
+                return Ok(Err(refusal));
+            }
+        };
+        let existing = membership_in(&mut tx, invitation.org_id, user).await?;
+        let membership = match existing {
+            // An invitation only ever raises a role: accepting one for a lower role keeps
+            // the higher one.
+            Some(existing) if existing.role >= invitation.role => existing,
+            Some(existing) => {
+                sqlx::query("UPDATE memberships SET role = ?3 WHERE org_id = ?1 AND user_id = ?2")
+                    .bind(invitation.org_id.to_string())
+                    .bind(user.to_string())
+                    .bind(invitation.role.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                MembershipRecord {
+                    role: invitation.role,
+                    ..existing
+                }
+            }
+            None => {
+                let membership = MembershipRecord {
+                    org_id: invitation.org_id,
+                    user_id: user,
+                    role: invitation.role,
+                    created_at: now,
+                };
+                sqlx::query(
+                    "INSERT INTO memberships (org_id, user_id, role, created_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )
+                .bind(membership.org_id.to_string())
+                .bind(membership.user_id.to_string())
+                .bind(membership.role.as_str())
+                .bind(membership.created_at.as_micros())
+                .execute(&mut *tx)
+                .await
+                .map_err(refers_to_nothing("no such user"))?;
+                membership
+            }
+        };
+        sqlx::query("UPDATE invitations SET accepted_at = ?2, accepted_by = ?3 WHERE id = ?1")
+            .bind(invitation.id.to_string())
+            .bind(now.as_micros())
+            .bind(user.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(Ok(membership))
+    }
+
+    async fn revoke_invitation(
+        &self,
+        org: OrgId,
+        id: InvitationId,
+        at: Timestamp,
+    ) -> StoreResult<bool> {
+        let mut writer = self.writer().await?;
+        let done = sqlx::query(
+            "UPDATE invitations SET revoked_at = ?3
+             WHERE id = ?1 AND org_id = ?2 AND accepted_at IS NULL AND revoked_at IS NULL",
+        )
+        .bind(id.to_string())
+        .bind(org.to_string())
+        .bind(at.as_micros())
+        .execute(&mut writer.connection)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    // --- audit trail ---
+
+    async fn append_audit(&self, event: &NewAuditEvent) -> StoreResult<i64> {
+        let details = serde_json::to_string(&event.details)
+            .map_err(|e| StoreError::Backend(format!("cannot encode json: {e}")))?;
+        let mut writer = self.writer().await?;
+        sqlx::query_scalar(
+            "INSERT INTO audit_events (org_id, actor_user_id, actor_api_key_id, action,
+                                       target_kind, target_id, at, ip, request_id, outcome,
+                                       status, details)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+             RETURNING seq",
+        )
+        .bind(event.org_id.map(|id| id.to_string()))
+        .bind(event.actor_user_id.map(|id| id.to_string()))
+        .bind(event.actor_api_key_id.map(|id| id.to_string()))
+        .bind(&event.action)
+        .bind(event.target_kind.as_deref())
+        .bind(event.target_id.as_deref())
+        .bind(event.at.as_micros())
+        .bind(event.ip.as_deref())
+        .bind(event.request_id.as_deref())
+        .bind(event.outcome.as_str())
+        .bind(event.status.map(i64::from))
+        .bind(details)
+        .fetch_one(&mut writer.connection)
+        .await
+        .map_err(db)
+    }
+
+    async fn audit_events(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditEventRecord>> {
+        // Built per filter rather than with `?n IS NULL OR …` so that SQLite can pick the
+        // index matching the filters actually given.
+        let mut query = QueryBuilder::<Sqlite>::new(format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit_events WHERE true"
+        ));
+        if let Some(org) = filter.org_id {
+            query.push(" AND org_id = ").push_bind(org.to_string());
+        }
+        if let Some(actor) = filter.actor_user_id {
+            query
+                .push(" AND actor_user_id = ")
+                .push_bind(actor.to_string());
+        }
+        if let Some(prefix) = &filter.action_prefix {
+            // A comparison of the leading characters rather than `LIKE`, whose wildcards
+            // (`_`) occur in action names.
+            query
+                .push(" AND substr(action, 1, length(")
+                .push_bind(prefix.clone())
+                .push(")) = ")
+                .push_bind(prefix.clone());
+        }
+        if let Some(outcome) = filter.outcome {
+            query.push(" AND outcome = ").push_bind(outcome.as_str());
+        }
+        if let Some(since) = filter.since {
+            query.push(" AND at >= ").push_bind(since.as_micros());
+        }
+        if let Some(until) = filter.until {
+            query.push(" AND at < ").push_bind(until.as_micros());
+        }
+        if let Some(before) = filter.before_seq {
+            query.push(" AND seq < ").push_bind(before);
+        }
+        query
+            .push(" ORDER BY seq DESC LIMIT ")
+            .push_bind(clamp_limit(
+                filter.limit,
+                AUDIT_LIMIT_DEFAULT,
+                AUDIT_LIMIT_MAX,
+            ));
+        let rows = query.build().fetch_all(&self.reader).await.map_err(db)?;
+        cpu_work(rows.len(), || rows.iter().map(audit_from_row).collect())
+    }
+}
