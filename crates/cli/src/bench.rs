@@ -51,6 +51,25 @@ pub enum BenchCommand {
         #[arg(long)]
         batch: Option<usize>,
     },
+    /// The HTTP API under load: an in-process server on a loopback port and keep-alive
+    /// connections sending one request back to back (see `bench_api`).
+    Api {
+        /// The request measured.
+        #[arg(long, value_enum, default_value = "get-run")]
+        scenario: crate::bench_api::ApiScenario,
+        /// Concurrent keep-alive connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        /// Seconds of warm-up before measuring.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Store durability.
+        #[arg(long = "sync", default_value = "normal")]
+        sync: Durability,
+    },
 }
 
 struct Bench {
@@ -201,6 +220,26 @@ fn fanout_def() -> anyhow::Result<PipelineDef> {
 
 pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Api {
+            scenario,
+            connections,
+            seconds,
+            warmup,
+            sync,
+        } => {
+            let positive = |s: f64, what: &str| {
+                Duration::try_from_secs_f64(s)
+                    .map_err(|_| anyhow::anyhow!("--{what} must be a positive number of seconds"))
+            };
+            crate::bench_api::bench_api(crate::bench_api::ApiBenchSettings {
+                scenario,
+                connections,
+                duration: positive(seconds, "seconds")?,
+                warmup: positive(warmup, "warmup")?,
+                durability: sync,
+            })
+            .await?;
+        }
         BenchCommand::Chain { tasks, runs, sync } => {
             anyhow::ensure!(tasks >= 2, "a chain needs at least 2 tasks");
             let bench = Bench::start(sync, None, None).await?;

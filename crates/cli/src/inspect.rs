@@ -1,4 +1,5 @@
-//! `arches runs …` and `arches artifacts …`: read-only views of the store.
+//! `arches runs …` and `arches artifacts …`: read-only views of the store, and the tables and
+//! formats that the same commands against a server (`remote`) share.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -8,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use arches_core::ports::Store;
 use arches_core::records::{
-    ArtifactFilter, ArtifactRecord, LogQuery, RunFilter, RunRecord, TaskRunRecord,
+    ArtifactFilter, ArtifactRecord, LogQuery, LogStream, Producer, RunFilter, RunRecord,
+    TaskRunRecord,
 };
 use arches_core::{ArtifactId, OrgId, RunId, RunState, TaskId, TaskRunState, Timestamp};
 use clap::Subcommand;
@@ -50,6 +52,48 @@ pub enum RunsCommand {
         /// Only this task.
         #[arg(value_parser = parse_task_id)]
         task: Option<TaskId>,
+        /// Keep printing new lines until the run ends (server only).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Start a run of a pipeline saved on the server (`arches pipelines apply`); prints the
+    /// run's id (server only; locally, use `arches run FILE`).
+    Trigger {
+        /// The pipeline's name.
+        pipeline: String,
+        /// A param value, `name=value`; repeat for several. Values are converted to the
+        /// declared type (arrays and objects as JSON).
+        #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// The pipeline version; the latest by default.
+        #[arg(long)]
+        version: Option<u32>,
+        /// Then watch the run as `arches runs watch` does.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: no live progress, only the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Follow a run live until it ends, then print its summary; exits 0 only if it succeeded
+    /// (server only).
+    Watch {
+        /// The run.
+        run_id: RunId,
+        /// No live progress, only the summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Retry a failed or cancelled run from its failed tasks (server only).
+    Retry {
+        /// The run.
+        run_id: RunId,
+        /// Then watch the run as `arches runs watch` does.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: no live progress, only the summary.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -81,9 +125,10 @@ pub enum ArtifactsCommand {
     Get {
         /// Id, name or name@version.
         artifact: String,
-        /// Destination file.
+        /// Destination file; by default the last part of the artifact's name, in the current
+        /// directory.
         #[arg(long, short)]
-        output: PathBuf,
+        output: Option<PathBuf>,
     },
 }
 
@@ -98,7 +143,7 @@ pub fn table(header: &[&str]) -> Table {
     table
 }
 
-fn time(at: Timestamp) -> String {
+pub fn time(at: Timestamp) -> String {
     chrono::DateTime::from_timestamp_micros(at.as_micros())
         .map(|t| {
             t.with_timezone(&chrono::Local)
@@ -108,7 +153,14 @@ fn time(at: Timestamp) -> String {
         .unwrap_or_else(|| "?".into())
 }
 
-fn duration(start: Option<Timestamp>, end: Option<Timestamp>) -> String {
+/// A timestamp from the RFC 3339 text a server sends.
+pub fn parse_rfc3339(text: &str) -> Option<Timestamp> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| Timestamp(t.timestamp_micros()))
+}
+
+pub fn duration(start: Option<Timestamp>, end: Option<Timestamp>) -> String {
     match (start, end) {
         (Some(start), Some(end)) => {
             let d = end.since(start);
@@ -124,7 +176,7 @@ fn duration(start: Option<Timestamp>, end: Option<Timestamp>) -> String {
     }
 }
 
-fn bytes(n: u64) -> String {
+pub fn bytes(n: u64) -> String {
     match n {
         n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
         n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
@@ -142,8 +194,37 @@ fn truncate(text: &str, max: usize) -> String {
     }
 }
 
+/// A task run as the tables show it, read from the local store or from a server.
+pub struct TaskRow {
+    pub task_id: TaskId,
+    pub index: Option<u32>,
+    pub fan_out: Option<u32>,
+    pub state: TaskRunState,
+    pub attempt: u32,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub error: Option<String>,
+    pub outputs: Option<serde_json::Value>,
+}
+
+impl From<&TaskRunRecord> for TaskRow {
+    fn from(task_run: &TaskRunRecord) -> Self {
+        TaskRow {
+            task_id: task_run.task_id.clone(),
+            index: task_run.index,
+            fan_out: task_run.fan_out,
+            state: task_run.state,
+            attempt: task_run.attempt,
+            started_at: task_run.started_at,
+            finished_at: task_run.finished_at,
+            error: task_run.error.clone(),
+            outputs: task_run.outputs.clone(),
+        }
+    }
+}
+
 /// A short description of a task run's result for tables.
-fn detail(task_run: &TaskRunRecord) -> String {
+fn detail(task_run: &TaskRow) -> String {
     if let Some(error) = &task_run.error {
         return truncate(error, 100);
     }
@@ -183,12 +264,11 @@ fn detail(task_run: &TaskRunRecord) -> String {
 }
 
 /// The task table of a run: one row per task, fan-out items collapsed unless `items`.
-async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Result<Table> {
-    let task_runs = store.task_runs(run_id).await?;
+pub fn task_table(task_runs: &[TaskRow], items: bool) -> Table {
     let mut table = table(&["TASK", "STATE", "ATTEMPTS", "DURATION", "DETAIL"]);
     let mut shown_items: BTreeMap<TaskId, usize> = BTreeMap::new();
     let mut hidden_items: BTreeMap<TaskId, usize> = BTreeMap::new();
-    for task_run in &task_runs {
+    for task_run in task_runs {
         let name = match task_run.index {
             Some(i) => format!("  {}[{i}]", task_run.task_id),
             None => task_run.task_id.to_string(),
@@ -230,12 +310,38 @@ async fn task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Re
             what,
         ]);
     }
-    Ok(table)
+    table
+}
+
+async fn store_task_table(store: &dyn Store, run_id: RunId, items: bool) -> anyhow::Result<Table> {
+    let task_runs = store.task_runs(run_id).await?;
+    let rows: Vec<TaskRow> = task_runs.iter().map(TaskRow::from).collect();
+    Ok(task_table(&rows, items))
+}
+
+/// The end of a run summary, after its tables: `run <id> <state> in <duration>` and its
+/// error.
+pub fn print_run_outcome(
+    run_id: RunId,
+    state: RunState,
+    started_at: Option<Timestamp>,
+    finished_at: Option<Timestamp>,
+    error: Option<&str>,
+) {
+    out!(
+        "run {} {} in {}",
+        run_id,
+        state,
+        duration(started_at, finished_at)
+    );
+    if let Some(error) = error {
+        out!("error: {error}");
+    }
 }
 
 /// Prints the end-of-run summary.
 pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Result<()> {
-    out!("{}", task_table(store, run.id, false).await?);
+    out!("{}", store_task_table(store, run.id, false).await?);
     let artifacts = store
         .artifacts(&ArtifactFilter {
             run_id: Some(run.id),
@@ -244,21 +350,45 @@ pub async fn print_run_summary(store: &dyn Store, run: &RunRecord) -> anyhow::Re
         })
         .await?;
     if !artifacts.is_empty() {
-        out!("{}", artifact_table(&artifacts));
+        let rows: Vec<ArtifactRow> = artifacts.iter().map(ArtifactRow::from).collect();
+        out!("{}", artifact_table(&rows));
     }
-    out!(
-        "run {} {} in {}",
+    print_run_outcome(
         run.id,
         run.state,
-        duration(run.started_at.or(Some(run.created_at)), run.finished_at)
+        run.started_at.or(Some(run.created_at)),
+        run.finished_at,
+        run.error.as_deref(),
     );
-    if let Some(error) = &run.error {
-        out!("error: {error}");
-    }
     Ok(())
 }
 
-fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
+/// An artifact version as the tables show it, read from the local store or from a server.
+pub struct ArtifactRow {
+    pub name: String,
+    pub version: u32,
+    pub media_type: String,
+    pub size_bytes: u64,
+    pub rows: Option<u64>,
+    pub produced_by: Option<Producer>,
+    pub id: ArtifactId,
+}
+
+impl From<&ArtifactRecord> for ArtifactRow {
+    fn from(artifact: &ArtifactRecord) -> Self {
+        ArtifactRow {
+            name: artifact.meta.name.clone(),
+            version: artifact.version,
+            media_type: artifact.meta.media_type.clone(),
+            size_bytes: artifact.size_bytes,
+            rows: artifact.meta.table.as_ref().map(|t| t.rows),
+            produced_by: artifact.meta.produced_by.clone(),
+            id: artifact.id,
+        }
+    }
+}
+
+pub fn artifact_table(artifacts: &[ArtifactRow]) -> Table {
     let mut table = table(&[
         "ARTIFACT",
         "VERSION",
@@ -270,22 +400,16 @@ fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
     ]);
     for artifact in artifacts {
         let produced = artifact
-            .meta
             .produced_by
             .as_ref()
             .map(|p| format!("{} (attempt {})", p.task_id, p.attempt))
             .unwrap_or_default();
         table.add_row(vec![
-            artifact.meta.name.clone(),
+            artifact.name.clone(),
             artifact.version.to_string(),
-            artifact.meta.media_type.clone(),
+            artifact.media_type.clone(),
             bytes(artifact.size_bytes),
-            artifact
-                .meta
-                .table
-                .as_ref()
-                .map(|t| t.rows.to_string())
-                .unwrap_or_default(),
+            artifact.rows.map(|r| r.to_string()).unwrap_or_default(),
             produced,
             artifact.id.to_string(),
         ]);
@@ -293,7 +417,39 @@ fn artifact_table(artifacts: &[ArtifactRecord]) -> Table {
     table
 }
 
+/// The `runs` commands that need a server, named for the error of local mode.
+fn server_only(command: &RunsCommand) -> Option<&'static str> {
+    match command {
+        RunsCommand::Trigger { .. } => Some("arches runs trigger"),
+        RunsCommand::Watch { .. } => Some("arches runs watch"),
+        RunsCommand::Retry { .. } => Some("arches runs retry"),
+        RunsCommand::Logs { follow: true, .. } => Some("arches runs logs --follow"),
+        _ => None,
+    }
+}
+
+/// The error of a server-only command in local mode.
+pub fn needs_server(what: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "`{what}` works against a server: pass --server URL (or set ARCHES_SERVER), or log in once with `arches login --server URL`"
+    )
+}
+
+/// The file `artifacts get` writes when no `--output` is given: the last part of the
+/// artifact's name, in the current directory.
+pub fn default_output(name: &str) -> PathBuf {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.is_empty() || last == "." || last == ".." {
+        PathBuf::from("artifact")
+    } else {
+        PathBuf::from(last)
+    }
+}
+
 pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode> {
+    if let Some(what) = server_only(&command) {
+        return Err(needs_server(what));
+    }
     let opened = home.open_existing().await?;
     let store = &*opened.store;
     match command {
@@ -341,9 +497,9 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
             if let Some(error) = &run.error {
                 out!("error     {error}");
             }
-            out!("{}", task_table(store, run_id, items).await?);
+            out!("{}", store_task_table(store, run_id, items).await?);
         }
-        RunsCommand::Logs { run_id, task } => {
+        RunsCommand::Logs { run_id, task, .. } => {
             store
                 .run(run_id)
                 .await?
@@ -381,16 +537,38 @@ pub async fn runs(home: &Home, command: RunsCommand) -> anyhow::Result<ExitCode>
                         .unwrap_or("?");
                     writeln!(
                         out,
-                        "{label} #{} {:<6} | {}",
-                        line.line.attempt,
-                        line.line.stream.as_str(),
-                        line.line.text
+                        "{}",
+                        log_line(label, line.line.attempt, line.line.stream, &line.line.text)
                     )?;
                 }
             }
         }
+        // Refused above with their own names; kept exhaustive for new variants.
+        RunsCommand::Trigger { .. } | RunsCommand::Watch { .. } | RunsCommand::Retry { .. } => {
+            return Err(needs_server("arches runs"))
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A task log line as `runs logs` prints it: `<task>[<index>] #<attempt> <stream> | <text>`.
+pub fn log_line(label: &str, attempt: u32, stream: LogStream, text: &str) -> String {
+    format!("{label} #{attempt} {:<6} | {text}", stream.as_str())
+}
+
+/// The name and optional version of an artifact reference by name: `name` or `name@version`.
+pub(crate) fn artifact_name_and_version(reference: &str) -> anyhow::Result<(&str, Option<u32>)> {
+    Ok(match reference.rsplit_once('@') {
+        Some((name, version)) => (
+            name,
+            Some(
+                version
+                    .parse::<u32>()
+                    .with_context(|| format!("bad version in {reference:?}; write name@3"))?,
+            ),
+        ),
+        None => (reference, None),
+    })
 }
 
 /// Resolves an artifact reference: an id, a name (latest version) or `name@version`.
@@ -401,17 +579,7 @@ async fn resolve(store: &dyn Store, reference: &str) -> anyhow::Result<ArtifactR
             .await?
             .with_context(|| format!("no artifact {id}"));
     }
-    let (name, version) = match reference.rsplit_once('@') {
-        Some((name, version)) => (
-            name,
-            Some(
-                version
-                    .parse::<u32>()
-                    .with_context(|| format!("bad version in {reference:?}; write name@3"))?,
-            ),
-        ),
-        None => (reference, None),
-    };
+    let (name, version) = artifact_name_and_version(reference)?;
     store
         .artifact_by_name(OrgId::DEFAULT, name, version)
         .await?
@@ -431,7 +599,8 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
                     ..ArtifactFilter::default()
                 })
                 .await?;
-            out!("{}", artifact_table(&list));
+            let rows: Vec<ArtifactRow> = list.iter().map(ArtifactRow::from).collect();
+            out!("{}", artifact_table(&rows));
         }
         ArtifactsCommand::Show { artifact } => {
             let record = resolve(store, &artifact).await?;
@@ -462,6 +631,7 @@ pub async fn artifacts(home: &Home, command: ArtifactsCommand) -> anyhow::Result
         }
         ArtifactsCommand::Get { artifact, output } => {
             let record = resolve(store, &artifact).await?;
+            let output = output.unwrap_or_else(|| default_output(&record.meta.name));
             let path = opened.artifacts.local_path(record.id).await?;
             if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent)

@@ -2,6 +2,10 @@
 //!
 //! Local mode: the store is an embedded SQLite file under the home directory (`./.arches`
 //! by default, `ARCHES_HOME` or `--home` to change it) and the workers run in this process.
+//!
+//! Remote mode: with a server (`--server`, `ARCHES_SERVER`, or the default `arches login`
+//! saved), `runs …`, `artifacts …`, `cancel` and `pipelines …` act on the server instead,
+//! through `arches-client` (see `remote`).
 
 /// Writes a line to standard output; a closed pipe (`arches runs list | head`) is not an
 /// error worth a panic, so write errors are ignored.
@@ -30,9 +34,12 @@ macro_rules! status {
 
 mod app;
 mod bench;
+mod bench_api;
+mod credentials;
 mod inspect;
 mod owner;
 mod progress;
+mod remote;
 mod run;
 mod serve;
 
@@ -64,6 +71,19 @@ struct Cli {
     /// Log filter for diagnostics on stderr (tracing env-filter syntax).
     #[arg(long, global = true, env = "ARCHES_LOG", default_value = "warn")]
     log: String,
+    /// An Arches server (`http://host:port`): `runs`, `artifacts`, `cancel` and `pipelines`
+    /// then act on it instead of the local home. Without it, the server `arches login` saved
+    /// is used, unless --local or --home / ARCHES_HOME is given.
+    #[arg(long, global = true, env = "ARCHES_SERVER")]
+    server: Option<String>,
+    /// An API key (`ak_…`) or access token for the server, instead of the session saved by
+    /// `arches login`.
+    #[arg(long, global = true, env = "ARCHES_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Use the local home even when a server is set (ARCHES_SERVER) or saved by
+    /// `arches login`.
+    #[arg(long, global = true)]
+    local: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -90,12 +110,20 @@ enum Command {
         #[arg(long, default_value = "text")]
         format: String,
     },
-    /// Inspect runs.
+    /// Inspect runs; with a server also trigger, watch and retry them.
     #[command(subcommand)]
     Runs(inspect::RunsCommand),
-    /// Inspect artifacts.
+    /// Inspect and download artifacts.
     #[command(subcommand)]
     Artifacts(inspect::ArtifactsCommand),
+    /// Save and list pipelines on a server.
+    #[command(subcommand)]
+    Pipelines(remote::PipelinesCommand),
+    /// Log in to a server and save the session (in the config directory, mode 0600) as the
+    /// default server of the commands that follow.
+    Login(remote::LoginArgs),
+    /// End the session on a server and forget its saved credentials.
+    Logout,
     /// List the registered tools.
     Tools,
     /// Measure the engine (see BENCHMARKS.md).
@@ -158,14 +186,34 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         command => command,
     };
     let home = app::Home::new(cli.home, cli.durability);
+    let connection = remote::Connection {
+        server: if cli.local { None } else { cli.server },
+        token: cli.token,
+        use_saved_default: !cli.local && !home_given,
+    };
     match command {
         Command::Run(args) => run::run(&home, args).await,
         Command::Resume(args) => run::resume(&home, args).await,
-        Command::Cancel(args) => run::cancel(&home, args).await,
+        Command::Cancel(args) => match remote::connect(&connection).await? {
+            Some(server) => remote::cancel(&server, args.run_id).await,
+            None => run::cancel(&home, args).await,
+        },
         Command::Validate { file } => app::validate_command(&file),
         Command::Graph { file, format } => app::graph_command(&file, &format),
-        Command::Runs(command) => inspect::runs(&home, command).await,
-        Command::Artifacts(command) => inspect::artifacts(&home, command).await,
+        Command::Runs(command) => match remote::connect(&connection).await? {
+            Some(server) => remote::runs(&server, command).await,
+            None => inspect::runs(&home, command).await,
+        },
+        Command::Artifacts(command) => match remote::connect(&connection).await? {
+            Some(server) => remote::artifacts(&server, command).await,
+            None => inspect::artifacts(&home, command).await,
+        },
+        Command::Pipelines(command) => {
+            let server = remote::connect_required(&connection, "arches pipelines").await?;
+            remote::pipelines(&server, command).await
+        }
+        Command::Login(args) => remote::login(&connection, args).await,
+        Command::Logout => remote::logout(&connection).await,
         Command::Tools => app::tools_command(),
         Command::Bench(command) => bench::bench(command).await,
         Command::Serve(args) => serve::serve(Some(home.root.clone()), args).await,

@@ -48,7 +48,7 @@ pub struct ResumeArgs {
 #[derive(Args, Debug)]
 pub struct CancelArgs {
     /// The run to cancel.
-    run_id: RunId,
+    pub run_id: RunId,
 }
 
 fn engine_options(home: &Home, workers: Option<usize>) -> EngineOptions {
@@ -263,6 +263,16 @@ fn exit_code(run: &RunRecord) -> ExitCode {
 
 /// Parses `name=value` params against the pipeline's declarations and applies defaults.
 fn parse_params(def: &PipelineDef, given: &[String]) -> anyhow::Result<serde_json::Value> {
+    let values = coerce_params(def, given)?;
+    validate::check_params(def, &values)
+        .map_err(|problems| anyhow::anyhow!("bad params: {}", problems.join("; ")))
+}
+
+/// Converts `name=value` params to the types the pipeline declares (no defaults).
+pub fn coerce_params(
+    def: &PipelineDef,
+    given: &[String],
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
     let mut values = serde_json::Map::new();
     for text in given {
         let (name, raw) = text
@@ -280,6 +290,5 @@ fn parse_params(def: &PipelineDef, given: &[String]) -> anyhow::Result<serde_jso
             .map_err(|e| anyhow::anyhow!("param {name}: {e}"))?;
         values.insert(name.to_owned(), value);
     }
-    validate::check_params(def, &values)
-        .map_err(|problems| anyhow::anyhow!("bad params: {}", problems.join("; ")))
+    Ok(values)
 }

@@ -153,7 +153,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
-        identity: store,
+        identity: Arc::new(crate::identity_cache::CachingIdentityStore::new(store)),
         artifacts,
         bus,
         engine: engine.as_ref().map(Engine::handle),

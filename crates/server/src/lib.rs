@@ -24,6 +24,7 @@ pub mod audit;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod identity_cache;
 pub mod metrics;
 pub mod principal;
 pub mod ratelimit;

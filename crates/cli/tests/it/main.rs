@@ -3,11 +3,13 @@
 
 mod bad_input;
 mod penguins;
+mod remote;
 mod resume;
 mod serve;
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 /// The repository root, where the examples live.
 pub fn repo_root() -> PathBuf {
@@ -17,12 +19,15 @@ pub fn repo_root() -> PathBuf {
         .expect("repo root")
 }
 
-/// An `arches` command with its home in `home`, run from the repository root.
+/// An `arches` command with its home in `home`, run from the repository root, in local mode
+/// whatever the environment says about servers.
 pub fn arches(home: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_arches"));
     command
         .current_dir(repo_root())
         .env("ARCHES_HOME", home)
+        .env_remove("ARCHES_SERVER")
+        .env_remove("ARCHES_TOKEN")
         .env_remove("ARCHES_LOG");
     command
 }
@@ -40,4 +45,36 @@ pub fn pipeline_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, yaml).expect("pipeline written");
     path
+}
+
+/// Starts `arches serve` on a free loopback port; returns the process and its base URL, read
+/// from the line it prints once it listens.
+pub fn start_server(home: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arches"))
+        .current_dir(repo_root())
+        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "text"])
+        .env("ARCHES_HOME", home)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("arches serve starts");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = BufReader::new(stderr).lines();
+    let base = loop {
+        let line = lines
+            .next()
+            .expect("the server prints where it listens")
+            .expect("stderr is text");
+        if let Some(rest) = line.split("listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .expect("an address")
+                .to_owned();
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, base)
 }

@@ -2,49 +2,14 @@
 //! with SIGKILL in the middle of the run, start it again on the same home, and watch the run
 //! finish; then stop it with SIGTERM and see it exit cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::repo_root;
+use crate::start_server;
 
 const SLOW: &str = "name: slow\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"echo started; sleep 3; echo done\"\n  - id: after\n    tool: echo\n    depends_on: [wait]\n    with:\n      ok: true\n";
-
-/// Starts `arches serve` on a free loopback port; returns the process and its base URL, read
-/// from the line it prints once it listens.
-fn start(home: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_arches"))
-        .current_dir(repo_root())
-        .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "text"])
-        .env("ARCHES_HOME", home)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("arches serve starts");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let mut lines = BufReader::new(stderr).lines();
-    let base = loop {
-        let line = lines
-            .next()
-            .expect("the server prints where it listens")
-            .expect("stderr is text");
-        if let Some(rest) = line.split("listening on ").nth(1) {
-            break rest
-                .split_whitespace()
-                .next()
-                .expect("an address")
-                .to_owned();
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, base)
-}
 
 async fn json_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
@@ -94,7 +59,7 @@ async fn run_end(client: &reqwest::Client, base: &str, token: &str, run_id: &str
 async fn a_run_survives_a_killed_server_and_the_server_stops_cleanly_on_sigterm() {
     let home = tempfile::tempdir().unwrap();
     let client = reqwest::Client::new();
-    let (mut server, base) = start(home.path());
+    let (mut server, base) = start_server(home.path());
 
     let (status, signup) = json_of(
         client
@@ -162,7 +127,7 @@ async fn a_run_survives_a_killed_server_and_the_server_stops_cleanly_on_sigterm(
 
     // The same home again: the run is resumed and finishes; the interrupted attempt is
     // recorded as a lost lease.
-    let (mut server, base) = start(home.path());
+    let (mut server, base) = start_server(home.path());
     assert_eq!(run_end(&client, &base, &token, &run_id).await, "succeeded");
     let (_, task_runs) = json_of(
         client

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use arches_core::identity::Permission;
 use arches_core::records::{ArtifactFilter, ArtifactRecord};
-use arches_core::{ArtifactId, RunId};
+use arches_core::ArtifactId;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE};
@@ -17,7 +17,7 @@ use tower::ServiceExt;
 use tower_http::services::ServeFile;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::api::{rfc3339, Page};
+use crate::api::{parse_run_id, rfc3339, Page};
 use crate::error::{ApiError, ApiPath, ApiQuery};
 use crate::principal::Principal;
 use crate::state::AppState;
@@ -125,16 +125,7 @@ pub async fn list_artifacts(
     ApiQuery(query): ApiQuery<ListArtifacts>,
 ) -> Result<Json<Page<ArtifactView>>, ApiError> {
     principal.require(Permission::ArtifactRead)?;
-    let run_id = query
-        .run_id
-        .as_deref()
-        .map(|r| {
-            r.parse::<RunId>().map_err(|_| {
-                ApiError::bad_request(format!("malformed run id {r:?}"))
-                    .with_detail("parameter", "run_id")
-            })
-        })
-        .transpose()?;
+    let run_id = query.run_id.as_deref().map(parse_run_id).transpose()?;
     let limit = query
         .limit
         .unwrap_or(ARTIFACTS_PAGE_DEFAULT)

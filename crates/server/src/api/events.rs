@@ -6,7 +6,6 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use arches_core::identity::Permission;
-use arches_core::RunId;
 use arches_engine::bus::{Delivery, EventId};
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -17,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
+use crate::api::parse_run_id;
 use crate::error::{ApiError, ApiQuery};
 use crate::principal::Principal;
 use crate::state::AppState;
@@ -46,16 +46,7 @@ pub async fn stream_events(
     ApiQuery(query): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     principal.require(Permission::RunRead)?;
-    let run_id = query
-        .run_id
-        .as_deref()
-        .map(|r| {
-            r.parse::<RunId>().map_err(|_| {
-                ApiError::bad_request(format!("malformed run id {r:?}"))
-                    .with_detail("parameter", "run_id")
-            })
-        })
-        .transpose()?;
+    let run_id = query.run_id.as_deref().map(parse_run_id).transpose()?;
     let kinds: Option<BTreeSet<String>> = match query.kinds.as_deref() {
         None | Some("") => None,
         Some(text) => {

@@ -17,7 +17,7 @@ pub mod runs;
 
 use arches_core::identity::Permission;
 use arches_core::ports::StoreError;
-use arches_core::Timestamp;
+use arches_core::{RunId, Timestamp};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, IntoResponseParts, ResponseParts};
@@ -124,6 +124,17 @@ pub fn parse_time(parameter: &str, text: &str) -> Result<Timestamp, ApiError> {
             ))
             .with_detail("parameter", parameter)
         })
+}
+
+/// Parses the run id given in the `run_id` query parameter.
+///
+/// # Errors
+/// 400 naming the parameter.
+pub fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(format!("malformed run id {text:?}"))
+            .with_detail("parameter", "run_id")
+    })
 }
 
 /// Liveness: the process answers.
@@ -288,7 +299,46 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(orgs::OrgsApi::openapi());
     doc.merge(audit_log::AuditApi::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
+    add_default_error_responses(&mut doc);
     doc
+}
+
+/// Gives every operation a `default` response with the one error shape
+/// ([`crate::error::ApiErrorBody`]): any status an operation does not list (400 for a bad
+/// body, 401, 403, 413, 415, 429, 503…) is still documented, as the table of stable codes in
+/// `crate::error` can answer it on any route.
+fn add_default_error_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+    let response = ResponseBuilder::new()
+        .description("An error: `{code, message, details}` with a stable `code`")
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ApiErrorBody")))
+                .build(),
+        )
+        .build();
+    for item in doc.paths.paths.values_mut() {
+        for operation in [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+            &mut item.head,
+            &mut item.options,
+            &mut item.trace,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            operation
+                .responses
+                .responses
+                .entry("default".to_owned())
+                .or_insert_with(|| RefOr::T(response.clone()));
+        }
+    }
 }
 
 async fn openapi_json() -> impl IntoResponse {

@@ -5,11 +5,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arches_core::identity::{
     IdentityStore, MembershipRecord, RefreshTokenRecord, Role, SessionRecord, UserRecord,
 };
-use arches_core::{OrgId, SessionId, Timestamp, UserId};
+use arches_core::{OrgId, RunId, SessionId, Timestamp, UserId};
 use arches_server::app::{self, BuildOptions};
 use arches_server::config::ServerConfig;
 use arches_server::state::AppState;
@@ -118,9 +119,17 @@ impl TestServer {
             })
             .await
             .expect("membership");
+        let token = self.session_token(user.id, org, role).await;
+        (token, user.id)
+    }
+
+    /// A new login session of `user` in `org` with `role`, straight through the identity
+    /// store; its access token.
+    pub async fn session_token(&self, user: UserId, org: OrgId, role: Role) -> String {
+        let now = self.state.clock.now();
         let session = SessionRecord {
             id: SessionId::new(),
-            user_id: user.id,
+            user_id: user,
             org_id: org,
             user_agent: Some("tests".into()),
             ip: Some("127.0.0.1".into()),
@@ -131,11 +140,13 @@ impl TestServer {
             revoked_at: None,
             revoked_reason: None,
         };
-        identity
+        self.state
+            .identity
             .create_session(
                 &session,
                 &RefreshTokenRecord {
-                    hash: arches_auth::opaque::generate("art").hash,
+                    hash: arches_auth::opaque::generate(arches_auth::opaque::REFRESH_TOKEN_PREFIX)
+                        .hash,
                     session_id: session.id,
                     created_at: now,
                     used_at: None,
@@ -143,21 +154,30 @@ impl TestServer {
             )
             .await
             .expect("session");
-        let token = self
-            .state
+        self.state
             .auth
             .tokens
             .issue(
                 &arches_auth::jwt::AccessSubject {
-                    user_id: user.id.to_string(),
+                    user_id: user.to_string(),
                     org_id: org.to_string(),
                     role: role.to_string(),
                     session_id: session.id.to_string(),
                 },
                 now,
             )
-            .expect("token");
-        (token, user.id)
+            .expect("token")
+    }
+
+    /// Waits for a run to end through the engine (no polling, no sleeps); its state.
+    pub async fn finished(&self, run_id: &str) -> String {
+        let run_id: RunId = run_id.parse().expect("a run id");
+        let engine = self.state.engine.as_ref().expect("workers are on");
+        let run = tokio::time::timeout(Duration::from_secs(60), engine.wait(run_id))
+            .await
+            .expect("the run ends within a minute")
+            .expect("the run is known");
+        run.state.to_string()
     }
 
     /// GET `path` with a bearer token; returns the status and the JSON body (`Null` when

@@ -62,17 +62,6 @@ tasks:
       step: 3
 "#;
 
-/// Waits for a run to end through the engine (no polling, no sleeps).
-async fn finished(server: &TestServer, run_id: &str) -> String {
-    let run_id: RunId = run_id.parse().expect("a run id");
-    let engine = server.state.engine.as_ref().expect("workers are on");
-    let run = tokio::time::timeout(Duration::from_secs(60), engine.wait(run_id))
-        .await
-        .expect("the run ends within a minute")
-        .expect("the run is known");
-    run.state.to_string()
-}
-
 async fn create(server: &TestServer, token: &str, yaml: &str) -> Value {
     let (status, body) = server
         .send_yaml(token, Method::POST, "/api/v1/pipelines", yaml)
@@ -333,7 +322,7 @@ async fn a_run_is_triggered_followed_and_its_task_runs_logs_and_artifacts_are_se
         text.contains("id: "),
         "events carry ids for Last-Event-ID: {text}"
     );
-    assert_eq!(finished(&server, &run_id).await, "succeeded");
+    assert_eq!(server.finished(&run_id).await, "succeeded");
 
     let (status, got) = server.get(&editor, &format!("/api/v1/runs/{run_id}")).await;
     assert_eq!((status, got["state"].as_str()), (200, Some("succeeded")));
@@ -422,7 +411,7 @@ async fn a_failed_run_is_retried_from_its_failed_tasks_and_succeeded_tasks_are_k
         .post(&editor, "/api/v1/runs", &json!({"pipeline": "flaky"}))
         .await;
     let run_id = run["id"].as_str().unwrap().to_owned();
-    assert_eq!(finished(&server, &run_id).await, "failed");
+    assert_eq!(server.finished(&run_id).await, "failed");
     let (_, before) = server
         .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
         .await;
@@ -434,7 +423,7 @@ async fn a_failed_run_is_retried_from_its_failed_tasks_and_succeeded_tasks_are_k
         .post(&editor, &format!("/api/v1/runs/{run_id}/retry"), &json!({}))
         .await;
     assert_eq!(status, 200, "{retried}");
-    assert_eq!(finished(&server, &run_id).await, "succeeded");
+    assert_eq!(server.finished(&run_id).await, "succeeded");
     let (_, after) = server
         .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
         .await;
@@ -499,7 +488,7 @@ async fn a_running_run_is_cancelled() {
         )
         .await;
     assert_eq!(status, 200, "{cancelled}");
-    assert_eq!(finished(&server, &run_id).await, "cancelled");
+    assert_eq!(server.finished(&run_id).await, "cancelled");
     let (status, _) = server
         .post(
             &editor,
@@ -547,7 +536,7 @@ async fn live_events_resume_after_the_last_event_id() {
     .await
     .expect("a first event");
     drop(live);
-    assert_eq!(finished(&server, &run_id).await, "succeeded");
+    assert_eq!(server.finished(&run_id).await, "succeeded");
 
     // Resuming replays what came after, in order, once each.
     let response = server
@@ -599,7 +588,7 @@ async fn orgs_are_isolated_and_writes_are_audited() {
         )
         .await;
     let run_id = run["id"].as_str().unwrap().to_owned();
-    finished(&server, &run_id).await;
+    server.finished(&run_id).await;
 
     let other = OrgId::new();
     let now = server.state.clock.now();

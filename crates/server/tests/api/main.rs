@@ -4,3 +4,5 @@
 mod auth;
 mod common;
 mod core_api;
+mod identity_cache;
+mod security;

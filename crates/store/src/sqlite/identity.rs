@@ -24,8 +24,12 @@ use arches_core::ports::{StoreError, StoreResult};
 use arches_core::time::Timestamp;
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnection, SqliteRow};
-use sqlx::{Connection, Decode, QueryBuilder, Row, Sqlite, Type};
+use sqlx::{Connection, QueryBuilder, Sqlite};
 
+use super::rows::{
+    column, json_column, micros, optional_timestamp_column, parsed_column, timestamp_column,
+    to_json, to_u64,
+};
 use super::{clamp_limit, cpu_work, parse_text, SqliteStore, BEGIN_WRITE};
 use crate::error::db;
 
@@ -103,22 +107,6 @@ fn found(rows_affected: u64, what: impl Display) -> StoreResult<()> {
 
 // --- decoding ---
 
-/// One column of a row; a value of the wrong type is corrupt data.
-fn column<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
-where
-    T: Decode<'r, Sqlite> + Type<Sqlite>,
-{
-    row.try_get(name).map_err(db)
-}
-
-fn parsed<T: FromStr>(row: &SqliteRow, name: &str) -> StoreResult<T>
-where
-    T::Err: Display,
-{
-    let text: &str = column(row, name)?;
-    parse_text(text, name)
-}
-
 fn optional_parsed<T: FromStr>(row: &SqliteRow, name: &str) -> StoreResult<Option<T>>
 where
     T::Err: Display,
@@ -128,46 +116,30 @@ where
         .transpose()
 }
 
-fn timestamp(row: &SqliteRow, name: &str) -> StoreResult<Timestamp> {
-    Ok(Timestamp(column(row, name)?))
-}
-
-fn optional_timestamp(row: &SqliteRow, name: &str) -> StoreResult<Option<Timestamp>> {
-    Ok(column::<Option<i64>>(row, name)?.map(Timestamp))
-}
-
-fn micros(at: Option<Timestamp>) -> Option<i64> {
-    at.map(Timestamp::as_micros)
-}
-
 fn org_from_row(row: &SqliteRow) -> StoreResult<OrgRecord> {
     Ok(OrgRecord {
-        id: parsed(row, "id")?,
+        id: parsed_column(row, "id")?,
         slug: column(row, "slug")?,
         name: column(row, "name")?,
-        created_at: timestamp(row, "created_at")?,
+        created_at: timestamp_column(row, "created_at")?,
     })
 }
 
 fn user_from_row(row: &SqliteRow) -> StoreResult<UserRecord> {
     let totp_last_step = column::<Option<i64>>(row, "totp_last_step")?
-        .map(|step| {
-            u64::try_from(step).map_err(|_| {
-                StoreError::Corrupt(format!("totp_last_step holds {step}, out of range"))
-            })
-        })
+        .map(|step| to_u64(step, "totp_last_step"))
         .transpose()?;
     Ok(UserRecord {
-        id: parsed(row, "id")?,
+        id: parsed_column(row, "id")?,
         email: column(row, "email")?,
         display_name: column(row, "display_name")?,
         password_hash: column(row, "password_hash")?,
-        email_verified_at: optional_timestamp(row, "email_verified_at")?,
+        email_verified_at: optional_timestamp_column(row, "email_verified_at")?,
         totp_secret: column(row, "totp_secret")?,
-        totp_enabled_at: optional_timestamp(row, "totp_enabled_at")?,
+        totp_enabled_at: optional_timestamp_column(row, "totp_enabled_at")?,
         totp_last_step,
-        created_at: timestamp(row, "created_at")?,
-        disabled_at: optional_timestamp(row, "disabled_at")?,
+        created_at: timestamp_column(row, "created_at")?,
+        disabled_at: optional_timestamp_column(row, "disabled_at")?,
     })
 }
 
@@ -175,68 +147,68 @@ fn user_from_row(row: &SqliteRow) -> StoreResult<UserRecord> {
 /// `users` renames.
 fn membership_from_row(row: &SqliteRow, created_at: &str) -> StoreResult<MembershipRecord> {
     Ok(MembershipRecord {
-        org_id: parsed(row, "org_id")?,
-        user_id: parsed(row, "user_id")?,
-        role: parsed(row, "role")?,
-        created_at: timestamp(row, created_at)?,
+        org_id: parsed_column(row, "org_id")?,
+        user_id: parsed_column(row, "user_id")?,
+        role: parsed_column(row, "role")?,
+        created_at: timestamp_column(row, created_at)?,
     })
 }
 
 fn session_from_row(row: &SqliteRow) -> StoreResult<SessionRecord> {
     Ok(SessionRecord {
-        id: parsed(row, "id")?,
-        user_id: parsed(row, "user_id")?,
-        org_id: parsed(row, "org_id")?,
+        id: parsed_column(row, "id")?,
+        user_id: parsed_column(row, "user_id")?,
+        org_id: parsed_column(row, "org_id")?,
         user_agent: column(row, "user_agent")?,
         ip: column(row, "ip")?,
         last_ip: column(row, "last_ip")?,
-        created_at: timestamp(row, "created_at")?,
-        last_seen_at: timestamp(row, "last_seen_at")?,
-        expires_at: timestamp(row, "expires_at")?,
-        revoked_at: optional_timestamp(row, "revoked_at")?,
+        created_at: timestamp_column(row, "created_at")?,
+        last_seen_at: timestamp_column(row, "last_seen_at")?,
+        expires_at: timestamp_column(row, "expires_at")?,
+        revoked_at: optional_timestamp_column(row, "revoked_at")?,
         revoked_reason: column(row, "revoked_reason")?,
     })
 }
 
 fn api_key_from_row(row: &SqliteRow) -> StoreResult<ApiKeyRecord> {
     Ok(ApiKeyRecord {
-        id: parsed(row, "id")?,
-        user_id: parsed(row, "user_id")?,
-        org_id: parsed(row, "org_id")?,
+        id: parsed_column(row, "id")?,
+        user_id: parsed_column(row, "user_id")?,
+        org_id: parsed_column(row, "org_id")?,
         name: column(row, "name")?,
-        role: parsed(row, "role")?,
+        role: parsed_column(row, "role")?,
         hash: column(row, "hash")?,
-        created_at: timestamp(row, "created_at")?,
-        expires_at: optional_timestamp(row, "expires_at")?,
-        last_used_at: optional_timestamp(row, "last_used_at")?,
-        revoked_at: optional_timestamp(row, "revoked_at")?,
+        created_at: timestamp_column(row, "created_at")?,
+        expires_at: optional_timestamp_column(row, "expires_at")?,
+        last_used_at: optional_timestamp_column(row, "last_used_at")?,
+        revoked_at: optional_timestamp_column(row, "revoked_at")?,
     })
 }
 
 fn one_time_token_from_row(row: &SqliteRow) -> StoreResult<OneTimeTokenRecord> {
     Ok(OneTimeTokenRecord {
         hash: column(row, "hash")?,
-        user_id: parsed(row, "user_id")?,
-        purpose: parsed(row, "purpose")?,
-        created_at: timestamp(row, "created_at")?,
-        expires_at: timestamp(row, "expires_at")?,
-        used_at: optional_timestamp(row, "used_at")?,
+        user_id: parsed_column(row, "user_id")?,
+        purpose: parsed_column(row, "purpose")?,
+        created_at: timestamp_column(row, "created_at")?,
+        expires_at: timestamp_column(row, "expires_at")?,
+        used_at: optional_timestamp_column(row, "used_at")?,
     })
 }
 
 fn invitation_from_row(row: &SqliteRow) -> StoreResult<InvitationRecord> {
     Ok(InvitationRecord {
-        id: parsed(row, "id")?,
-        org_id: parsed(row, "org_id")?,
+        id: parsed_column(row, "id")?,
+        org_id: parsed_column(row, "org_id")?,
         email: column(row, "email")?,
-        role: parsed(row, "role")?,
+        role: parsed_column(row, "role")?,
         token_hash: column(row, "token_hash")?,
-        invited_by: parsed(row, "invited_by")?,
-        created_at: timestamp(row, "created_at")?,
-        expires_at: timestamp(row, "expires_at")?,
-        accepted_at: optional_timestamp(row, "accepted_at")?,
+        invited_by: parsed_column(row, "invited_by")?,
+        created_at: timestamp_column(row, "created_at")?,
+        expires_at: timestamp_column(row, "expires_at")?,
+        accepted_at: optional_timestamp_column(row, "accepted_at")?,
         accepted_by: optional_parsed(row, "accepted_by")?,
-        revoked_at: optional_timestamp(row, "revoked_at")?,
+        revoked_at: optional_timestamp_column(row, "revoked_at")?,
     })
 }
 
@@ -247,9 +219,7 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEventRecord> {
                 .map_err(|_| StoreError::Corrupt(format!("status holds {status}, out of range")))
         })
         .transpose()?;
-    let details: &str = column(row, "details")?;
-    let details = serde_json::from_str(details)
-        .map_err(|e| StoreError::Corrupt(format!("details holds invalid json: {e}")))?;
+    let details = json_column(row, "details")?;
     Ok(AuditEventRecord {
         seq: column(row, "seq")?,
         event: NewAuditEvent {
@@ -259,10 +229,10 @@ fn audit_from_row(row: &SqliteRow) -> StoreResult<AuditEventRecord> {
             action: column(row, "action")?,
             target_kind: column(row, "target_kind")?,
             target_id: column(row, "target_id")?,
-            at: timestamp(row, "at")?,
+            at: timestamp_column(row, "at")?,
             ip: column(row, "ip")?,
             request_id: column(row, "request_id")?,
-            outcome: parsed(row, "outcome")?,
+            outcome: parsed_column(row, "outcome")?,
             status,
             details,
         },
@@ -380,7 +350,7 @@ impl IdentityStore for SqliteStore {
         .await
         .map_err(db)?;
         rows.iter()
-            .map(|row| Ok((org_from_row(row)?, parsed(row, "role")?)))
+            .map(|row| Ok((org_from_row(row)?, parsed_column(row, "role")?)))
             .collect()
     }
 
@@ -889,7 +859,7 @@ impl IdentityStore for SqliteStore {
             return Ok(RefreshOutcome::Unknown);
         };
         let mut session = session_from_row(&row)?;
-        let used_at = optional_timestamp(&row, "token_used_at")?;
+        let used_at = optional_timestamp_column(&row, "token_used_at")?;
         // A dead family stays dead whichever of its tokens is presented; only a live one
         // needs revoking on reuse.
         if !session.is_active(now) {
@@ -1220,8 +1190,7 @@ impl IdentityStore for SqliteStore {
     // --- audit trail ---
 
     async fn append_audit(&self, event: &NewAuditEvent) -> StoreResult<i64> {
-        let details = serde_json::to_string(&event.details)
-            .map_err(|e| StoreError::Backend(format!("cannot encode json: {e}")))?;
+        let details = to_json(&event.details)?;
         let mut writer = self.writer().await?;
         sqlx::query_scalar(
             "INSERT INTO audit_events (org_id, actor_user_id, actor_api_key_id, action,

@@ -31,7 +31,7 @@ fn optional_json(value: Option<&Value>) -> StoreResult<Option<String>> {
     value.map(to_json).transpose()
 }
 
-fn micros(at: Option<Timestamp>) -> Option<i64> {
+pub(super) fn micros(at: Option<Timestamp>) -> Option<i64> {
     at.map(Timestamp::as_micros)
 }
 
@@ -189,7 +189,7 @@ pub(super) fn encode_logs(lines: &[NewLogLine]) -> StoreResult<String> {
 }
 
 /// One column of a row; a value of the wrong type is corrupt data.
-fn column<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
+pub(super) fn column<'r, T>(row: &'r SqliteRow, name: &str) -> StoreResult<T>
 where
     T: Decode<'r, Sqlite> + Type<Sqlite>,
 {
@@ -202,7 +202,7 @@ pub(super) fn to_u32(value: i64, column: &str) -> StoreResult<u32> {
         .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
 }
 
-fn to_u64(value: i64, column: &str) -> StoreResult<u64> {
+pub(super) fn to_u64(value: i64, column: &str) -> StoreResult<u64> {
     u64::try_from(value)
         .map_err(|_| StoreError::Corrupt(format!("{column} holds {value}, out of range")))
 }
@@ -217,7 +217,7 @@ fn optional_u32_column(row: &SqliteRow, name: &str) -> StoreResult<Option<u32>> 
         .transpose()
 }
 
-fn parsed_column<T: std::str::FromStr>(row: &SqliteRow, name: &str) -> StoreResult<T>
+pub(super) fn parsed_column<T: std::str::FromStr>(row: &SqliteRow, name: &str) -> StoreResult<T>
 where
     T::Err: std::fmt::Display,
 {
@@ -230,7 +230,7 @@ fn json_text<T: DeserializeOwned>(text: &str, name: &str) -> StoreResult<T> {
         .map_err(|e| StoreError::Corrupt(format!("{name} holds invalid json: {e}")))
 }
 
-fn json_column<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
+pub(super) fn json_column<T: DeserializeOwned>(row: &SqliteRow, name: &str) -> StoreResult<T> {
     let text: &str = column(row, name)?;
     json_text(text, name)
 }
@@ -244,11 +244,14 @@ fn optional_json_column<T: DeserializeOwned>(
         .transpose()
 }
 
-fn timestamp_column(row: &SqliteRow, name: &str) -> StoreResult<Timestamp> {
+pub(super) fn timestamp_column(row: &SqliteRow, name: &str) -> StoreResult<Timestamp> {
     Ok(Timestamp(column(row, name)?))
 }
 
-fn optional_timestamp_column(row: &SqliteRow, name: &str) -> StoreResult<Option<Timestamp>> {
+pub(super) fn optional_timestamp_column(
+    row: &SqliteRow,
+    name: &str,
+) -> StoreResult<Option<Timestamp>> {
     Ok(column::<Option<i64>>(row, name)?.map(Timestamp))
 }
 
