@@ -521,7 +521,10 @@ pub trait IdentityStore: Send + Sync + 'static {
     async fn user(&self, id: UserId) -> StoreResult<Option<UserRecord>>;
     /// A user by (lowercased) email.
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>>;
-    /// Replaces a user's row (password, verification, TOTP fields, name, disabled).
+    /// Replaces a user's row (password, verification, TOTP fields, name, disabled), except
+    /// that `totp_last_step` never decreases nor clears: the higher of the stored and the
+    /// given step is kept, so writing back a copy read before a TOTP login cannot make its
+    /// code usable again.
     async fn update_user(&self, user: &UserRecord) -> StoreResult<()>;
     /// Records TOTP step `step` as used if it is above the stored last step; `false` when
     /// it is not (a replay).

@@ -1,6 +1,6 @@
 //! [`CachingIdentityStore`]: the identity port with a short-lived read cache in front of the
-//! three lookups every authenticated request makes (its session, its membership, its API
-//! key), so that a request costs one store query for its own work instead of three more for
+//! lookups every authenticated request makes (its session or API key, its user, its
+//! membership), so that a request costs one store query for its own work instead of three more for
 //! authentication.
 //!
 //! Invariants:
@@ -62,8 +62,14 @@ impl<K: Eq + Hash, V: Clone> Entries<K, V> {
         (at.elapsed() < IDENTITY_CACHE_TTL).then(|| value.clone())
     }
 
-    fn put(&self, key: K, value: Option<V>) {
+    /// Stores `value` unless a write happened since `generation` was read: the check is
+    /// made under the map's lock, and writers bump the generation before they take it to
+    /// clear, so a stale value is either refused here or removed by that clear.
+    fn put(&self, key: K, value: Option<V>, generation: &AtomicU64, seen: u64) {
         let mut map = self.lock();
+        if generation.load(Ordering::SeqCst) != seen {
+            return;
+        }
         if map.len() >= IDENTITY_CACHE_MAX_ENTRIES {
             map.clear();
         }
@@ -80,6 +86,7 @@ pub struct CachingIdentityStore {
     inner: Arc<dyn IdentityStore>,
     generation: AtomicU64,
     sessions: Entries<SessionId, SessionRecord>,
+    users: Entries<UserId, UserRecord>,
     memberships: Entries<(OrgId, UserId), MembershipRecord>,
     api_keys: Entries<ApiKeyId, ApiKeyRecord>,
 }
@@ -91,6 +98,7 @@ impl CachingIdentityStore {
             inner,
             generation: AtomicU64::new(0),
             sessions: Entries::new(),
+            users: Entries::new(),
             memberships: Entries::new(),
             api_keys: Entries::new(),
         }
@@ -100,16 +108,24 @@ impl CachingIdentityStore {
     fn invalidate(&self) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.sessions.clear();
+        self.users.clear();
         self.memberships.clear();
         self.api_keys.clear();
     }
 
-    /// Runs a write, then empties the cache (also when the write failed: it may have
-    /// changed something before failing).
+    /// Runs a write, then empties the cache — also when the write failed (it may have
+    /// changed something before failing) and when the caller drops the future half-way (the
+    /// store may have committed already): the guard empties the cache on drop.
     async fn write<T>(&self, result: impl std::future::Future<Output = T>) -> T {
-        let out = result.await;
+        struct Invalidate<'a>(&'a CachingIdentityStore);
+        impl Drop for Invalidate<'_> {
+            fn drop(&mut self) {
+                self.0.invalidate();
+            }
+        }
+        let _guard = Invalidate(self);
         self.invalidate();
-        out
+        result.await
     }
 
     /// A cached read: the fresh entry, or the store's answer, kept only if no write
@@ -125,9 +141,7 @@ impl CachingIdentityStore {
         }
         let generation = self.generation.load(Ordering::SeqCst);
         let value = load.await?;
-        if self.generation.load(Ordering::SeqCst) == generation {
-            entries.put(key, value.clone());
-        }
+        entries.put(key, value.clone(), &self.generation, generation);
         Ok(value)
     }
 }
@@ -154,7 +168,7 @@ impl IdentityStore for CachingIdentityStore {
         self.write(self.inner.create_user(user, join)).await
     }
     async fn user(&self, id: UserId) -> StoreResult<Option<UserRecord>> {
-        self.inner.user(id).await
+        self.read(&self.users, id, self.inner.user(id)).await
     }
     async fn user_by_email(&self, email: &str) -> StoreResult<Option<UserRecord>> {
         self.inner.user_by_email(email).await

@@ -8,7 +8,8 @@
 //!   still a member of the org, with the role the store holds now (a role change takes effect
 //!   at once, whatever the token says);
 //! - API key: known, hash equal (constant time), not revoked, not expired; its role is the
-//!   lower of the key's role and the owner's current role in the org.
+//!   lower of the key's role and the owner's current role in the org;
+//! - either way, the user's account must exist and not be disabled.
 //!
 //! Failures answer 401 with one message whatever the cause, so a probe learns nothing about
 //! which part was wrong; the cause goes to the log.
@@ -56,6 +57,53 @@ impl Principal {
             Ok(())
         } else {
             Err(ApiError::forbidden(permission.as_str()))
+        }
+    }
+}
+
+/// How often a long-lived response (a server-sent event stream) checks that its caller still
+/// has access.
+pub const STREAM_ACCESS_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Principal {
+    /// Whether this principal still has access now: its session is active (or its API key
+    /// unrevoked and unexpired), its account exists and is enabled, and it is still a member
+    /// of the org. A store error counts as no (fail closed: a client reconnects and resumes).
+    pub async fn still_valid(&self, state: &AppState) -> bool {
+        let now = state.clock.now();
+        let identity = &state.identity;
+        let credential_ok = match (self.session_id, self.api_key_id) {
+            (Some(session), _) => matches!(
+                identity.session(session).await,
+                Ok(Some(s)) if s.user_id == self.user_id && s.is_active(now)
+            ),
+            (None, Some(key)) => matches!(
+                identity.api_key(key).await,
+                Ok(Some(k)) if k.revoked_at.is_none() && k.expires_at.is_none_or(|at| at > now)
+            ),
+            (None, None) => false,
+        };
+        credential_ok
+            && matches!(
+                identity.membership(self.org_id, self.user_id).await,
+                Ok(Some(_))
+            )
+            && matches!(identity.user(self.user_id).await, Ok(Some(u)) if u.disabled_at.is_none())
+    }
+
+    /// Completes once this principal has lost access (checked every
+    /// [`STREAM_ACCESS_CHECK`]); streams end with it, so a logout, a revoked key or a removal
+    /// from the org also closes the caller's open event streams.
+    pub async fn access_lost(self, state: AppState) {
+        let mut tick = tokio::time::interval(STREAM_ACCESS_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if !self.still_valid(&state).await {
+                tracing::debug!(user = %self.user_id, "access lost; closing the stream");
+                return;
+            }
         }
     }
 }
@@ -124,6 +172,19 @@ impl FromRequestParts<AppState> for Principal {
     }
 }
 
+/// Refuses a user that no longer exists or whose account is disabled: a disabled account's
+/// API keys and unexpired access tokens stop working at once.
+async fn require_enabled_user(state: &AppState, user_id: UserId) -> Result<(), ApiError> {
+    let user = state.identity.user(user_id).await.map_err(ApiError::from)?;
+    match user {
+        Some(user) if user.disabled_at.is_none() => Ok(()),
+        _ => {
+            tracing::debug!(user = %user_id, "unknown or disabled user");
+            Err(unauthenticated())
+        }
+    }
+}
+
 async fn authenticate_key(
     state: &AppState,
     credential: &str,
@@ -157,6 +218,7 @@ async fn authenticate_key(
             tracing::debug!(key = %id, "api key owner is no longer a member");
             unauthenticated()
         })?;
+    require_enabled_user(state, key.user_id).await?;
     if key
         .last_used_at
         .is_none_or(|at| now.as_micros() - at.as_micros() >= SESSION_TOUCH_INTERVAL_MICROS)
@@ -212,6 +274,7 @@ async fn authenticate_token(
             tracing::debug!(user = %user_id, org = %org_id, "no longer a member");
             unauthenticated()
         })?;
+    require_enabled_user(state, user_id).await?;
     if now.as_micros() - session.last_seen_at.as_micros() >= SESSION_TOUCH_INTERVAL_MICROS {
         let ip = parts
             .extensions

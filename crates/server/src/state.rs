@@ -57,6 +57,41 @@ pub struct AuthServices {
     pub tokens: TokenIssuer,
     /// Login throttling.
     pub throttle: LoginThrottle,
+    /// Sign-in attempts for one account key run one at a time (see [`AttemptLocks`]).
+    pub attempts: AttemptLocks,
     /// Outgoing mail (verification, reset, invitations).
     pub mailer: Arc<dyn Mailer>,
+}
+
+/// Serializes sign-in attempts per account key, so that the throttle's check sees every
+/// earlier attempt's outcome: without it, N parallel guesses would all pass the check before
+/// any failure is counted. Keys are spread over [`AttemptLocks::STRIPES`] async mutexes by
+/// hash (two accounts sharing a stripe only wait for each other; a password check costs tens
+/// of milliseconds, so the stripes never bound throughput below what the CPU does anyway).
+pub struct AttemptLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl AttemptLocks {
+    /// Number of stripes.
+    pub const STRIPES: usize = 256;
+
+    /// The lock of `account_key`'s stripe.
+    pub fn of(&self, account_key: &str) -> &tokio::sync::Mutex<()> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        account_key.hash(&mut hasher);
+        let index = (hasher.finish() % Self::STRIPES as u64) as usize;
+        &self.stripes[index]
+    }
+}
+
+impl Default for AttemptLocks {
+    fn default() -> Self {
+        AttemptLocks {
+            stripes: (0..Self::STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
 }

@@ -389,11 +389,18 @@ pub async fn updating_a_user_replaces_every_field(store: Arc<dyn IdentityStore>)
         None
     );
 
+    // The TOTP step never goes back: a copy read before a login used step 7 must not
+    // reopen that code when it is written back.
     alice.totp_secret = None;
     alice.totp_enabled_at = None;
     alice.totp_last_step = None;
     alice.disabled_at = None;
     store.update_user(&alice).await.unwrap();
+    alice.totp_last_step = Some(7);
+    assert_eq!(store.user(alice.id).await.unwrap(), Some(alice.clone()));
+    let mut stale = alice.clone();
+    stale.totp_last_step = Some(3);
+    store.update_user(&stale).await.unwrap();
     assert_eq!(store.user(alice.id).await.unwrap(), Some(alice.clone()));
 
     let bob = stored_user(&*store, "bob@example.com", 3_000).await;

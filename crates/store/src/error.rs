@@ -1,5 +1,5 @@
-//! The crate's own error type, and how failures of SQLite, the filesystem and the object store
-//! map onto the storage port's [`StoreError`].
+//! The crate's own error type, and how failures of SQLite, PostgreSQL, the filesystem and the
+//! object store map onto the storage port's [`StoreError`].
 //!
 //! The mapping is what callers branch on: a full disk is [`StoreError::DiskFull`] wherever it
 //! happens, a refused constraint is [`StoreError::Conflict`], a locked or unreachable database
@@ -37,6 +37,22 @@ pub enum Error {
         /// The cause.
         source: sqlx::migrate::MigrateError,
     },
+    /// The PostgreSQL database could not be reached or configured.
+    #[error("cannot connect to database {database}: {source}")]
+    Connect {
+        /// The database's name (never the URL, which may carry a password).
+        database: String,
+        /// The cause.
+        source: sqlx::Error,
+    },
+    /// The embedded migrations could not be applied to the PostgreSQL database.
+    #[error("cannot migrate database {database}: {source}")]
+    MigrateDatabase {
+        /// The database's name.
+        database: String,
+        /// The cause.
+        source: sqlx::migrate::MigrateError,
+    },
     /// The artifact root could not be used as a blob store.
     #[error("cannot use artifact root {path}: {source}")]
     ArtifactRoot {
@@ -60,7 +76,11 @@ impl From<Error> for StoreError {
                 StoreError::Corrupt(_) => StoreError::Corrupt(message),
                 _ => StoreError::Unavailable(message),
             },
-            Error::Migrate { source, .. } => match source {
+            Error::Connect { source, .. } => match sqlx_error(source) {
+                StoreError::DiskFull(_) => StoreError::DiskFull(message),
+                _ => StoreError::Unavailable(message),
+            },
+            Error::Migrate { source, .. } | Error::MigrateDatabase { source, .. } => match source {
                 sqlx::migrate::MigrateError::Execute(inner) => match sqlx_error(inner) {
                     StoreError::DiskFull(_) => StoreError::DiskFull(message),
                     _ => StoreError::Backend(message),
@@ -90,6 +110,13 @@ mod sqlite_code {
 /// Maps a sqlx error onto the port's error.
 pub(crate) fn sqlx_error(error: &sqlx::Error) -> StoreError {
     match error {
+        sqlx::Error::Database(database)
+            if database
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .is_some() =>
+        {
+            postgres_error(database.code().as_deref(), database.message())
+        }
         sqlx::Error::Database(database) => {
             let message = database.message().to_owned();
             let primary = database
@@ -116,6 +143,27 @@ pub(crate) fn sqlx_error(error: &sqlx::Error) -> StoreError {
         | sqlx::Error::ColumnIndexOutOfBounds { .. }
         | sqlx::Error::TypeNotFound { .. } => StoreError::Corrupt(error.to_string()),
         other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// Maps a PostgreSQL error, by its SQLSTATE
+/// (<https://www.postgresql.org/docs/current/errcodes-appendix.html>), onto the port's error:
+/// integrity violations (class 23) are conflicts; a full disk (53100) is a full disk; lost
+/// connections (class 08), shutdowns (57P01 to 57P03), too many connections (53300), lock and
+/// serialization failures (class 40, 55P03) may succeed later and are unavailability; data
+/// corruption (XX001, XX002) is corrupt data.
+fn postgres_error(code: Option<&str>, message: &str) -> StoreError {
+    let message = message.to_owned();
+    let Some(code) = code else {
+        return StoreError::Backend(message);
+    };
+    match code {
+        "53100" => StoreError::DiskFull(message),
+        "53300" | "55P03" | "57P01" | "57P02" | "57P03" => StoreError::Unavailable(message),
+        "XX001" | "XX002" => StoreError::Corrupt(message),
+        _ if code.starts_with("23") => StoreError::Conflict(message),
+        _ if code.starts_with("08") || code.starts_with("40") => StoreError::Unavailable(message),
+        _ => StoreError::Backend(message),
     }
 }
 
@@ -185,6 +233,26 @@ mod tests {
         assert!(matches!(io_error(&error), StoreError::DiskFull(_)));
         let error = io::Error::from(io::ErrorKind::PermissionDenied);
         assert!(matches!(io_error(&error), StoreError::Backend(_)));
+    }
+
+    #[test]
+    fn postgres_states_map_by_class() {
+        assert!(matches!(
+            postgres_error(Some("23503"), "fk"),
+            StoreError::Conflict(_)
+        ));
+        assert!(matches!(
+            postgres_error(Some("53100"), "full"),
+            StoreError::DiskFull(_)
+        ));
+        assert!(matches!(
+            postgres_error(Some("40P01"), "deadlock"),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            postgres_error(Some("42P01"), "no table"),
+            StoreError::Backend(_)
+        ));
     }
 
     #[test]

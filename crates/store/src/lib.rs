@@ -1,7 +1,8 @@
 //! # arches-store
 //!
 //! Storage adapters of Arches: [`SqliteStore`], the embedded SQLite implementation of the
-//! storage port [`arches_core::ports::Store`], and [`LocalArtifactStore`], content-addressed
+//! storage port [`arches_core::ports::Store`], [`PgStore`], its PostgreSQL implementation for
+//! several processes sharing one store, and [`LocalArtifactStore`], content-addressed
 //! blobs on the local filesystem behind [`arches_core::ports::ArtifactStore`]. The
 //! [`conformance`] suite states what every backend of the storage port must do; the
 //! [`conformance_tests!`] macro runs it against a backend.
@@ -14,8 +15,10 @@ mod artifacts;
 pub mod conformance;
 pub mod conformance_identity;
 mod error;
+pub mod postgres;
 mod sqlite;
 
 pub use artifacts::LocalArtifactStore;
 pub use error::Error;
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;

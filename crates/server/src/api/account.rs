@@ -467,8 +467,8 @@ pub async fn revoke_other_sessions(
 }
 
 /// Creates a personal API key. Its role is at most the user's role in the key's org (and,
-/// for a request made with an API key, at most that key's role). The key text is answered
-/// this once.
+/// for a request made with an API key, at most that key's role, and expiring no later than
+/// that key). The key text is answered this once.
 #[utoipa::path(post, path = "/api/v1/account/api-keys", tag = "account", request_body = CreateApiKey,
     responses((status = 201, body = CreatedApiKey),
         (status = 403, body = crate::error::ApiErrorBody, description = "Role above the user's"),
@@ -520,6 +520,20 @@ pub async fn create_api_key(
         .with_detail("maximum", ceiling.as_str()));
     }
     let now = state.clock.now();
+    let mut expires_at = body
+        .expires_in_days
+        .map(|days| after_secs(now, u64::from(days) * 86_400));
+    if let Some(caller) = principal.api_key_id {
+        // A key cannot mint a key that outlives it.
+        let caller_expiry = state
+            .identity
+            .api_key(caller)
+            .await?
+            .and_then(|key| key.expires_at);
+        if let Some(limit) = caller_expiry {
+            expires_at = Some(expires_at.map_or(limit, |at| at.min(limit)));
+        }
+    }
     let secret = generate_api_key();
     let record = ApiKeyRecord {
         id: ApiKeyId(secret.id),
@@ -529,9 +543,7 @@ pub async fn create_api_key(
         role,
         hash: secret.hash.clone(),
         created_at: now,
-        expires_at: body
-            .expires_in_days
-            .map(|days| after_secs(now, u64::from(days) * 86_400)),
+        expires_at,
         last_used_at: None,
         revoked_at: None,
     };

@@ -707,6 +707,8 @@ pub async fn login(
     let key = normalize_account_key(&body.email);
     let ip = ip.to_string();
     let throttle = &state.auth.throttle;
+    // One attempt per account at a time, so that the check below sees every earlier outcome.
+    let _attempt = state.auth.attempts.of(&key).lock().await;
     throttle
         .check(&key, &ip, state.clock.now())
         .map_err(|t| ApiError::rate_limited(t.retry_after_secs))?;
@@ -825,6 +827,7 @@ pub async fn login_mfa(
         .ok_or_else(ApiError::invalid_credentials)?;
     let key = normalize_account_key(&user.email);
     let throttle = &state.auth.throttle;
+    let _attempt = state.auth.attempts.of(&key).lock().await;
     throttle
         .check(&key, &ip, now)
         .map_err(|t| ApiError::rate_limited(t.retry_after_secs))?;

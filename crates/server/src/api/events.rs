@@ -104,6 +104,7 @@ pub async fn stream_events(
                 }
             }
         })
+        .take_until(Box::pin(principal.clone().access_lost(state.clone())))
         .map(Ok::<_, Infallible>);
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))

@@ -611,6 +611,9 @@ pub async fn run_logs(
             )
         })
         .collect();
+    // Read the run again after subscribing: had it ended between the first read and the
+    // subscription, its end would never come from the bus.
+    let run = org_run(&state, &principal, &id).await?;
     let ended = run.state.is_terminal();
     let head = stream::iter(
         stored
@@ -627,7 +630,10 @@ pub async fn run_logs(
     } else {
         Box::pin(follow_logs(live, run_id, task_id, seen))
     };
-    let events = head.chain(tail).map(Ok::<_, Infallible>);
+    let events = head
+        .chain(tail)
+        .take_until(Box::pin(principal.clone().access_lost(state.clone())))
+        .map(Ok::<_, Infallible>);
     Ok(Sse::new(events)
         .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
         .into_response())
@@ -654,8 +660,10 @@ fn follow_logs(
                                 "reset",
                                 &json!({ "reason": "events were missed; reload the log page" }),
                             ),
-                            (live, seen, false),
-                        ))
+                            // The missed events may include the run's end: stop here, and the
+                            // client reloads from its last cursor.
+                            (live, seen, true),
+                        ));
                     }
                     Delivery::Event(envelope) => envelope,
                 };

@@ -2211,3 +2211,128 @@ async fn malformed_input_gets_a_4xx_in_the_error_shape_and_never_a_500() {
         pipelines.text
     );
 }
+
+/// Parallel wrong passwords for one account: the throttle sees each outcome before the next
+/// attempt is checked, so no more guesses than the limit are tried before the lockout.
+#[tokio::test]
+async fn parallel_guesses_for_one_account_are_throttled_at_the_limit() {
+    let server = TestServer::start().await;
+    signup(&server, "target@example.test", "Target").await;
+    let payloads: Vec<Payload> = (0..20)
+        .map(|i| {
+            Payload::Json(
+                json!({ "email": "target@example.test", "password": format!("wrong guess {i}") }),
+            )
+        })
+        .collect();
+    let guesses = payloads.iter().map(|payload| {
+        call(
+            &server,
+            Method::POST,
+            "/api/v1/auth/login",
+            None,
+            payload,
+            &[],
+        )
+    });
+    let answers = futures::future::join_all(guesses).await;
+    let tried = answers.iter().filter(|a| a.status == 401).count();
+    let throttled = answers.iter().filter(|a| a.status == 429).count();
+    let limit = server.state.auth.throttle.config().account_failures_max as usize;
+    assert_eq!(
+        tried,
+        limit,
+        "{:?}",
+        answers.iter().map(|a| a.status).collect::<Vec<_>>()
+    );
+    assert_eq!(tried + throttled, 20);
+}
+
+/// A disabled account's access token and API keys stop working at once.
+#[tokio::test]
+async fn a_disabled_account_loses_its_tokens_and_api_keys() {
+    let server = TestServer::start().await;
+    let (token, user_id) = server.token_in(OrgId::DEFAULT, Role::Editor).await;
+    let key = call(
+        &server,
+        Method::POST,
+        "/api/v1/account/api-keys",
+        Some(&token),
+        &Payload::Json(json!({ "name": "ci" })),
+        &[],
+    )
+    .await;
+    assert_eq!(key.status, 201, "{}", key.text);
+    let key = text(&key.json, "/key");
+    for credential in [&token, &key] {
+        let answer = call(
+            &server,
+            Method::GET,
+            "/api/v1/runs",
+            Some(credential),
+            &Payload::None,
+            &[],
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{}", answer.text);
+    }
+    let identity = &server.state.identity;
+    let mut user = identity.user(user_id).await.unwrap().expect("the user");
+    user.disabled_at = Some(server.state.clock.now());
+    identity.update_user(&user).await.unwrap();
+    for credential in [&token, &key] {
+        let answer = call(
+            &server,
+            Method::GET,
+            "/api/v1/runs",
+            Some(credential),
+            &Payload::None,
+            &[],
+        )
+        .await;
+        assert_error(&answer, 401, "unauthenticated", "disabled account");
+    }
+}
+
+/// An open event stream ends once its session is revoked: access is checked again while the
+/// stream lives, not only when it opens.
+#[tokio::test]
+async fn an_open_event_stream_ends_when_its_session_is_revoked() {
+    let server = TestServer::start().await;
+    let (token, user_id) = server.token_in(OrgId::DEFAULT, Role::Viewer).await;
+    let response = server
+        .client
+        .get(server.url("/api/v1/events"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("the stream opens");
+    assert_eq!(response.status(), 200);
+    let session = server
+        .state
+        .identity
+        .sessions_of_user(user_id, true, server.state.clock.now())
+        .await
+        .unwrap()
+        .remove(0);
+    server
+        .state
+        .identity
+        .revoke_session(user_id, session.id, server.state.clock.now(), "test")
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    let bound = arches_server::principal::STREAM_ACCESS_CHECK * 3;
+    let ended = tokio::time::timeout(bound, async {
+        while let Some(chunk) = stream.next().await {
+            if chunk.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream still runs {bound:?} after the revocation"
+    );
+}

@@ -445,7 +445,9 @@ impl IdentityStore for SqliteStore {
         let done = sqlx::query(
             "UPDATE users SET email = ?2, display_name = ?3, password_hash = ?4,
                               email_verified_at = ?5, totp_secret = ?6, totp_enabled_at = ?7,
-                              totp_last_step = ?8, created_at = ?9, disabled_at = ?10
+                              totp_last_step = NULLIF(MAX(COALESCE(totp_last_step, -1),
+                                                          COALESCE(?8, -1)), -1),
+                              created_at = ?9, disabled_at = ?10
              WHERE id = ?1",
         )
         .bind(user.id.to_string())

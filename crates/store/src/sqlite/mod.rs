@@ -49,13 +49,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CONNECTIONS_MAX: u32 = 4;
 
 /// Limit of [`Store::runs`] and [`Store::artifacts`] when the filter gives 0.
-const LIST_LIMIT_DEFAULT: u32 = 100;
+pub(crate) const LIST_LIMIT_DEFAULT: u32 = 100;
 /// Most runs or artifacts one listing returns.
-const LIST_LIMIT_MAX: u32 = 1_000;
+pub(crate) const LIST_LIMIT_MAX: u32 = 1_000;
 /// Limit of [`Store::logs`] when the query gives 0.
-const LOG_LIMIT_DEFAULT: u32 = 1_000;
+pub(crate) const LOG_LIMIT_DEFAULT: u32 = 1_000;
 /// Most log lines one read returns.
-const LOG_LIMIT_MAX: u32 = 10_000;
+pub(crate) const LOG_LIMIT_MAX: u32 = 10_000;
 
 /// The statement that opens every write transaction. `IMMEDIATE` takes the write lock at once,
 /// so a transaction that reads before it writes cannot fail half-way on a lock upgrade when
@@ -383,7 +383,7 @@ const INLINE_ROWS_MAX: usize = 512;
 /// current-thread runtime (tests, tools) has no other thread to move them to and runs it
 /// inline. Moving the work to the blocking pool instead would need a copy of the rows,
 /// which costs as much as the work itself.
-fn cpu_work<T>(rows: usize, work: impl FnOnce() -> T) -> T {
+pub(crate) fn cpu_work<T>(rows: usize, work: impl FnOnce() -> T) -> T {
     let multi_thread = tokio::runtime::Handle::try_current()
         .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
     if rows > INLINE_ROWS_MAX && multi_thread {
@@ -394,14 +394,14 @@ fn cpu_work<T>(rows: usize, work: impl FnOnce() -> T) -> T {
 }
 
 /// Clamps a listing limit: 0 takes the default, anything else is bounded to `1..=max`.
-fn clamp_limit(limit: u32, default: u32, max: u32) -> i64 {
+pub(crate) fn clamp_limit(limit: u32, default: u32, max: u32) -> i64 {
     let limit = if limit == 0 { default } else { limit };
     i64::from(limit.clamp(1, max))
 }
 
 /// Task runs of the batch written after a write of the same id with a higher token in the same
 /// batch: they are refused by the upsert guard like a write below the stored token.
-fn stale_within_batch(task_runs: &[TaskRunRecord]) -> Vec<TaskRunId> {
+pub(crate) fn stale_within_batch(task_runs: &[TaskRunRecord]) -> Vec<TaskRunId> {
     let mut highest: HashMap<TaskRunId, u64> = HashMap::with_capacity(task_runs.len());
     let mut stale = Vec::new();
     for task_run in task_runs {
@@ -418,7 +418,7 @@ fn stale_within_batch(task_runs: &[TaskRunRecord]) -> Vec<TaskRunId> {
 /// The canonical JSON of a value: objects with their keys sorted, whatever the `serde_json`
 /// features of the build (`preserve_order` would otherwise keep insertion order and change the
 /// digest of the same definition between builds).
-fn canonical(value: Value) -> Value {
+pub(crate) fn canonical(value: Value) -> Value {
     match value {
         Value::Object(map) => {
             let mut entries: Vec<(String, Value)> = map.into_iter().collect();
@@ -938,7 +938,7 @@ impl Store for SqliteStore {
 }
 
 /// Parses stored text into a typed value, or reports the column as corrupt.
-fn parse_text<T: FromStr>(text: &str, column: &str) -> StoreResult<T>
+pub(crate) fn parse_text<T: FromStr>(text: &str, column: &str) -> StoreResult<T>
 where
     T::Err: std::fmt::Display,
 {
