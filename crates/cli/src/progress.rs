@@ -61,13 +61,16 @@ impl Progress {
             let mut lines: HashMap<TaskRunId, ProgressBar> = HashMap::new();
             let mut hidden_running = 0usize;
             loop {
+                // Events already sent come before the stop: the last task's change and the
+                // run's end often arrive together, and the display must show both.
                 let event = tokio::select! {
-                    _ = &mut stopped => break,
+                    biased;
                     event = events.recv() => match event {
                         Ok(event) => event,
                         Err(broadcast::error::RecvError::Lagged(_)) => continue,
                         Err(broadcast::error::RecvError::Closed) => break,
                     },
+                    _ = &mut stopped => break,
                 };
                 let DomainEvent::TaskRunStateChanged {
                     run_id: event_run,
