@@ -14,6 +14,7 @@
 mod artifacts;
 pub mod conformance;
 pub mod conformance_identity;
+mod decode;
 mod error;
 pub mod postgres;
 mod sqlite;

@@ -6,7 +6,7 @@
 //! `Some(Value::Null)` as the JSON `null`, so the two stay distinct. Timestamps are bound as
 //! their microseconds and unsigned counts as `bigint`.
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, TaskRunId};
 use arches_core::ports::{StoreError, StoreResult};
 use arches_core::records::*;
 use arches_core::state::{AttemptState, RunState, TaskRunState};
@@ -18,6 +18,7 @@ use sqlx::types::Json;
 use sqlx::{Decode, Row, Type};
 use uuid::Uuid;
 
+use crate::decode::{stream_text, task_id_text};
 use crate::error::db;
 use crate::sqlite::parse_text;
 
@@ -248,10 +249,6 @@ fn optional_timestamp_column(row: &PgRow, name: &str) -> StoreResult<Option<Time
     Ok(column::<Option<i64>>(row, name)?.map(Timestamp))
 }
 
-fn task_id_text(text: &str, name: &str) -> StoreResult<TaskId> {
-    TaskId::parse(text).map_err(|e| StoreError::Corrupt(format!("{name} holds {text:?}: {e}")))
-}
-
 /// A `pipelines` row joined with its name's archive time.
 pub(super) fn pipeline_from_row(row: &PgRow) -> StoreResult<StoredPipeline> {
     Ok(StoredPipeline {
@@ -321,15 +318,6 @@ pub(super) fn attempt_from_row(row: &PgRow) -> StoreResult<AttemptRecord> {
         finished_at: optional_timestamp_column(row, "finished_at")?,
         error: column(row, "error")?,
     })
-}
-
-fn stream_text(text: &str) -> StoreResult<LogStream> {
-    match text {
-        "stdout" => Ok(LogStream::Stdout),
-        "stderr" => Ok(LogStream::Stderr),
-        "system" => Ok(LogStream::System),
-        other => Err(StoreError::Corrupt(format!("logs.stream holds {other:?}"))),
-    }
 }
 
 /// A `logs` row.

@@ -7,7 +7,7 @@
 //! as parameters they are bound as text. `None` is stored as SQL `NULL` (JSON `null` in a
 //! document, a `NULL` parameter), while `Some(Value::Null)` is stored as the text `null`.
 
-use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{OrgId, RunId, TaskRunId};
 use arches_core::ports::{StoreError, StoreResult};
 use arches_core::records::*;
 use arches_core::state::{AttemptState, RunState, TaskRunState};
@@ -19,6 +19,7 @@ use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Arguments, Decode, Encode, Row, Sqlite, Type};
 
 use super::parse_text;
+use crate::decode::{stream_text, task_id_text};
 use crate::error::db;
 
 /// Encodes a value as JSON text.
@@ -255,10 +256,6 @@ pub(super) fn optional_timestamp_column(
     Ok(column::<Option<i64>>(row, name)?.map(Timestamp))
 }
 
-fn task_id_text(text: &str, name: &str) -> StoreResult<TaskId> {
-    TaskId::parse(text).map_err(|e| StoreError::Corrupt(format!("{name} holds {text:?}: {e}")))
-}
-
 /// A `pipelines` row.
 pub(super) fn pipeline_from_row(row: &SqliteRow) -> StoreResult<StoredPipeline> {
     Ok(StoredPipeline {
@@ -328,15 +325,6 @@ pub(super) fn attempt_from_row(row: &SqliteRow) -> StoreResult<AttemptRecord> {
         finished_at: optional_timestamp_column(row, "finished_at")?,
         error: column(row, "error")?,
     })
-}
-
-fn stream_text(text: &str) -> StoreResult<LogStream> {
-    match text {
-        "stdout" => Ok(LogStream::Stdout),
-        "stderr" => Ok(LogStream::Stderr),
-        "system" => Ok(LogStream::System),
-        other => Err(StoreError::Corrupt(format!("logs.stream holds {other:?}"))),
-    }
 }
 
 /// A `logs` row.
