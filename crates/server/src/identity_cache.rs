@@ -1,14 +1,15 @@
 //! [`CachingIdentityStore`]: the identity port with a short-lived read cache in front of the
 //! lookups every authenticated request makes (its session or API key, its user, its
-//! membership), so that a request costs one store query for its own work instead of three more for
-//! authentication.
+//! membership), so that a request costs one store query for its own work instead of three
+//! more for authentication.
 //!
 //! Invariants:
 //! - every write through this store (revoking a session, changing a role, removing a member,
-//!   revoking a key, rotating a refresh token…) empties the cache before it returns, so on
-//!   this replica a revocation takes effect for the very next request;
+//!   revoking a key, rotating a refresh token…) empties the cache when it ends — also when
+//!   it fails or its future is dropped half-way — so on this replica a revocation takes
+//!   effect for the very next request;
 //! - a read that raced with a write never stores what it read (a generation counter taken
-//!   before the read must still hold after it);
+//!   before the read must still hold, checked under the cache's lock, when it stores);
 //! - an entry lives at most [`IDENTITY_CACHE_TTL`], which bounds how long another replica
 //!   sharing the database (the scale-out setup) may still accept a session revoked
 //!   elsewhere;
@@ -124,7 +125,6 @@ impl CachingIdentityStore {
             }
         }
         let _guard = Invalidate(self);
-        self.invalidate();
         result.await
     }
 
