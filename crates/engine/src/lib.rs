@@ -217,6 +217,12 @@ impl Engine {
         }
     }
 
+    /// Arms the scheduler's failure points with `failpoints` (tests of recovery from a
+    /// failed commit; the default never fires).
+    pub fn set_failpoints(&mut self, failpoints: FailPoints) {
+        self.scheduler.set_failpoints(failpoints);
+    }
+
     /// A cheap handle to submit, resume, cancel and watch runs.
     pub fn handle(&self) -> SchedulerHandle {
         self.scheduler.handle()

@@ -272,6 +272,11 @@ impl Scheduler {
         self.bus = Some(bus);
     }
 
+    /// Replaces the failure points (tests).
+    pub fn set_failpoints(&mut self, failpoints: FailPoints) {
+        self.failpoints = failpoints;
+    }
+
     /// A handle for callers and workers.
     pub fn handle(&self) -> SchedulerHandle {
         self.handle.clone()

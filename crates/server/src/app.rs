@@ -12,7 +12,7 @@ use arches_auth::password::{PasswordHasher, PasswordPolicy};
 use arches_auth::throttle::{LoginThrottle, ThrottleConfig};
 use arches_core::records::Durability as StoreDurability;
 use arches_core::{Clock, SystemClock};
-use arches_engine::{Engine, EngineOptions, EventBus, InProcessBus};
+use arches_engine::{Engine, EngineOptions, EventBus, FailPoints, InProcessBus};
 use arches_store::{LocalArtifactStore, SqliteStore};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +21,7 @@ use crate::config::{Durability, ServerConfig, SmtpTls as ConfigTls};
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::state::{AppState, AuthServices};
+use crate::supervisor::{EngineFactory, EngineSlot};
 
 /// Events kept for resuming live streams (`Last-Event-ID`).
 pub const EVENT_REPLAY_MAX: usize = 16_384;
@@ -34,6 +35,8 @@ pub struct BuildOptions {
     pub insecure_fast_hashing: bool,
     /// Use this clock instead of the system's.
     pub clock: Option<Arc<dyn ClockDebug>>,
+    /// Failure points armed into every engine the server builds (tests of recovery).
+    pub failpoints: Option<FailPoints>,
 }
 
 /// A [`Clock`] that can be debug-printed (for [`BuildOptions`]).
@@ -48,6 +51,9 @@ pub struct Built {
     pub router: Router,
     /// The engine, to run beside the HTTP server (absent with workers disabled).
     pub engine: Option<Engine>,
+    /// Builds a replacement when the engine stops on a store failure (absent with workers
+    /// disabled); see [`crate::supervisor`].
+    pub engine_factory: Option<EngineFactory>,
     /// The SQLite store, to close on shutdown.
     pub store: SqliteStore,
 }
@@ -103,23 +109,35 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
     ));
     let tools = arches_tools::builtin_registry();
 
-    let engine = if config.workers.enabled {
+    let engine_factory: Option<EngineFactory> = if config.workers.enabled {
         let mut engine_options = EngineOptions::new(home.join("work"));
         engine_options.worker_id = format!("server:{}", std::process::id());
         if let Some(slots) = config.workers.slots {
             engine_options.worker_slots = slots.max(1);
         }
-        Some(Engine::build_with_bus(
-            engine_options,
-            store.clone(),
-            artifacts.clone(),
-            arches_tools::builtin_registry(),
-            clock.clone(),
-            Some(bus.clone()),
-        ))
+        let store = store.clone();
+        let artifacts = artifacts.clone();
+        let clock = clock.clone();
+        let bus = bus.clone();
+        let failpoints = options.failpoints.clone();
+        Some(Arc::new(move || {
+            let mut engine = Engine::build_with_bus(
+                engine_options.clone(),
+                store.clone(),
+                artifacts.clone(),
+                arches_tools::builtin_registry(),
+                clock.clone(),
+                Some(bus.clone()),
+            );
+            if let Some(failpoints) = &failpoints {
+                engine.set_failpoints(failpoints.clone());
+            }
+            engine
+        }))
     } else {
         None
     };
+    let engine = engine_factory.as_ref().map(|factory| factory());
 
     let secret = jwt_secret(&config, &home)?;
     let tokens = TokenIssuer::new(
@@ -156,7 +174,9 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         identity: Arc::new(crate::identity_cache::CachingIdentityStore::new(store)),
         artifacts,
         bus,
-        engine: engine.as_ref().map(Engine::handle),
+        engine: engine
+            .as_ref()
+            .map(|engine| EngineSlot::new(engine.handle())),
         tools: Arc::new(tools),
         auth: Arc::new(AuthServices {
             hasher,
@@ -176,6 +196,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         state,
         router,
         engine,
+        engine_factory,
         store: sqlite,
     })
 }
@@ -257,7 +278,7 @@ pub const RECOVER_RUNS_MAX: usize = 10_000;
 pub async fn recover_runs(state: &AppState) -> Result<usize, arches_engine::Error> {
     use arches_core::records::RunFilter;
     use arches_core::RunState;
-    let Some(engine) = &state.engine else {
+    let Some(engine) = state.engine.as_ref().map(EngineSlot::handle) else {
         return Ok(0);
     };
     let mut resumed = 0;
@@ -322,23 +343,35 @@ pub async fn serve(
         state,
         router,
         engine,
+        engine_factory,
         store,
     } = built;
-    let engine_stop = CancellationToken::new();
-    let engine_task = engine.map(|engine| tokio::spawn(engine.run(engine_stop.clone())));
+    let stop = CancellationToken::new();
+    let first_stop = stop.child_token();
+    let engine_task = engine.map(|engine| tokio::spawn(engine.run(first_stop.clone())));
     match recover_runs(&state).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(runs = n, "resumed runs left unfinished by the last stop"),
-        Err(error) => tracing::error!(%error, "cannot resume unfinished runs"),
+        Err(error) => {
+            // The supervisor rebuilds the engine and tries again.
+            tracing::error!(%error, "cannot resume unfinished runs");
+            first_stop.cancel();
+        }
     }
+    let supervisor = engine_task.zip(engine_factory).map(|(task, factory)| {
+        tokio::spawn(crate::supervisor::supervise(
+            task,
+            factory,
+            state.clone(),
+            stop.clone(),
+        ))
+    });
     let grace = Duration::from_secs(state.config.http.shutdown_grace_secs);
     let result = crate::http::serve(listener, router, grace, shutdown).await;
-    engine_stop.cancel();
-    if let Some(task) = engine_task {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::error!(%error, "the engine stopped with an error"),
-            Err(error) => tracing::error!(%error, "the engine task failed"),
+    stop.cancel();
+    if let Some(supervisor) = supervisor {
+        if let Err(error) = supervisor.await {
+            tracing::error!(%error, "the engine supervisor failed");
         }
     }
     store.close().await;

@@ -29,4 +29,5 @@ pub mod metrics;
 pub mod principal;
 pub mod ratelimit;
 pub mod state;
+pub mod supervisor;
 pub mod telemetry;

@@ -10,11 +10,12 @@ use arches_auth::throttle::LoginThrottle;
 use arches_core::identity::IdentityStore;
 use arches_core::ports::{ArtifactStore, Store, ToolRegistry};
 use arches_core::Clock;
-use arches_engine::{EventBus, SchedulerHandle};
+use arches_engine::EventBus;
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::supervisor::EngineSlot;
 
 /// What handlers share. Cheap to clone (everything is behind an `Arc`).
 #[derive(Clone)]
@@ -30,8 +31,9 @@ pub struct AppState {
     /// Live events.
     pub bus: Arc<dyn EventBus>,
     /// The engine driving runs in this process; `None` for an API-only replica
-    /// (`--no-workers`), which refuses to start runs with 503.
-    pub engine: Option<SchedulerHandle>,
+    /// (`--no-workers`), which refuses to start runs with 503. The supervisor replaces the
+    /// handle when it rebuilds the engine after a store failure.
+    pub engine: Option<EngineSlot>,
     /// Names and checks of the tools known to this server, for validation.
     pub tools: Arc<ToolRegistry>,
     /// Auth services.

@@ -83,6 +83,13 @@ impl From<StoreError> for ApiError {
                 tracing::warn!(%message, "store unavailable");
                 ApiError::unavailable("the store is unavailable; retry shortly").with_retry_after(1)
             }
+            // Nothing of the write was stored, and space may come back (logs rotated,
+            // artifacts removed): a retry can succeed, so this is 503 and not a 500.
+            StoreError::DiskFull(message) => {
+                tracing::error!(%message, "store out of disk space");
+                ApiError::unavailable("the store is out of disk space; nothing was saved")
+                    .with_retry_after(30)
+            }
             other => ApiError::internal(other),
         }
     }
@@ -93,9 +100,10 @@ impl From<arches_engine::Error> for ApiError {
     fn from(error: arches_engine::Error) -> Self {
         match error {
             arches_engine::Error::Store(store) => store.into(),
-            arches_engine::Error::Stopped => {
-                ApiError::unavailable("the engine is shutting down").with_retry_after(5)
-            }
+            arches_engine::Error::Stopped => ApiError::unavailable(
+                "the engine is not running (restarting after a store failure, or shutting down)",
+            )
+            .with_retry_after(1),
             arches_engine::Error::UnknownRun(run) => {
                 ApiError::conflict(format!("run {run} is not active"))
             }

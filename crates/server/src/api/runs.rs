@@ -31,6 +31,7 @@ use crate::api::{parse_time, rfc3339, AuditTarget, Page};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, ErrorCode};
 use crate::principal::Principal;
 use crate::state::AppState;
+use crate::supervisor::EngineSlot;
 
 /// Default and largest page of runs.
 const RUNS_PAGE_DEFAULT: u32 = 50;
@@ -216,11 +217,17 @@ impl From<LogLine> for LogLineView {
     }
 }
 
-fn engine(state: &AppState) -> Result<&SchedulerHandle, ApiError> {
-    state.engine.as_ref().ok_or_else(|| {
-        ApiError::unavailable("this server runs no workers (--no-workers); runs cannot start here")
+fn engine(state: &AppState) -> Result<SchedulerHandle, ApiError> {
+    state
+        .engine
+        .as_ref()
+        .map(EngineSlot::handle)
+        .ok_or_else(|| {
+            ApiError::unavailable(
+                "this server runs no workers (--no-workers); runs cannot start here",
+            )
             .with_retry_after(30)
-    })
+        })
 }
 
 /// A run of the principal's org, or 404.

@@ -39,6 +39,15 @@ impl TestServer {
 
     /// A server whose configuration `adjust` changes first.
     pub async fn start_with(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        Self::start_built_with(adjust, BuildOptions::default()).await
+    }
+
+    /// A server whose configuration `adjust` changes first, built with `options` (cheap
+    /// password hashing is always on).
+    pub async fn start_built_with(
+        adjust: impl FnOnce(&mut ServerConfig),
+        options: BuildOptions,
+    ) -> TestServer {
         let home = tempfile::tempdir().expect("a temporary home");
         let mut config = ServerConfig {
             home: home.path().to_path_buf(),
@@ -55,7 +64,7 @@ impl TestServer {
             config,
             BuildOptions {
                 insecure_fast_hashing: true,
-                clock: None,
+                ..options
             },
         )
         .await
@@ -172,7 +181,7 @@ impl TestServer {
     /// Waits for a run to end through the engine (no polling, no sleeps); its state.
     pub async fn finished(&self, run_id: &str) -> String {
         let run_id: RunId = run_id.parse().expect("a run id");
-        let engine = self.state.engine.as_ref().expect("workers are on");
+        let engine = self.state.engine.as_ref().expect("workers are on").handle();
         let run = tokio::time::timeout(Duration::from_secs(60), engine.wait(run_id))
             .await
             .expect("the run ends within a minute")

@@ -660,3 +660,77 @@ async fn orgs_are_isolated_and_writes_are_audited() {
         "{denied:?}"
     );
 }
+
+/// A failed commit stops the scheduler; the supervisor rebuilds the engine from the store,
+/// the interrupted run finishes, a trigger whose commit failed is refused with 503 and
+/// leaves nothing behind, and triggers work again afterwards.
+#[tokio::test]
+async fn the_engine_is_rebuilt_after_a_failed_commit_and_runs_finish() {
+    let failpoints = arches_engine::FailPoints::default();
+    let server = TestServer::start_built_with(
+        |_| {},
+        arches_server::app::BuildOptions {
+            failpoints: Some(failpoints.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let slot = server.state.engine.clone().expect("workers are on");
+    let editor = server.token_for(Role::Editor).await;
+    create(&server, &editor, FLAKY).await;
+    let trigger = json!({"pipeline": "flaky", "params": {"fail_times": 0}});
+
+    // The trigger's commit answers the caller; the scheduler stops right after the next one,
+    // in the middle of the run (three tasks in a chain need more than two commits).
+    failpoints.fail_after_commit(2);
+    let (status, run) = server.post(&editor, "/api/v1/runs", &trigger).await;
+    assert_eq!(status, 201, "{run}");
+    let run_id = run["id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(Duration::from_secs(30), slot.rebuilt(1))
+        .await
+        .expect("the engine is rebuilt");
+    assert_eq!(server.finished(&run_id).await, "succeeded");
+    let (_, task_runs) = server
+        .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
+        .await;
+    let states: Vec<&str> = task_runs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["succeeded", "succeeded", "succeeded"]);
+
+    // A commit that fails before writing: the caller gets 503 with Retry-After, and no run
+    // is stored.
+    failpoints.fail_before_commit(1);
+    let response = server
+        .client
+        .post(server.url("/api/v1/runs"))
+        .bearer_auth(&editor)
+        .json(&trigger)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "unavailable", "{body}");
+    tokio::time::timeout(Duration::from_secs(30), slot.rebuilt(2))
+        .await
+        .expect("the engine is rebuilt again");
+    let (_, runs) = server.get(&editor, "/api/v1/runs").await;
+    assert_eq!(
+        runs["items"].as_array().unwrap().len(),
+        1,
+        "the refused trigger left no run: {runs}"
+    );
+
+    let (status, run) = server.post(&editor, "/api/v1/runs", &trigger).await;
+    assert_eq!(status, 201, "{run}");
+    assert_eq!(
+        server.finished(run["id"].as_str().unwrap()).await,
+        "succeeded"
+    );
+    assert_eq!(slot.generation(), 2);
+}
