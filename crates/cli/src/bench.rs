@@ -51,6 +51,23 @@ pub enum BenchCommand {
         #[arg(long)]
         batch: Option<usize>,
     },
+    /// Sandboxed WASM tasks (examples/wasm/fib.wat, recursive Fibonacci): a chain of `tasks`
+    /// wasm tasks computing fib(`n`), and the per-task overhead above the module's own
+    /// compute time (measured by calling the warm module directly).
+    Wasm {
+        /// Tasks in the chain.
+        #[arg(long, default_value_t = 40)]
+        tasks: usize,
+        /// The Fibonacci number each task computes.
+        #[arg(long, default_value_t = 33)]
+        n: u32,
+        /// Runs measured (the median of their medians is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Store durability.
+        #[arg(long = "sync", default_value = "normal")]
+        sync: Durability,
+    },
     /// The HTTP API under load: an in-process server on a loopback port and keep-alive
     /// connections sending one request back to back (see `bench_api`).
     Api {
@@ -206,6 +223,59 @@ fn chain_def(tasks: usize) -> anyhow::Result<PipelineDef> {
     )?)
 }
 
+/// The benchmark's WASM module: recursive Fibonacci, reading n on stdin.
+const FIB_WAT: &str = include_str!("../../../examples/wasm/fib.wat");
+
+fn wasm_chain_def(tasks: usize, module: &std::path::Path, n: u32) -> anyhow::Result<PipelineDef> {
+    let module = module.to_string_lossy();
+    let list: Vec<_> = (0..tasks)
+        .map(|i| {
+            let mut task = json!({
+                "id": format!("t{i}"),
+                "tool": "wasm",
+                "with": {"module": module, "input": n, "cpu_ms": 600_000},
+            });
+            if i > 0 {
+                task["depends_on"] = json!([format!("t{}", i - 1)]);
+            }
+            task
+        })
+        .collect();
+    Ok(serde_json::from_value(
+        json!({"name": "bench-wasm-chain", "tasks": list}),
+    )?)
+}
+
+/// Median wall time of calling the warm module directly, without the engine.
+async fn wasm_compute_ms(module: &[u8], n: u32, calls: usize) -> anyhow::Result<f64> {
+    struct NoLogs;
+    #[async_trait::async_trait]
+    impl arches_core::ports::LogSink for NoLogs {
+        async fn write(&self, _stream: arches_core::records::LogStream, _text: &str) {}
+    }
+    let tool = arches_tools::WasmTool::try_new().map_err(|e| anyhow::anyhow!(e.message))?;
+    let prepared = tool
+        .prepare(module)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.message))?;
+    let limits = arches_tools::wasm::WasmLimits {
+        cpu: Duration::from_secs(600),
+        ..Default::default()
+    };
+    let grants = arches_tools::wasm::WasmGrants::default();
+    let input = json!(n);
+    let mut times = Vec::with_capacity(calls);
+    for _ in 0..calls.max(1) + 1 {
+        let started = Instant::now();
+        tool.call_module(&prepared, &input, &limits, &grants, &NoLogs)
+            .await
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    // The first call warms the instance allocator and caches; it is not counted.
+    Ok(median(&mut times[1..]))
+}
+
 fn fanout_def() -> anyhow::Result<PipelineDef> {
     Ok(serde_json::from_value(json!({
         "name": "bench-fanout",
@@ -282,6 +352,55 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 median(&mut run_medians.clone()),
                 percentile(&mut all_gaps.clone(), 90.0),
                 all_gaps.iter().copied().fold(0.0, f64::max)
+            );
+        }
+        BenchCommand::Wasm {
+            tasks,
+            n,
+            runs,
+            sync,
+        } => {
+            anyhow::ensure!(tasks >= 2, "a chain needs at least 2 tasks");
+            let bench = Bench::start(sync, None, None).await?;
+            let module = bench._dir.path().join("fib.wat");
+            std::fs::write(&module, FIB_WAT).context("cannot write the module")?;
+            let compute = wasm_compute_ms(FIB_WAT.as_bytes(), n, 10).await?;
+            let def = wasm_chain_def(tasks, &module, n)?;
+            bench.run(&def, json!({})).await?;
+            let mut run_medians = Vec::new();
+            let mut all = Vec::new();
+            for _ in 0..runs.max(1) {
+                let run_id = bench.run(&def, json!({})).await?;
+                let task_runs = bench.store.task_runs(run_id).await?;
+                let mut ordered: Vec<_> = task_runs.iter().collect();
+                ordered.sort_by_key(|t| t.task_id.as_str()[1..].parse::<usize>().unwrap_or(0));
+                // Start of task N to start of task N+1: the task's whole cost (dispatch,
+                // instantiation, compute, output, commit) plus the hand-over; less the
+                // module's compute time, what the platform adds per task.
+                let mut overheads: Vec<f64> = ordered
+                    .windows(2)
+                    .filter_map(|w| {
+                        Some(
+                            w[1].started_at?.since(w[0].started_at?).as_secs_f64() * 1000.0
+                                - compute,
+                        )
+                    })
+                    .collect();
+                all.extend(overheads.iter().copied());
+                run_medians.push(median(&mut overheads));
+            }
+            let store_durability = bench.store.durability();
+            bench.stop().await?;
+            out!(
+                "chain of {tasks} wasm tasks computing fib({n}) (recursive), {runs} runs, durability {}, machine: {}",
+                store_durability.as_str(),
+                machine()
+            );
+            out!("module compute alone (warm, direct call): median {compute:.3} ms");
+            out!(
+                "per-task overhead above compute: median of run medians {:.3} ms, p90 {:.3} ms",
+                median(&mut run_medians.clone()),
+                percentile(&mut all.clone(), 90.0),
             );
         }
         BenchCommand::Fanout {

@@ -107,7 +107,8 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         EVENT_REPLAY_MAX,
         EVENT_LIVE_CAPACITY,
     ));
-    let tools = arches_tools::builtin_registry();
+    let http_tool = Arc::new(arches_tools::HttpTool::new(config.http_tool_policy()));
+    let tools = arches_tools::builtin_registry_with(http_tool.clone());
 
     let engine_factory: Option<EngineFactory> = if config.workers.enabled {
         let mut engine_options = EngineOptions::new(home.join("work"));
@@ -119,13 +120,14 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         let artifacts = artifacts.clone();
         let clock = clock.clone();
         let bus = bus.clone();
+        let tools = tools.clone();
         let failpoints = options.failpoints.clone();
         Some(Arc::new(move || {
             let mut engine = Engine::build_with_bus(
                 engine_options.clone(),
                 store.clone(),
                 artifacts.clone(),
-                arches_tools::builtin_registry(),
+                tools.clone(),
                 clock.clone(),
                 Some(bus.clone()),
             );
@@ -178,6 +180,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
             .as_ref()
             .map(|engine| EngineSlot::new(engine.handle())),
         tools: Arc::new(tools),
+        http_tool,
         auth: Arc::new(AuthServices {
             hasher,
             policy: PasswordPolicy::default(),

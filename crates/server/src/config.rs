@@ -216,6 +216,8 @@ pub struct ServerConfig {
     pub smtp: Option<SmtpConfig>,
     /// Log output.
     pub log: LogConfig,
+    /// Settings of built-in tools.
+    pub tools: ToolsConfig,
 }
 
 impl Default for ServerConfig {
@@ -232,6 +234,57 @@ impl Default for ServerConfig {
             rate_limits: RateLimitConfig::default(),
             smtp: None,
             log: LogConfig::default(),
+            tools: ToolsConfig::default(),
+        }
+    }
+}
+
+/// Settings of built-in tools (`[tools]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// The `http` tool (`[tools.http]`).
+    pub http: HttpToolConfig,
+}
+
+/// The `http` tool (`[tools.http]`): where pipelines may send requests, and the per-host
+/// circuit breaker and rate limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpToolConfig {
+    /// Host patterns the tool may reach: `host` (any port), `host:port`, `*.suffix`, or `*`
+    /// for any host. Default empty: no host, so a server does not reach its own network
+    /// (cloud metadata, internal services) until an operator says which hosts are fine. From
+    /// the environment, one comma-separated string
+    /// (`ARCHES_TOOLS__HTTP__ALLOWED_HOSTS=api.example.com,*.corp.example`).
+    #[serde(deserialize_with = "string_or_list")]
+    pub allowed_hosts: Vec<String>,
+    /// Sustained requests per second to one host (`host:port`). Default 10; 0 turns the
+    /// limit off.
+    pub per_host_per_sec: u32,
+    /// Requests one host may get at once before the sustained rate applies. Default 20.
+    pub per_host_burst: u32,
+    /// Consecutive failures (connection errors, timeouts, 5xx, 429) that open a host's
+    /// circuit. Default 5.
+    pub breaker_failures: u32,
+    /// Seconds an open circuit refuses requests before one probe is let through. Default 30.
+    pub breaker_cool_down_secs: u64,
+    /// Time one request may take when the task sets no `timeout`, seconds. Default 30.
+    pub timeout_secs: u64,
+    /// Largest response body read, bytes. Default 16 MiB.
+    pub body_limit_bytes: u64,
+}
+
+impl Default for HttpToolConfig {
+    fn default() -> Self {
+        HttpToolConfig {
+            allowed_hosts: Vec::new(),
+            per_host_per_sec: 10,
+            per_host_burst: 20,
+            breaker_failures: 5,
+            breaker_cool_down_secs: 30,
+            timeout_secs: 30,
+            body_limit_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -614,6 +667,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "rate_limits",
     "smtp",
     "log",
+    "tools",
 ];
 
 impl Provider for EnvVars {
@@ -877,7 +931,52 @@ impl ServerConfig {
             "log.level",
             "must be a level (error, warn, info, debug, trace) or tracing filter directives",
         );
+
+        let http = &self.tools.http;
+        check(
+            http.per_host_per_sec == 0 || http.per_host_burst > 0,
+            "tools.http.per_host_burst",
+            "must be > 0 when the rate is on",
+        );
+        check(
+            http.breaker_failures > 0,
+            "tools.http.breaker_failures",
+            "must be > 0",
+        );
+        check(
+            http.timeout_secs > 0,
+            "tools.http.timeout_secs",
+            "must be > 0",
+        );
+        check(
+            http.body_limit_bytes > 0,
+            "tools.http.body_limit_bytes",
+            "must be > 0",
+        );
+        for problem in self.http_tool_policy().problems() {
+            check(false, "tools.http.allowed_hosts", &problem);
+        }
         problems
+    }
+
+    /// The `http` tool's policy from `[tools.http]`.
+    pub fn http_tool_policy(&self) -> arches_tools::http::HttpPolicy {
+        use std::num::NonZeroU32;
+        let http = &self.tools.http;
+        let mut policy = arches_tools::http::HttpPolicy::allowing(http.allowed_hosts.clone());
+        policy.rate_limit = NonZeroU32::new(http.per_host_per_sec).map(|per_second| {
+            arches_tools::http::RateLimit {
+                per_second,
+                burst: NonZeroU32::new(http.per_host_burst).unwrap_or(NonZeroU32::MIN),
+            }
+        });
+        policy.breaker = arches_tools::http::BreakerSettings {
+            failure_threshold: http.breaker_failures.max(1),
+            cool_down: std::time::Duration::from_secs(http.breaker_cool_down_secs),
+        };
+        policy.default_timeout = std::time::Duration::from_secs(http.timeout_secs.max(1));
+        policy.max_body_bytes = http.body_limit_bytes.max(1);
+        policy
     }
 
     /// A complete, commented `arches.toml` with every key at its default; it parses to
@@ -1013,6 +1112,22 @@ keys_max = 100000
 format = "json"
 # Level or tracing filter directives, e.g. "info,arches_engine=debug". RUST_LOG wins.
 level = "info"
+
+[tools.http]
+# Hosts the `http` tool may reach: "host" (any port), "host:port", "*.suffix", or "*" for
+# any. Empty: none (the server reaches nothing on its network until you list hosts).
+allowed_hosts = []
+# Per-host token bucket: sustained requests per second (0: off) and burst.
+per_host_per_sec = 10
+per_host_burst = 20
+# Circuit breaker per host: consecutive failures that open it, and seconds it stays open
+# before one probe request is let through.
+breaker_failures = 5
+breaker_cool_down_secs = 30
+# Time one request may take when the task sets no timeout, seconds.
+timeout_secs = 30
+# Largest response body read, bytes (16 MiB).
+body_limit_bytes = 16777216
 "#;
 
 #[cfg(test)]
@@ -1136,6 +1251,32 @@ mod tests {
         assert_eq!(config.log.format, LogFormat::Text);
         let smtp = config.smtp.expect("smtp set from the environment");
         assert_eq!(smtp.password.expect("password").expose(), "007");
+    }
+
+    #[test]
+    fn the_http_tool_hosts_come_from_the_environment_and_bad_patterns_are_named() {
+        let env = [(
+            "ARCHES_TOOLS__HTTP__ALLOWED_HOSTS",
+            "api.example.com, *.corp.example:8443",
+        )];
+        let config = load("", &env, ConfigOverrides::default()).expect("valid");
+        assert_eq!(
+            config.tools.http.allowed_hosts,
+            vec!["api.example.com", "*.corp.example:8443"]
+        );
+        assert_eq!(
+            config.http_tool_policy().allowed_hosts,
+            config.tools.http.allowed_hosts
+        );
+
+        let values = invalid(load(
+            "[tools.http]\nallowed_hosts = [\"http://with-a-scheme\"]\nbreaker_failures = 0",
+            &[],
+            ConfigOverrides::default(),
+        ));
+        let keys: Vec<&str> = values.iter().map(|v| v.key.as_str()).collect();
+        assert!(keys.contains(&"tools.http.allowed_hosts"), "{values:?}");
+        assert!(keys.contains(&"tools.http.breaker_failures"), "{values:?}");
     }
 
     #[test]

@@ -50,6 +50,11 @@ struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HostLabels {
+    host: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     outcome: String,
 }
@@ -77,6 +82,7 @@ struct Inner {
     lease_expiries: Counter,
     audit_events: Family<OutcomeLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
+    http_tool_breaker: Family<HostLabels, Gauge>,
 }
 
 /// The server's metrics. Cheap to clone (an `Arc` inside); all clones share one registry.
@@ -94,6 +100,7 @@ struct Inner {
 /// | `arches_lease_expiries_total` | counter | |
 /// | `arches_audit_events_total` | counter | outcome |
 /// | `arches_rate_limited_total` | counter | scope |
+/// | `arches_http_tool_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | host |
 #[derive(Clone, Debug)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -124,6 +131,7 @@ impl Metrics {
         let lease_expiries = Counter::default();
         let audit_events = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<ScopeLabels, Counter>::default();
+        let http_tool_breaker = Family::<HostLabels, Gauge>::default();
 
         registry.register(
             "arches_http_requests",
@@ -171,6 +179,11 @@ impl Metrics {
             "Requests refused by a rate limit, by scope",
             rate_limited.clone(),
         );
+        registry.register(
+            "arches_http_tool_breaker_state",
+            "Circuit breaker of the http tool per host: 0 closed, 1 open, 2 half-open",
+            http_tool_breaker.clone(),
+        );
 
         Metrics {
             inner: Arc::new(Inner {
@@ -184,6 +197,7 @@ impl Metrics {
                 lease_expiries,
                 audit_events,
                 rate_limited,
+                http_tool_breaker,
             }),
         }
     }
@@ -224,6 +238,17 @@ impl Metrics {
             .task_runs
             .get_or_create(&state_labels(state))
             .set(count);
+    }
+
+    /// Sets `arches_http_tool_breaker_state{host}` to `value` (0 closed, 1 open, 2
+    /// half-open). Hosts are the ones the tool contacted, which its allowed hosts bound.
+    pub fn set_http_tool_breaker(&self, host: &str, value: i64) {
+        self.inner
+            .http_tool_breaker
+            .get_or_create(&HostLabels {
+                host: host.to_owned(),
+            })
+            .set(value);
     }
 
     /// Sets `arches_queue_depth` to `count` task runs.

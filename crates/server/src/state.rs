@@ -36,6 +36,9 @@ pub struct AppState {
     pub engine: Option<EngineSlot>,
     /// Names and checks of the tools known to this server, for validation.
     pub tools: Arc<ToolRegistry>,
+    /// The `http` tool every engine of this server uses (one circuit breaker and rate limit
+    /// per host, kept across engine rebuilds), for its metrics.
+    pub http_tool: Arc<arches_tools::HttpTool>,
     /// Auth services.
     pub auth: Arc<AuthServices>,
     /// Per-IP, per-user and per-key request limits.

@@ -2,7 +2,9 @@
 //!
 //! The built-in tools of Arches: `sql` (Apache DataFusion over CSV, Parquet and JSON
 //! artifacts), `shell` (a process in its own group with a scrubbed environment), `file`
-//! (local files in and out of the artifact store), `noop` and `echo`.
+//! (local files in and out of the artifact store), `http` (requests to allowed hosts with
+//! retries, a circuit breaker and a rate limit per host), `wasm` (WASI modules on wasmtime
+//! with nothing granted by default, CPU, memory and time bounded), `noop` and `echo`.
 //!
 //! Every tool implements [`arches_core::ports::Tool`] and reaches the outside world only
 //! through its [`arches_core::ports::ToolContext`]: the attempt's working directory, the
@@ -18,9 +20,11 @@
 mod basic;
 mod common;
 pub mod file;
+pub mod http;
 pub mod media_type;
 pub mod shell;
 pub mod sql;
+pub mod wasm;
 
 use std::sync::Arc;
 
@@ -28,16 +32,32 @@ use arches_core::ports::ToolRegistry;
 
 pub use basic::{EchoTool, NoopTool};
 pub use file::FileTool;
+pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
 pub use shell::ShellTool;
 pub use sql::SqlTool;
+pub use wasm::WasmTool;
 
-/// A registry holding every built-in tool: `echo`, `file`, `noop`, `shell` and `sql`.
+/// A registry holding every built-in tool: `echo`, `file`, `http`, `noop`, `shell`, `sql`
+/// and `wasm`, with the `http` tool allowed to reach any host ([`HttpPolicy::allow_all`]): for
+/// local runs, where pipelines already run as the user on the user's own machine.
 pub fn builtin_registry() -> ToolRegistry {
+    builtin_registry_with(Arc::new(HttpTool::new(HttpPolicy::allow_all())))
+}
+
+/// Every built-in tool, with `http` as the `http` tool: a server passes one built from its
+/// configuration and keeps it to report its circuit breakers. Where wasmtime cannot start
+/// (it needs executable memory), `wasm` is left out with an error in the log.
+pub fn builtin_registry_with(http: Arc<HttpTool>) -> ToolRegistry {
     let mut registry = ToolRegistry::new();
     registry.register(Arc::new(EchoTool::new()));
     registry.register(Arc::new(FileTool::new()));
+    registry.register(http);
     registry.register(Arc::new(NoopTool::new()));
     registry.register(Arc::new(ShellTool::new()));
     registry.register(Arc::new(SqlTool::new()));
+    match WasmTool::try_new() {
+        Ok(wasm) => registry.register(Arc::new(wasm)),
+        Err(error) => tracing::error!(error = %error.message, "the wasm tool is unavailable"),
+    }
     registry
 }

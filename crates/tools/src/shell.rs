@@ -5,8 +5,16 @@
 //! cancel, shutdown) a guard kills the whole process group, and when the command exits the
 //! processes it left in its group are killed too. A process that moves itself to another
 //! group or session (`setsid`) escapes this; containing it needs cgroups.
+//!
+//! Commands run in a sandbox when the worker allows it (see [`sandbox`]): resource limits
+//! applied with util-linux `prlimit`, and new network and mount namespaces entered with
+//! `unshare`. Both helpers `exec` the command, so it keeps the process group the tool
+//! created and the group kill above still reaches everything it started.
+
+pub mod sandbox;
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
@@ -27,6 +35,8 @@ use crate::common::{
     store_error, upstream_task_artifacts,
 };
 use crate::media_type;
+
+pub use sandbox::{Limits, Namespaces, Sandbox, SandboxLevel};
 
 /// Longest line logged; the rest of a longer line is dropped.
 pub const LOG_LINE_BYTES_MAX: usize = 64 * 1024;
@@ -71,6 +81,30 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 ///   `<task id>/<path>` and the media type to one inferred from the extension.
 /// - `stdin` (string): written to the command's standard input, which is then closed; without
 ///   it standard input is empty.
+/// - `limits` (object): resource limits, each optional: `cpu_secs` (RLIMIT_CPU, 1 to one
+///   week; SIGXCPU at the limit, SIGKILL a second later), `memory_mb` (RLIMIT_AS, address
+///   space, 16 MiB to 16 TiB), `open_files` (RLIMIT_NOFILE, 8 to 1,048,576) and `processes`
+///   (RLIMIT_NPROC, 1 to 4,194,304). Defaults: `open_files` 1024 (or the worker's lower hard
+///   limit); the others stay as the worker has them. CPU time is not limited by default
+///   because the task's timeout bounds wall time, and address space is not because programs
+///   that reserve large address spaces (JVMs, Go) would fail under any small default.
+///   RLIMIT_NPROC counts every process and thread of the command's real user id on the whole
+///   system (the worker's own threads and other tasks' processes included) and the kernel
+///   does not enforce it for root or a process with `CAP_SYS_RESOURCE`/`CAP_SYS_ADMIN`, so
+///   it has no default and, for a worker running as root, is set but not enforced.
+/// - `network` (boolean, default false): when the worker supports namespaces, `false` runs
+///   the command in a new network namespace (only a loopback interface, down: no network);
+///   `true` keeps the worker's network. Either way the command gets a private mount namespace.
+///
+/// Sandbox rules (probed once per process, see [`Sandbox::probe`] and
+/// [`ShellTool::sandbox_level`]): limits are applied through `prlimit`; without it an attempt
+/// whose task sets `limits` fails permanently, and other attempts run without the default
+/// limits (one warning logged per process). Namespaces are entered with `unshare --net
+/// --mount` (plus `--user --map-root-user` for a worker not running as root); when the probe
+/// fails, one warning is logged per process (`shell sandbox: Linux namespaces unavailable
+/// (<reason>); commands run without network isolation`) and commands run in the worker's
+/// namespaces. For `argv`, the program is looked up in `PATH` (the command's) before the
+/// wrappers run, so a missing program is still reported as `command not found`.
 ///
 /// The command runs in the working directory. Its stdout and stderr are logged line by line
 /// while it runs (lossy UTF-8, lines cut at 64 KiB, at most 10,000 lines and 10 MiB per
@@ -80,17 +114,42 @@ const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// with `"exit_code": 0` and `"artifacts": [<ArtifactRecord>, ...]` (the collected files) set
 /// by the tool.
 ///
-/// Errors: `command exited with status N` with the last stderr lines, retryable; `command
+/// Errors: `command exited with status N` with the last stderr lines, retryable (with the
+/// task's limits named when it set some, and `SIGXCPU: the CPU time limit of N s was
+/// reached` for a command the CPU limit ended); `command
 /// not found: X` (exit status 127 of `sh`, or a missing `argv` program), permanent; an
 /// output file that is not a JSON object, or a declared file to collect that is missing,
 /// permanent.
-#[derive(Clone, Debug, Default)]
-pub struct ShellTool;
+#[derive(Clone, Debug)]
+pub struct ShellTool {
+    sandbox: Sandbox,
+}
+
+impl Default for ShellTool {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl ShellTool {
-    /// The tool.
+    /// The tool, with the sandbox this process supports ([`Sandbox::detected`], probed once).
     pub fn new() -> Self {
-        Self
+        Self::with_sandbox(Sandbox::detected().clone())
+    }
+
+    /// The tool with the given sandbox, for example one from [`Sandbox::probe_with`].
+    pub fn with_sandbox(sandbox: Sandbox) -> Self {
+        Self { sandbox }
+    }
+
+    /// What the sandbox enforces on this worker.
+    pub fn sandbox_level(&self) -> SandboxLevel {
+        self.sandbox.level()
+    }
+
+    /// The sandbox.
+    pub fn sandbox(&self) -> &Sandbox {
+        &self.sandbox
     }
 }
 
@@ -106,6 +165,9 @@ struct ShellInputs {
     #[serde(default)]
     collect: Vec<CollectSpec>,
     stdin: Option<String>,
+    limits: Option<Value>,
+    #[serde(default)]
+    network: bool,
 }
 
 #[derive(Deserialize)]
@@ -135,19 +197,28 @@ impl Invocation {
         }
     }
 
-    fn command(&self) -> Command {
-        match self {
-            Self::Shell(line) => {
-                let mut command = Command::new("/bin/sh");
-                command.arg("-c").arg(line);
-                command
-            }
+    /// The command in the sandbox; the program of `argv` is looked up in `search_path` (the
+    /// command's `PATH`) first, so that a wrapper never reports a missing program.
+    fn command(
+        &self,
+        sandbox: &Sandbox,
+        limits: Option<Limits>,
+        network: bool,
+        search_path: &OsStr,
+        work_dir: &Path,
+    ) -> Result<Command, ToolError> {
+        Ok(match self {
+            Self::Shell(line) => sandbox.command(
+                Path::new("/bin/sh"),
+                &["-c".to_owned(), line.clone()],
+                limits,
+                network,
+            ),
             Self::Program(argv) => {
-                let mut command = Command::new(&argv[0]);
-                command.args(&argv[1..]);
-                command
+                let program = resolve_program(&argv[0], search_path, work_dir)?;
+                sandbox.command(&program, &argv[1..], limits, network)
             }
-        }
+        })
     }
 
     fn program(&self) -> &str {
@@ -180,6 +251,35 @@ impl Invocation {
                 .to_owned(),
             Self::Program(argv) => argv[0].clone(),
         }
+    }
+}
+
+/// The executable file `execvp` would run for `name`: a name with a slash is a path
+/// (relative to the working directory), any other is looked up in `search_path`.
+fn resolve_program(name: &str, search_path: &OsStr, work_dir: &Path) -> Result<PathBuf, ToolError> {
+    let not_executable = || ToolError::permanent(format!("command is not executable: {name}"));
+    if name.contains('/') {
+        let path = work_dir.join(name);
+        return match std::fs::metadata(&path) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Err(ToolError::permanent(format!("command not found: {name}")))
+            }
+            _ if sandbox::is_executable(&path) => Ok(path),
+            _ => Err(not_executable()),
+        };
+    }
+    let mut seen_file = false;
+    for dir in std::env::split_paths(search_path) {
+        let candidate = work_dir.join(dir).join(name);
+        if sandbox::is_executable(&candidate) {
+            return Ok(candidate);
+        }
+        seen_file |= candidate.is_file();
+    }
+    if seen_file {
+        Err(not_executable())
+    } else {
+        Err(ToolError::permanent(format!("command not found: {name}")))
     }
 }
 
@@ -407,6 +507,26 @@ async fn pump(
     summary
 }
 
+/// The head of the error of a command killed by `signal`, naming the CPU limit when it is
+/// the likely cause.
+fn signal_message(signal: i32, cpu_secs: Option<u64>) -> String {
+    let name = Signal::try_from(signal)
+        .map(Signal::as_str)
+        .unwrap_or("unknown signal");
+    match (Signal::try_from(signal), cpu_secs) {
+        (Ok(Signal::SIGXCPU), Some(secs)) => format!(
+            "command was killed by signal {signal} (SIGXCPU: the CPU time limit of {secs} s was reached)"
+        ),
+        (Ok(Signal::SIGXCPU), None) => format!(
+            "command was killed by signal {signal} (SIGXCPU: the worker's CPU time limit was reached)"
+        ),
+        (Ok(Signal::SIGKILL), Some(secs)) => format!(
+            "command was killed by signal {signal} (SIGKILL; the CPU time limit of {secs} s may have been reached)"
+        ),
+        _ => format!("command was killed by signal {signal} ({name})"),
+    }
+}
+
 /// Checks a declared variable: a name without `=` or NUL, a value without NUL.
 fn check_variable(name: &str, value: &str) -> Result<(), ToolError> {
     if name.is_empty() || name.contains(['=', '\0']) {
@@ -629,7 +749,12 @@ impl Tool for ShellTool {
                         }
                     }
                 },
-                "stdin": {"type": "string"}
+                "stdin": {"type": "string"},
+                "limits": Limits::schema(),
+                "network": {
+                    "type": "boolean",
+                    "description": "keep the worker's network; by default the command runs without network when the worker supports namespaces"
+                }
             }
         })
     }
@@ -658,10 +783,25 @@ impl Tool for ShellTool {
         for (name, value) in &inputs.env {
             check_variable(name, value)?;
         }
+        let requested = match &inputs.limits {
+            Some(limits) => Limits::from_input(limits)?,
+            None => Limits::default(),
+        };
+        let limits = self.sandbox.effective_limits(requested)?;
+        let search_path: OsString = match inputs.env.get("PATH") {
+            Some(path) => path.into(),
+            None => std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
+        };
+        let mut command = invocation.command(
+            &self.sandbox,
+            limits,
+            inputs.network,
+            &search_path,
+            &context.work_dir,
+        )?;
         place_files(&context, &inputs.files).await?;
 
         let output_path = context.work_dir.join(OUTPUT_FILE_NAME);
-        let mut command = invocation.command();
         command.env_clear();
         for name in INHERITED_VARIABLES {
             if let Some(value) = std::env::var_os(name) {
@@ -748,11 +888,14 @@ impl Tool for ShellTool {
                 )));
             }
             code => {
-                let head = match (code, status.signal()) {
+                let mut head = match (code, status.signal()) {
                     (Some(code), _) => format!("command exited with status {code}"),
-                    (None, Some(signal)) => format!("command was killed by signal {signal}"),
+                    (None, Some(signal)) => signal_message(signal, requested.cpu_secs),
                     (None, None) => "command ended without a status".to_owned(),
                 };
+                if !requested.is_empty() {
+                    head.push_str(&format!(" (task limits: {})", requested.describe()));
+                }
                 logs.write(LogStream::System, &head).await;
                 let tail = err.last_lines(STDERR_TAIL_LINES_MAX);
                 let message = if tail.is_empty() {

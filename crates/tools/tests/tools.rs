@@ -810,9 +810,9 @@ fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
     let registry = builtin_registry();
     assert_eq!(
         registry.names().collect::<Vec<_>>(),
-        vec!["echo", "file", "noop", "shell", "sql"]
+        vec!["echo", "file", "http", "noop", "shell", "sql", "wasm"]
     );
-    for name in ["sql", "shell"] {
+    for name in ["sql", "shell", "http", "wasm"] {
         let schema = registry.get(name).unwrap().input_schema();
         assert_eq!(schema["additionalProperties"], json!(false), "{name}");
     }
@@ -845,4 +845,493 @@ fn tools_name_the_upstream_tasks_their_inputs_read() {
     let inputs = json!({"artifact": "weather", "to": "out.csv"});
     assert_eq!(file.implied_dependencies(&inputs, &tasks), vec!["weather"]);
     assert!(!registry.get("noop").unwrap().needs_work_dir());
+}
+
+// ---------------------------------------------------------------------------------------
+// shell sandbox: resource limits, namespaces, no orphans
+
+/// The soft and hard values of a limit in `/proc/self/limits` as the command printed it.
+fn limit_line(lines: &[String], name: &str) -> (String, String) {
+    let line = lines
+        .iter()
+        .find(|line| line.starts_with(name))
+        .unwrap_or_else(|| panic!("no {name:?} in {lines:?}"));
+    let mut values = line[name.len()..].split_whitespace();
+    (
+        values.next().unwrap().to_owned(),
+        values.next().unwrap().to_owned(),
+    )
+}
+
+#[tokio::test]
+async fn shell_limits_are_set_on_the_command_itself() {
+    let harness = Harness::new().await;
+    assert!(
+        ShellTool::new().sandbox_level().resource_limits,
+        "util-linux prlimit is installed on the test machines"
+    );
+
+    run_shell(
+        &harness,
+        json!({
+            "command": "cat /proc/self/limits",
+            "limits": {"cpu_secs": 5, "memory_mb": 64, "open_files": 16, "processes": 100}
+        }),
+    )
+    .await
+    .unwrap();
+
+    let lines = harness.logs.of(LogStream::Stdout);
+    let pair = |soft: &str, hard: &str| (soft.to_owned(), hard.to_owned());
+    assert_eq!(limit_line(&lines, "Max cpu time"), pair("5", "6"));
+    assert_eq!(
+        limit_line(&lines, "Max address space"),
+        pair("67108864", "67108864")
+    );
+    assert_eq!(limit_line(&lines, "Max open files"), pair("16", "16"));
+    assert_eq!(limit_line(&lines, "Max processes"), pair("100", "100"));
+}
+
+#[tokio::test]
+async fn shell_applies_a_default_open_files_limit_and_nothing_else() {
+    let harness = Harness::new().await;
+
+    run_shell(&harness, json!({"command": "cat /proc/self/limits"}))
+        .await
+        .unwrap();
+
+    let lines = harness.logs.of(LogStream::Stdout);
+    let (worker_soft, worker_hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let expected = 1024.min(worker_hard).to_string();
+    assert!(worker_soft > 0);
+    assert_eq!(
+        limit_line(&lines, "Max open files"),
+        (expected.clone(), expected)
+    );
+    assert_eq!(
+        limit_line(&lines, "Max cpu time"),
+        ("unlimited".to_owned(), "unlimited".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_busy_loop_is_ended_by_the_cpu_limit_which_the_error_names() {
+    let harness = Harness::new().await;
+    let started = Instant::now();
+
+    let error = run_shell(
+        &harness,
+        json!({"command": "while :; do :; done", "limits": {"cpu_secs": 1}}),
+    )
+    .await
+    .unwrap_err();
+
+    // One CPU second; the wall time allows for a machine busy with other builds.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(error.retryable);
+    assert_eq!(
+        error.message,
+        "command was killed by signal 24 (SIGXCPU: the CPU time limit of 1 s was reached) \
+         (task limits: cpu_secs=1)"
+    );
+}
+
+#[tokio::test]
+async fn the_open_files_limit_stops_a_command_opening_more_files() {
+    let harness = Harness::new().await;
+    // `paste` opens every file before reading any.
+    let command = "for i in $(seq 32); do echo $i > f$i; done; paste $(seq -f f%g 32)";
+
+    let error = run_shell(
+        &harness,
+        json!({"command": command, "limits": {"open_files": 16}}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error
+            .message
+            .starts_with("command exited with status 1 (task limits: open_files=16)"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("Too many open files"),
+        "{}",
+        error.message
+    );
+
+    // The same command within a larger limit succeeds.
+    run_shell(
+        &harness,
+        json!({"command": command, "limits": {"open_files": 64}}),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn the_memory_limit_stops_a_command_allocating_more() {
+    let harness = Harness::new().await;
+    // awk builds a 100 MB string.
+    let command = r#"awk 'BEGIN { s = sprintf("%100000000s", ""); print length(s) }'"#;
+
+    let error = run_shell(
+        &harness,
+        json!({"command": command, "limits": {"memory_mb": 64}}),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        error.message.contains("(task limits: memory_mb=64)"),
+        "{}",
+        error.message
+    );
+    assert!(
+        error.message.contains("memory"),
+        "awk names the failed allocation: {}",
+        error.message
+    );
+
+    run_shell(
+        &harness,
+        json!({"command": command, "limits": {"memory_mb": 1024}}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(harness.logs.of(LogStream::Stdout), vec!["100000000"]);
+}
+
+#[tokio::test]
+async fn the_processes_limit_is_set_but_only_enforced_for_a_user_other_than_root() {
+    let harness = Harness::new().await;
+
+    let result = run_shell(
+        &harness,
+        json!({"command": "(true) && echo forked", "limits": {"processes": 1}}),
+    )
+    .await;
+
+    if arches_tools::shell::sandbox::effective_uid() == Some(0) {
+        // RLIMIT_NPROC does not apply to root: documented, not a sandbox.
+        result.unwrap();
+        assert_eq!(harness.logs.of(LogStream::Stdout), vec!["forked"]);
+    } else {
+        let error = result.unwrap_err();
+        assert!(
+            error.message.contains("(task limits: processes=1)"),
+            "{}",
+            error.message
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_limits_are_permanent_errors_naming_the_field() {
+    let harness = Harness::new().await;
+    let cases = [
+        (json!({"cpu_secs": -1}), "limits.cpu_secs: must be an integer from 1 to 604800, got -1"),
+        (json!({"cpu_secs": 0}), "limits.cpu_secs: must be an integer from 1 to 604800, got 0"),
+        (json!({"cpu_secs": 1.5}), "limits.cpu_secs: must be an integer from 1 to 604800, got 1.5"),
+        (
+            json!({"memory_mb": 1_000_000_000_000_u64}),
+            "limits.memory_mb: must be an integer from 16 to 16777216, got 1000000000000",
+        ),
+        (
+            json!({"open_files": "many"}),
+            "limits.open_files: must be an integer from 8 to 1048576, got \"many\"",
+        ),
+        (
+            json!({"processes": 0}),
+            "limits.processes: must be an integer from 1 to 4194304, got 0",
+        ),
+        (
+            json!({"threads": 4}),
+            "limits.threads: unknown limit; known are cpu_secs, memory_mb, open_files and processes",
+        ),
+        (json!([1]), "limits: must be an object"),
+    ];
+    for (limits, message) in cases {
+        let error = run_shell(&harness, json!({"command": "true", "limits": limits}))
+            .await
+            .unwrap_err();
+        assert_eq!(error, ToolError::permanent(message));
+    }
+
+    let schema = ShellTool::new().input_schema();
+    let limits = &schema["properties"]["limits"];
+    assert_eq!(limits["additionalProperties"], json!(false));
+    assert_eq!(limits["properties"]["cpu_secs"]["minimum"], json!(1));
+    assert_eq!(schema["properties"]["network"]["type"], json!("boolean"));
+}
+
+/// The network interfaces in a `/proc/net/dev` listing.
+fn interfaces<S: AsRef<str>>(lines: &[S]) -> Vec<String> {
+    let mut names: Vec<String> = lines
+        .iter()
+        .skip(2)
+        .filter_map(|line| line.as_ref().split(':').next())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn commands_run_without_network_when_namespaces_are_available() {
+    let harness = Harness::new().await;
+    let tool = ShellTool::new();
+    let worker_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let worker_interfaces = interfaces(
+        &std::fs::read_to_string("/proc/net/dev")
+            .unwrap()
+            .lines()
+            .collect::<Vec<_>>(),
+    );
+    let command = "readlink /proc/self/ns/net; cat /proc/net/dev";
+
+    tool.execute(
+        harness.context("isolated", BTreeMap::new()),
+        json!({ "command": command }),
+    )
+    .await
+    .unwrap();
+    let isolated = harness.logs.of(LogStream::Stdout);
+    harness.logs.lines.lock().unwrap().clear();
+    tool.execute(
+        harness.context("networked", BTreeMap::new()),
+        json!({ "command": command, "network": true }),
+    )
+    .await
+    .unwrap();
+    let networked = harness.logs.of(LogStream::Stdout);
+
+    assert_eq!(networked[0], worker_net.to_str().unwrap());
+    assert_eq!(interfaces(&networked[1..]), worker_interfaces);
+    if tool.sandbox_level().network_isolation {
+        // A fresh network namespace: only a loopback interface.
+        assert_ne!(isolated[0], worker_net.to_str().unwrap());
+        assert_eq!(interfaces(&isolated[1..]), vec!["lo"]);
+        assert!(tool
+            .sandbox()
+            .warnings()
+            .iter()
+            .all(|w| !w.contains("namespaces")));
+    } else {
+        // The degraded level: the worker's network, and the warning logged once says so.
+        assert_eq!(isolated, networked);
+        assert!(
+            tool.sandbox().warnings().iter().any(|warning| warning
+                .starts_with("shell sandbox: Linux namespaces unavailable (")
+                && warning.ends_with("); commands run without network isolation")),
+            "{:?}",
+            tool.sandbox().warnings()
+        );
+    }
+}
+
+#[tokio::test]
+async fn without_working_helpers_the_sandbox_degrades_as_documented() {
+    let harness = Harness::new().await;
+    let sandbox = arches_tools::shell::Sandbox::probe_with(None, Some(PathBuf::from("/bin/false")));
+    let tool = ShellTool::with_sandbox(sandbox);
+
+    assert_eq!(
+        tool.sandbox_level(),
+        arches_tools::shell::SandboxLevel {
+            resource_limits: false,
+            network_isolation: false
+        }
+    );
+    let warnings = tool.sandbox().warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert_eq!(
+        warnings[0],
+        "shell sandbox: resource limits unavailable (util-linux prlimit not found in PATH); \
+         tasks that set limits fail, others run without the default limits"
+    );
+    assert!(
+        warnings[1].starts_with("shell sandbox: Linux namespaces unavailable (/bin/false --")
+            && warnings[1]
+                .ends_with("failed with exit status: 1); commands run without network isolation"),
+        "{}",
+        warnings[1]
+    );
+
+    // Limits asked for explicitly cannot be honoured: the attempt fails.
+    let error = tool
+        .execute(
+            harness.context("limited", BTreeMap::new()),
+            json!({"command": "true", "limits": {"cpu_secs": 1}}),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error,
+        ToolError::permanent("limits cannot be applied: util-linux prlimit not found in PATH")
+    );
+
+    // Without limits the command runs, in the worker's network namespace and limits.
+    tool.execute(
+        harness.context("plain", BTreeMap::new()),
+        json!({"command": "readlink /proc/self/ns/net; grep 'Max open files' /proc/self/limits"}),
+    )
+    .await
+    .unwrap();
+    let stdout = harness.logs.of(LogStream::Stdout);
+    let worker_net = std::fs::read_link("/proc/self/ns/net").unwrap();
+    assert_eq!(stdout[0], worker_net.to_str().unwrap());
+    let (soft, _) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    assert_eq!(
+        limit_line(&stdout[1..], "Max open files").0,
+        soft.to_string()
+    );
+}
+
+/// A log that signals when the command printed `started`.
+#[derive(Default)]
+struct StartedLogs {
+    started: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl LogSink for StartedLogs {
+    async fn write(&self, stream: LogStream, text: &str) {
+        if stream == LogStream::Stdout && text == "started" {
+            self.started.notify_one();
+        }
+    }
+}
+
+/// Pids of live processes whose environment holds `needle`.
+fn processes_with_environment(needle: &[u8]) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if environ
+            .split(|&b| b == 0)
+            .any(|variable| variable == needle)
+            && !process_has_ended(pid)
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_shell_timeouts_leave_no_orphan_processes() {
+    use futures::StreamExt;
+
+    let harness = Harness::new().await;
+    let tool = ShellTool::new();
+    let marker = format!("SHELL_ORPHAN_MARKER={}", RunId::new());
+    let (name, value) = marker.split_once('=').unwrap();
+    let inputs = json!({
+        // A background child and a foreground one, both in the command's group.
+        "command": "sleep 1000 & echo started; sleep 1000",
+        "env": {name: value}
+    });
+
+    // The scan sees a running command: the shell and its background child at least.
+    let mut context = harness.context("sleeper", BTreeMap::new());
+    let logs = Arc::new(StartedLogs::default());
+    context.logs = logs.clone();
+    let mut execution = Box::pin(tool.execute(context, inputs.clone()));
+    tokio::select! {
+        result = execution.as_mut() => panic!("the command ended: {result:?}"),
+        () = logs.started.notified() => {}
+    }
+    let running = processes_with_environment(marker.as_bytes());
+    assert!(running.len() >= 2, "{running:?}");
+    drop(execution);
+
+    let started = Instant::now();
+    futures::stream::iter(0..1000)
+        .map(|_| {
+            let mut context = harness.context("sleeper", BTreeMap::new());
+            let logs = Arc::new(StartedLogs::default());
+            context.logs = logs.clone();
+            let execution = tool.execute(context, inputs.clone());
+            async move {
+                let mut execution = Box::pin(execution);
+                tokio::select! {
+                    result = execution.as_mut() => panic!("the command ended: {result:?}"),
+                    () = logs.started.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(20)) => {
+                        panic!("the command did not start within 20 s")
+                    }
+                }
+                // What the engine does on timeout.
+                drop(execution);
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    let elapsed = started.elapsed();
+
+    // SIGKILL was sent to every group before its future was gone; the processes end as soon
+    // as the kernel delivers it. Bounded final check.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = processes_with_environment(marker.as_bytes());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} marked processes still run 10 s after the last drop: {left:?}",
+            left.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "1000 shell timeouts took {elapsed:?} (sandbox {:?}), all processes gone after {:?}",
+        tool.sandbox_level(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn the_wrappers_exec_the_command_which_leads_its_process_group() {
+    let harness = Harness::new().await;
+
+    // Limits and namespaces both in force here: prlimit and unshare are in the chain.
+    run_shell(
+        &harness,
+        json!({
+            "command": "set -- $(cat /proc/$$/stat); echo \"$1 $5 $6\"",
+            "limits": {"cpu_secs": 60}
+        }),
+    )
+    .await
+    .unwrap();
+
+    let stdout = harness.logs.of(LogStream::Stdout);
+    let fields: Vec<i32> = stdout[0]
+        .split(' ')
+        .map(|field| field.parse().unwrap())
+        .collect();
+    let (pid, group, session) = (fields[0], fields[1], fields[2]);
+    // The spawned process (the first wrapper) became the shell: it leads the group the
+    // tool created, so killing the group reaches everything the command starts.
+    assert_eq!(pid, group);
+    // No wrapper started a new session.
+    assert_ne!(session, pid);
 }

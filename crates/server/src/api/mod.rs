@@ -181,6 +181,11 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 /// queue depth by state, counted in the store at scrape time. Unauthenticated, like most
 /// scrape targets; it holds counts only.
 pub async fn metrics(State(state): State<AppState>) -> axum::response::Response {
+    for (host, breaker) in state.http_tool.breaker_states() {
+        state
+            .metrics
+            .set_http_tool_breaker(&host, breaker.gauge_value());
+    }
     match state.store.state_counts().await {
         Ok(counts) => {
             for run_state in arches_core::RunState::ALL {

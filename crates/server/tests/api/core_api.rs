@@ -734,3 +734,92 @@ async fn the_engine_is_rebuilt_after_a_failed_commit_and_runs_finish() {
     );
     assert_eq!(slot.generation(), 2);
 }
+
+/// The `http` tool reaches only the hosts `[tools.http] allowed_hosts` lists, and its
+/// per-host circuit breaker shows on `/metrics`.
+#[tokio::test]
+async fn the_http_tool_obeys_the_allowed_hosts_and_its_breaker_is_a_metric() {
+    // A real upstream that always fails.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_address = upstream.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/flaky",
+        axum::routing::get(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down") }),
+    );
+    tokio::spawn(async move { axum::serve(upstream, app).await });
+
+    let server = TestServer::start_with(|config| {
+        config.tools.http.allowed_hosts = vec![format!("127.0.0.1:{}", upstream_address.port())];
+        config.tools.http.breaker_failures = 1;
+    })
+    .await;
+    let editor = server.token_for(Role::Editor).await;
+    create(
+        &server,
+        &editor,
+        r#"
+name: calls
+params:
+  url:
+    type: string
+tasks:
+  - id: call
+    tool: http
+    with:
+      url: "{{ params.url }}"
+      retry:
+        max_attempts: 1
+"#,
+    )
+    .await;
+
+    let trigger = |url: String| json!({"pipeline": "calls", "params": {"url": url}});
+    let (_, run) = server
+        .post(
+            &editor,
+            "/api/v1/runs",
+            &trigger(format!("http://{upstream_address}/flaky")),
+        )
+        .await;
+    let run_id = run["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.finished(&run_id).await, "failed");
+    let (_, task_runs) = server
+        .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
+        .await;
+    let error = task_runs["items"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("500"), "{task_runs}");
+
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "arches_http_tool_breaker_state{{host=\"127.0.0.1:{}\"}} 1",
+        upstream_address.port()
+    );
+    assert!(metrics.contains(&series), "no {series} in:\n{metrics}");
+
+    // Another port of the same machine is not listed: refused before any request.
+    let (_, run) = server
+        .post(
+            &editor,
+            "/api/v1/runs",
+            &trigger("http://127.0.0.1:9/".to_owned()),
+        )
+        .await;
+    let run_id = run["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.finished(&run_id).await, "failed");
+    let (_, task_runs) = server
+        .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
+        .await;
+    let error = task_runs["items"][0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("not in the tool's allowed hosts"),
+        "{task_runs}"
+    );
+}

@@ -1,0 +1,57 @@
+;; Copies stdin to stdout: the JSON input comes back as the output.
+;; Used by the wasm tool tests (crates/tools/src/wasm/tests.rs).
+(module
+  (import "wasi_snapshot_preview1" "fd_read" (func $fd_read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $path_open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_sizes_get" (func $environ_sizes_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "environ_get" (func $environ_get (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_accept" (func $sock_accept (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 4)
+  (global $out (mut i32) (i32.const 1024))
+  (func $write (param $fd i32) (param $ptr i32) (param $len i32)
+    (i32.store (i32.const 0) (local.get $ptr))
+    (i32.store (i32.const 4) (local.get $len))
+    (drop (call $fd_write (local.get $fd) (i32.const 0) (i32.const 1) (i32.const 8))))
+  (func $byte (param $b i32)
+    (i32.store8 (global.get $out) (local.get $b))
+    (global.set $out (i32.add (global.get $out) (i32.const 1))))
+  (func $str (param $ptr i32) (param $len i32)
+    (memory.copy (global.get $out) (local.get $ptr) (local.get $len))
+    (global.set $out (i32.add (global.get $out) (local.get $len))))
+  (func $num (param $v i64) (local $start i32) (local $end i32) (local $t i32)
+    (local.set $start (global.get $out))
+    (loop $digits
+      (call $byte (i32.add (i32.const 48) (i32.wrap_i64 (i64.rem_u (local.get $v) (i64.const 10)))))
+      (local.set $v (i64.div_u (local.get $v) (i64.const 10)))
+      (br_if $digits (i64.ne (local.get $v) (i64.const 0))))
+    (local.set $end (i32.sub (global.get $out) (i32.const 1)))
+    (block $done
+      (loop $reverse
+        (br_if $done (i32.ge_u (local.get $start) (local.get $end)))
+        (local.set $t (i32.load8_u (local.get $start)))
+        (i32.store8 (local.get $start) (i32.load8_u (local.get $end)))
+        (i32.store8 (local.get $end) (local.get $t))
+        (local.set $start (i32.add (local.get $start) (i32.const 1)))
+        (local.set $end (i32.sub (local.get $end) (i32.const 1)))
+        (br $reverse))))
+  (func $flush (param $fd i32)
+    (call $write (local.get $fd) (i32.const 1024) (i32.sub (global.get $out) (i32.const 1024)))
+    (global.set $out (i32.const 1024)))
+  (func $read_stdin (result i32) (local $len i32)
+    (block $done
+      (loop $more
+        (br_if $done (i32.gt_u (local.get $len) (i32.const 131072)))
+        (i32.store (i32.const 0) (i32.add (i32.const 65536) (local.get $len)))
+        (i32.store (i32.const 4) (i32.const 65536))
+        (br_if $done (call $fd_read (i32.const 0) (i32.const 0) (i32.const 1) (i32.const 8)))
+        (br_if $done (i32.eqz (i32.load (i32.const 8))))
+        (local.set $len (i32.add (local.get $len) (i32.load (i32.const 8))))
+        (br $more)))
+    (local.get $len))
+
+  (func (export "_start") (local $n i32)
+             (local.set $n (call $read_stdin))
+             (call $write (i32.const 1) (i32.const 65536) (local.get $n))))
