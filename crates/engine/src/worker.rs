@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64};
 use std::sync::{Arc, Mutex};
 
 use arches_core::execution::{Assignment, AttemptOutcome};
+use arches_core::pipeline::validate::InputSchemas;
 use arches_core::ports::{ArtifactStore, LogSink, ToolContext, ToolRegistry};
 use arches_core::records::LogStream;
 use arches_core::{Clock, RunId, TaskRunId};
@@ -31,6 +32,9 @@ pub struct WorkerPool {
     scheduler: SchedulerHandle,
     dispatches: mpsc::UnboundedReceiver<Dispatch>,
     tools: Arc<ToolRegistry>,
+    /// The tools' input schemas, compiled once: rendered inputs are checked before a tool
+    /// runs.
+    schemas: Arc<InputSchemas>,
     artifacts: Arc<dyn ArtifactStore>,
     logs: LogWriterHandle,
     clock: Arc<dyn Clock>,
@@ -47,11 +51,13 @@ impl WorkerPool {
         logs: LogWriterHandle,
         clock: Arc<dyn Clock>,
     ) -> Self {
+        let schemas = Arc::new(InputSchemas::compile(tools.as_ref()));
         Self {
             options,
             scheduler,
             dispatches,
             tools,
+            schemas,
             artifacts,
             logs,
             clock,
@@ -94,6 +100,7 @@ impl WorkerPool {
                         options: self.options.clone(),
                         scheduler: self.scheduler.clone(),
                         tools: self.tools.clone(),
+                        schemas: self.schemas.clone(),
                         artifacts: self.artifacts.clone(),
                         logs: self.logs.clone(),
                         clock: self.clock.clone(),
@@ -174,6 +181,7 @@ struct Attempt {
     options: EngineOptions,
     scheduler: SchedulerHandle,
     tools: Arc<ToolRegistry>,
+    schemas: Arc<InputSchemas>,
     artifacts: Arc<dyn ArtifactStore>,
     logs: LogWriterHandle,
     clock: Arc<dyn Clock>,
@@ -202,12 +210,18 @@ impl Attempt {
             .work_root
             .join(a.run_id.to_string())
             .join(format!("{}.{}.{}", a.task_id, a.task_run_id, a.attempt));
-        let outcome = match self.tools.get(&a.tool).cloned() {
-            None => Some(AttemptOutcome::Failed {
+        // Validation skipped template strings; their rendered values are checked now.
+        let checked = self.schemas.check(&a.tool, &a.inputs);
+        let outcome = match (self.tools.get(&a.tool).cloned(), checked) {
+            (None, _) => Some(AttemptOutcome::Failed {
                 message: format!("unknown tool {:?}", a.tool),
                 retryable: false,
             }),
-            Some(tool) => {
+            (Some(_), Err(message)) => Some(AttemptOutcome::Failed {
+                message,
+                retryable: false,
+            }),
+            (Some(tool), Ok(())) => {
                 let mut prepared = Ok(());
                 if tool.needs_work_dir() {
                     prepared = tokio::fs::create_dir_all(&work_dir).await;

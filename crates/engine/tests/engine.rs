@@ -1433,7 +1433,14 @@ impl Tool for TestTool {
     }
 
     fn input_schema(&self) -> Value {
-        json!({"type": "object"})
+        match self.behaviour {
+            Behaviour::Sleep => json!({
+                "type": "object",
+                "properties": {"ms": {"type": "integer", "minimum": 0}},
+                "required": ["ms"],
+            }),
+            _ => json!({"type": "object"}),
+        }
     }
 
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
@@ -1588,6 +1595,32 @@ async fn the_engine_runs_a_chain_of_real_tools_to_success() {
     }
     // Every execution has ended (its future dropped) by the time the run is over.
     assert_eq!(*engine.probe.live.borrow(), 0);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn rendered_inputs_that_break_the_tool_schema_fail_the_task_before_the_tool_runs() {
+    let engine = LiveEngine::start(|_| {}).await;
+    let p = pipeline(json!({
+        "name": "bad-render",
+        "tasks": [
+            {"id": "a", "tool": "echo", "with": {"ms": "soon"}},
+            // Validation cannot see this value: it is a template until the task runs.
+            {"id": "b", "tool": "sleep", "with": {"ms": "{{ tasks.a.outputs.ms }}"},
+             "retry": {"max_attempts": 3, "initial_delay": "1ms"}},
+        ]
+    }));
+    let run = engine.run_to_end(&p).await;
+    assert_eq!(run.state, RunState::Failed);
+    let b = engine.task(run.id, "b").await;
+    assert_eq!(b.state, TaskRunState::Failed);
+    assert_eq!(b.attempt, 1, "a schema violation is not retried");
+    let error = b.error.unwrap_or_default();
+    assert!(
+        error.contains("rendered inputs of tool `sleep` break its schema")
+            && error.contains("/with/ms"),
+        "{error}"
+    );
     engine.stop().await;
 }
 

@@ -1237,3 +1237,73 @@ tasks:
         );
     }
 }
+
+/// Most schema violations one [`InputSchemas::check`] message lists.
+const RENDERED_INPUT_ERRORS_MAX: usize = 5;
+
+/// The compiled input schemas of a set of tools, to check a task's inputs again once its
+/// templates are rendered, just before the tool runs (validation skips template strings,
+/// whose values are only known then).
+#[derive(Default)]
+pub struct InputSchemas {
+    validators: HashMap<String, Result<jsonschema::Validator, String>>,
+}
+
+impl std::fmt::Debug for InputSchemas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InputSchemas")
+            .field("tools", &self.validators.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl InputSchemas {
+    /// Compiles the input schema of every tool in `catalog`.
+    pub fn compile(catalog: &dyn ToolCatalog) -> Self {
+        let validators = catalog
+            .tool_names()
+            .into_iter()
+            .filter_map(|name| {
+                let schema = catalog.input_schema(&name)?;
+                let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string());
+                Some((name, validator))
+            })
+            .collect();
+        Self { validators }
+    }
+
+    /// Checks rendered `inputs` against the schema of `tool`.
+    ///
+    /// # Errors
+    /// One line naming each violated field as a JSON pointer under `with` (at most
+    /// [`RENDERED_INPUT_ERRORS_MAX`], then how many more), or that the tool's schema does not
+    /// compile. A tool without a schema here passes.
+    pub fn check(&self, tool: &str, inputs: &Value) -> Result<(), String> {
+        let Some(validator) = self.validators.get(tool) else {
+            return Ok(());
+        };
+        let validator = validator.as_ref().map_err(|message| {
+            format!("the input schema of tool `{tool}` does not compile: {message}")
+        })?;
+        let mut problems = Vec::new();
+        let mut more = 0usize;
+        for error in validator.iter_errors(inputs) {
+            if problems.len() == RENDERED_INPUT_ERRORS_MAX {
+                more += 1;
+                continue;
+            }
+            problems.push(format!("/with{}: {error}", error.instance_path().as_str()));
+        }
+        if problems.is_empty() {
+            return Ok(());
+        }
+        let mut message = format!(
+            "rendered inputs of tool `{tool}` break its schema: {}",
+            problems.join("; ")
+        );
+        if more > 0 {
+            message.push_str(&format!(" (and {more} more)"));
+        }
+        Err(message)
+    }
+}
