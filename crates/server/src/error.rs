@@ -417,20 +417,10 @@ impl<T: Serialize> IntoResponse for ApiJson<T> {
 
 /// `application/json` or any `application/*+json`, parameters ignored.
 fn has_json_content_type(headers: &HeaderMap) -> bool {
-    let Some(value) = headers
+    headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-    else {
-        return false;
-    };
-    let essence = value
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    essence == "application/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        .is_some_and(arches_tools::media_type::is_json)
 }
 
 fn body_rejection(rejection: BytesRejection) -> ApiError {

@@ -47,3 +47,16 @@ pub fn is_table(media_type: &str) -> bool {
     let essence = media_type.split(';').next().unwrap_or_default().trim();
     matches!(essence, CSV | PARQUET | JSON | NDJSON)
 }
+
+/// Whether a `Content-Type` value names JSON: `application/json` or any `application/*+json`
+/// (RFC 6839 structured syntax suffix), parameters and case ignored.
+pub fn is_json(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}

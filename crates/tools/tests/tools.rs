@@ -15,6 +15,9 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+#[path = "tools/wasm.rs"]
+mod wasm;
+
 const PENGUINS_CSV: &str = "/work/shared/data/penguins.csv";
 
 /// Log lines kept in memory.

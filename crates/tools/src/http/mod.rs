@@ -915,16 +915,7 @@ fn outputs(exchange: Exchange, attempts: u32, what: &str) -> Result<Value, ToolE
         .headers
         .get(CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .map(|value| {
-            let essence = value
-                .split(';')
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase();
-            essence == "application/json" || essence.ends_with("+json")
-        })
-        .unwrap_or(false);
+        .is_some_and(crate::media_type::is_json);
     let body = if is_json {
         if exchange.body.iter().all(u8::is_ascii_whitespace) {
             Value::Null

@@ -59,8 +59,6 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::common::{absolute_path, parse_inputs};
 
-#[cfg(test)]
-mod tests;
 
 /// Interval of the epoch ticker: the granularity of CPU budgets and of yields to tokio.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -332,30 +330,16 @@ struct MemoryLimiter {
 }
 
 /// The error a denied growth traps with.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit of {} MiB exceeded", mib(*.limit_bytes))]
 struct MemoryLimitExceeded {
     limit_bytes: u64,
 }
 
-impl std::fmt::Display for MemoryLimitExceeded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "memory limit of {} MiB exceeded", mib(self.limit_bytes))
-    }
-}
-
-impl std::error::Error for MemoryLimitExceeded {}
-
 /// The error the epoch callback traps with once the CPU budget is spent.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget spent")]
 struct CpuBudgetSpent;
-
-impl std::fmt::Display for CpuBudgetSpent {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("CPU budget spent")
-    }
-}
-
-impl std::error::Error for CpuBudgetSpent {}
 
 fn mib(bytes: u64) -> u64 {
     bytes / (1024 * 1024)
@@ -750,16 +734,9 @@ impl WasmTool {
 }
 
 /// The error of a module without `_start`.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("no _start export")]
 struct NoStart;
-
-impl std::fmt::Display for NoStart {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("no _start export")
-    }
-}
-
-impl std::error::Error for NoStart {}
 
 impl Runtime {
     fn cache(&self) -> std::sync::MutexGuard<'_, ModuleCache> {

@@ -1,14 +1,15 @@
-//! Tests of the `wasm` tool, with modules written in WAT.
+//! Tests of the `wasm` tool, with modules written in WAT (a module of the `tools` test
+//! binary, sharing its harness).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
-use arches_core::records::Durability;
-use arches_store::{LocalArtifactStore, SqliteStore};
-use tempfile::TempDir;
+use arches_core::ports::{Tool, ToolError};
+use arches_core::records::LogStream;
+use arches_tools::wasm::*;
+use serde_json::{json, Value};
 
-use super::*;
+use super::{Harness, MemoryLogs};
 
 /// WASI imports, one memory of 4 pages and helpers shared by the test modules.
 ///
@@ -143,67 +144,7 @@ fn writer_wat() -> String {
 
 const LOOP_WAT: &str = r#"(module (func (export "_start") (loop $spin (br $spin))))"#;
 
-/// Log lines kept in memory.
-#[derive(Default)]
-struct MemoryLogs {
-    lines: Mutex<Vec<(LogStream, String)>>,
-}
-
-#[async_trait]
-impl LogSink for MemoryLogs {
-    async fn write(&self, stream: LogStream, text: &str) {
-        self.lines.lock().unwrap().push((stream, text.to_owned()));
-    }
-}
-
-impl MemoryLogs {
-    fn of(&self, stream: LogStream) -> Vec<String> {
-        let lines = self.lines.lock().unwrap();
-        lines
-            .iter()
-            .filter(|(s, _)| *s == stream)
-            .map(|(_, text)| text.clone())
-            .collect()
-    }
-}
-
-/// A temporary directory, an artifact store and a log, for calls through [`Tool::execute`].
-struct Harness {
-    dir: TempDir,
-    artifacts: Arc<LocalArtifactStore>,
-    logs: Arc<MemoryLogs>,
-}
-
 impl Harness {
-    async fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&dir.path().join("arches.db"), Durability::Normal)
-            .await
-            .unwrap();
-        let artifacts =
-            LocalArtifactStore::new(&dir.path().join("artifacts"), Arc::new(store)).unwrap();
-        Self {
-            dir,
-            artifacts: Arc::new(artifacts),
-            logs: Arc::new(MemoryLogs::default()),
-        }
-    }
-
-    fn context(&self) -> ToolContext {
-        ToolContext {
-            org_id: OrgId::DEFAULT,
-            run_id: RunId::new(),
-            task_run_id: TaskRunId::new(),
-            task_id: TaskId::parse("wasm_task").unwrap(),
-            attempt: 1,
-            item: None,
-            upstream: BTreeMap::new(),
-            work_dir: self.dir.path().to_path_buf(),
-            artifacts: self.artifacts.clone(),
-            logs: self.logs.clone(),
-        }
-    }
-
     /// Writes a module file and returns its path.
     fn file(&self, name: &str, content: &str) -> String {
         let path = self.dir.path().join(name);
@@ -212,7 +153,9 @@ impl Harness {
     }
 
     async fn run(&self, tool: &WasmTool, inputs: Value) -> Result<Value, ToolError> {
-        tool.execute(self.context(), inputs).await
+        tool
+            .execute(self.context("wasm_task", BTreeMap::new()), inputs)
+            .await
     }
 }
 
