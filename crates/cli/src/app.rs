@@ -150,6 +150,39 @@ pub fn graph_command(file: &Path, format: &str) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// `arches migrate`: applies the embedded migrations to the SQLite store under the home, or
+/// to the PostgreSQL database at `database_url`, and prints the schema version.
+pub async fn migrate(home: &Home, database_url: Option<&str>) -> anyhow::Result<ExitCode> {
+    match database_url {
+        Some(url) => {
+            let store = arches_store::PgStore::connect(url, home.durability)
+                .await
+                .context("cannot migrate the PostgreSQL database")?;
+            let version = store.schema_version().await?;
+            out!(
+                "PostgreSQL database {}: migrations applied, schema version {version}",
+                store.database()
+            );
+            store.close().await;
+        }
+        None => {
+            std::fs::create_dir_all(&home.root)
+                .with_context(|| format!("cannot create home directory {}", home.root.display()))?;
+            let db = home.root.join("arches.db");
+            let store = SqliteStore::open(&db, home.durability)
+                .await
+                .with_context(|| format!("cannot migrate store {}", db.display()))?;
+            let version = store.schema_version().await?;
+            out!(
+                "SQLite store {}: migrations applied, schema version {version}",
+                db.display()
+            );
+            store.close().await;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn tools_command() -> anyhow::Result<ExitCode> {
     let registry = registry();
     let mut table = crate::inspect::table(&["TOOL", "DESCRIPTION"]);

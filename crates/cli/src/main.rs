@@ -126,6 +126,14 @@ enum Command {
     Logout,
     /// List the registered tools.
     Tools,
+    /// Apply the embedded database migrations and report the schema version: to the SQLite
+    /// store under --home, or to a PostgreSQL database. Safe when several processes run it at
+    /// once (the migrator holds a database lock); every store also migrates when it opens.
+    Migrate {
+        /// A PostgreSQL URL (`postgres://user@host:5432/db`) instead of the SQLite home.
+        #[arg(long, env = "ARCHES_DATABASE_URL", hide_env_values = true)]
+        database_url: Option<String>,
+    },
     /// Measure the engine (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -215,6 +223,7 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         Command::Login(args) => remote::login(&connection, args).await,
         Command::Logout => remote::logout(&connection).await,
         Command::Tools => app::tools_command(),
+        Command::Migrate { database_url } => app::migrate(&home, database_url.as_deref()).await,
         Command::Bench(command) => bench::bench(command).await,
         Command::Serve(args) => serve::serve(Some(home.root.clone()), args).await,
     }

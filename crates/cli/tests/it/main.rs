@@ -1,6 +1,7 @@
 //! End-to-end tests of the `arches` binary: real processes, a real SQLite file, real data.
 //! One test binary for the whole CLI (see STYLE.md).
 
+mod admin;
 mod bad_input;
 mod penguins;
 mod remote;

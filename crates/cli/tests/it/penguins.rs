@@ -110,3 +110,19 @@ fn the_pipeline_graph_renders_as_text_dot_and_mermaid() {
     assert!(plain.status.success());
     assert!(text.contains("report"), "{text}");
 }
+
+#[test]
+fn the_wasm_example_computes_fibonacci_numbers_in_the_sandbox() {
+    let home = tempfile::tempdir().unwrap();
+    let (run, stdout, stderr) = output(arches(home.path()).args([
+        "run",
+        "--quiet",
+        "examples/wasm/pipeline.yaml",
+        "-p",
+        "n=30",
+    ]));
+    assert!(run.status.success(), "run failed:\n{stdout}\n{stderr}");
+    // fib(30) = 832040, and the fan-out's fib(1..=5).
+    assert!(stdout.contains(r#""fib":832040"#), "{stdout}");
+    assert!(stdout.contains(r#""smaller":[1,1,2,3,5]"#), "{stdout}");
+}

@@ -184,6 +184,18 @@ impl PgStore {
         &self.database
     }
 
+    /// The version of the last embedded migration applied (its number in
+    /// `migrations_pg/`).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database cannot be read.
+    pub async fn schema_version(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(crate::error::db)
+    }
+
     /// Closes the pool, waiting for connections in use to be returned. Operations after this
     /// fail with [`StoreError::Unavailable`].
     pub async fn close(&self) {

@@ -182,6 +182,17 @@ impl SqliteStore {
         &self.path
     }
 
+    /// The version of the last embedded migration applied (its number in `migrations/`).
+    ///
+    /// # Errors
+    /// [`StoreError`] when the database cannot be read.
+    pub async fn schema_version(&self) -> StoreResult<i64> {
+        sqlx::query_scalar("SELECT COALESCE(max(version), 0) FROM _sqlx_migrations WHERE success")
+            .fetch_one(&self.reader)
+            .await
+            .map_err(db)
+    }
+
     /// Closes the writer and the read pool, waiting for a write in progress to finish and for
     /// connections in use to be returned. Writes after this fail with
     /// [`StoreError::Unavailable`].

@@ -59,7 +59,6 @@ use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::common::{absolute_path, parse_inputs};
 
-
 /// Interval of the epoch ticker: the granularity of CPU budgets and of yields to tokio.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 /// Compiled modules kept in the cache of one tool.

@@ -153,8 +153,7 @@ impl Harness {
     }
 
     async fn run(&self, tool: &WasmTool, inputs: Value) -> Result<Value, ToolError> {
-        tool
-            .execute(self.context("wasm_task", BTreeMap::new()), inputs)
+        tool.execute(self.context("wasm_task", BTreeMap::new()), inputs)
             .await
     }
 }
