@@ -8,9 +8,22 @@
 //! Because readiness is decided inside the same call that records a completion, dependents
 //! become ready in the same transaction that records it.
 //!
+//! **Saga compensation.** When every task is terminal and one failed (not when the run is
+//! cancelled: a cancel stops everything at once, compensations included), a run whose
+//! succeeded tasks declare `compensate` does not end yet: it creates one pending task run
+//! per such task, under the task id `<id>__compensate`
+//! ([`crate::pipeline::compensation_task_id`]), and runs them one at a time, the task that
+//! finished last first (ties: the later in topological order first). Each is leased,
+//! retried (its own `retry`), timed out and recorded like any task run; a compensation that
+//! fails for good does not stop the next. When all are terminal the run ends `failed`, its
+//! error counting the compensations and their failures. The order is not stored: a restore
+//! derives it again from the compensated tasks' rows, and finished compensations stay
+//! finished. A compensated run cannot be retried ([`RunExecution::retry_failed`]).
+//!
 //! This module must never do I/O, read the clock or draw random numbers: the caller passes
 //! the time and a random number for jitter, so every step is reproducible in tests.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +32,7 @@ use serde_json::{json, Value};
 
 use crate::events::DomainEvent;
 use crate::ids::{OrgId, RunId, TaskId, TaskRunId};
-use crate::pipeline::{Pipeline, TaskDef, Templates};
+use crate::pipeline::{compensation_task_id, Pipeline, TaskDef, Templates};
 use crate::records::{AttemptRecord, RunRecord, TaskRunRecord};
 use crate::retry::RetryPolicy;
 use crate::state::{AttemptState, RunState, TaskRunState};
@@ -202,6 +215,9 @@ pub struct RunExecution {
     /// by task run index. Held in memory only: after a restart the budget counts every
     /// attempt, which can only mean fewer automatic retries, never more.
     retry_base: HashMap<usize, u32>,
+    /// The compensation task runs (saga), by task run index, in the order they run: empty
+    /// until the run reaches a failed end with succeeded tasks that declare `compensate`.
+    compensations: Vec<usize>,
 }
 
 /// What identifies a new run before it starts.
@@ -314,8 +330,23 @@ impl RunExecution {
         let mut nodes: HashMap<TaskId, Node> = HashMap::new();
         let mut queue = VecDeque::new();
         let mut running = 0;
+        let mut compensations = Vec::new();
         for (i, task_run) in task_runs.iter().enumerate() {
             by_id.insert(task_run.id, i);
+            if task_run.state == TaskRunState::Queued {
+                queue.push_back(i);
+            }
+            if task_run.state == TaskRunState::Running && task_run.fan_out.is_none() {
+                running += 1;
+            }
+            if pipeline
+                .def
+                .compensated_task(task_run.task_id.as_str())
+                .is_some()
+            {
+                compensations.push(i);
+                continue;
+            }
             let node = nodes.entry(task_run.task_id.clone()).or_default();
             match task_run.index {
                 None => node.parent = i,
@@ -326,17 +357,11 @@ impl RunExecution {
                     }
                 }
             }
-            if task_run.state == TaskRunState::Queued {
-                queue.push_back(i);
-            }
-            if task_run.state == TaskRunState::Running && task_run.fan_out.is_none() {
-                running += 1;
-            }
         }
         for node in nodes.values_mut() {
             node.children.sort_by_key(|i| task_runs[*i].index);
         }
-        Self {
+        let mut execution = Self {
             run,
             pipeline,
             templates,
@@ -353,7 +378,25 @@ impl RunExecution {
             events: Vec::new(),
             wakeups: Vec::new(),
             retry_base: HashMap::new(),
-        }
+            compensations: Vec::new(),
+        };
+        // A restored run in its compensating phase: the order is derived again from the
+        // compensated tasks' rows, so it is not stored.
+        let mut keyed: Vec<(CompensationKey, usize)> = compensations
+            .into_iter()
+            .filter_map(|i| {
+                let base = execution
+                    .pipeline
+                    .def
+                    .compensated_task(execution.task_runs[i].task_id.as_str())?
+                    .id
+                    .clone();
+                Some((execution.compensation_key(&base), i))
+            })
+            .collect();
+        keyed.sort();
+        execution.compensations = keyed.into_iter().map(|(_, i)| i).collect();
+        execution
     }
 
     /// Retries a failed or cancelled run from its failed tasks: every failed, cancelled or
@@ -362,9 +405,15 @@ impl RunExecution {
     /// outputs), the run goes back to running, and the ready task runs are queued. Succeeded
     /// task runs and their outputs are kept. Attempt numbers keep counting up, and each task
     /// run retried gets a fresh retry budget. Returns how many task runs were reset (0, and
-    /// nothing changes, when the run is not failed or cancelled or has nothing to retry).
+    /// nothing changes, when the run is not failed or cancelled, has nothing to retry, or
+    /// was compensated).
     pub fn retry_failed(&mut self, now: Timestamp) -> usize {
         if !matches!(self.run.state, RunState::Failed | RunState::Cancelled) {
+            return 0;
+        }
+        // Its succeeded tasks were undone: running only the failed ones again would build on
+        // effects that no longer exist.
+        if !self.compensations.is_empty() {
             return 0;
         }
         let retried = |state: TaskRunState| {
@@ -452,7 +501,8 @@ impl RunExecution {
         &self.pipeline
     }
 
-    /// Every task run, parents first in topological order, then fan-out items as created.
+    /// Every task run, parents first in topological order, then fan-out items and
+    /// compensations as created (a restored run: as the store lists them).
     pub fn task_runs(&self) -> &[TaskRunRecord] {
         &self.task_runs
     }
@@ -568,23 +618,43 @@ impl RunExecution {
             task_run_id: task_run.id,
             fencing_token: task_run.fencing_token,
         });
-        let task = self
-            .pipeline
-            .task(&task_run.task_id)
-            .expect("task runs belong to pipeline tasks");
+        let (tool, timeout, upstream) = match self.pipeline.task(&task_run.task_id) {
+            Some(task) => (
+                task.tool.clone(),
+                task.timeout,
+                self.upstream_outputs(&task_run.task_id),
+            ),
+            None => {
+                // A compensation: its tool, and the outputs of the task it undoes and of
+                // that task's dependencies.
+                let task = self
+                    .pipeline
+                    .def
+                    .compensated_task(task_run.task_id.as_str())
+                    .expect("task runs belong to pipeline tasks or their compensations");
+                let compensate = task.compensate.as_ref().expect("a compensated task");
+                let mut upstream = self.upstream_outputs(&task.id);
+                let own = &self.task_runs[self.nodes[&task.id].parent];
+                upstream.insert(
+                    task.id.to_string(),
+                    own.outputs.clone().unwrap_or(Value::Null),
+                );
+                (compensate.tool.clone(), compensate.timeout, upstream)
+            }
+        };
         Assignment {
             org_id: self.run.org_id,
             run_id: self.run.id,
             task_run_id: task_run.id,
             task_id: task_run.task_id.clone(),
-            tool: task.tool.clone(),
+            tool,
             attempt: task_run.attempt,
             fencing_token: task_run.fencing_token,
             lease_expires_at: expires,
             inputs: task_run.inputs.clone().unwrap_or_else(|| json!({})),
             item: task_run.item.clone(),
-            upstream: self.upstream_outputs(&task_run.task_id),
-            timeout: task.timeout,
+            upstream,
+            timeout,
         }
     }
 
@@ -884,10 +954,16 @@ impl RunExecution {
     // ---- internals ----
 
     fn retry_policy(&self, task_id: &TaskId) -> RetryPolicy {
-        self.pipeline
-            .task(task_id)
-            .and_then(|t| t.retry.clone())
-            .unwrap_or_else(RetryPolicy::none)
+        let retry = match self.pipeline.task(task_id) {
+            Some(task) => task.retry.clone(),
+            None => self
+                .pipeline
+                .def
+                .compensated_task(task_id.as_str())
+                .and_then(|t| t.compensate.as_ref())
+                .and_then(|c| c.retry.clone()),
+        };
+        retry.unwrap_or_else(RetryPolicy::none)
     }
 
     fn close_attempt(
@@ -972,6 +1048,11 @@ impl RunExecution {
     /// parent; a finished parent may ready its dependents; the run may finish.
     fn finish(&mut self, i: usize, to: TaskRunState, error: Option<String>, now: Timestamp) {
         self.set_terminal(i, to, error, now);
+        if self.compensations.contains(&i) {
+            // A compensation has no dependents: the next one starts, or the run ends.
+            self.check_run_finished(now);
+            return;
+        }
         let mut finished_tasks = VecDeque::new();
         let task_id = self.task_runs[i].task_id.clone();
         if self.task_runs[i].index.is_some() {
@@ -1256,8 +1337,15 @@ impl RunExecution {
     }
 
     fn template_context(&self, task: &TaskDef) -> minijinja::Value {
+        self.context_of(task, false)
+    }
+
+    /// The template context of a task: its dependencies under `tasks`, and the task itself
+    /// too with `include_self` (for its compensation).
+    fn context_of(&self, task: &TaskDef, include_self: bool) -> minijinja::Value {
         let mut tasks = serde_json::Map::new();
-        for dep in self.pipeline.dag.dependencies(&task.id) {
+        let own = include_self.then_some(&task.id);
+        for dep in self.pipeline.dag.dependencies(&task.id).chain(own) {
             let parent = &self.task_runs[self.nodes[dep].parent];
             tasks.insert(
                 dep.to_string(),
@@ -1296,12 +1384,127 @@ impl RunExecution {
                 ));
             }
         }
-        match failed {
-            None => self.set_run_state(RunState::Succeeded, now, None),
-            Some(message) => self.set_run_state(RunState::Failed, now, Some(message)),
+        let Some(message) = failed else {
+            self.set_run_state(RunState::Succeeded, now, None);
+            return;
+        };
+        if self.compensations.is_empty() {
+            self.begin_compensation(now);
+        }
+        if self.advance_compensation(now) {
+            return;
+        }
+        let message = if self.compensations.is_empty() {
+            message
+        } else {
+            let failed = self
+                .compensations
+                .iter()
+                .filter(|&&i| self.task_runs[i].state != TaskRunState::Succeeded)
+                .count();
+            format!(
+                "{message}; {} compensation{} ran, {failed} of them failed",
+                self.compensations.len(),
+                if self.compensations.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            )
+        };
+        self.set_run_state(RunState::Failed, now, Some(message));
+    }
+
+    /// Where a compensation of `task` comes in the compensating phase: the latest finished
+    /// first, and among tasks finished at the same time the latest in topological order
+    /// first (so a task is undone before the tasks it depends on, even when both finished in
+    /// the same instant).
+    fn compensation_key(&self, task: &TaskId) -> CompensationKey {
+        let finished_at = self.task_runs[self.nodes[task].parent].finished_at;
+        let position = self
+            .pipeline
+            .dag
+            .topological_order()
+            .iter()
+            .position(|t| t == task)
+            .unwrap_or_default();
+        (Reverse(finished_at), Reverse(position))
+    }
+
+    /// Enters the compensating phase: one pending compensation task run for every task
+    /// that succeeded and declares `compensate` (fan-outs excluded: validation refuses
+    /// them), ordered by [`RunExecution::compensation_key`]. All are created at once, so the
+    /// store holds the whole plan; [`RunExecution::advance_compensation`] starts them one
+    /// at a time.
+    fn begin_compensation(&mut self, now: Timestamp) {
+        let mut keyed: Vec<(CompensationKey, TaskId, TaskId)> = Vec::new();
+        for task in &self.pipeline.def.tasks {
+            if task.compensate.is_none() || task.for_each.is_some() {
+                continue;
+            }
+            let Some(node) = self.nodes.get(&task.id) else {
+                continue;
+            };
+            if self.task_runs[node.parent].state != TaskRunState::Succeeded {
+                continue;
+            }
+            let Some(id) = compensation_task_id(&task.id) else {
+                continue;
+            };
+            keyed.push((self.compensation_key(&task.id), task.id.clone(), id));
+        }
+        keyed.sort();
+        let run_id = self.run.id;
+        for (_, _, id) in keyed {
+            let i = self.task_runs.len();
+            self.task_runs
+                .push(TaskRunRecord::pending(run_id, id, None, None, now));
+            self.by_id.insert(self.task_runs[i].id, i);
+            self.dirty.insert(i);
+            self.compensations.push(i);
         }
     }
+
+    /// Moves the compensating phase on: when no compensation is queued, running or waiting
+    /// to retry, the next pending one is rendered and queued (one whose inputs do not
+    /// render fails, and the next is tried). A failed compensation does not stop the
+    /// others. Returns whether a compensation is still under way.
+    fn advance_compensation(&mut self, now: Timestamp) -> bool {
+        for position in 0..self.compensations.len() {
+            let i = self.compensations[position];
+            match self.task_runs[i].state {
+                state if state.is_terminal() => continue,
+                TaskRunState::Pending => {}
+                _ => return true,
+            }
+            let task = self
+                .pipeline
+                .def
+                .compensated_task(self.task_runs[i].task_id.as_str())
+                .expect("compensation task runs belong to compensated tasks")
+                .clone();
+            let compensate = task.compensate.as_ref().expect("a compensated task");
+            let context = self.context_of(&task, true);
+            match self
+                .templates
+                .render_value(&Value::Object(compensate.inputs.clone()), &context)
+            {
+                Ok(inputs) => {
+                    self.task_runs[i].inputs = Some(inputs);
+                    self.enqueue(i, now);
+                    return true;
+                }
+                Err(err) => {
+                    self.set_terminal(i, TaskRunState::Failed, Some(format!("inputs: {err}")), now);
+                }
+            }
+        }
+        false
+    }
 }
+
+/// The order of a compensation: see [`RunExecution::compensation_key`].
+type CompensationKey = (Reverse<Option<Timestamp>>, Reverse<usize>);
 
 /// The length in bytes of a value's JSON text, counted without building the text: every
 /// completion is measured against [`ExecutionLimits::outputs_bytes_max`], so this is on the

@@ -1380,6 +1380,319 @@ async fn a_resumed_run_keeps_a_pending_retry_and_honours_its_backoff() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Saga compensation
+// ---------------------------------------------------------------------------------------
+
+/// `a → b → c`; `a` and `b` declare a compensation that reads their outputs; `c` has
+/// none. `b`'s compensation takes an optional retry policy.
+fn saga(compensation_retry: Option<Value>) -> Pipeline {
+    let mut b_compensate = json!({"tool": "echo", "with": {"release": "{{ tasks.b.outputs.seat }}", "order": "{{ tasks.a.outputs.order }}"}});
+    if let Some(retry) = compensation_retry {
+        b_compensate["retry"] = retry;
+    }
+    pipeline(json!({
+        "name": "saga",
+        "tasks": [
+            {"id": "a", "tool": "echo",
+             "compensate": {"tool": "echo", "with": {"cancel": "{{ tasks.a.outputs.order }}"}}},
+            {"id": "b", "tool": "echo", "depends_on": ["a"], "compensate": b_compensate},
+            {"id": "c", "tool": "echo", "depends_on": ["b"]},
+        ]
+    }))
+}
+
+/// Runs `a` and `b` of [`saga`] to success (one second apart) and fails `c` for good;
+/// returns the run and the report of `c`'s completion.
+async fn fail_after_a_and_b(h: &mut Harness, p: &Pipeline) -> (RunId, StepReport) {
+    let (run_id, report) = h.submit(p, json!({})).await;
+    let a = assignment(&report, "a").clone();
+    h.clock.advance(Duration::from_secs(1));
+    let report = h.complete(&a, ok(json!({"order": "o-1"}))).await;
+    let b = assignment(&report, "b").clone();
+    h.clock.advance(Duration::from_secs(1));
+    let report = h.complete(&b, ok(json!({"seat": 12}))).await;
+    let c = assignment(&report, "c").clone();
+    h.clock.advance(Duration::from_secs(1));
+    let report = h.complete(&c, permanent("payment declined")).await;
+    (run_id, report)
+}
+
+#[tokio::test]
+async fn a_failed_run_compensates_its_succeeded_tasks_in_reverse_completion_order() {
+    let mut h = Harness::new().await;
+    let p = saga(None);
+    let (run_id, report) = fail_after_a_and_b(&mut h, &p).await;
+
+    // The run does not end: it compensates b first (b finished last), one at a time.
+    assert_eq!(leased(&report), ["b__compensate"]);
+    let undo_b = report.assignments[0].clone();
+    assert_eq!(undo_b.inputs, json!({"release": 12, "order": "o-1"}));
+    assert_eq!(undo_b.upstream["b"], json!({"seat": 12}));
+    assert_eq!(undo_b.upstream["a"], json!({"order": "o-1"}));
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Running);
+    let states = h.stored_states(run_id).await;
+    assert_eq!(states["c"], TaskRunState::Failed);
+    assert_eq!(states["b__compensate"], TaskRunState::Running);
+    // The whole plan is stored at once: a's compensation waits its turn.
+    assert_eq!(states["a__compensate"], TaskRunState::Pending);
+    h.assert_store_matches_memory(run_id).await;
+
+    h.clock.advance(Duration::from_secs(1));
+    let report = h.complete(&undo_b, ok(json!({}))).await;
+    assert_eq!(leased(&report), ["a__compensate"]);
+    let undo_a = report.assignments[0].clone();
+    assert_eq!(undo_a.inputs, json!({"cancel": "o-1"}));
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Running);
+
+    h.clock.advance(Duration::from_secs(1));
+    let report = h.complete(&undo_a, ok(json!({}))).await;
+    assert!(report.assignments.is_empty());
+
+    let run = h.stored_run(run_id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("task c failed: payment declined; 2 compensations ran, 0 of them failed")
+    );
+    // Recorded like any task run, with their attempts; b was undone before a.
+    let undo_b = h.stored_task(run_id, "b__compensate").await;
+    let undo_a = h.stored_task(run_id, "a__compensate").await;
+    assert_eq!(undo_b.state, TaskRunState::Succeeded);
+    assert_eq!(undo_a.state, TaskRunState::Succeeded);
+    assert!(undo_b.finished_at < undo_a.started_at);
+    assert_eq!(
+        h.attempt_states(run_id, undo_b.id).await,
+        [AttemptState::Succeeded]
+    );
+    assert_eq!(
+        h.attempt_states(run_id, undo_a.id).await,
+        [AttemptState::Succeeded]
+    );
+    // The compensated tasks keep their own rows and outputs.
+    assert_eq!(
+        h.stored_task(run_id, "a").await.outputs,
+        Some(json!({"order": "o-1"}))
+    );
+}
+
+#[tokio::test]
+async fn a_run_that_succeeds_runs_no_compensation() {
+    let mut h = Harness::new().await;
+    let p = saga(None);
+    let (run_id, report) = h.submit(&p, json!({})).await;
+    let a = assignment(&report, "a").clone();
+    let report = h.complete(&a, ok(json!({"order": "o-1"}))).await;
+    let b = assignment(&report, "b").clone();
+    let report = h.complete(&b, ok(json!({"seat": 12}))).await;
+    let c = assignment(&report, "c").clone();
+    let report = h.complete(&c, ok(json!({}))).await;
+    assert!(report.assignments.is_empty());
+
+    let run = h.stored_run(run_id).await;
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(run.error, None);
+    let ids: Vec<String> = h
+        .stored_task_runs(run_id)
+        .await
+        .iter()
+        .map(|t| t.task_id.to_string())
+        .collect();
+    assert_eq!(ids.len(), 3, "{ids:?}");
+    assert!(
+        ids.iter().all(|id| !id.ends_with("__compensate")),
+        "{ids:?}"
+    );
+}
+
+#[tokio::test]
+async fn only_tasks_that_succeeded_are_compensated() {
+    let mut h = Harness::new().await;
+    // a succeeds, b fails, c never runs: all three declare a compensation.
+    let undo = json!({"tool": "echo"});
+    let p = pipeline(json!({
+        "name": "partial",
+        "tasks": [
+            {"id": "a", "tool": "echo", "compensate": undo},
+            {"id": "b", "tool": "echo", "depends_on": ["a"], "compensate": undo},
+            {"id": "c", "tool": "echo", "depends_on": ["b"], "compensate": undo},
+        ]
+    }));
+    let (run_id, report) = h.submit(&p, json!({})).await;
+    let a = assignment(&report, "a").clone();
+    let report = h.complete(&a, ok(json!({}))).await;
+    let b = assignment(&report, "b").clone();
+    let report = h.complete(&b, permanent("boom")).await;
+    assert_eq!(leased(&report), ["a__compensate"]);
+    let states = h.stored_states(run_id).await;
+    assert_eq!(states["c"], TaskRunState::Skipped);
+    assert!(!states.contains_key("b__compensate"), "{states:?}");
+    assert!(!states.contains_key("c__compensate"), "{states:?}");
+
+    let report = h
+        .complete(&report.assignments[0].clone(), ok(json!({})))
+        .await;
+    assert!(report.assignments.is_empty());
+    let run = h.stored_run(run_id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("task b failed: boom; 1 compensation ran, 0 of them failed")
+    );
+    assert_eq!(h.stored_task_runs(run_id).await.len(), 4);
+}
+
+#[tokio::test]
+async fn a_failing_compensation_is_retried_per_its_policy_and_the_others_still_run() {
+    let mut h = Harness::new().await;
+    let p = saga(Some(
+        json!({"max_attempts": 2, "initial_delay": "5s", "jitter": 0}),
+    ));
+    let (run_id, report) = fail_after_a_and_b(&mut h, &p).await;
+    let first = assignment(&report, "b__compensate").clone();
+    let report = h.complete(&first, retryable("seat service down")).await;
+    assert!(
+        report.assignments.is_empty(),
+        "a waits for b's compensation"
+    );
+    assert_eq!(
+        h.stored_task(run_id, "b__compensate").await.state,
+        TaskRunState::WaitingToRetry
+    );
+
+    h.clock.advance(Duration::from_secs(5));
+    let report = h.step().await;
+    let second = assignment(&report, "b__compensate").clone();
+    assert_eq!(second.attempt, 2);
+    let report = h.complete(&second, retryable("seat service down")).await;
+    // Out of attempts: b's compensation fails, and a's runs all the same.
+    let undo_a = assignment(&report, "a__compensate").clone();
+    let undo_b = h.stored_task(run_id, "b__compensate").await;
+    assert_eq!(undo_b.state, TaskRunState::Failed);
+    assert_eq!(
+        undo_b.error.as_deref(),
+        Some("seat service down (after 2 attempts)")
+    );
+    assert_eq!(
+        h.attempt_states(run_id, undo_b.id).await,
+        [AttemptState::Failed, AttemptState::Failed]
+    );
+
+    h.complete(&undo_a, ok(json!({}))).await;
+    let run = h.stored_run(run_id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("task c failed: payment declined; 2 compensations ran, 1 of them failed")
+    );
+    assert_eq!(
+        h.stored_task(run_id, "a__compensate").await.state,
+        TaskRunState::Succeeded
+    );
+}
+
+#[tokio::test]
+async fn a_crash_while_compensating_resumes_only_the_remaining_compensations() {
+    let mut h = Harness::new().await;
+    let p = saga(None);
+    let (run_id, report) = fail_after_a_and_b(&mut h, &p).await;
+    let undo_b = assignment(&report, "b__compensate").clone();
+    h.dispatched();
+
+    // The process dies right after committing b's compensation and a's lease, before it
+    // dispatches the lease.
+    h.failpoints.fail_after_commit(1);
+    h.send_completion(&undo_b, ok(json!({}))).await;
+    let crashed = h.scheduler.step().await;
+    assert!(
+        matches!(crashed, Err(Error::Injected("after commit"))),
+        "{crashed:?}"
+    );
+    let states = h.stored_states(run_id).await;
+    assert_eq!(states["b__compensate"], TaskRunState::Succeeded);
+    assert_eq!(states["a__compensate"], TaskRunState::Running);
+
+    h.restart().await;
+    h.clock.advance(Duration::from_secs(1));
+    let (reclaimed, report) = h.resume(run_id, &p).await;
+    assert_eq!(reclaimed, 1);
+    // b's compensation is not run again; a's gets a new attempt.
+    assert_eq!(leased(&report), ["a__compensate"]);
+    let undo_a = report.assignments[0].clone();
+    assert_eq!(undo_a.attempt, 2);
+    assert_eq!(undo_a.inputs, json!({"cancel": "o-1"}));
+    h.assert_store_matches_memory(run_id).await;
+
+    h.complete(&undo_a, ok(json!({}))).await;
+    let run = h.stored_run(run_id).await;
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(
+        run.error.as_deref(),
+        Some("task c failed: payment declined; 2 compensations ran, 0 of them failed")
+    );
+    assert_eq!(
+        h.attempt_states(run_id, undo_b.task_run_id).await,
+        [AttemptState::Succeeded]
+    );
+    assert_eq!(
+        h.attempt_states(run_id, undo_a.task_run_id).await,
+        [AttemptState::LeaseExpired, AttemptState::Succeeded]
+    );
+}
+
+#[tokio::test]
+async fn a_crash_before_the_first_compensation_ends_resumes_it_then_the_rest_in_order() {
+    let mut h = Harness::new().await;
+    let p = saga(None);
+    let (run_id, report) = fail_after_a_and_b(&mut h, &p).await;
+    let undo_b = assignment(&report, "b__compensate").clone();
+
+    // The process dies while recording b's compensation: it was never acknowledged.
+    h.failpoints.fail_before_commit(1);
+    h.send_completion(&undo_b, ok(json!({}))).await;
+    let crashed = h.scheduler.step().await;
+    assert!(
+        matches!(crashed, Err(Error::Injected("before commit"))),
+        "{crashed:?}"
+    );
+
+    h.restart().await;
+    h.clock.advance(Duration::from_secs(1));
+    let (reclaimed, report) = h.resume(run_id, &p).await;
+    assert_eq!(reclaimed, 1);
+    // The restored order is the same: b's compensation again, then a's.
+    assert_eq!(leased(&report), ["b__compensate"]);
+    let again = report.assignments[0].clone();
+    assert_eq!(again.task_run_id, undo_b.task_run_id);
+    assert_eq!(again.attempt, 2);
+    let report = h.complete(&again, ok(json!({}))).await;
+    let undo_a = assignment(&report, "a__compensate").clone();
+    h.complete(&undo_a, ok(json!({}))).await;
+    assert_eq!(h.stored_run(run_id).await.state, RunState::Failed);
+}
+
+#[tokio::test]
+async fn a_compensated_run_is_not_retried() {
+    let mut h = Harness::new().await;
+    let p = saga(None);
+    let (run_id, report) = fail_after_a_and_b(&mut h, &p).await;
+    let report = h
+        .complete(&assignment(&report, "b__compensate").clone(), ok(json!({})))
+        .await;
+    h.complete(&assignment(&report, "a__compensate").clone(), ok(json!({})))
+        .await;
+    let mut execution = RunExecution::restore(
+        h.stored_run(run_id).await,
+        p.clone(),
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        h.stored_task_runs(run_id).await,
+        h.store.attempts(run_id).await.expect("the store reads"),
+    );
+    assert_eq!(execution.retry_failed(h.now()), 0);
+    assert_eq!(execution.run().state, RunState::Failed);
+}
+
+// ---------------------------------------------------------------------------------------
 // The whole engine: worker pool and real tools
 // ---------------------------------------------------------------------------------------
 

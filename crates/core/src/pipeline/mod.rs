@@ -138,8 +138,8 @@ impl Pipeline {
     }
 }
 
-/// A task's dependencies: `depends_on` plus the tasks read by its templates (`with`, `if`
-/// and `for_each`). References to ids that are not valid task ids are left to validation.
+/// A task's dependencies: `depends_on` plus the tasks read by its templates (`with`, `if`,
+/// `for_each` and the `with` of its `compensate`). References to ids that are not valid task ids are left to validation.
 pub fn task_dependencies(task: &TaskDef, templates: &Templates) -> BTreeSet<TaskId> {
     let mut deps: BTreeSet<TaskId> = task.depends_on.iter().cloned().collect();
     let mut strings = Vec::new();
@@ -148,6 +148,11 @@ pub fn task_dependencies(task: &TaskDef, templates: &Templates) -> BTreeSet<Task
     }
     if let Some(for_each) = &task.for_each {
         template::template_strings(for_each, &mut strings);
+    }
+    if let Some(compensate) = &task.compensate {
+        for value in compensate.inputs.values() {
+            template::template_strings(value, &mut strings);
+        }
     }
     let mut refs = BTreeSet::new();
     for text in &strings {

@@ -155,6 +155,51 @@ pub struct TaskDef {
     /// item in `item` and its position in `index`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_each: Option<Value>,
+    /// Saga compensation: what undoes the task's effect. When the run fails after the task
+    /// succeeded, the compensation runs (in reverse completion order with the other
+    /// compensations) before the run ends `failed`. Not allowed on a fan-out task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensate: Option<CompensationDef>,
+}
+
+/// The compensation of a task: a tool run with its own inputs, retry policy and timeout.
+///
+/// Its task run is recorded under the task id [`compensation_task_id`] of the task it
+/// compensates (`<id>__compensate`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompensationDef {
+    /// The registered tool that executes it.
+    pub tool: String,
+    /// Inputs of the tool; strings are minijinja templates over `params`, `run` and
+    /// `tasks.<id>` of the compensated task itself and of its dependencies (tasks read here
+    /// become dependencies of the compensated task).
+    #[serde(
+        default,
+        rename = "with",
+        skip_serializing_if = "serde_json::Map::is_empty"
+    )]
+    pub inputs: serde_json::Map<String, Value>,
+    /// Retry policy; one attempt when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// Longest an attempt may run before it is stopped.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration"
+    )]
+    pub timeout: Option<Duration>,
+}
+
+/// What the id of a compensation task run ends with, after the compensated task's id.
+pub const COMPENSATION_SUFFIX: &str = "__compensate";
+
+/// The task id under which the compensation of `task` is recorded: `<task>__compensate`.
+/// `None` when that id would be longer than a task id may be (validation refuses a
+/// `compensate` on such a task).
+pub fn compensation_task_id(task: &TaskId) -> Option<TaskId> {
+    TaskId::parse(format!("{task}{COMPENSATION_SUFFIX}")).ok()
 }
 
 /// Serde for durations written as `"30s"`, `"500ms"`, `"1h30m"` or a number of seconds.
@@ -211,6 +256,16 @@ impl PipelineDef {
     /// The task with this id.
     pub fn task(&self, id: &str) -> Option<&TaskDef> {
         self.tasks.iter().find(|t| t.id.as_str() == id)
+    }
+
+    /// The task whose compensation is recorded under `id` (see [`compensation_task_id`]):
+    /// `None` when `id` is a task of the pipeline, or names no task with a `compensate`.
+    pub fn compensated_task(&self, id: &str) -> Option<&TaskDef> {
+        if self.task(id).is_some() {
+            return None;
+        }
+        let base = id.strip_suffix(COMPENSATION_SUFFIX)?;
+        self.task(base).filter(|t| t.compensate.is_some())
     }
 }
 

@@ -41,6 +41,7 @@ const TASK_FIELDS: &[&str] = &[
     "timeout",
     "if",
     "for_each",
+    "compensate",
 ];
 
 /// Where the values of a document are: JSON Pointers to 1-based `(line, column)` positions.

@@ -186,6 +186,8 @@ struct TemplateSite {
     /// Whether the template may read `item` and `index`: only the inputs of a fan-out task
     /// are rendered once per item; its `if` and `for_each` are evaluated before the fan-out.
     item_allowed: bool,
+    /// Whether the template is in the task's `compensate`, which may read the task itself.
+    compensation: bool,
 }
 
 impl Context<'_> {
@@ -239,7 +241,8 @@ impl Context<'_> {
         let mut tools = HashMap::new();
         for (position, task) in def.tasks.iter().enumerate() {
             let pointer = self.task_pointer(position);
-            self.check_tool(task, &pointer, &mut tools, &mut out);
+            self.check_tool(&task.tool, &task.inputs, &pointer, &mut tools, &mut out);
+            self.check_compensation(task, &pointer, &known, &mut tools, &mut out);
             self.check_dependencies(task, &pointer, &known, &mut out);
             self.check_templates(def, task, &pointer, &templates, &known, &mut out);
             self.check_policies(task, &pointer, &mut out);
@@ -301,15 +304,82 @@ impl Context<'_> {
         }
     }
 
-    fn check_tool(
+    /// Checks a `compensate`: its tool and inputs like a task's, its policies, that the task
+    /// is not a fan-out, and that its task-run id (`<id>__compensate`) is free and valid.
+    fn check_compensation(
         &self,
         task: &TaskDef,
+        pointer: &str,
+        known: &[&str],
+        tools: &mut HashMap<String, Option<Tool>>,
+        out: &mut Vec<Diagnostic>,
+    ) {
+        let Some(compensate) = &task.compensate else {
+            return;
+        };
+        let compensate_pointer = format!("{pointer}/compensate");
+        self.check_tool(
+            &compensate.tool,
+            &compensate.inputs,
+            &compensate_pointer,
+            tools,
+            out,
+        );
+        self.check_retry_and_timeout(
+            &task.id,
+            compensate.retry.as_ref(),
+            compensate.timeout,
+            &compensate_pointer,
+            out,
+        );
+        if task.for_each.is_some() {
+            out.push(self.diagnostic(
+                "compensate_fan_out",
+                format!("task `{}` fans out with `for_each` and cannot have `compensate`", task.id),
+                &compensate_pointer,
+                Some("compensation undoes one task run; move the fan-out into its own task, or undo its items from a compensation of a task that follows or precedes it".to_owned()),
+            ));
+        }
+        match super::compensation_task_id(&task.id) {
+            None => out.push(self.diagnostic(
+                "compensation_id",
+                format!(
+                    "task id `{}` is too long to have a compensation, recorded as `{}{}`",
+                    task.id,
+                    task.id,
+                    super::COMPENSATION_SUFFIX
+                ),
+                &format!("{pointer}/id"),
+                Some(format!(
+                    "a task with `compensate` takes an id of at most {} characters",
+                    128 - super::COMPENSATION_SUFFIX.len()
+                )),
+            )),
+            Some(id) if known.contains(&id.as_str()) => out.push(self.diagnostic(
+                "compensation_id",
+                format!(
+                    "task id `{id}` is reserved for the compensation of task `{}`",
+                    task.id
+                ),
+                &format!("{pointer}/id"),
+                Some(format!("rename the task `{id}`")),
+            )),
+            Some(_) => {}
+        }
+    }
+
+    /// Checks a tool name and inputs against the catalog; `pointer` is the mapping that
+    /// holds `tool` and `with` (a task or its `compensate`).
+    fn check_tool(
+        &self,
+        tool_name: &str,
+        task_inputs: &Map<String, Value>,
         pointer: &str,
         tools: &mut HashMap<String, Option<Tool>>,
         out: &mut Vec<Diagnostic>,
     ) {
-        let tool = tools.entry(task.tool.clone()).or_insert_with(|| {
-            self.catalog.input_schema(&task.tool).map(|schema| {
+        let tool = tools.entry(tool_name.to_owned()).or_insert_with(|| {
+            self.catalog.input_schema(tool_name).map(|schema| {
                 let validator = jsonschema::validator_for(&schema).map_err(|e| e.to_string());
                 Tool { schema, validator }
             })
@@ -320,9 +390,9 @@ impl Context<'_> {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
             out.push(self.diagnostic(
                 "unknown_tool",
-                format!("unknown tool `{}`", task.tool),
+                format!("unknown tool `{}`", tool_name),
                 &format!("{pointer}/tool"),
-                Some(suggestion(&task.tool, &names, "known tools")),
+                Some(suggestion(tool_name, &names, "known tools")),
             ));
             return;
         };
@@ -333,7 +403,7 @@ impl Context<'_> {
                     "input_schema",
                     format!(
                         "the input schema of tool `{}` does not compile: {message}",
-                        task.tool
+                        tool_name
                     ),
                     &format!("{pointer}/tool"),
                     Some("fix the tool's registration".to_owned()),
@@ -341,7 +411,7 @@ impl Context<'_> {
                 return;
             }
         };
-        let inputs = Value::Object(task.inputs.clone());
+        let inputs = Value::Object(task_inputs.clone());
         let with = format!("{pointer}/with");
         let mut seen = BTreeSet::new();
         for error in validator.iter_errors(&inputs) {
@@ -351,7 +421,7 @@ impl Context<'_> {
             }
             let location = error.instance_path().as_str().to_owned();
             let object_hint = schema_properties(&tool.schema, &location)
-                .map(|p| format!("tool `{}` takes {p}", task.tool));
+                .map(|p| format!("tool `{}` takes {p}", tool_name));
             let found = match error.kind() {
                 jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
                     unexpected
@@ -359,7 +429,7 @@ impl Context<'_> {
                         .map(|name| {
                             let field = pointer_push(&location, name);
                             let message =
-                                format!("tool `{}` takes no input `{}`", task.tool, &field[1..]);
+                                format!("tool `{}` takes no input `{}`", tool_name, &field[1..]);
                             let known = schema_property_names(&tool.schema, &location);
                             let hint = match closest(name, known.iter().map(String::as_str)) {
                                 Some(best) => Some(format!(
@@ -377,7 +447,7 @@ impl Context<'_> {
                         .as_str()
                         .map_or_else(|| property.to_string(), str::to_owned);
                     let field = pointer_push(&location, &name);
-                    let message = format!("tool `{}` needs input `{}`", task.tool, &field[1..]);
+                    let message = format!("tool `{}` needs input `{}`", tool_name, &field[1..]);
                     vec![(
                         true,
                         format!("{with}{location}"),
@@ -390,13 +460,13 @@ impl Context<'_> {
                         false => format!(
                             "input `{}` of tool `{}`: {error}",
                             &location[1..],
-                            task.tool
+                            tool_name
                         ),
-                        true => format!("inputs of tool `{}`: {error}", task.tool),
+                        true => format!("inputs of tool `{}`: {error}", tool_name),
                     };
                     let parent = location.rsplit_once('/').map_or("", |(parent, _)| parent);
                     let hint = schema_properties(&tool.schema, parent)
-                        .map(|p| format!("tool `{}` takes {p}", task.tool));
+                        .map(|p| format!("tool `{}` takes {p}", tool_name));
                     vec![(
                         location.is_empty(),
                         format!("{with}{location}"),
@@ -524,7 +594,7 @@ impl Context<'_> {
             }
             "tasks" => {
                 let id = second?;
-                if id == task.id.as_str() {
+                if id == task.id.as_str() && !site.compensation {
                     return Some((
                         "self_dependency",
                         format!(
@@ -613,29 +683,7 @@ impl Context<'_> {
     }
 
     fn check_policies(&self, task: &TaskDef, pointer: &str, out: &mut Vec<Diagnostic>) {
-        if let Some(retry) = &task.retry {
-            for (field, problem) in retry.problems() {
-                out.push(self.diagnostic(
-                    "invalid_retry",
-                    format!("retry `{field}` {problem}"),
-                    &format!("{pointer}/retry/{field}"),
-                    Some("see the retry policy's bounds: max_attempts 1 to 100, multiplier at least 1, jitter 0 to 1, max_delay not below initial_delay".to_owned()),
-                ));
-            }
-        }
-        if task.timeout.is_some_and(|t| t.is_zero()) {
-            out.push(
-                self.diagnostic(
-                    "invalid_timeout",
-                    format!("task `{}` has a zero timeout", task.id),
-                    &format!("{pointer}/timeout"),
-                    Some(
-                        "use a positive duration such as \"30s\", or leave `timeout` out for none"
-                            .to_owned(),
-                    ),
-                ),
-            );
-        }
+        self.check_retry_and_timeout(&task.id, task.retry.as_ref(), task.timeout, pointer, out);
         match &task.for_each {
             None | Some(Value::Array(_)) => {}
             Some(Value::String(text)) if is_template(text) => {}
@@ -645,6 +693,40 @@ impl Context<'_> {
                 &format!("{pointer}/for_each"),
                 Some("write a list (`for_each: [a, b]`) or a template (`for_each: \"{{ tasks.load.outputs.rows }}\"`)".to_owned()),
             )),
+        }
+    }
+
+    /// Checks a retry policy and a timeout written in the mapping at `pointer`.
+    fn check_retry_and_timeout(
+        &self,
+        task_id: &TaskId,
+        retry: Option<&crate::retry::RetryPolicy>,
+        timeout: Option<std::time::Duration>,
+        pointer: &str,
+        out: &mut Vec<Diagnostic>,
+    ) {
+        if let Some(retry) = retry {
+            for (field, problem) in retry.problems() {
+                out.push(self.diagnostic(
+                    "invalid_retry",
+                    format!("retry `{field}` {problem}"),
+                    &format!("{pointer}/retry/{field}"),
+                    Some("see the retry policy's bounds: max_attempts 1 to 100, multiplier at least 1, jitter 0 to 1, max_delay not below initial_delay".to_owned()),
+                ));
+            }
+        }
+        if timeout.is_some_and(|t| t.is_zero()) {
+            out.push(
+                self.diagnostic(
+                    "invalid_timeout",
+                    format!("task `{task_id}` has a zero timeout"),
+                    &format!("{pointer}/timeout"),
+                    Some(
+                        "use a positive duration such as \"30s\", or leave `timeout` out for none"
+                            .to_owned(),
+                    ),
+                ),
+            );
         }
     }
 
@@ -715,6 +797,7 @@ fn template_sites(task: &TaskDef, pointer: &str) -> Vec<TemplateSite> {
                     text: text.clone(),
                     is_condition: false,
                     item_allowed,
+                    compensation: false,
                 });
             }
             Value::Array(items) => {
@@ -745,10 +828,25 @@ fn template_sites(task: &TaskDef, pointer: &str) -> Vec<TemplateSite> {
             text: condition.clone(),
             is_condition: true,
             item_allowed: false,
+            compensation: false,
         });
     }
     if let Some(for_each) = &task.for_each {
         walk(for_each, format!("{pointer}/for_each"), false, &mut out);
+    }
+    if let Some(compensate) = &task.compensate {
+        let start = out.len();
+        for (key, value) in &compensate.inputs {
+            walk(
+                value,
+                pointer_push(&format!("{pointer}/compensate/with"), key),
+                false,
+                &mut out,
+            );
+        }
+        for site in &mut out[start..] {
+            site.compensation = true;
+        }
     }
     out
 }
@@ -1005,6 +1103,161 @@ tasks:
             "did you mean `params.year`?"
         );
         assert!(found[2].message.contains("line 5"), "{}", found[2].message);
+    }
+
+    #[test]
+    fn a_compensation_is_read_and_may_read_its_task_and_the_tasks_it_depends_on() {
+        let text = "\
+name: p
+tasks:
+  - id: load
+    tool: shell
+  - id: reserve
+    tool: shell
+    with: {seat: 12}
+    compensate:
+      tool: http
+      with: {url: 'https://seats/{{ tasks.reserve.outputs.seat }}?from={{ tasks.load.outputs }}'}
+      retry: {max_attempts: 3}
+      timeout: 10s
+";
+        let pipeline = validate("p.yaml", text, &catalog()).unwrap();
+        let reserve = pipeline.def.task("reserve").unwrap();
+        let compensate = reserve.compensate.as_ref().unwrap();
+        assert_eq!(compensate.tool, "http");
+        assert_eq!(compensate.retry.as_ref().unwrap().max_attempts, 3);
+        assert_eq!(compensate.timeout, Some(std::time::Duration::from_secs(10)));
+        // A task its compensation reads is a dependency of the task.
+        assert_eq!(
+            pipeline
+                .dag
+                .dependencies(&reserve.id)
+                .map(TaskId::as_str)
+                .collect::<Vec<_>>(),
+            ["load"]
+        );
+        assert_eq!(
+            pipeline
+                .def
+                .compensated_task("reserve__compensate")
+                .map(|t| t.id.as_str()),
+            Some("reserve")
+        );
+        assert!(pipeline.def.compensated_task("load__compensate").is_none());
+        assert!(pipeline.def.compensated_task("reserve").is_none());
+        // The definition round-trips through its stored JSON.
+        let stored = serde_json::to_value(&*pipeline.def).unwrap();
+        assert_eq!(stored["tasks"][1]["compensate"]["tool"], "http");
+        assert_eq!(stored["tasks"][1]["compensate"]["timeout"], "10s");
+        let back: PipelineDef = serde_json::from_value(stored).unwrap();
+        assert_eq!(back, *pipeline.def);
+    }
+
+    #[test]
+    fn compensations_are_checked_like_tasks_with_positions() {
+        let text = "\
+name: p
+tasks:
+  - id: reserve
+    tool: shell
+    compensate:
+      tool: shel
+      with: {x: '{{ tasks.reserve.outputs.seat }}'}
+  - id: charge
+    tool: shell
+    depends_on: [reserve]
+    compensate:
+      tool: http
+      with:
+        url: 42
+        extra: '{{ tasks.nope.outputs }}'
+      timeout: 0s
+  - id: fan
+    tool: shell
+    for_each: [1, 2]
+    compensate: {tool: shell, retries: 2}
+  - id: charge__compensate
+    tool: shell
+";
+        let found = problems(text);
+        assert_eq!(
+            summary(&found),
+            [
+                (
+                    "unknown_tool",
+                    Some(6),
+                    Some(13),
+                    "/tasks/0/compensate/tool"
+                ),
+                ("compensation_id", Some(8), Some(9), "/tasks/1/id"),
+                (
+                    "input_schema",
+                    Some(14),
+                    Some(14),
+                    "/tasks/1/compensate/with/url"
+                ),
+                (
+                    "unknown_reference",
+                    Some(15),
+                    Some(16),
+                    "/tasks/1/compensate/with/extra"
+                ),
+                (
+                    "invalid_timeout",
+                    Some(16),
+                    Some(16),
+                    "/tasks/1/compensate/timeout"
+                ),
+                (
+                    "unknown_field",
+                    Some(20),
+                    Some(31),
+                    "/tasks/2/compensate/retries"
+                ),
+            ]
+        );
+        assert_eq!(found[0].hint.as_deref(), Some("did you mean `shell`?"));
+        assert_eq!(
+            found[1].message,
+            "task id `charge__compensate` is reserved for the compensation of task `charge`"
+        );
+        assert_eq!(
+            found[2].message,
+            "input `url` of tool `http`: 42 is not of type \"string\""
+        );
+        assert_eq!(found[3].message, "`tasks.nope` names no task");
+    }
+
+    #[test]
+    fn a_fan_out_cannot_be_compensated() {
+        let text = "\
+name: p
+tasks:
+  - id: fan
+    tool: shell
+    for_each: [1, 2]
+    compensate: {tool: shell}
+";
+        let found = problems(text);
+        assert_eq!(
+            summary(&found),
+            [(
+                "compensate_fan_out",
+                Some(6),
+                Some(18),
+                "/tasks/0/compensate"
+            )]
+        );
+        assert!(
+            found[0].message.contains("fans out"),
+            "{}",
+            found[0].message
+        );
+        let rendered = found[0].to_string();
+        assert!(
+            rendered.starts_with("p.yaml:6:18: error[compensate_fan_out]"),
+            "{rendered}"
+        );
     }
 
     #[test]
