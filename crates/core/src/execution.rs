@@ -501,6 +501,12 @@ impl RunExecution {
         &self.pipeline
     }
 
+    /// Whether the run reached its compensating phase (saga): its succeeded tasks that
+    /// declare `compensate` are being, or were, undone.
+    pub fn is_compensated(&self) -> bool {
+        !self.compensations.is_empty()
+    }
+
     /// Every task run, parents first in topological order, then fan-out items and
     /// compensations as created (a restored run: as the store lists them).
     pub fn task_runs(&self) -> &[TaskRunRecord] {

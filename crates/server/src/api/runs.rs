@@ -474,6 +474,12 @@ pub async fn retry_run(
         attempts,
     );
     let now = state.clock.now();
+    if execution.is_compensated() {
+        return Err(ApiError::conflict(
+            "the run was compensated (its succeeded tasks were undone), so it cannot be \
+             retried; trigger a new run",
+        ));
+    }
     if execution.retry_failed(now) == 0 {
         return Err(ApiError::conflict(
             "the run has no failed task runs to retry",

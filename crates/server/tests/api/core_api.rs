@@ -823,3 +823,69 @@ tasks:
         "{task_runs}"
     );
 }
+
+/// A failed run undoes its succeeded tasks (saga); the compensations are task runs of the
+/// API like any other, and a compensated run is not retried.
+#[tokio::test]
+async fn a_failed_run_is_compensated_and_cannot_be_retried() {
+    let server = TestServer::start().await;
+    let editor = server.token_for(Role::Editor).await;
+    create(
+        &server,
+        &editor,
+        r#"
+name: booking
+tasks:
+  - id: reserve
+    tool: echo
+    with:
+      seat: 12
+    compensate:
+      tool: echo
+      with:
+        release: "{{ tasks.reserve.outputs.seat }}"
+  - id: pay
+    tool: echo
+    depends_on: [reserve]
+    with:
+      fail: card declined
+"#,
+    )
+    .await;
+    let (_, run) = server
+        .post(&editor, "/api/v1/runs", &json!({"pipeline": "booking"}))
+        .await;
+    let run_id = run["id"].as_str().unwrap().to_owned();
+    assert_eq!(server.finished(&run_id).await, "failed");
+    let (_, run) = server.get(&editor, &format!("/api/v1/runs/{run_id}")).await;
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 compensation ran"),
+        "{run}"
+    );
+    let (_, task_runs) = server
+        .get(&editor, &format!("/api/v1/runs/{run_id}/task-runs"))
+        .await;
+    let undo = task_runs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task_id"] == "reserve__compensate")
+        .unwrap_or_else(|| panic!("no compensation in {task_runs}"));
+    assert_eq!(undo["state"], "succeeded");
+    assert_eq!(undo["outputs"]["release"], 12);
+
+    let (status, body) = server
+        .post(&editor, &format!("/api/v1/runs/{run_id}/retry"), &json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("compensated"),
+        "{body}"
+    );
+}
