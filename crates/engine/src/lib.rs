@@ -232,9 +232,14 @@ impl Engine {
     /// attempts are stopped (their leases are simply not renewed; `arches resume` runs
     /// them again) and the logs are flushed.
     ///
+    /// Whatever way the scheduler ends (shutdown, a failed commit, a panic), the worker pool
+    /// has stopped every attempt it ran and the log writer has drained before this returns
+    /// (or the panic resumes), so a new engine built afterwards never races an old attempt.
+    ///
     /// # Errors
     /// [`Error::Store`] when a commit fails.
     pub async fn run(self, shutdown: CancellationToken) -> Result<(), Error> {
+        use futures::FutureExt;
         let Engine {
             scheduler,
             pool,
@@ -243,11 +248,16 @@ impl Engine {
         let log_task = tokio::spawn(log_writer.run());
         let pool_shutdown = shutdown.child_token();
         let pool_task = tokio::spawn(pool.run(pool_shutdown.clone()));
-        let result = scheduler.run(shutdown).await;
+        let result = std::panic::AssertUnwindSafe(scheduler.run(shutdown))
+            .catch_unwind()
+            .await;
         pool_shutdown.cancel();
         let _ = pool_task.await;
         // The pool held the last log senders; the writer drains and ends.
         let _ = log_task.await;
-        result
+        match result {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 }

@@ -271,19 +271,24 @@ impl Clock for ClockAdapter {
 /// Most runs resumed at start.
 pub const RECOVER_RUNS_MAX: usize = 10_000;
 
-/// Resumes the runs a previous server process left queued or running (after a crash or a
-/// stop): their interrupted attempts are recorded `lease_expired` and run again, succeeded
-/// task runs are kept. Runs owned by a CLI process (`pid:…`) are left to `arches resume`.
-/// Returns how many runs were resumed.
+/// Resumes on `engine` the runs a previous server process (or a stopped engine) left queued
+/// or running: their interrupted attempts are recorded `lease_expired` and run again,
+/// succeeded task runs are kept. Runs owned by a CLI process (`pid:…`) are left to
+/// `arches resume`. Returns how many runs were resumed.
+///
+/// Callers make sure no request reaches `engine` until this returns (the first engine
+/// before the HTTP server starts, a rebuilt one before its handle enters the
+/// [`EngineSlot`]), so the run records read here are not overtaken by a cancel or a finish.
 ///
 /// # Errors
-/// The store's or the engine's error; a run that cannot be restored is logged and skipped.
-pub async fn recover_runs(state: &AppState) -> Result<usize, arches_engine::Error> {
+/// The store's error, or [`arches_engine::Error::Stopped`]; a run that cannot be restored
+/// or that the engine refuses is logged and skipped.
+pub async fn recover_runs(
+    state: &AppState,
+    engine: &arches_engine::SchedulerHandle,
+) -> Result<usize, arches_engine::Error> {
     use arches_core::records::RunFilter;
     use arches_core::RunState;
-    let Some(engine) = state.engine.as_ref().map(EngineSlot::handle) else {
-        return Ok(0);
-    };
     let mut resumed = 0;
     for run_state in [RunState::Running, RunState::Queued] {
         let mut before = None;
@@ -316,7 +321,13 @@ pub async fn recover_runs(state: &AppState) -> Result<usize, arches_engine::Erro
                         match engine.resume(execution).await {
                             Ok(_) => resumed += 1,
                             Err(arches_engine::Error::AlreadyActive(_)) => {}
-                            Err(error) => return Err(error),
+                            Err(
+                                error @ (arches_engine::Error::Stopped
+                                | arches_engine::Error::Store(_)),
+                            ) => return Err(error),
+                            Err(error) => {
+                                tracing::error!(%error, "cannot resume run; skipped");
+                            }
                         }
                     }
                     Err(arches_engine::Error::Restore { run, reason }) => {
@@ -351,14 +362,17 @@ pub async fn serve(
     } = built;
     let stop = CancellationToken::new();
     let first_stop = stop.child_token();
+    let first_handle = engine.as_ref().map(Engine::handle);
     let engine_task = engine.map(|engine| tokio::spawn(engine.run(first_stop.clone())));
-    match recover_runs(&state).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(runs = n, "resumed runs left unfinished by the last stop"),
-        Err(error) => {
-            // The supervisor rebuilds the engine and tries again.
-            tracing::error!(%error, "cannot resume unfinished runs");
-            first_stop.cancel();
+    if let Some(handle) = &first_handle {
+        match recover_runs(&state, handle).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "resumed runs left unfinished by the last stop"),
+            Err(error) => {
+                // The supervisor rebuilds the engine and tries again.
+                tracing::error!(%error, "cannot resume unfinished runs");
+                first_stop.cancel();
+            }
         }
     }
     let supervisor = engine_task.zip(engine_factory).map(|(task, factory)| {

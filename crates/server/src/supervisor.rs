@@ -5,10 +5,10 @@
 //! server must not stay without an engine because the disk filled up for a moment or the
 //! database was briefly unreachable, so the supervisor rebuilds it the way a restarted
 //! process would: the stopped engine's worker pool stops every attempt it holds (their
-//! leases stay in the store), a new engine is built from the configuration, its handle
-//! replaces the old one in [`EngineSlot`], and [`crate::app::recover_runs`] resumes every
-//! unfinished run from the store — interrupted attempts are recorded `lease_expired` and run
-//! again, succeeded task runs are kept. Nothing acknowledged is lost: a caller is answered
+//! leases stay in the store), a new engine is built from the configuration,
+//! [`crate::app::recover_runs`] resumes every unfinished run from the store on it
+//! (interrupted attempts are recorded `lease_expired` and run again, succeeded task runs are
+//! kept), and only then does its handle replace the old one in [`EngineSlot`]. Nothing acknowledged is lost: a caller is answered
 //! only after its change is committed, and a change that was not committed was not
 //! acknowledged (its caller got 503 and may retry).
 //!
@@ -124,12 +124,15 @@ pub async fn supervise(
         delay = (delay * 2).min(RESTART_DELAY_MAX);
 
         let engine = factory();
+        let handle = engine.handle();
         let engine_stop = stop.child_token();
-        slot.replace(engine.handle());
         started = Instant::now();
         task = tokio::spawn(engine.run(engine_stop.clone()));
-        match crate::app::recover_runs(&state).await {
+        // Requests keep getting 503 from the stopped engine's handle until every unfinished
+        // run is resumed on the new one, so none of them acts on a run being restored.
+        match crate::app::recover_runs(&state, &handle).await {
             Ok(resumed) => {
+                slot.replace(handle);
                 slot.rebuilt_and_recovered();
                 tracing::info!(
                     generation = slot.generation(),

@@ -510,6 +510,18 @@ impl HttpTool {
     }
 }
 
+/// Headers a task may not set: `host` would send the request to another virtual host than
+/// the allowed URL names (for example behind a shared reverse proxy), and the framing and
+/// hop-by-hop headers belong to the connection, not to the task.
+const RESERVED_HEADERS: [&str; 6] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "te",
+];
+
 /// A request, ready to be sent once per attempt.
 struct Request {
     method: Method,
@@ -797,6 +809,13 @@ impl HttpTool {
         for (name, value) in &inputs.headers {
             let header = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| ToolError::permanent(format!("header name {name:?} is not valid")))?;
+            if RESERVED_HEADERS.contains(&header.as_str()) {
+                return Err(ToolError::permanent(format!(
+                    "header {name:?} is set by the tool: `host` comes from the URL (so the \
+                     allowed hosts decide where a request goes), and the framing headers from \
+                     the body"
+                )));
+            }
             let value = HeaderValue::from_str(value).map_err(|_| {
                 ToolError::permanent(format!(
                     "the value of header {name:?} holds characters a header cannot carry"

@@ -755,6 +755,15 @@ async fn the_schema_is_strict_and_bad_inputs_are_refused() {
             json!({"url": "http://127.0.0.1/", "headers": {"bad name": "x"}}),
             "header name \"bad name\" is not valid",
         ),
+        // A `Host` header would reach a virtual host the allowed URL does not name.
+        (
+            json!({"url": "http://127.0.0.1/", "headers": {"Host": "internal-admin"}}),
+            "header \"Host\" is set by the tool",
+        ),
+        (
+            json!({"url": "http://127.0.0.1/", "headers": {"transfer-encoding": "chunked"}}),
+            "is set by the tool",
+        ),
     ];
     for (inputs, expected) in cases {
         let error = call(&tool, inputs.clone()).await.unwrap_err();

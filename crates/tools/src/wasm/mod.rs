@@ -13,7 +13,8 @@
 //!   the epoch every [`EPOCH_TICK`] (1 ms); at every tick a running module yields to the
 //!   tokio scheduler (so other tasks on the same worker keep their latency) and is trapped
 //!   once its budget is spent. The budget is thus enforced to within about one tick.
-//! - wall clock: an optional `timeout` around the whole call (compilation excluded).
+//! - wall clock: a `timeout` around the whole call (compilation excluded), by default
+//!   [`DEFAULT_WALL_PER_CPU`] times the CPU budget.
 //! - memory: linear memories plus tables (8 bytes per table element) are capped by a
 //!   [`wasmtime::ResourceLimiter`]; growing past the cap, or declaring an initial memory
 //!   above it, traps with `memory limit of N MiB exceeded`.
@@ -88,6 +89,10 @@ const STDOUT_QUOTE_CHARS: usize = 200;
 /// Bytes one table element counts against the memory cap.
 const TABLE_ELEMENT_BYTES: u64 = 8;
 
+/// Without a `timeout` input, a task's wall-clock deadline is this many times its CPU
+/// budget: a module may wait (sleep, poll) but not indefinitely.
+pub const DEFAULT_WALL_PER_CPU: u32 = 10;
+
 /// Limits of one call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WasmLimits {
@@ -155,7 +160,7 @@ impl std::fmt::Debug for WasmModule {
 ///   command exporting `_start`.
 /// - `input` (any JSON, default `{}`): written to the module's stdin as one JSON document.
 /// - `timeout` (number of seconds, or a duration string such as `"500ms"`, `"30s"`):
-///   wall-clock deadline of the call; none by default (the task's own timeout still applies).
+///   wall-clock deadline of the call; by default [`DEFAULT_WALL_PER_CPU`] times `cpu_ms`.
 /// - `cpu_ms` (integer, 1 ..= [`CPU_MS_MAX`], default [`DEFAULT_CPU_MS`]): CPU budget.
 /// - `memory_mb` (integer, 1 ..= [`MEMORY_MB_MAX`], default [`DEFAULT_MEMORY_MB`]): cap on
 ///   linear memory plus tables.
@@ -934,9 +939,12 @@ impl WasmInputs {
                 "invalid wasm inputs: memory_mb {memory_mb} must be between 1 and {MEMORY_MB_MAX}"
             )));
         }
+        let cpu = Duration::from_millis(cpu_ms);
         Ok(WasmLimits {
-            cpu: Duration::from_millis(cpu_ms),
-            timeout,
+            cpu,
+            // A module waiting (WASI `poll_oneoff`) spends no CPU budget; without a timeout of
+            // its own the wall clock is still bounded, so it cannot hold a worker slot forever.
+            timeout: Some(timeout.unwrap_or(cpu * DEFAULT_WALL_PER_CPU)),
             memory_bytes: memory_mb * 1024 * 1024,
         })
     }
