@@ -165,6 +165,13 @@ impl Breakers {
             until: now.plus(self.settings.cool_down),
         };
         *circuit = match (*circuit, outcome) {
+            // A request let through before the breaker opened proves nothing about the host
+            // now; only the probe may close an open or half-open breaker.
+            (state @ (Circuit::Open { .. } | Circuit::HalfOpen { .. }), Outcome::Success)
+                if !permit.probe =>
+            {
+                state
+            }
             (_, Outcome::Success) => Circuit::Closed { failures: 0 },
             (Circuit::HalfOpen { .. }, Outcome::Failure) => open,
             (Circuit::Closed { failures }, Outcome::Failure) => {
@@ -278,5 +285,18 @@ mod tests {
         assert_eq!(breakers.states()[0].1, BreakerState::Open);
         assert_eq!(BreakerState::Open.gauge_value(), 1);
         assert_eq!(BreakerState::HalfOpen.as_str(), "half_open");
+    }
+
+    #[test]
+    fn a_late_success_from_before_the_breaker_opened_does_not_close_it() {
+        let (breakers, _clock) = breakers(1);
+        let slow = breakers.acquire("h:80").unwrap();
+        let failing = breakers.acquire("h:80").unwrap();
+        breakers.record(failing, Outcome::Failure);
+        assert_eq!(breakers.states()[0].1, BreakerState::Open);
+        // The slow request was let through while the breaker was closed; its success is old
+        // news and the breaker stays open until its probe says otherwise.
+        breakers.record(slow, Outcome::Success);
+        assert_eq!(breakers.states()[0].1, BreakerState::Open);
     }
 }

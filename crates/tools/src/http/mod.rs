@@ -1022,6 +1022,9 @@ impl Tool for HttpTool {
         let mut attempt = 1;
         let mut last_error: Option<String> = None;
         loop {
+            // The rate-limit token first: a half-open breaker's probe must not be held while
+            // it waits for one (other requests are refused meanwhile).
+            self.wait_for_token(&host, timeout, &what).await?;
             let permit = match self.breakers.acquire(&host) {
                 Ok(permit) => permit,
                 Err(refusal) => {
@@ -1040,7 +1043,6 @@ impl Tool for HttpTool {
                     return Err(ToolError::transient(message));
                 }
             };
-            self.wait_for_token(&host, timeout, &what).await?;
             let started = Instant::now();
             let result = self.exchange(&request, timeout).await;
             let elapsed = started.elapsed().as_millis();
