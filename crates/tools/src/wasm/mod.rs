@@ -18,8 +18,9 @@
 //! - memory: linear memories plus tables (8 bytes per table element) are capped by a
 //!   [`wasmtime::ResourceLimiter`]; growing past the cap, or declaring an initial memory
 //!   above it, traps with `memory limit of N MiB exceeded`.
-//! - output: stdout is capped at [`STDOUT_BYTES_MAX`] (a module writing more fails);
-//!   stderr at [`STDERR_BYTES_MAX`] (the rest is dropped and a system log line says so).
+//! - output: stdout is capped at [`STDOUT_BYTES_MAX`] (a module writing more fails once it
+//!   ends); stderr at [`STDERR_BYTES_MAX`] (the rest is dropped and a system log line says
+//!   so). Writes past a cap never fail inside the module: the excess is dropped.
 //!   Stderr is logged line by line once the module has ended (also when it failed or ran
 //!   past its limits), not while it runs.
 //!
@@ -33,6 +34,8 @@
 //! The ticker thread (one per tool, shared by its clones) ticks only while a module runs: with
 //! no call in progress it is parked and costs no wake-ups. It stops when the last clone of
 //! the tool is dropped.
+
+mod pipe;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -55,7 +58,9 @@ use wasmtime::{
     Config, Engine, InstancePre, Linker, Module, ResourceLimiter, Store, Trap, UpdateDeadline,
 };
 use wasmtime_wasi::p1::{self, WasiP1Ctx};
-use wasmtime_wasi::p2::pipe::{MemoryInputPipe, MemoryOutputPipe};
+use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+
+use pipe::CappedPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::common::{absolute_path, parse_inputs};
@@ -573,8 +578,8 @@ impl WasmTool {
     ) -> Result<Value, ToolError> {
         let stdin = serde_json::to_vec(input)
             .map_err(|error| ToolError::permanent(format!("cannot encode input: {error}")))?;
-        let stdout = MemoryOutputPipe::new(STDOUT_BYTES_MAX + 1);
-        let stderr = MemoryOutputPipe::new(STDERR_BYTES_MAX);
+        let stdout = CappedPipe::new(STDOUT_BYTES_MAX);
+        let stderr = CappedPipe::new(STDERR_BYTES_MAX);
 
         let mut builder = WasiCtxBuilder::new();
         builder
@@ -645,7 +650,7 @@ impl WasmTool {
             None => Some(run.await),
         };
 
-        let stderr_tail = forward_stderr(&stderr.contents(), logs).await;
+        let stderr_tail = forward_stderr(&stderr.contents(), stderr.overflowed(), logs).await;
         let failure = |message: String, retryable: bool| {
             let message = if stderr_tail.is_empty() {
                 message
@@ -709,14 +714,13 @@ impl WasmTool {
             }
         }
 
-        let stdout = stdout.contents();
-        if stdout.len() > STDOUT_BYTES_MAX {
+        if stdout.overflowed() {
             return Err(ToolError::permanent(format!(
                 "the module wrote more than {} MiB to stdout",
                 mib(STDOUT_BYTES_MAX as u64)
             )));
         }
-        parse_stdout(&stdout)
+        parse_stdout(&stdout.contents())
     }
 
     /// The pre-instantiated module, from the cache or compiled now (on the blocking pool).
@@ -805,7 +809,7 @@ fn preopen(
 }
 
 /// Logs stderr line by line within the bounds; returns its last lines for error messages.
-async fn forward_stderr(stderr: &[u8], logs: &dyn LogSink) -> Vec<String> {
+async fn forward_stderr(stderr: &[u8], overflowed: bool, logs: &dyn LogSink) -> Vec<String> {
     if stderr.is_empty() {
         return Vec::new();
     }
@@ -828,7 +832,7 @@ async fn forward_stderr(stderr: &[u8], logs: &dyn LogSink) -> Vec<String> {
         let message = format!("stderr truncated: {dropped_lines} more lines");
         logs.write(LogStream::System, &message).await;
     }
-    if stderr.len() >= STDERR_BYTES_MAX {
+    if overflowed {
         let message = format!(
             "stderr truncated: only the first {} MiB were kept",
             mib(STDERR_BYTES_MAX as u64)

@@ -676,3 +676,42 @@ async fn warm_call_cost() {
     assert_eq!(tool.compilations(), 1);
     assert_eq!(prepared.sha256_hex().len(), 64);
 }
+
+#[tokio::test]
+async fn stderr_past_its_cap_is_dropped_without_failing_the_module() {
+    let tool = WasmTool::new();
+    // 2 MiB to stderr in one write (the cap is 1 MiB); exit code 9 if the write fails; then
+    // `{}` on stdout.
+    let noisy = r#"(module
+        (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+        (import "wasi_snapshot_preview1" "proc_exit" (func $proc_exit (param i32)))
+        (memory (export "memory") 40)
+        (data (i32.const 16) "{}")
+        (func (export "_start")
+          (i32.store (i32.const 0) (i32.const 64))
+          (i32.store (i32.const 4) (i32.const 2097152))
+          (if (call $fd_write (i32.const 2) (i32.const 0) (i32.const 1) (i32.const 8))
+            (then (call $proc_exit (i32.const 9))))
+          (i32.store (i32.const 0) (i32.const 16))
+          (i32.store (i32.const 4) (i32.const 2))
+          (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#;
+    let logs = MemoryLogs::default();
+    let output = tool
+        .call(
+            noisy.as_bytes(),
+            &json!({}),
+            &WasmLimits::default(),
+            &WasmGrants::default(),
+            &logs,
+        )
+        .await
+        .expect("the module runs to the end");
+    assert_eq!(output, json!({}));
+    let system = logs.of(LogStream::System);
+    assert!(
+        system
+            .iter()
+            .any(|line| line.contains("stderr truncated: only the first 1 MiB")),
+        "{system:?}"
+    );
+}
