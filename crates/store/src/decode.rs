@@ -1,6 +1,9 @@
 //! Text columns decoded the same way by every backend: a stored value that does not parse
 //! is [`StoreError::Corrupt`], naming the column and the value.
 
+use std::fmt::Display;
+use std::str::FromStr;
+
 use arches_core::ids::TaskId;
 use arches_core::ports::{StoreError, StoreResult};
 use arches_core::records::LogStream;
@@ -18,4 +21,32 @@ pub(crate) fn stream_text(text: &str) -> StoreResult<LogStream> {
         "system" => Ok(LogStream::System),
         other => Err(StoreError::Corrupt(format!("logs.stream holds {other:?}"))),
     }
+}
+
+/// Parses stored text into a typed value, or reports the column as corrupt.
+pub(crate) fn parse_text<T: FromStr>(text: &str, column: &str) -> StoreResult<T>
+where
+    T::Err: Display,
+{
+    text.parse()
+        .map_err(|e| StoreError::Corrupt(format!("{column} holds {text:?}: {e}")))
+}
+
+/// `(state, count)` rows of `table` as typed states and counts (a negative count reads 0).
+pub(crate) fn state_counts<T: FromStr>(
+    rows: Vec<(String, i64)>,
+    table: &str,
+) -> StoreResult<Vec<(T, u64)>>
+where
+    T::Err: Display,
+{
+    let column = format!("{table}.state");
+    rows.into_iter()
+        .map(|(state, n)| {
+            Ok((
+                parse_text(&state, &column)?,
+                u64::try_from(n).unwrap_or_default(),
+            ))
+        })
+        .collect()
 }

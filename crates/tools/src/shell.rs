@@ -36,7 +36,7 @@ use crate::common::{
 };
 use crate::media_type;
 
-pub use sandbox::{Limits, Namespaces, Sandbox, SandboxLevel};
+pub use sandbox::{process_exits_before, Limits, Namespaces, Sandbox, SandboxLevel};
 
 /// Longest line logged; the rest of a longer line is dropped.
 pub const LOG_LINE_BYTES_MAX: usize = 64 * 1024;

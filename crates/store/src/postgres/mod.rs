@@ -38,10 +38,11 @@ use sqlx::types::Json;
 use sqlx::{ConnectOptions, Connection, QueryBuilder};
 use uuid::Uuid;
 
+use crate::decode::state_counts;
 use crate::error::{db, Error};
 use crate::sqlite::{
-    canonical, clamp_limit, cpu_work, parse_text, stale_within_batch, LIST_LIMIT_DEFAULT,
-    LIST_LIMIT_MAX, LOG_LIMIT_DEFAULT, LOG_LIMIT_MAX,
+    canonical, clamp_limit, cpu_work, stale_within_batch, LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX,
+    LOG_LIMIT_DEFAULT, LOG_LIMIT_MAX,
 };
 use rows::*;
 
@@ -892,20 +893,13 @@ impl Store for PgStore {
             T::Err: std::fmt::Display,
         {
             // Ordered by bytes, as SQLite orders text, whatever the database's collation.
-            let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            let rows = sqlx::query_as(&format!(
                 "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state COLLATE \"C\""
             ))
             .fetch_all(pool)
             .await
             .map_err(db)?;
-            rows.into_iter()
-                .map(|(state, n)| {
-                    Ok((
-                        parse_text::<T>(&state, &format!("{table}.state"))?,
-                        u64::try_from(n).unwrap_or_default(),
-                    ))
-                })
-                .collect()
+            state_counts(rows, table)
         }
         Ok(StateCounts {
             runs: count(&self.pool, "runs").await?,

@@ -18,9 +18,9 @@ use sqlx::types::Json;
 use sqlx::{Decode, Row, Type};
 use uuid::Uuid;
 
+use crate::decode::parse_text;
 use crate::decode::{stream_text, task_id_text};
 use crate::error::db;
-use crate::sqlite::parse_text;
 
 /// `bigint` is signed; a fencing token above `i64::MAX` cannot be stored or compared.
 pub(super) fn token(value: u64) -> StoreResult<i64> {

@@ -30,7 +30,8 @@ use super::rows::{
     column, json_column, micros, optional_timestamp_column, parsed_column, timestamp_column,
     to_json, to_u64,
 };
-use super::{clamp_limit, cpu_work, parse_text, SqliteStore, BEGIN_WRITE};
+use super::{clamp_limit, cpu_work, SqliteStore, BEGIN_WRITE};
+use crate::decode::parse_text;
 use crate::error::db;
 
 /// Limit of [`IdentityStore::audit_events`] when the filter gives 0.

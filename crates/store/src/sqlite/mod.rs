@@ -37,6 +37,7 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, Connection, QueryBuilder, Sqlite};
 use tokio::sync::{MappedMutexGuard, Mutex, MutexGuard};
 
+use crate::decode::{parse_text, state_counts};
 use crate::error::{db, Error};
 use rows::*;
 use writer::Writer;
@@ -925,20 +926,13 @@ impl Store for SqliteStore {
         where
             T::Err: std::fmt::Display,
         {
-            let rows: Vec<(String, i64)> = sqlx::query_as(&format!(
+            let rows = sqlx::query_as(&format!(
                 "SELECT state, COUNT(*) FROM {table} GROUP BY state ORDER BY state"
             ))
             .fetch_all(reader)
             .await
             .map_err(db)?;
-            rows.into_iter()
-                .map(|(state, n)| {
-                    Ok((
-                        parse_text::<T>(&state, &format!("{table}.state"))?,
-                        u64::try_from(n).unwrap_or_default(),
-                    ))
-                })
-                .collect()
+            state_counts(rows, table)
         }
         Ok(StateCounts {
             runs: count(&self.reader, "runs").await?,
@@ -946,15 +940,6 @@ impl Store for SqliteStore {
             attempts: count(&self.reader, "attempts").await?,
         })
     }
-}
-
-/// Parses stored text into a typed value, or reports the column as corrupt.
-pub(crate) fn parse_text<T: FromStr>(text: &str, column: &str) -> StoreResult<T>
-where
-    T::Err: std::fmt::Display,
-{
-    text.parse()
-        .map_err(|e| StoreError::Corrupt(format!("{column} holds {text:?}: {e}")))
 }
 
 #[cfg(test)]

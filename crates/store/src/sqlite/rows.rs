@@ -18,7 +18,7 @@ use serde_json::Value;
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{Arguments, Decode, Encode, Row, Sqlite, Type};
 
-use super::parse_text;
+use crate::decode::parse_text;
 use crate::decode::{stream_text, task_id_text};
 use crate::error::db;
 

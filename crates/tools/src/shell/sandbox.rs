@@ -407,17 +407,20 @@ fn run_probe(program: &Path, args: &[String]) -> Result<(), String> {
         .spawn()
         .map_err(|error| format!("cannot run {line}: {error}"))?;
     let deadline = Instant::now() + PROBE_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            Ok(None) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!("{line} did not finish within {PROBE_TIMEOUT:?}"));
-            }
-            Err(error) => return Err(format!("cannot wait for {line}: {error}")),
+    let exited = i32::try_from(child.id()).is_ok_and(|pid| process_exits_before(pid, deadline));
+    let status = match child.try_wait() {
+        Ok(Some(status)) => status,
+        Ok(None) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let why = if exited {
+                "cannot be waited for"
+            } else {
+                "did not finish"
+            };
+            return Err(format!("{line} {why} within {PROBE_TIMEOUT:?}"));
         }
+        Err(error) => return Err(format!("cannot wait for {line}: {error}")),
     };
     if status.success() {
         return Ok(());
@@ -433,6 +436,28 @@ fn run_probe(program: &Path, args: &[String]) -> Result<(), String> {
     } else {
         Err(format!("{line} failed with {status}: {stderr}"))
     }
+}
+
+/// Waits for process `pid` to exit, until `deadline` at the latest, on a pidfd (which the
+/// kernel makes readable when the process exits; no polling); whether it has. A process
+/// already gone (no pidfd can be opened for it) has. The process need not be a child of
+/// this one; a child still has to be reaped by its owner.
+pub fn process_exits_before(pid: i32, deadline: Instant) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let Some(pid) = Pid::from_raw(pid) else {
+        return true;
+    };
+    let Ok(pidfd) = pidfd_open(pid, PidfdFlags::empty()) else {
+        return true;
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let timeout = Timespec {
+        tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+        tv_nsec: i64::from(left.subsec_nanos()),
+    };
+    let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+    matches!(poll(&mut fds, Some(&timeout)), Ok(ready) if ready > 0)
 }
 
 /// The worker's effective user id, from `/proc/self/status` (nix's `user` feature is not

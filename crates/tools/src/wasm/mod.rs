@@ -192,6 +192,9 @@ struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     cache: Mutex<ModuleCache>,
+    /// Module files already read, by path: their size and modification time when read, and
+    /// the SHA-256 of their bytes. A file unchanged since is not read and hashed again.
+    files: Mutex<HashMap<PathBuf, FileStamp>>,
     compilations: AtomicU64,
     /// Ticks while calls run; stopped and joined when the runtime is dropped.
     ticker: Ticker,
@@ -475,6 +478,7 @@ impl WasmTool {
                 engine,
                 linker,
                 cache: Mutex::new(ModuleCache::default()),
+                files: Mutex::default(),
                 compilations: AtomicU64::new(0),
                 ticker,
             }),
@@ -723,6 +727,42 @@ impl WasmTool {
         parse_stdout(&stdout.contents())
     }
 
+    /// The compiled module of the file at `path`: from the caches when the file still has
+    /// the size and modification time it had when last read (no read, no hash), otherwise
+    /// read and hashed now, then found by its hash or compiled.
+    async fn module_for_file(&self, path: &Path, name: &str) -> Result<WasmModule, ToolError> {
+        let (len, modified) = module_metadata(path).await?;
+        let known = modified.and_then(|modified| {
+            let stamp = self.runtime.files().get(path).copied()?;
+            (stamp.len == len && stamp.modified == modified).then_some(stamp.sha256)
+        });
+        if let Some(sha256) = known {
+            if let Some(pre) = self.runtime.cache().get(&sha256) {
+                return Ok(WasmModule { pre, sha256 });
+            }
+        }
+        let bytes = tokio::fs::read(path).await.map_err(|error| {
+            ToolError::permanent(format!("cannot read module {}: {error}", path.display()))
+        })?;
+        let module = self.instance_pre(&bytes, name).await?;
+        if let Some(modified) = modified {
+            let mut files = self.runtime.files();
+            // Bounded like the module cache; the paths of a busy tool are few.
+            if files.len() >= MODULE_CACHE_ENTRIES && !files.contains_key(path) {
+                files.clear();
+            }
+            files.insert(
+                path.to_path_buf(),
+                FileStamp {
+                    len,
+                    modified,
+                    sha256: module.sha256,
+                },
+            );
+        }
+        Ok(module)
+    }
+
     /// The pre-instantiated module, from the cache or compiled now (on the blocking pool).
     async fn instance_pre(&self, module: &[u8], name: &str) -> Result<WasmModule, ToolError> {
         let mut key = [0u8; 32];
@@ -749,6 +789,10 @@ struct NoStart;
 impl Runtime {
     fn cache(&self) -> std::sync::MutexGuard<'_, ModuleCache> {
         self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, FileStamp>> {
+        self.files.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn compile(&self, bytes: &[u8], name: &str) -> Result<InstancePre<StoreState>, ToolError> {
@@ -962,8 +1006,17 @@ impl WasmInputs {
     }
 }
 
-/// Reads a module file within [`MODULE_FILE_BYTES_MAX`].
-async fn read_module(path: &Path) -> Result<Vec<u8>, ToolError> {
+/// What identified a module file when it was read: its size, modification time and the
+/// SHA-256 of its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: std::time::SystemTime,
+    sha256: [u8; 32],
+}
+
+/// The size and modification time of a module file within [`MODULE_FILE_BYTES_MAX`].
+async fn module_metadata(path: &Path) -> Result<(u64, Option<std::time::SystemTime>), ToolError> {
     let metadata = tokio::fs::metadata(path).await.map_err(|error| {
         ToolError::permanent(format!("cannot read module {}: {error}", path.display()))
     })?;
@@ -980,9 +1033,7 @@ async fn read_module(path: &Path) -> Result<Vec<u8>, ToolError> {
             metadata.len()
         )));
     }
-    tokio::fs::read(path).await.map_err(|error| {
-        ToolError::permanent(format!("cannot read module {}: {error}", path.display()))
-    })
+    Ok((metadata.len(), metadata.modified().ok()))
 }
 
 #[async_trait]
@@ -1058,15 +1109,15 @@ impl Tool for WasmTool {
         let limits = inputs.limits()?;
         let grants = inputs.grants();
         let path = absolute_path(&inputs.module)?;
-        let bytes = read_module(&path).await?;
         let name = format!("module {}", path.display());
         let argv0 = path
             .file_name()
             .map(|file| file.to_string_lossy().into_owned())
             .unwrap_or_else(|| "module".to_owned());
+        let module = self.module_for_file(&path, &name).await?;
         let output = self
-            .call_named(
-                &bytes,
+            .run(
+                module.pre,
                 &name,
                 &argv0,
                 &inputs.input,
