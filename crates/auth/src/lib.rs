@@ -10,6 +10,7 @@
 //! | [`opaque`] | high-entropy secrets: refresh, verification, reset and invitation tokens, API keys |
 //! | [`totp`] | RFC 6238 one-time codes with replay refusal, and recovery codes |
 //! | [`throttle`] | in-memory login throttling per account key and per client address |
+//! | [`sealing`] | XChaCha20-Poly1305 sealing of organization secrets at rest under a master-key [`sealing::Keyring`] |
 //! | [`mail`] | the mail port ([`Mailer`]) with a log backend and an SMTP backend |
 //!
 //! **Architecture Invariant:** this crate knows no HTTP framework, no database and no store. It
@@ -28,6 +29,7 @@ pub mod jwt;
 pub mod mail;
 pub mod opaque;
 pub mod password;
+pub mod sealing;
 pub mod throttle;
 pub mod totp;
 

@@ -182,13 +182,3 @@ pub async fn migrate(home: &Home, database_url: Option<&str>) -> anyhow::Result<
     }
     Ok(ExitCode::SUCCESS)
 }
-
-pub fn tools_command() -> anyhow::Result<ExitCode> {
-    let registry = registry();
-    let mut table = crate::inspect::table(&["TOOL", "DESCRIPTION"]);
-    for tool in registry.tools() {
-        table.add_row(vec![tool.name().to_owned(), tool.description().to_owned()]);
-    }
-    out!("{table}");
-    Ok(ExitCode::SUCCESS)
-}

@@ -42,6 +42,7 @@ mod progress;
 mod remote;
 mod run;
 mod serve;
+mod tools;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,8 +125,16 @@ enum Command {
     Login(remote::LoginArgs),
     /// End the session on a server and forget its saved credentials.
     Logout,
-    /// List the registered tools.
-    Tools,
+    /// List and show tools; with a server, register the org's own (WASM modules and HTTP
+    /// endpoints). `arches tools` alone lists them.
+    Tools {
+        #[command(subcommand)]
+        command: Option<tools::ToolsCommand>,
+    },
+    /// The org's secrets on a server: set (from standard input), list, delete, rotate; and
+    /// `keygen` for a new master key.
+    #[command(subcommand)]
+    Secrets(tools::SecretsCommand),
     /// Apply the embedded database migrations and report the schema version: to the SQLite
     /// store under --home, or to a PostgreSQL database. Safe when several processes run it at
     /// once (the migrator holds a database lock); every store also migrates when it opens.
@@ -222,7 +231,18 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         }
         Command::Login(args) => remote::login(&connection, args).await,
         Command::Logout => remote::logout(&connection).await,
-        Command::Tools => app::tools_command(),
+        Command::Tools { command } => {
+            let command = command.unwrap_or(tools::ToolsCommand::List);
+            let remote = remote::connect(&connection).await?;
+            tools::tools(remote.as_ref(), command).await
+        }
+        Command::Secrets(command) => {
+            let remote = match command {
+                tools::SecretsCommand::Keygen { .. } => None,
+                _ => remote::connect(&connection).await?,
+            };
+            tools::secrets(remote.as_ref(), command).await
+        }
         Command::Migrate { database_url } => app::migrate(&home, database_url.as_deref()).await,
         Command::Bench(command) => bench::bench(command).await,
         Command::Serve(args) => serve::serve(Some(home.root.clone()), args).await,

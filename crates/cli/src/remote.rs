@@ -56,8 +56,8 @@ pub struct Connection {
 
 /// A connected client and the server's normalized URL.
 pub struct Remote {
-    client: Client,
-    server: String,
+    pub(crate) client: Client,
+    pub(crate) server: String,
 }
 
 /// `arches login`.
@@ -242,7 +242,7 @@ fn explain(error: ClientError, server: &str) -> anyhow::Error {
 }
 
 impl Remote {
-    fn fail(&self, error: ClientError) -> anyhow::Error {
+    pub(crate) fn fail(&self, error: ClientError) -> anyhow::Error {
         explain(error, &self.server)
     }
 }
@@ -533,7 +533,7 @@ pub async fn pipelines(remote: &Remote, command: PipelinesCommand) -> anyhow::Re
 }
 
 /// A server time shown in local time, like the local commands show theirs.
-fn shown_time(text: &str) -> String {
+pub(crate) fn shown_time(text: &str) -> String {
     inspect::parse_rfc3339(text)
         .map(inspect::time)
         .unwrap_or_else(|| text.to_owned())

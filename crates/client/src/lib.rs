@@ -404,6 +404,138 @@ impl Client {
     }
 
     // -----------------------------------------------------------------------------------
+    // Tools and secrets.
+
+    /// The built-in tools and the latest version of each of the org's registered tools.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `forbidden` (403) without `tool_read`.
+    pub async fn list_tools(&self) -> Result<Vec<Tool>, Error> {
+        let url = self.url(&["api", "v1", "tools"], None)?;
+        self.get(&url).await
+    }
+
+    /// A built-in tool, or the latest version of a registered one.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `not_found` (404).
+    pub async fn get_tool(&self, name: &str) -> Result<Tool, Error> {
+        let url = self.url(&["api", "v1", "tools", name], None)?;
+        self.get(&url).await
+    }
+
+    /// Every version of a registered tool, newest first.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `not_found` (404).
+    pub async fn tool_versions(&self, name: &str) -> Result<Vec<Tool>, Error> {
+        let url = self.url(&["api", "v1", "tools", name, "versions"], None)?;
+        self.get(&url).await
+    }
+
+    /// Registers a tool from its manifest (YAML or JSON text): version 1 of a new name, the
+    /// next version of a changed manifest, the stored version of an identical one.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `validation_failed` (422) with `details.problems` (`pointer`,
+    /// `message`); `forbidden` (403) without `tool_register`.
+    pub async fn register_tool(&self, manifest: &str) -> Result<Tool, Error> {
+        let url = self.url(&["api", "v1", "tools"], None)?;
+        let body = Bytes::copy_from_slice(manifest.as_bytes());
+        self.call(
+            &url,
+            |http| {
+                http.post(url.clone())
+                    .header(CONTENT_TYPE, HeaderValue::from_static("application/yaml"))
+                    .body(body.clone())
+            },
+            Timing::Bounded,
+        )
+        .await
+    }
+
+    /// Uploads `content` as an artifact named `name` (a WASM module to register, a data
+    /// file); the server stores it by SHA-256.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `payload_too_large` (413) over the server's body limit, `forbidden`
+    /// (403) without `artifact_write`.
+    pub async fn upload_artifact(
+        &self,
+        name: &str,
+        media_type: &str,
+        content: Vec<u8>,
+    ) -> Result<Artifact, Error> {
+        let url = self.url(
+            &["api", "v1", "artifacts"],
+            Some(&[
+                ("name", name.to_owned()),
+                ("media_type", media_type.to_owned()),
+            ]),
+        )?;
+        let body = Bytes::from(content);
+        self.call(
+            &url,
+            |http| {
+                http.post(url.clone())
+                    .header(
+                        CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    )
+                    .body(body.clone())
+            },
+            Timing::Stream,
+        )
+        .await
+    }
+
+    /// The org's secrets (names and metadata, never values).
+    ///
+    /// # Errors
+    /// [`Error::Api`] `forbidden` (403) without `secret_read`.
+    pub async fn list_secrets(&self) -> Result<Vec<Secret>, Error> {
+        let url = self.url(&["api", "v1", "secrets"], None)?;
+        self.get(&url).await
+    }
+
+    /// Sets a secret's value (4 bytes to 64 KiB of text).
+    ///
+    /// # Errors
+    /// [`Error::Api`] `validation_failed` (422) for a bad name or length, `conflict` (409)
+    /// when the server has no master key, `forbidden` (403) without `secret_write`.
+    pub async fn set_secret(&self, name: &str, value: &str) -> Result<Secret, Error> {
+        let url = self.url(&["api", "v1", "secrets", name], None)?;
+        let body = json!({ "value": value });
+        self.call(
+            &url,
+            |http| http.put(url.clone()).json(&body),
+            Timing::Bounded,
+        )
+        .await
+    }
+
+    /// Deletes a secret.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `not_found` (404).
+    pub async fn delete_secret(&self, name: &str) -> Result<(), Error> {
+        let url = self.url(&["api", "v1", "secrets", name], None)?;
+        self.send(|http| http.delete(url.clone()), Timing::Bounded)
+            .await?;
+        Ok(())
+    }
+
+    /// Seals every secret of the org under the server's active master key.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `conflict` (409) when a secret cannot be opened or no key is set.
+    pub async fn rotate_secrets(&self) -> Result<RotationReport, Error> {
+        let url = self.url(&["api", "v1", "secrets", "rotate"], None)?;
+        self.call(&url, |http| http.post(url.clone()), Timing::Bounded)
+            .await
+    }
+
+    // -----------------------------------------------------------------------------------
     // Pipelines.
 
     /// Saves a pipeline from its source (YAML or JSON text): version 1 when the name is new,

@@ -414,3 +414,62 @@ impl Event {
         }
     }
 }
+
+/// A tool as the server lists it: built in (`kind: builtin`) or registered by the org
+/// (`wasm` or `http`, with a version and its manifest's parts).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct Tool {
+    /// The name pipelines use.
+    pub name: String,
+    /// `builtin`, `wasm` or `http`.
+    pub kind: String,
+    /// The registered version (none for built-in tools).
+    pub version: Option<u32>,
+    /// `name@version`, as stored pipelines name it.
+    pub reference: String,
+    /// One line.
+    pub description: String,
+    /// The sandboxes it runs code in (`wasm`, `process`).
+    #[serde(default)]
+    pub sandboxes: Vec<String>,
+    /// JSON Schema of the inputs.
+    pub input_schema: Value,
+    /// JSON Schema of the outputs (registered tools).
+    pub output_schema: Option<Value>,
+    /// Hosts, paths, secrets, memory and time it may use (registered tools).
+    pub capabilities: Option<Value>,
+    /// How it runs (registered tools).
+    pub implementation: Option<Value>,
+    /// SHA-256 of its canonical manifest (registered tools).
+    pub digest: Option<String>,
+    /// When this version was registered (RFC 3339).
+    pub created_at: Option<String>,
+}
+
+/// An org secret's metadata; the server never returns values.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Secret {
+    /// Its name.
+    pub name: String,
+    /// 1 when created, +1 on every new value.
+    pub version: u32,
+    /// The master key that sealed it.
+    pub key_id: String,
+    /// When it was first set (RFC 3339).
+    pub created_at: String,
+    /// When its value last changed (RFC 3339).
+    pub updated_at: String,
+}
+
+/// What [`crate::Client::rotate_secrets`] did.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct RotationReport {
+    /// The key every secret of the org is now sealed with.
+    pub active_key_id: String,
+    /// Secrets sealed again under it.
+    pub resealed: u32,
+    /// Secrets already under it.
+    pub unchanged: u32,
+    /// Secrets whose value changed during the rotation.
+    pub skipped: u32,
+}

@@ -95,11 +95,22 @@ pub enum Permission {
     OrgManage,
     /// Read the audit trail.
     AuditRead,
+    /// Upload artifacts (a WASM module for a tool, a data file).
+    ArtifactWrite,
+    /// List and read the org's registered tools.
+    ToolRead,
+    /// Register tools (and new versions of them): a registration grants capabilities
+    /// (hosts, directories, secrets), so it is an admin's.
+    ToolRegister,
+    /// List the org's secrets (names and metadata; values are never shown).
+    SecretRead,
+    /// Set, delete and re-seal secrets.
+    SecretWrite,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 11] = [
+    pub const ALL: [Permission; 16] = [
         Permission::PipelineRead,
         Permission::PipelineWrite,
         Permission::RunRead,
@@ -111,15 +122,20 @@ impl Permission {
         Permission::OwnerManage,
         Permission::OrgManage,
         Permission::AuditRead,
+        Permission::ArtifactWrite,
+        Permission::ToolRead,
+        Permission::ToolRegister,
+        Permission::SecretRead,
+        Permission::SecretWrite,
     ];
 
     /// The permission table: the lowest role that holds each permission.
     pub fn minimum_role(self) -> Role {
         use Permission::*;
         match self {
-            PipelineRead | RunRead | ArtifactRead | MemberRead => Role::Viewer,
-            PipelineWrite | RunTrigger | RunControl => Role::Editor,
-            MemberManage | OrgManage | AuditRead => Role::Admin,
+            PipelineRead | RunRead | ArtifactRead | MemberRead | ToolRead => Role::Viewer,
+            PipelineWrite | RunTrigger | RunControl | ArtifactWrite | SecretRead => Role::Editor,
+            MemberManage | OrgManage | AuditRead | ToolRegister | SecretWrite => Role::Admin,
             OwnerManage => Role::Owner,
         }
     }
@@ -139,6 +155,11 @@ impl Permission {
             OwnerManage => "owner_manage",
             OrgManage => "org_manage",
             AuditRead => "audit_read",
+            ArtifactWrite => "artifact_write",
+            ToolRead => "tool_read",
+            ToolRegister => "tool_register",
+            SecretRead => "secret_read",
+            SecretWrite => "secret_write",
         }
     }
 }

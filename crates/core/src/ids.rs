@@ -192,6 +192,17 @@ name_id!(
     PipelineName,
     "pipeline name"
 );
+name_id!(
+    /// The name of a tool an org registered (built-in tool names are reserved).
+    ToolName,
+    "tool name"
+);
+name_id!(
+    /// The name of an org's secret, as tools see it (an environment variable of a `wasm`
+    /// tool, `secrets.<name>` in the templates of an `http` tool).
+    SecretName,
+    "secret name"
+);
 
 #[cfg(test)]
 mod tests {

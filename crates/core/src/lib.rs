@@ -17,10 +17,11 @@ pub mod records;
 pub mod retry;
 pub mod state;
 pub mod time;
+pub mod tooldef;
 
 pub use ids::{
-    ApiKeyId, ArtifactId, InvitationId, OrgId, PipelineName, RunId, SessionId, TaskId, TaskRunId,
-    UserId,
+    ApiKeyId, ArtifactId, InvitationId, OrgId, PipelineName, RunId, SecretName, SessionId, TaskId,
+    TaskRunId, ToolName, UserId,
 };
 pub use state::{AttemptState, RunState, TaskRunState};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

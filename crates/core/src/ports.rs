@@ -9,10 +9,11 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
+use crate::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
 use crate::pipeline::PipelineDef;
 use crate::records::*;
 use crate::time::Timestamp;
+use crate::tooldef::{StoredSecret, StoredTool};
 
 /// Errors of the storage and artifact ports.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +140,55 @@ pub trait Store: Send + Sync + 'static {
     /// How many runs, task runs and ended attempts are in each state (every org), for
     /// metrics. A full count: meant for a scrape every few seconds, not per request.
     async fn state_counts(&self) -> StoreResult<StateCounts>;
+
+    /// Registers a version of an org's tool: `manifest` is the canonical JSON of a
+    /// [`crate::tooldef::ToolManifest`] named `name`. Versions count 1, 2, 3… per name;
+    /// a manifest identical to a stored version of the name returns that version.
+    async fn save_tool(
+        &self,
+        org: OrgId,
+        name: &ToolName,
+        manifest: &Value,
+    ) -> StoreResult<StoredTool>;
+
+    /// One version of an org's tool, or its latest version with `None`.
+    async fn tool(
+        &self,
+        org: OrgId,
+        name: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<StoredTool>>;
+
+    /// The latest version of each of an org's tools, by name.
+    async fn tools(&self, org: OrgId) -> StoreResult<Vec<StoredTool>>;
+
+    /// Every version of an org's tool, newest first; empty if the name is unknown.
+    async fn tool_versions(&self, org: OrgId, name: &str) -> StoreResult<Vec<StoredTool>>;
+
+    /// Sets a secret's sealed value: creates it at version 1, or replaces the value of an
+    /// existing one and adds 1 to its version. The store never sees the clear value.
+    async fn put_secret(
+        &self,
+        org: OrgId,
+        name: &SecretName,
+        key_id: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> StoreResult<StoredSecret>;
+
+    /// One secret of an org.
+    async fn secret(&self, org: OrgId, name: &str) -> StoreResult<Option<StoredSecret>>;
+
+    /// The secrets of one org (or of every org, for key rotation), by org and name.
+    async fn secrets(&self, org: Option<OrgId>) -> StoreResult<Vec<StoredSecret>>;
+
+    /// Replaces the key id, nonce and ciphertext of `secret` (same org, name and version)
+    /// after it was sealed again under another master key; its version and `updated_at` stay.
+    /// `false` when the secret is gone or its version changed meanwhile (a new value won).
+    async fn reseal_secret(&self, secret: &StoredSecret) -> StoreResult<bool>;
+
+    /// Deletes a secret; `false` if the org has none of that name.
+    async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool>;
 }
 
 /// The artifact port: content-addressed blobs (SHA-256) with versioned, named metadata and
@@ -298,6 +348,12 @@ pub trait Tool: Send + Sync + 'static {
         true
     }
 
+    /// The sandboxes the tool runs its code in, strongest first; empty for tools that run
+    /// only the worker's own code. A task's `sandbox: wasm | process` is checked against it.
+    fn sandboxes(&self) -> &'static [crate::tooldef::Sandbox] {
+        &[]
+    }
+
     /// Executes one attempt with rendered inputs; returns the outputs (a JSON object).
     ///
     /// # Errors
@@ -305,10 +361,38 @@ pub trait Tool: Send + Sync + 'static {
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError>;
 }
 
-/// The tools known to an engine, by name.
+/// Finds the tools an org registered (`name@version`, as stored pipeline definitions name
+/// them) when an attempt needs one that is not built in.
+#[async_trait]
+pub trait ToolResolver: Send + Sync + 'static {
+    /// The executor of `reference` in `org`, or `None` when the org has no such tool.
+    ///
+    /// # Errors
+    /// The registration cannot be read or no longer builds (a transient store error is
+    /// retryable).
+    async fn resolve(
+        &self,
+        org: OrgId,
+        reference: &str,
+    ) -> Result<Option<Arc<dyn Tool>>, ToolError>;
+}
+
+/// The clear values of an org's secrets, for the tools whose capabilities name them.
+#[async_trait]
+pub trait SecretReader: Send + Sync + 'static {
+    /// The values of `names` in `org`, in the same order.
+    ///
+    /// # Errors
+    /// A secret that is not set (permanent, naming it), one that no configured master key
+    /// opens (permanent), or a store failure (retryable).
+    async fn reveal(&self, org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError>;
+}
+
+/// The tools known to an engine, by name, and the resolver of org tools.
 #[derive(Clone, Default)]
 pub struct ToolRegistry {
     tools: BTreeMap<String, Arc<dyn Tool>>,
+    resolver: Option<Arc<dyn ToolResolver>>,
 }
 
 impl ToolRegistry {
@@ -336,6 +420,31 @@ impl ToolRegistry {
     pub fn tools(&self) -> impl Iterator<Item = &Arc<dyn Tool>> {
         self.tools.values()
     }
+
+    /// Resolves the names no built-in tool has through `resolver` (the org tools of a
+    /// server).
+    pub fn set_resolver(&mut self, resolver: Arc<dyn ToolResolver>) {
+        self.resolver = Some(resolver);
+    }
+
+    /// The tool an attempt of `org` runs: a built-in one of that name, or else the org's
+    /// registered tool through the resolver. `Ok(None)` when neither knows the name.
+    ///
+    /// # Errors
+    /// The resolver's.
+    pub async fn resolve(
+        &self,
+        org: OrgId,
+        name: &str,
+    ) -> Result<Option<Arc<dyn Tool>>, ToolError> {
+        if let Some(tool) = self.tools.get(name) {
+            return Ok(Some(tool.clone()));
+        }
+        match &self.resolver {
+            Some(resolver) => resolver.resolve(org, name).await,
+            None => Ok(None),
+        }
+    }
 }
 
 impl crate::pipeline::ToolCatalog for ToolRegistry {
@@ -351,6 +460,13 @@ impl crate::pipeline::ToolCatalog for ToolRegistry {
         self.tools
             .get(tool)
             .map(|t| t.implied_dependencies(inputs, task_ids))
+            .unwrap_or_default()
+    }
+
+    fn sandboxes(&self, tool: &str) -> Vec<crate::tooldef::Sandbox> {
+        self.tools
+            .get(tool)
+            .map(|t| t.sandboxes().to_vec())
             .unwrap_or_default()
     }
 }

@@ -211,17 +211,23 @@ impl Attempt {
             .join(a.run_id.to_string())
             .join(format!("{}.{}.{}", a.task_id, a.task_run_id, a.attempt));
         // Validation skipped template strings; their rendered values are checked now.
+        // (An org's registered tool checks its own schema when it executes.)
         let checked = self.schemas.check(&a.tool, &a.inputs);
-        let outcome = match (self.tools.get(&a.tool).cloned(), checked) {
-            (None, _) => Some(AttemptOutcome::Failed {
+        let resolved = self.tools.resolve(a.org_id, &a.tool).await;
+        let outcome = match (resolved, checked) {
+            (Err(error), _) => Some(AttemptOutcome::Failed {
+                message: format!("cannot load tool {:?}: {}", a.tool, error.message),
+                retryable: error.retryable,
+            }),
+            (Ok(None), _) => Some(AttemptOutcome::Failed {
                 message: format!("unknown tool {:?}", a.tool),
                 retryable: false,
             }),
-            (Some(_), Err(message)) => Some(AttemptOutcome::Failed {
+            (Ok(Some(_)), Err(message)) => Some(AttemptOutcome::Failed {
                 message,
                 retryable: false,
             }),
-            (Some(tool), Ok(())) => {
+            (Ok(Some(tool)), Ok(())) => {
                 let mut prepared = Ok(());
                 if tool.needs_work_dir() {
                     prepared = tokio::fs::create_dir_all(&work_dir).await;

@@ -107,8 +107,23 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         EVENT_REPLAY_MAX,
         EVENT_LIVE_CAPACITY,
     ));
-    let http_tool = Arc::new(arches_tools::HttpTool::new(config.http_tool_policy()));
-    let tools = arches_tools::builtin_registry_with(http_tool.clone());
+    let executors =
+        arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
+    let http_tool = executors.http.clone();
+    let keyring = config
+        .secrets
+        .keyring()
+        .map_err(|e| BuildError::Config(format!("secrets.keys: {e}")))?
+        .map(Arc::new);
+    let mut tools = arches_tools::builtin_registry_with(&executors);
+    let secrets: Arc<dyn arches_core::ports::SecretReader> = Arc::new(
+        crate::registry::SealedSecrets::new(store.clone(), keyring.clone()),
+    );
+    tools.set_resolver(Arc::new(crate::registry::OrgTools::new(
+        store.clone(),
+        executors.clone(),
+        secrets,
+    )));
 
     let engine_factory: Option<EngineFactory> = if config.workers.enabled {
         let mut engine_options = EngineOptions::new(home.join("work"));
@@ -181,6 +196,8 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
             .map(|engine| EngineSlot::new(engine.handle())),
         tools: Arc::new(tools),
         http_tool,
+        executors,
+        keyring,
         auth: Arc::new(AuthServices {
             hasher,
             policy: PasswordPolicy::default(),

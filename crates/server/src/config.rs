@@ -218,6 +218,36 @@ pub struct ServerConfig {
     pub log: LogConfig,
     /// Settings of built-in tools.
     pub tools: ToolsConfig,
+    /// The master keys that seal org secrets at rest.
+    pub secrets: SecretsConfig,
+}
+
+/// The master keys of org secrets (`[secrets]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// Master keys as `id:base64` of 32 random bytes (`arches secrets keygen` prints one),
+    /// comma-separated from the environment (`ARCHES_SECRETS__KEYS`). The first seals new
+    /// values; every listed key opens. To rotate: put a new key first, call
+    /// `POST /api/v1/secrets/rotate` (or `arches secrets rotate`), then drop the old key.
+    /// Empty (the default): secrets cannot be set or read, and tools naming secrets fail.
+    pub keys: Option<Secret>,
+}
+
+impl SecretsConfig {
+    /// The keyring, `None` without keys.
+    ///
+    /// # Errors
+    /// A malformed key list, naming the key's position (never its bytes).
+    pub fn keyring(&self) -> Result<Option<arches_auth::sealing::Keyring>, String> {
+        match &self.keys {
+            None => Ok(None),
+            Some(keys) if keys.expose().trim().is_empty() => Ok(None),
+            Some(keys) => arches_auth::sealing::Keyring::parse_list(keys.expose())
+                .map(Some)
+                .map_err(|error| error.to_string()),
+        }
+    }
 }
 
 impl Default for ServerConfig {
@@ -235,6 +265,7 @@ impl Default for ServerConfig {
             smtp: None,
             log: LogConfig::default(),
             tools: ToolsConfig::default(),
+            secrets: SecretsConfig::default(),
         }
     }
 }
@@ -245,6 +276,26 @@ impl Default for ServerConfig {
 pub struct ToolsConfig {
     /// The `http` tool (`[tools.http]`).
     pub http: HttpToolConfig,
+    /// The `wasm` tool (`[tools.wasm]`).
+    pub wasm: WasmToolConfig,
+}
+
+/// The `wasm` tool (`[tools.wasm]`): what tasks and registered tools may grant modules.
+/// Everything is denied by default; a grant outside these lists fails the task before the
+/// module runs (and a registration naming one is refused).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WasmToolConfig {
+    /// Absolute worker directories (and what is inside them) modules may be granted read
+    /// access to. Comma-separated from the environment.
+    #[serde(deserialize_with = "string_or_list")]
+    pub read_dirs: Vec<String>,
+    /// Absolute worker directories modules may be granted write access to.
+    #[serde(deserialize_with = "string_or_list")]
+    pub write_dirs: Vec<String>,
+    /// Worker environment variables modules may be granted (`allow.env`); `*` for any.
+    #[serde(deserialize_with = "string_or_list")]
+    pub env: Vec<String>,
 }
 
 /// The `http` tool (`[tools.http]`): where pipelines may send requests, and the per-host
@@ -668,6 +719,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "smtp",
     "log",
     "tools",
+    "secrets",
 ];
 
 impl Provider for EnvVars {
@@ -956,7 +1008,23 @@ impl ServerConfig {
         for problem in self.http_tool_policy().problems() {
             check(false, "tools.http.allowed_hosts", &problem);
         }
+        for problem in self.wasm_tool_policy().problems() {
+            check(false, "tools.wasm", &problem);
+        }
+        if let Err(problem) = self.secrets.keyring() {
+            check(false, "secrets.keys", &problem);
+        }
         problems
+    }
+
+    /// The `wasm` tool's policy from `[tools.wasm]`.
+    pub fn wasm_tool_policy(&self) -> arches_tools::WasmPolicy {
+        let wasm = &self.tools.wasm;
+        arches_tools::WasmPolicy {
+            read_dirs: wasm.read_dirs.iter().map(PathBuf::from).collect(),
+            write_dirs: wasm.write_dirs.iter().map(PathBuf::from).collect(),
+            env: wasm.env.clone(),
+        }
     }
 
     /// The `http` tool's policy from `[tools.http]`.
@@ -1128,6 +1196,21 @@ breaker_cool_down_secs = 30
 timeout_secs = 30
 # Largest response body read, bytes (16 MiB).
 body_limit_bytes = 16777216
+
+[tools.wasm]
+# What tasks and registered tools may grant WASM modules; nothing by default. Absolute
+# worker directories (and their contents) for read and for write access, and worker
+# environment variables ("*" for any).
+read_dirs = []
+write_dirs = []
+env = []
+
+[secrets]
+# Master keys sealing org secrets at rest (XChaCha20-Poly1305), "id:base64" of 32 random
+# bytes, e.g. from `arches secrets keygen`; better from ARCHES_SECRETS__KEYS. The first
+# seals, all open (rotation: new key first, `arches secrets rotate`, drop the old one).
+# Without keys, secrets cannot be set.
+# keys = "k2:...,k1:..."
 "#;
 
 #[cfg(test)]

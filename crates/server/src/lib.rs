@@ -28,6 +28,7 @@ pub mod identity_cache;
 pub mod metrics;
 pub mod principal;
 pub mod ratelimit;
+pub mod registry;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;

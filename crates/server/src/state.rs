@@ -39,6 +39,11 @@ pub struct AppState {
     /// The `http` tool every engine of this server uses (one circuit breaker and rate limit
     /// per host, kept across engine rebuilds), for its metrics.
     pub http_tool: Arc<arches_tools::HttpTool>,
+    /// The `http` and `wasm` tools the org's registered tools run on (checked against when a
+    /// tool is registered).
+    pub executors: arches_tools::Executors,
+    /// The master keys of org secrets; `None` when none is configured.
+    pub keyring: Option<Arc<arches_auth::sealing::Keyring>>,
     /// Auth services.
     pub auth: Arc<AuthServices>,
     /// Per-IP, per-user and per-key request limits.

@@ -25,12 +25,13 @@
 use std::any::Any;
 use std::sync::Arc;
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError};
 use arches_core::records::*;
 use arches_core::state::{AttemptState, RunState, TaskRunState};
 use arches_core::time::Timestamp;
+use arches_core::tooldef::StoredSecret;
 use serde_json::{json, Value};
 
 /// A store under test, with whatever must live as long as it (a temporary directory, a
@@ -82,6 +83,8 @@ macro_rules! conformance_tests {
             pipelines_are_named_per_org_listed_by_latest_version_and_archived,
             runs_and_artifacts_are_scoped_by_org_and_runs_filter_by_creation_time,
             state_counts_count_runs_task_runs_and_attempts_by_state,
+            tools_get_versions_per_name_and_identical_manifests_return_the_stored_version,
+            secrets_are_set_replaced_resealed_listed_and_deleted_per_org,
         );
     };
 }
@@ -1277,4 +1280,296 @@ pub async fn state_counts_count_runs_task_runs_and_attempts_by_state(store: Arc<
         vec![(TaskRunState::Queued, 2), (TaskRunState::Succeeded, 1)]
     );
     assert_eq!(counts.attempts, vec![(AttemptState::LeaseExpired, 1)]);
+}
+
+/// A registered tool's manifest, as the canonical JSON a caller passes (keys deliberately out
+/// of order: the store canonicalizes before it digests).
+fn tool_manifest(name: &str, url: &str) -> Value {
+    json!({
+        "name": name,
+        "description": "Looks an address up — «géocodage» 🌍",
+        "implementation": {"http": {
+            "url": url,
+            "method": "POST",
+            "headers": {"Authorization": "Bearer {{ secrets.GEO_KEY }}", "Accept": "application/json"}
+        }},
+        "input_schema": {
+            "type": "object",
+            "required": ["address"],
+            "properties": {"address": {"type": "string", "minLength": 1}, "limit": {"type": "integer", "maximum": 50}}
+        },
+        "output_schema": {"type": "object", "required": ["lat", "lon"]},
+        "capabilities": {"hosts": ["geo:8080", "*.geo.internal"], "secrets": ["GEO_KEY"], "timeout": "10s"}
+    })
+}
+
+fn tool_name(name: &str) -> ToolName {
+    ToolName::parse(name).expect("test tool names follow the naming rule")
+}
+
+fn secret_name(name: &str) -> SecretName {
+    SecretName::parse(name).expect("test secret names follow the naming rule")
+}
+
+/// Tool names are versioned per org like pipelines: an identical manifest returns the stored
+/// version, a changed one the next; lookups by version or latest, listings by name, and the
+/// manifest round-trips exactly.
+pub async fn tools_get_versions_per_name_and_identical_manifests_return_the_stored_version(
+    store: Arc<dyn Store>,
+) {
+    let org = OrgId::DEFAULT;
+    let other = OrgId::new();
+    let geocode = tool_name("geocode");
+    let v1_manifest = tool_manifest("geocode", "http://geo:8080/x");
+    let v1 = store.save_tool(org, &geocode, &v1_manifest).await.unwrap();
+    assert_eq!(v1.org_id, org);
+    assert_eq!(v1.name, "geocode");
+    assert_eq!(v1.version, 1);
+    assert_eq!(v1.digest.len(), 64, "the digest is sha-256 in hex");
+    assert!(v1
+        .digest
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    assert_eq!(v1.manifest, v1_manifest);
+
+    let again = store.save_tool(org, &geocode, &v1_manifest).await.unwrap();
+    assert_eq!(
+        again, v1,
+        "an identical manifest returns the stored version"
+    );
+
+    let v2_manifest = tool_manifest("geocode", "http://geo:8080/y");
+    let v2 = store.save_tool(org, &geocode, &v2_manifest).await.unwrap();
+    assert_eq!(v2.version, 2);
+    assert_ne!(v2.digest, v1.digest);
+    assert!(v2.created_at >= v1.created_at);
+    assert_eq!(v2.manifest, v2_manifest);
+
+    // Saving the first manifest again after a newer one still returns version 1.
+    let back = store.save_tool(org, &geocode, &v1_manifest).await.unwrap();
+    assert_eq!(back, v1);
+
+    assert_eq!(
+        store.tool(org, "geocode", None).await.unwrap(),
+        Some(v2.clone())
+    );
+    assert_eq!(
+        store.tool(org, "geocode", Some(1)).await.unwrap(),
+        Some(v1.clone())
+    );
+    assert_eq!(
+        store.tool(org, "geocode", Some(2)).await.unwrap(),
+        Some(v2.clone())
+    );
+    assert_eq!(store.tool(org, "geocode", Some(3)).await.unwrap(), None);
+    assert_eq!(
+        store.tool_versions(org, "geocode").await.unwrap(),
+        vec![v2.clone(), v1.clone()],
+        "versions are listed newest first"
+    );
+    assert_eq!(store.tool(org, "nope", None).await.unwrap(), None);
+    assert_eq!(store.tool(org, "nope", Some(1)).await.unwrap(), None);
+    assert!(store.tool_versions(org, "nope").await.unwrap().is_empty());
+
+    // Every kind of JSON value comes back exactly: nesting, arrays, unicode, numbers, null.
+    let wasm_manifest = json!({
+        "name": "Aa_wasm",
+        "description": "ünïcödé \"quoted\" \\ back\tslash 日本語",
+        "implementation": {"wasm": {"module": "0191d2a4-7a4e-7cc1-8a34-5d1f4b6a9e01"}},
+        "input_schema": {"type": "object", "properties": {"deep": {"type": "array", "items": [
+            {"type": "number", "minimum": -1.5, "maximum": 1e10},
+            {"type": "null"},
+            {"enum": [true, false, null, 0, 18446744073709551615u64, -9007199254740993i64, "", [], {}]}
+        ]}}},
+        "capabilities": {"read_paths": ["/data/in"], "memory_mb": 64, "cpu_ms": 5000}
+    });
+    let wasm = store
+        .save_tool(org, &tool_name("Aa_wasm"), &wasm_manifest)
+        .await
+        .unwrap();
+    assert_eq!(wasm.version, 1);
+    assert_eq!(wasm.manifest, wasm_manifest);
+    assert_eq!(
+        store
+            .tool(org, "Aa_wasm", None)
+            .await
+            .unwrap()
+            .unwrap()
+            .manifest,
+        wasm_manifest,
+        "the manifest round-trips exactly"
+    );
+
+    let zeta = store
+        .save_tool(
+            org,
+            &tool_name("zeta"),
+            &tool_manifest("zeta", "http://z:1/"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.tools(org).await.unwrap(),
+        vec![wasm.clone(), v2.clone(), zeta.clone()],
+        "the latest version of each name, by name (bytewise: uppercase first)"
+    );
+
+    // Another org sees none of them, and numbers its own versions of the same name.
+    assert!(store.tools(other).await.unwrap().is_empty());
+    assert_eq!(store.tool(other, "geocode", None).await.unwrap(), None);
+    assert!(store
+        .tool_versions(other, "geocode")
+        .await
+        .unwrap()
+        .is_empty());
+    let theirs = store
+        .save_tool(other, &geocode, &v2_manifest)
+        .await
+        .unwrap();
+    assert_eq!(theirs.org_id, other);
+    assert_eq!(theirs.version, 1);
+    assert_eq!(
+        theirs.digest, v2.digest,
+        "the digest depends on the manifest only"
+    );
+    assert_eq!(store.tools(other).await.unwrap(), vec![theirs]);
+    assert_eq!(
+        store.tool_versions(org, "geocode").await.unwrap(),
+        vec![v2, v1],
+        "the other org's save leaves this org's versions alone"
+    );
+}
+
+/// Secrets are per org: set at version 1, replaced at the next version with their creation
+/// time kept, re-sealed only at their current version, listed per org or across orgs, and
+/// deleted once.
+pub async fn secrets_are_set_replaced_resealed_listed_and_deleted_per_org(store: Arc<dyn Store>) {
+    let org = OrgId::DEFAULT;
+    let other = OrgId::new();
+    let geo_key = secret_name("GEO_KEY");
+    let nonce: Vec<u8> = (0u8..24).collect();
+    let ciphertext: Vec<u8> = vec![0, 0, 0xff, 0x00, 0x7f, 0x80, 0, 1, 2, 3, 0xfe, 0];
+
+    let first = store
+        .put_secret(org, &geo_key, "master-1", &nonce, &ciphertext)
+        .await
+        .unwrap();
+    assert_eq!(first.org_id, org);
+    assert_eq!(first.name, geo_key);
+    assert_eq!(first.version, 1);
+    assert_eq!(first.key_id, "master-1");
+    assert_eq!(first.nonce, nonce);
+    assert_eq!(first.ciphertext, ciphertext);
+    assert_eq!(first.created_at, first.updated_at);
+    assert_eq!(
+        store.secret(org, "GEO_KEY").await.unwrap(),
+        Some(first.clone()),
+        "the sealed bytes round-trip exactly, zero bytes included"
+    );
+    assert_eq!(
+        store.secret(org, "geo_key").await.unwrap(),
+        None,
+        "names are case-sensitive"
+    );
+
+    let nonce2 = vec![7u8; 24];
+    let ciphertext2 = vec![0u8; 40];
+    let second = store
+        .put_secret(org, &geo_key, "master-1", &nonce2, &ciphertext2)
+        .await
+        .unwrap();
+    assert_eq!(second.version, 2);
+    assert_eq!(
+        second.created_at, first.created_at,
+        "a new value keeps the creation time"
+    );
+    assert!(second.updated_at >= first.updated_at);
+    assert_eq!(
+        (second.nonce.as_slice(), second.ciphertext.as_slice()),
+        (&nonce2[..], &ciphertext2[..])
+    );
+    assert_eq!(
+        store.secret(org, "GEO_KEY").await.unwrap(),
+        Some(second.clone())
+    );
+
+    // Re-sealing at the current version replaces the sealed value and keeps the rest.
+    let resealed = StoredSecret {
+        key_id: "master-2".to_owned(),
+        nonce: vec![9u8; 24],
+        ciphertext: vec![1, 0, 2, 0, 3],
+        ..second.clone()
+    };
+    assert!(store.reseal_secret(&resealed).await.unwrap());
+    let stored = store.secret(org, "GEO_KEY").await.unwrap().unwrap();
+    assert_eq!(stored, resealed);
+    assert_eq!(stored.version, 2, "re-sealing keeps the version");
+    assert_eq!(
+        stored.updated_at, second.updated_at,
+        "re-sealing keeps updated_at"
+    );
+
+    // A re-seal prepared from a version that a new value replaced changes nothing.
+    let stale = StoredSecret {
+        key_id: "master-3".to_owned(),
+        nonce: vec![3u8; 24],
+        ciphertext: vec![3, 3, 3],
+        ..first.clone()
+    };
+    assert!(!store.reseal_secret(&stale).await.unwrap());
+    assert_eq!(
+        store.secret(org, "GEO_KEY").await.unwrap(),
+        Some(resealed.clone())
+    );
+    let gone = StoredSecret {
+        name: secret_name("MISSING"),
+        ..resealed.clone()
+    };
+    assert!(!store.reseal_secret(&gone).await.unwrap());
+    assert_eq!(store.secret(org, "MISSING").await.unwrap(), None);
+
+    // Listings: one org by name, every org by org then name.
+    let a_token = store
+        .put_secret(org, &secret_name("A_TOKEN"), "master-2", &[1; 24], b"a")
+        .await
+        .unwrap();
+    let z_pass = store
+        .put_secret(org, &secret_name("z_pass"), "master-2", &[2; 24], b"z")
+        .await
+        .unwrap();
+    let theirs = store
+        .put_secret(other, &geo_key, "master-2", &[4; 24], b"theirs")
+        .await
+        .unwrap();
+    assert_eq!(theirs.version, 1, "versions count per org");
+    assert_eq!(
+        store.secrets(Some(org)).await.unwrap(),
+        vec![a_token.clone(), resealed.clone(), z_pass.clone()]
+    );
+    assert_eq!(
+        store.secrets(Some(other)).await.unwrap(),
+        vec![theirs.clone()]
+    );
+    let mut everything = vec![a_token, resealed.clone(), z_pass, theirs.clone()];
+    everything.sort_by(|a, b| {
+        (a.org_id.to_string(), a.name.as_str()).cmp(&(b.org_id.to_string(), b.name.as_str()))
+    });
+    assert_eq!(store.secrets(None).await.unwrap(), everything);
+    assert!(store.secrets(Some(OrgId::new())).await.unwrap().is_empty());
+
+    // Deleting removes one org's secret once, and leaves the other org's alone.
+    assert!(store.delete_secret(org, "GEO_KEY").await.unwrap());
+    assert!(!store.delete_secret(org, "GEO_KEY").await.unwrap());
+    assert_eq!(store.secret(org, "GEO_KEY").await.unwrap(), None);
+    assert!(!store.reseal_secret(&resealed).await.unwrap());
+    assert_eq!(store.secret(other, "GEO_KEY").await.unwrap(), Some(theirs));
+    assert!(!store.delete_secret(other, "NOPE").await.unwrap());
+
+    // A name set again after its deletion starts over at version 1.
+    let reborn = store
+        .put_secret(org, &geo_key, "master-2", &nonce, &ciphertext)
+        .await
+        .unwrap();
+    assert_eq!(reborn.version, 1);
+    assert_eq!(reborn.created_at, reborn.updated_at);
 }

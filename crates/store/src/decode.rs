@@ -4,13 +4,18 @@
 use std::fmt::Display;
 use std::str::FromStr;
 
-use arches_core::ids::TaskId;
+use arches_core::ids::{SecretName, TaskId};
 use arches_core::ports::{StoreError, StoreResult};
 use arches_core::records::LogStream;
 
 /// A task id stored in column `name`.
 pub(crate) fn task_id_text(text: &str, name: &str) -> StoreResult<TaskId> {
     TaskId::parse(text).map_err(|e| StoreError::Corrupt(format!("{name} holds {text:?}: {e}")))
+}
+
+/// A secret name stored in column `name` (`secrets.name`).
+pub(crate) fn secret_name_text(text: &str, name: &str) -> StoreResult<SecretName> {
+    SecretName::parse(text).map_err(|e| StoreError::Corrupt(format!("{name} holds {text:?}: {e}")))
 }
 
 /// A log line's stream (`stdout`, `stderr` or `system`) stored in `logs.stream`.

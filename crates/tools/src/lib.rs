@@ -22,6 +22,7 @@ mod common;
 pub mod file;
 pub mod http;
 pub mod media_type;
+pub mod registered;
 pub mod shell;
 pub mod sql;
 pub mod wasm;
@@ -33,31 +34,53 @@ use arches_core::ports::ToolRegistry;
 pub use basic::{EchoTool, NoopTool};
 pub use file::FileTool;
 pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
+pub use registered::{check_manifest, Executors, ManifestProblem, RegisteredTool};
 pub use shell::ShellTool;
 pub use sql::SqlTool;
-pub use wasm::WasmTool;
+pub use wasm::{WasmPolicy, WasmTool};
 
 /// A registry holding every built-in tool: `echo`, `file`, `http`, `noop`, `shell`, `sql`
-/// and `wasm`, with the `http` tool allowed to reach any host ([`HttpPolicy::allow_all`]): for
-/// local runs, where pipelines already run as the user on the user's own machine.
+/// and `wasm`, with the `http` tool allowed to reach any host ([`HttpPolicy::allow_all`]) and
+/// the `wasm` tool allowed any grant ([`WasmPolicy::allow_all`]): for local runs, where
+/// pipelines already run as the user on the user's own machine.
 pub fn builtin_registry() -> ToolRegistry {
-    builtin_registry_with(Arc::new(HttpTool::new(HttpPolicy::allow_all())))
+    builtin_registry_with(&Executors::new(
+        HttpPolicy::allow_all(),
+        WasmPolicy::allow_all(),
+    ))
 }
 
-/// Every built-in tool, with `http` as the `http` tool: a server passes one built from its
-/// configuration and keeps it to report its circuit breakers. Where wasmtime cannot start
-/// (it needs executable memory), `wasm` is left out with an error in the log.
-pub fn builtin_registry_with(http: Arc<HttpTool>) -> ToolRegistry {
+/// Every built-in tool, with `executors`' `http` and `wasm` tools: a server passes those it
+/// built from its configuration, keeps the `http` tool to report its circuit breakers, and
+/// runs its org's registered tools on the same executors.
+pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     let mut registry = ToolRegistry::new();
     registry.register(Arc::new(EchoTool::new()));
     registry.register(Arc::new(FileTool::new()));
-    registry.register(http);
+    registry.register(executors.http.clone());
     registry.register(Arc::new(NoopTool::new()));
     registry.register(Arc::new(ShellTool::new()));
     registry.register(Arc::new(SqlTool::new()));
-    match WasmTool::try_new() {
-        Ok(wasm) => registry.register(Arc::new(wasm)),
-        Err(error) => tracing::error!(error = %error.message, "the wasm tool is unavailable"),
+    if let Some(wasm) = &executors.wasm {
+        registry.register(Arc::new(wasm.clone()));
     }
     registry
+}
+
+impl Executors {
+    /// The `http` tool under `http` and the `wasm` tool under `wasm`. Where wasmtime cannot
+    /// start (it needs executable memory), `wasm` is left out with an error in the log.
+    pub fn new(http: HttpPolicy, wasm: WasmPolicy) -> Self {
+        let wasm = match WasmTool::try_new() {
+            Ok(tool) => Some(tool.with_policy(wasm)),
+            Err(error) => {
+                tracing::error!(error = %error.message, "the wasm tool is unavailable");
+                None
+            }
+        };
+        Self {
+            wasm,
+            http: Arc::new(HttpTool::new(http)),
+        }
+    }
 }

@@ -711,6 +711,10 @@ impl Tool for ShellTool {
         "run a command in its own process group with a scrubbed environment"
     }
 
+    fn sandboxes(&self) -> &'static [arches_core::tooldef::Sandbox] {
+        &[arches_core::tooldef::Sandbox::Process]
+    }
+
     fn input_schema(&self) -> Value {
         json!({
             "type": "object",

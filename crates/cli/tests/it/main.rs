@@ -51,11 +51,18 @@ pub fn pipeline_file(dir: &Path, name: &str, yaml: &str) -> PathBuf {
 /// Starts `arches serve` on a free loopback port; returns the process and its base URL, read
 /// from the line it prints once it listens.
 pub fn start_server(home: &Path) -> (Child, String) {
+    start_server_with(home, &[])
+}
+
+/// [`start_server`] with extra environment variables (configuration such as
+/// `ARCHES_SECRETS__KEYS`).
+pub fn start_server_with(home: &Path, env: &[(&str, &str)]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_arches"))
         .current_dir(repo_root())
         .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "text"])
         .env("ARCHES_HOME", home)
         .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -366,3 +366,166 @@ async fn a_server_that_is_not_there_is_a_clear_error_not_a_panic() {
     local.assert_clear_failure();
     assert!(local.stderr.contains("--server"), "{}", local.stderr);
 }
+
+#[tokio::test]
+async fn the_cli_registers_a_wasm_tool_runs_it_and_keeps_secrets_out_of_sight() {
+    let home = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let config = config.path();
+
+    // A master key from `arches secrets keygen`, which needs no server.
+    let keygen = arches(config, &["secrets", "keygen", "--id", "k9"], None).await;
+    keygen.assert_success();
+    let key = keygen.stdout.trim().to_owned();
+    assert!(key.starts_with("k9:") && key.len() > 40, "{key}");
+
+    let (child, base) =
+        crate::start_server_with(home.path(), &[("ARCHES_SECRETS__KEYS", key.as_str())]);
+    let server = Server { child, base };
+    let base = server.base.as_str();
+    let http = reqwest::Client::new();
+    let signup = http
+        .post(format!("{base}/api/v1/auth/signup"))
+        .json(&json!({"email": EMAIL, "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), 201);
+    arches(
+        config,
+        &[
+            "login",
+            "--server",
+            base,
+            "--email",
+            EMAIL,
+            "--password-stdin",
+        ],
+        Some(&format!("{PASSWORD}\n")),
+    )
+    .await
+    .assert_success();
+
+    // Register: the module file named in the manifest is uploaded first.
+    let register = arches(
+        config,
+        &["tools", "register", "examples/tools/fib.tool.yaml"],
+        None,
+    )
+    .await;
+    register.assert_success();
+    assert!(
+        register.stdout.contains("tool fib version 1 registered"),
+        "{}",
+        register.stdout
+    );
+    assert!(
+        register.stderr.contains("uploaded module"),
+        "{}",
+        register.stderr
+    );
+    let list = arches(config, &["tools", "list"], None).await;
+    list.assert_success();
+    let cells = |line: &str| -> Vec<String> {
+        line.split(['│', '┆'])
+            .map(|cell| cell.trim().to_owned())
+            .filter(|cell| !cell.is_empty())
+            .collect()
+    };
+    let fib_row = list
+        .stdout
+        .lines()
+        .map(cells)
+        .find(|row| row.first().is_some_and(|name| name == "fib"))
+        .unwrap_or_else(|| panic!("a row for fib:\n{}", list.stdout));
+    assert_eq!(fib_row[..4], ["fib", "wasm", "1", "wasm"], "{fib_row:?}");
+    assert!(list.stdout.contains("shell"), "{}", list.stdout);
+    let show = arches(config, &["tools", "show", "fib"], None).await;
+    show.assert_success();
+    assert!(show.stdout.contains("tool        fib@1"), "{}", show.stdout);
+    assert!(show.stdout.contains("\"cpu_ms\": 2000"), "{}", show.stdout);
+
+    // A manifest with problems: each printed with its pointer, exit code 2.
+    let bad = config.join("bad.tool.yaml");
+    std::fs::write(
+        &bad,
+        "name: shell\nimplementation:\n  http: {url: \"https://example.test/x\"}\n",
+    )
+    .unwrap();
+    let refused = arches(config, &["tools", "register", bad.to_str().unwrap()], None).await;
+    assert_eq!(refused.status.code(), Some(2), "{}", refused.stderr);
+    assert!(refused.stderr.contains("/name: "), "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("/implementation/http/url: "),
+        "{}",
+        refused.stderr
+    );
+
+    // A pipeline naming the tool runs it in its WASM sandbox.
+    arches(
+        config,
+        &["pipelines", "apply", "examples/tools/pipeline.yaml"],
+        None,
+    )
+    .await
+    .assert_success();
+    let shown = arches(config, &["pipelines", "show", "tool-fib"], None).await;
+    assert!(shown.stdout.contains("fib@1"), "{}", shown.stdout);
+    let watched = arches(
+        config,
+        &["runs", "trigger", "tool-fib", "--param", "n=20", "--watch"],
+        None,
+    )
+    .await;
+    watched.assert_success();
+    let run_id = summary_run_id(&watched.stdout, "succeeded");
+    let token = login_token(&http, base).await;
+    let task_runs: Value = http
+        .get(format!("{base}/api/v1/runs/{run_id}/task-runs"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let report = task_runs["items"]
+        .as_array()
+        .unwrap_or_else(|| panic!("a page of task runs: {task_runs}"))
+        .iter()
+        .find(|t| t["task_id"] == "report")
+        .expect("the report task run");
+    assert_eq!(report["outputs"]["fib"], json!(6765), "{report}");
+
+    // Secrets: the value goes in on stdin and never comes back.
+    let value = "tok-8f2c9e1d-never-printed";
+    let set = arches(
+        config,
+        &["secrets", "set", "API_TOKEN"],
+        Some(&format!("{value}\n")),
+    )
+    .await;
+    set.assert_success();
+    assert!(
+        set.stdout
+            .contains("secret API_TOKEN version 1 sealed with key k9"),
+        "{}",
+        set.stdout
+    );
+    let listed = arches(config, &["secrets", "list"], None).await;
+    listed.assert_success();
+    assert!(listed.stdout.contains("API_TOKEN"), "{}", listed.stdout);
+    assert!(!listed.stdout.contains(value), "{}", listed.stdout);
+    let rotated = arches(config, &["secrets", "rotate"], None).await;
+    rotated.assert_success();
+    assert!(
+        rotated.stdout.contains("0 re-sealed, 1 already were"),
+        "{}",
+        rotated.stdout
+    );
+    arches(config, &["secrets", "delete", "API_TOKEN"], None)
+        .await
+        .assert_success();
+    let gone = arches(config, &["secrets", "delete", "API_TOKEN"], None).await;
+    gone.assert_clear_failure();
+}

@@ -38,6 +38,12 @@ pub trait ToolCatalog {
     ) -> Vec<String> {
         Vec::new()
     }
+
+    /// The sandboxes a tool runs its code in, strongest first ([`crate::tooldef::Sandbox`]);
+    /// empty for tools that run only the worker's own code (`sql`, `http`, `noop`…).
+    fn sandboxes(&self, _tool: &str) -> Vec<crate::tooldef::Sandbox> {
+        Vec::new()
+    }
 }
 
 /// Adds to each task's `depends_on` the tasks its tool says its inputs read

@@ -160,6 +160,23 @@ pub struct TaskDef {
     /// compensations) before the run ends `failed`. Not allowed on a fan-out task.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compensate: Option<CompensationDef>,
+    /// The sandbox the task's code must run in. `auto` (the default) takes the strongest
+    /// the tool offers, WASM first; `wasm` or `process` is a requirement validation checks
+    /// against the tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxChoice>,
+}
+
+/// A task's `sandbox` setting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxChoice {
+    /// The strongest sandbox the tool offers ([`crate::tooldef::Sandbox`] order: WASM first).
+    Auto,
+    /// Only a WebAssembly sandbox.
+    Wasm,
+    /// An operating-system process sandbox.
+    Process,
 }
 
 /// The compensation of a task: a tool run with its own inputs, retry policy and timeout.

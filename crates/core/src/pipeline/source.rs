@@ -42,6 +42,7 @@ const TASK_FIELDS: &[&str] = &[
     "if",
     "for_each",
     "compensate",
+    "sandbox",
 ];
 
 /// Where the values of a document are: JSON Pointers to 1-based `(line, column)` positions.

@@ -694,6 +694,46 @@ impl Context<'_> {
                 Some("write a list (`for_each: [a, b]`) or a template (`for_each: \"{{ tasks.load.outputs.rows }}\"`)".to_owned()),
             )),
         }
+        self.check_sandbox(task, pointer, out);
+    }
+
+    /// Checks that a task's `sandbox: wasm | process` is one its tool runs in; an unknown
+    /// tool is reported elsewhere.
+    fn check_sandbox(&self, task: &TaskDef, pointer: &str, out: &mut Vec<Diagnostic>) {
+        let wanted = match task.sandbox {
+            None | Some(super::SandboxChoice::Auto) => return,
+            Some(super::SandboxChoice::Wasm) => crate::tooldef::Sandbox::Wasm,
+            Some(super::SandboxChoice::Process) => crate::tooldef::Sandbox::Process,
+        };
+        if self.catalog.input_schema(&task.tool).is_none() {
+            return;
+        }
+        let offered = self.catalog.sandboxes(&task.tool);
+        if offered.contains(&wanted) {
+            return;
+        }
+        let runs_in = match offered.as_slice() {
+            [] => "runs only the worker's own code, in no sandbox".to_owned(),
+            [only] => format!("runs only in the {} sandbox", only.as_str()),
+            many => format!(
+                "runs in the {} sandboxes",
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" and ")
+            ),
+        };
+        out.push(self.diagnostic(
+            "sandbox_unavailable",
+            format!(
+                "task `{}` requires the {} sandbox, but tool `{}` {runs_in}",
+                task.id,
+                wanted.as_str(),
+                task.tool
+            ),
+            &format!("{pointer}/sandbox"),
+            Some("use a tool that runs in that sandbox (`wasm` for WebAssembly, `shell` for a process), or `sandbox: auto`".to_owned()),
+        ));
     }
 
     /// Checks a retry policy and a timeout written in the mapping at `pointer`.
@@ -1228,6 +1268,67 @@ tasks:
         assert_eq!(found[3].message, "`tasks.nope` names no task");
     }
 
+    /// `shell` runs in a process, `wasm` in WebAssembly, `noop` in neither.
+    struct SandboxCatalog;
+
+    impl ToolCatalog for SandboxCatalog {
+        fn input_schema(&self, tool: &str) -> Option<Value> {
+            ["shell", "wasm", "noop"]
+                .contains(&tool)
+                .then(|| json!({"type": "object"}))
+        }
+        fn tool_names(&self) -> Vec<String> {
+            vec!["noop".into(), "shell".into(), "wasm".into()]
+        }
+        fn sandboxes(&self, tool: &str) -> Vec<crate::tooldef::Sandbox> {
+            match tool {
+                "shell" => vec![crate::tooldef::Sandbox::Process],
+                "wasm" => vec![crate::tooldef::Sandbox::Wasm],
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    #[test]
+    fn a_sandbox_the_tool_does_not_offer_is_refused_with_its_position() {
+        let text = "\
+name: p
+tasks:
+  - id: script
+    tool: shell
+    with: {command: \"true\"}
+    sandbox: wasm
+  - id: module
+    tool: wasm
+    with: {module: m.wat}
+    sandbox: wasm
+  - id: anything
+    tool: noop
+    sandbox: auto
+";
+        let catalog = SandboxCatalog;
+        let found = validate("p.yaml", text, &catalog).unwrap_err();
+        assert_eq!(
+            summary(&found),
+            [("sandbox_unavailable", Some(6), Some(14), "/tasks/0/sandbox")]
+        );
+        assert!(
+            found[0]
+                .message
+                .contains("runs only in the process sandbox"),
+            "{}",
+            found[0].message
+        );
+        let bad = validate(
+            "p.yaml",
+            "name: p\ntasks:\n  - id: a\n    tool: noop\n    sandbox: vm\n",
+            &catalog,
+        )
+        .unwrap_err();
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        assert!(bad[0].message.contains("vm"), "{}", bad[0].message);
+    }
+
     #[test]
     fn a_fan_out_cannot_be_compensated() {
         let text = "\
@@ -1538,25 +1639,41 @@ impl InputSchemas {
         let validator = validator.as_ref().map_err(|message| {
             format!("the input schema of tool `{tool}` does not compile: {message}")
         })?;
-        let mut problems = Vec::new();
-        let mut more = 0usize;
-        for error in validator.iter_errors(inputs) {
-            if problems.len() == RENDERED_INPUT_ERRORS_MAX {
-                more += 1;
-                continue;
-            }
-            problems.push(format!("/with{}: {error}", error.instance_path().as_str()));
-        }
-        if problems.is_empty() {
-            return Ok(());
-        }
-        let mut message = format!(
-            "rendered inputs of tool `{tool}` break its schema: {}",
-            problems.join("; ")
-        );
-        if more > 0 {
-            message.push_str(&format!(" (and {more} more)"));
-        }
-        Err(message)
+        schema_violations(validator, inputs, "/with").map_err(|problems| {
+            format!("rendered inputs of tool `{tool}` break its schema: {problems}")
+        })
     }
+}
+
+/// Checks `value` against a compiled schema.
+///
+/// # Errors
+/// One line naming each violated field as a JSON pointer under `prefix` (for example
+/// `/with/ms: "soon" is not of type "integer"`), at most [`RENDERED_INPUT_ERRORS_MAX`]
+/// of them separated by `; `, then how many more.
+pub fn schema_violations(
+    validator: &jsonschema::Validator,
+    value: &Value,
+    prefix: &str,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut more = 0usize;
+    for error in validator.iter_errors(value) {
+        if problems.len() == RENDERED_INPUT_ERRORS_MAX {
+            more += 1;
+            continue;
+        }
+        problems.push(format!(
+            "{prefix}{}: {error}",
+            error.instance_path().as_str()
+        ));
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut message = problems.join("; ");
+    if more > 0 {
+        message.push_str(&format!(" (and {more} more)"));
+    }
+    Err(message)
 }

@@ -14,6 +14,7 @@ pub mod events;
 pub mod orgs;
 pub mod pipelines;
 pub mod runs;
+pub mod tools;
 
 use arches_core::identity::Permission;
 use arches_core::ports::StoreError;
@@ -281,7 +282,7 @@ impl Modify for SecuritySchemes {
 /// The OpenAPI document of the API.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Arches API", description = "Pipelines, runs, artifacts, live events, accounts, organizations and the audit trail."),
+    info(title = "Arches API", description = "Pipelines, runs, artifacts, tools, secrets, live events, accounts, organizations and the audit trail."),
     paths(
         healthz, readyz, permissions,
         pipelines::validate_pipeline, pipelines::create_pipeline, pipelines::update_pipeline,
@@ -298,6 +299,7 @@ impl Modify for SecuritySchemes {
     security(("bearer" = []), ("api_key" = [])),
     tags(
         (name = "pipelines"), (name = "runs"), (name = "artifacts"), (name = "events"),
+        (name = "tools"), (name = "secrets"),
         (name = "auth"), (name = "account"), (name = "orgs"), (name = "audit"), (name = "health"),
     )
 )]
@@ -311,6 +313,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(account::AccountApi::openapi());
     doc.merge(orgs::OrgsApi::openapi());
     doc.merge(audit_log::AuditApi::openapi());
+    doc.merge(tools::ToolsApi::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     add_default_error_responses(&mut doc);
     doc
@@ -408,7 +411,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/v1/runs/{id}/retry", post(runs::retry_run))
         .route("/api/v1/runs/{id}/task-runs", get(runs::list_task_runs))
         .route("/api/v1/runs/{id}/logs", get(runs::run_logs))
-        .route("/api/v1/artifacts", get(artifacts::list_artifacts))
+        .route(
+            "/api/v1/artifacts",
+            get(artifacts::list_artifacts).post(tools::upload_artifact),
+        )
         .route("/api/v1/artifacts/{id}", get(artifacts::get_artifact))
         .route(
             "/api/v1/artifacts/{id}/content",
@@ -423,6 +429,7 @@ pub fn router() -> Router<AppState> {
         .merge(account::routes())
         .merge(orgs::routes())
         .merge(audit_log::routes())
+        .merge(tools::routes())
 }
 
 /// 204 No Content, for handlers that return nothing.

@@ -105,9 +105,17 @@ fn source_text(headers: &HeaderMap, body: &Bytes) -> Result<(String, String), Ap
     Ok((file.to_owned(), text))
 }
 
-fn check(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Pipeline, ApiError> {
+/// Validates a source against the built-in tools and the org's registered ones, and pins
+/// the registered tools it names to their current versions (`name` → `name@version`).
+async fn check(
+    state: &AppState,
+    principal: &Principal,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Pipeline, ApiError> {
     let (file, text) = source_text(headers, body)?;
-    validate::validate(&file, &text, state.tools.as_ref()).map_err(|diagnostics| {
+    let catalog = crate::api::tools::org_catalog(state, principal).await?;
+    let mut pipeline = validate::validate(&file, &text, &catalog).map_err(|diagnostics| {
         ApiError::new(
             ErrorCode::ValidationFailed,
             format!(
@@ -116,7 +124,9 @@ fn check(state: &AppState, headers: &HeaderMap, body: &Bytes) -> Result<Pipeline
             ),
         )
         .with_details(json!({ "diagnostics": diagnostics }))
-    })
+    })?;
+    catalog.pin(std::sync::Arc::make_mut(&mut pipeline.def));
+    Ok(pipeline)
 }
 
 /// Validates a pipeline source without saving it.
@@ -131,20 +141,19 @@ pub async fn validate_pipeline(
 ) -> Result<Json<ValidationReport>, ApiError> {
     principal.require(Permission::PipelineRead)?;
     let (file, text) = source_text(&headers, &body)?;
-    Ok(Json(
-        match validate::validate(&file, &text, state.tools.as_ref()) {
-            Ok(pipeline) => ValidationReport {
-                valid: true,
-                name: Some(pipeline.def.name.to_string()),
-                diagnostics: Vec::new(),
-            },
-            Err(diagnostics) => ValidationReport {
-                valid: false,
-                name: None,
-                diagnostics,
-            },
+    let catalog = crate::api::tools::org_catalog(&state, &principal).await?;
+    Ok(Json(match validate::validate(&file, &text, &catalog) {
+        Ok(pipeline) => ValidationReport {
+            valid: true,
+            name: Some(pipeline.def.name.to_string()),
+            diagnostics: Vec::new(),
         },
-    ))
+        Err(diagnostics) => ValidationReport {
+            valid: false,
+            name: None,
+            diagnostics,
+        },
+    }))
 }
 
 /// Creates a pipeline (version 1). The name must be new in the org; saving the same
@@ -160,7 +169,7 @@ pub async fn create_pipeline(
     body: Bytes,
 ) -> Result<(StatusCode, AuditTarget, Json<PipelineVersion>), ApiError> {
     principal.require(Permission::PipelineWrite)?;
-    let pipeline = check(&state, &headers, &body)?;
+    let pipeline = check(&state, &principal, &headers, &body).await?;
     let name = pipeline.def.name.to_string();
     let existing = state
         .store
@@ -198,7 +207,7 @@ pub async fn update_pipeline(
     body: Bytes,
 ) -> Result<(AuditTarget, Json<PipelineVersion>), ApiError> {
     principal.require(Permission::PipelineWrite)?;
-    let pipeline = check(&state, &headers, &body)?;
+    let pipeline = check(&state, &principal, &headers, &body).await?;
     if pipeline.def.name.as_str() != name {
         return Err(ApiError::new(
             ErrorCode::ValidationFailed,

@@ -28,7 +28,7 @@ pub struct TestServer {
     pub client: reqwest::Client,
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
-    _home: tempfile::TempDir,
+    _home: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -49,6 +49,27 @@ impl TestServer {
         options: BuildOptions,
     ) -> TestServer {
         let home = tempfile::tempdir().expect("a temporary home");
+        Self::start_in(home, adjust, options).await
+    }
+
+    /// Stops this server and starts another on the same home (the same SQLite file and
+    /// artifacts), with a configuration `adjust` changes first (the defaults of
+    /// [`TestServer::start_with`] otherwise). Tokens issued before may not be valid after.
+    pub async fn restart_with(mut self, adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let home = self._home.take().expect("a home");
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.await.expect("the server task ends cleanly");
+        }
+        drop(self);
+        Self::start_in(home, adjust, BuildOptions::default()).await
+    }
+
+    async fn start_in(
+        home: tempfile::TempDir,
+        adjust: impl FnOnce(&mut ServerConfig),
+        options: BuildOptions,
+    ) -> TestServer {
         let mut config = ServerConfig {
             home: home.path().to_path_buf(),
             ..ServerConfig::default()
@@ -87,7 +108,7 @@ impl TestServer {
             client: reqwest::Client::new(),
             stop,
             task: Some(task),
-            _home: home,
+            _home: Some(home),
         }
     }
 
@@ -229,6 +250,44 @@ impl TestServer {
             .bearer_auth(token)
             .header("content-type", "application/yaml")
             .body(yaml.to_owned())
+            .send()
+            .await
+            .expect("the request is answered");
+        status_and_json(response).await
+    }
+
+    /// Sends `body` (JSON, when given) to `path` with `method` and a bearer token.
+    pub async fn send(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        status_and_json(request.send().await.expect("the request is answered")).await
+    }
+
+    /// POSTs raw bytes with `content_type` to `path` with a bearer token.
+    pub async fn post_bytes(
+        &self,
+        token: &str,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
             .send()
             .await
             .expect("the request is answered");

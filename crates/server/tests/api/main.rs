@@ -6,3 +6,4 @@ mod common;
 mod core_api;
 mod identity_cache;
 mod security;
+mod tools;

@@ -933,6 +933,35 @@ async fn make_org_b(server: &TestServer) -> OrgB {
         "/id",
     );
 
+    // A registered tool and a secret of B's.
+    as_b(
+        server,
+        &b,
+        Method::POST,
+        "/api/v1/tools",
+        Payload::Json(json!({
+            "name": "bsecret_tool",
+            "description": "bsecret tool description",
+            "implementation": {"http": {"url": "http://127.0.0.1:9/bsecret-endpoint"}},
+            "capabilities": {"hosts": ["127.0.0.1:9"]}
+        })),
+    )
+    .await;
+    as_b(
+        server,
+        &b,
+        Method::PUT,
+        "/api/v1/secrets/BSECRET_KEY",
+        Payload::Json(json!({"value": "bsecret-value-0042"})),
+    )
+    .await;
+    secrets.extend([
+        "bsecret_tool".to_owned(),
+        "bsecret-endpoint".to_owned(),
+        "BSECRET_KEY".to_owned(),
+        "bsecret-value-0042".to_owned(),
+    ]);
+
     OrgB {
         owner_token: b,
         org_id,
@@ -965,6 +994,8 @@ async fn snapshot(server: &TestServer, b: &OrgB) -> Vec<(String, Value)> {
         format!("/api/v1/artifacts/{}/lineage", b.artifact_id),
         "/api/v1/orgs/current/members".to_owned(),
         "/api/v1/orgs".to_owned(),
+        "/api/v1/tools/bsecret_tool/versions".to_owned(),
+        "/api/v1/secrets".to_owned(),
     ] {
         let value = as_b(server, &b.owner_token, Method::GET, &path, Payload::None).await;
         snapshot.push((path, value));
@@ -1037,6 +1068,13 @@ fn path_values(path: &str, param: &str, b: &OrgB) -> Option<(String, String)> {
             (b.pipeline.clone(), "no_such_pipeline".to_owned())
         }
         ("version", p) if p.starts_with("/api/v1/pipelines/") => ("1".to_owned(), "1".to_owned()),
+        ("name", p) if p.starts_with("/api/v1/tools/") => {
+            ("bsecret_tool".to_owned(), "no_such_tool".to_owned())
+        }
+        ("version", p) if p.starts_with("/api/v1/tools/") => ("1".to_owned(), "1".to_owned()),
+        ("name", p) if p.starts_with("/api/v1/secrets/") => {
+            ("BSECRET_KEY".to_owned(), "NO_SUCH_SECRET".to_owned())
+        }
         ("id", p) if p.starts_with("/api/v1/runs/") => (b.run_id.clone(), uuid()),
         ("id", p) if p.starts_with("/api/v1/artifacts/") => (b.artifact_id.clone(), uuid()),
         ("id", p) if p.starts_with("/api/v1/account/sessions/") => (b.session_id.clone(), uuid()),
@@ -1081,6 +1119,7 @@ fn body_for(method: &str, path: &str, b: &OrgB) -> Payload {
             Payload::Json(json!({ "role": "viewer" }))
         }
         ("put", "/api/v1/pipelines/{name}") => Payload::Yaml(B_PIPELINE.to_owned()),
+        ("put", "/api/v1/secrets/{name}") => Payload::Json(json!({"value": "alice-own-value"})),
         _ => Payload::Json(json!({})),
     }
 }
@@ -1132,7 +1171,12 @@ async fn credential(
 
 #[tokio::test]
 async fn an_owner_of_one_org_can_neither_read_nor_change_anything_of_another_org_on_any_route() {
-    let server = TestServer::start_with(|c| c.multi_tenant = true).await;
+    let (_, key) = arches_auth::sealing::MasterKey::generate("k1").unwrap();
+    let server = TestServer::start_with(|c| {
+        c.multi_tenant = true;
+        c.secrets.keys = Some(arches_server::config::Secret::new(key));
+    })
+    .await;
     let alice = signup(&server, "alice@a.example.test", "Alice").await;
     let alice_user: UserId = text(&alice, "/user/id").parse().unwrap();
     let alice_org: OrgId = text(&alice, "/org/id").parse().unwrap();
@@ -1218,7 +1262,7 @@ async fn an_owner_of_one_org_can_neither_read_nor_change_anything_of_another_org
     }
     operations.sort_by_key(|(m, p, _)| {
         (
-            m == "put" && p == "/api/v1/pipelines/{name}",
+            m == "put" && (p == "/api/v1/pipelines/{name}" || p == "/api/v1/secrets/{name}"),
             p.contains('{'),
         )
     });
@@ -1329,6 +1373,18 @@ async fn an_owner_of_one_org_can_neither_read_nor_change_anything_of_another_org
                 assert!(
                     [403, 404].contains(&answer.status)
                         || (answer.status == 200 && version == Some(1)),
+                    "{context}: {}",
+                    answer.text
+                );
+                continue;
+            }
+            if method == "put" && path == "/api/v1/secrets/{name}" {
+                // Likewise PUT sets A's own secret of that name: version 1 (then 2 for the
+                // second credential) sealed for A's org, never B's (the snapshot below).
+                let version = answer.json["version"].as_u64();
+                assert!(
+                    [403, 404].contains(&answer.status)
+                        || (answer.status == 200 && matches!(version, Some(1 | 2))),
                     "{context}: {}",
                     answer.text
                 );

@@ -8,9 +8,10 @@
 //!   grow with the batch; the task runs it writes are locked (`FOR UPDATE`, in id order)
 //!   before their fencing tokens are compared, so the stale writes it reports are exactly the
 //!   ones it refused, whatever other processes commit meanwhile;
-//! - the next version of a pipeline or artifact name is chosen under a transaction-scoped
-//!   advisory lock of that name, and log lines are appended under one advisory lock, so lines
-//!   become visible in the order of their `seq` and a reader paging by `seq` never skips one;
+//! - the next version of a pipeline, artifact or tool name is chosen under a
+//!   transaction-scoped advisory lock of that name, and log lines are appended under one
+//!   advisory lock, so lines become visible in the order of their `seq` and a reader paging
+//!   by `seq` never skips one;
 //! - migrations run on a connection of their own under sqlx's migrator lock
 //!   (`pg_advisory_lock` keyed by the database name, taken before the migrations table is
 //!   even created), so processes that start together apply each migration once; a failed
@@ -19,6 +20,7 @@
 //! This module must never hold a transaction open across anything but its own statements:
 //! every batch is encoded before its transaction begins.
 
+mod registry;
 mod rows;
 
 use std::collections::HashMap;
@@ -26,12 +28,14 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskRunId, ToolName};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
 use arches_core::time::{Clock, SystemClock, Timestamp};
+use arches_core::tooldef::{StoredSecret, StoredTool};
 use async_trait::async_trait;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, Postgres};
 use sqlx::types::Json;
@@ -57,10 +61,11 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
 /// ASCII, so that it is recognizable in `pg_locks`).
 const LOG_APPEND_LOCK: i64 = 0x6172_6368_6573_6c67;
 
-/// Seeds of `hashtextextended` for the advisory locks of pipeline and artifact names, so the
-/// same name locks different keys in the two tables.
+/// Seeds of `hashtextextended` for the advisory locks of pipeline, artifact and tool names,
+/// so the same name locks different keys in the three tables.
 const PIPELINE_NAME_LOCK_SEED: i64 = 1;
 const ARTIFACT_NAME_LOCK_SEED: i64 = 2;
+const TOOL_NAME_LOCK_SEED: i64 = 3;
 
 /// Takes the transaction-scoped advisory lock of an org's name in one table.
 const LOCK_NAME: &str = "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2, $3))";
@@ -906,6 +911,60 @@ impl Store for PgStore {
             task_runs: count(&self.pool, "task_runs").await?,
             attempts: count(&self.pool, "attempts").await?,
         })
+    }
+
+    async fn save_tool(
+        &self,
+        org: OrgId,
+        name: &ToolName,
+        manifest: &Value,
+    ) -> StoreResult<StoredTool> {
+        self.save_tool_impl(org, name, manifest).await
+    }
+
+    async fn tool(
+        &self,
+        org: OrgId,
+        name: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<StoredTool>> {
+        self.tool_impl(org, name, version).await
+    }
+
+    async fn tools(&self, org: OrgId) -> StoreResult<Vec<StoredTool>> {
+        self.tools_impl(org).await
+    }
+
+    async fn tool_versions(&self, org: OrgId, name: &str) -> StoreResult<Vec<StoredTool>> {
+        self.tool_versions_impl(org, name).await
+    }
+
+    async fn put_secret(
+        &self,
+        org: OrgId,
+        name: &SecretName,
+        key_id: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> StoreResult<StoredSecret> {
+        self.put_secret_impl(org, name, key_id, nonce, ciphertext)
+            .await
+    }
+
+    async fn secret(&self, org: OrgId, name: &str) -> StoreResult<Option<StoredSecret>> {
+        self.secret_impl(org, name).await
+    }
+
+    async fn secrets(&self, org: Option<OrgId>) -> StoreResult<Vec<StoredSecret>> {
+        self.secrets_impl(org).await
+    }
+
+    async fn reseal_secret(&self, secret: &StoredSecret) -> StoreResult<bool> {
+        self.reseal_secret_impl(secret).await
+    }
+
+    async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool> {
+        self.delete_secret_impl(org, name).await
     }
 }
 

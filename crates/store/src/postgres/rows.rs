@@ -195,7 +195,7 @@ impl<'a> LogColumns<'a> {
 }
 
 /// One column of a row; a value of the wrong type is corrupt data.
-fn column<'r, T>(row: &'r PgRow, name: &str) -> StoreResult<T>
+pub(super) fn column<'r, T>(row: &'r PgRow, name: &str) -> StoreResult<T>
 where
     T: Decode<'r, Postgres> + Type<Postgres>,
 {

@@ -12,6 +12,7 @@
 //! This module must never hold a transaction open across anything but its own statements.
 
 mod identity;
+mod registry;
 mod rows;
 mod writer;
 
@@ -22,11 +23,12 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, TaskRunId};
+use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskRunId, ToolName};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
 use arches_core::time::{Clock, SystemClock, Timestamp};
+use arches_core::tooldef::{StoredSecret, StoredTool};
 use async_trait::async_trait;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -939,6 +941,60 @@ impl Store for SqliteStore {
             task_runs: count(&self.reader, "task_runs").await?,
             attempts: count(&self.reader, "attempts").await?,
         })
+    }
+
+    async fn save_tool(
+        &self,
+        org: OrgId,
+        name: &ToolName,
+        manifest: &Value,
+    ) -> StoreResult<StoredTool> {
+        self.save_tool_impl(org, name, manifest).await
+    }
+
+    async fn tool(
+        &self,
+        org: OrgId,
+        name: &str,
+        version: Option<u32>,
+    ) -> StoreResult<Option<StoredTool>> {
+        self.tool_impl(org, name, version).await
+    }
+
+    async fn tools(&self, org: OrgId) -> StoreResult<Vec<StoredTool>> {
+        self.tools_impl(org).await
+    }
+
+    async fn tool_versions(&self, org: OrgId, name: &str) -> StoreResult<Vec<StoredTool>> {
+        self.tool_versions_impl(org, name).await
+    }
+
+    async fn put_secret(
+        &self,
+        org: OrgId,
+        name: &SecretName,
+        key_id: &str,
+        nonce: &[u8],
+        ciphertext: &[u8],
+    ) -> StoreResult<StoredSecret> {
+        self.put_secret_impl(org, name, key_id, nonce, ciphertext)
+            .await
+    }
+
+    async fn secret(&self, org: OrgId, name: &str) -> StoreResult<Option<StoredSecret>> {
+        self.secret_impl(org, name).await
+    }
+
+    async fn secrets(&self, org: Option<OrgId>) -> StoreResult<Vec<StoredSecret>> {
+        self.secrets_impl(org).await
+    }
+
+    async fn reseal_secret(&self, secret: &StoredSecret) -> StoreResult<bool> {
+        self.reseal_secret_impl(secret).await
+    }
+
+    async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool> {
+        self.delete_secret_impl(org, name).await
     }
 }
 

@@ -57,7 +57,7 @@ const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(10);
 /// Statuses retried (and, but for 408, counted as failures by the breaker).
 const RETRYABLE_STATUSES: [u16; 6] = [408, 429, 500, 502, 503, 504];
 /// Methods the tool sends.
-const METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
+pub(crate) const METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 
 /// A per-host rate limit: a token bucket (GCRA, from `governor`) of `burst` requests
 /// refilled at `per_second` requests per second.
@@ -252,6 +252,26 @@ impl AllowedHosts {
     }
 }
 
+tokio::task_local! {
+    /// The hosts one call may reach on top of the tool's own allow-list: the capabilities of
+    /// a registered tool ([`HttpTool::execute_within`]). Read where the request is checked and
+    /// where a redirect is followed; reqwest follows redirects inside the response future,
+    /// which the calling task polls, so the scope covers them.
+    static CALL_HOSTS: Arc<AllowedHosts>;
+}
+
+/// Whether host patterns (as in [`HttpPolicy::allowed_hosts`]) allow `url`'s host and port.
+pub fn hosts_allow(patterns: &[String], url: &Url) -> bool {
+    AllowedHosts::new(patterns).allows(url)
+}
+
+/// Whether the current call's narrower host list (if any) allows `url`.
+fn call_allows(url: &Url) -> bool {
+    CALL_HOSTS
+        .try_with(|hosts| hosts.allows(url))
+        .unwrap_or(true)
+}
+
 /// `host:port` of a URL, lowercase, the port explicit: the key of breakers and rate limits.
 fn host_key(url: &Url) -> String {
     format!(
@@ -373,7 +393,7 @@ impl HttpTool {
                     display_url(attempt.url())
                 );
                 attempt.error(error)
-            } else if !redirect_hosts.allows(attempt.url()) {
+            } else if !redirect_hosts.allows(attempt.url()) || !call_allows(attempt.url()) {
                 let error = format!(
                     "redirect to {} refused: host {} is not in the tool's allowed hosts",
                     display_url(attempt.url()),
@@ -408,6 +428,23 @@ impl HttpTool {
             max_body_bytes: policy.max_body_bytes.max(1),
             max_attempts: policy.max_attempts.max(1),
         }
+    }
+
+    /// Executes like [`Tool::execute`], allowed to reach only hosts that both the tool's
+    /// policy and `hosts` (patterns as in [`HttpPolicy::allowed_hosts`]) allow, redirects
+    /// included: for an org's registered tool, whose capabilities name its hosts. Breakers and
+    /// rate limits are the tool's, shared with every other call.
+    ///
+    /// # Errors
+    /// As [`Tool::execute`]; a host outside `hosts` is refused before anything is sent.
+    pub async fn execute_within(
+        &self,
+        context: ToolContext,
+        inputs: Value,
+        hosts: &[String],
+    ) -> Result<Value, ToolError> {
+        let hosts = Arc::new(AllowedHosts::new(hosts));
+        CALL_HOSTS.scope(hosts, self.execute(context, inputs)).await
     }
 
     /// The state of the circuit breaker of every host contacted so far (`host:port`), sorted
@@ -513,7 +550,7 @@ impl HttpTool {
 /// Headers a task may not set: `host` would send the request to another virtual host than
 /// the allowed URL names (for example behind a shared reverse proxy), and the framing and
 /// hop-by-hop headers belong to the connection, not to the task.
-const RESERVED_HEADERS: [&str; 6] = [
+pub(crate) const RESERVED_HEADERS: [&str; 6] = [
     "host",
     "content-length",
     "transfer-encoding",
@@ -785,6 +822,11 @@ impl HttpTool {
         if !self.hosts.allows(&url) {
             return Err(ToolError::permanent(format!(
                 "host {host} is not in the tool's allowed hosts"
+            )));
+        }
+        if !call_allows(&url) {
+            return Err(ToolError::permanent(format!(
+                "host {host} is not among the hosts the tool's capabilities name"
             )));
         }
 

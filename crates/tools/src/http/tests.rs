@@ -788,3 +788,67 @@ fn timestamps_format_as_rfc3339() {
         "2000-02-29T00:00:00Z"
     );
 }
+
+#[tokio::test]
+async fn a_call_within_capabilities_reaches_only_their_hosts_redirects_included() {
+    let server = start_server().await;
+    let tool = HttpTool::new(HttpPolicy {
+        allowed_hosts: vec!["*".to_owned()],
+        ..policy(&manual_clock())
+    });
+    let logs = Arc::new(MemoryLogs::default());
+    let own = vec![format!("127.0.0.1:{}", server.port)];
+
+    // The capabilities' host is reached.
+    let answer = tool
+        .execute_within(
+            context(logs.clone()),
+            json!({"url": server.url("/json")}),
+            &own,
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(server.hits(), 1);
+
+    // Another host, though the tool's own policy allows every host, is refused before
+    // anything is sent.
+    let error = tool
+        .execute_within(
+            context(logs.clone()),
+            json!({"url": format!("http://localhost:{}/json", server.port)}),
+            &own,
+        )
+        .await
+        .unwrap_err();
+    assert!(!error.retryable);
+    assert_eq!(
+        error.message,
+        "host localhost is not among the hosts the tool's capabilities name"
+    );
+    assert_eq!(server.hits(), 1, "nothing was sent");
+
+    // A redirect from the capabilities' host to another host is not followed.
+    let error = tool
+        .execute_within(
+            context(logs.clone()),
+            json!({"url": server.url("/redirect")}),
+            &own,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        error.message.contains("redirect to http://localhost:"),
+        "{}",
+        error.message
+    );
+    assert_eq!(server.hits(), 2, "only the redirecting request arrived");
+
+    // Outside `execute_within`, the same tool follows that redirect (the narrowing is per
+    // call, not left behind).
+    let answer = call(&tool, json!({"url": server.url("/redirect")}))
+        .await
+        .unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(server.hits(), 4);
+}

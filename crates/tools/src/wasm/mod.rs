@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 use arches_core::pipeline::format_duration;
 use arches_core::ports::{LogSink, Tool, ToolContext, ToolError};
 use arches_core::records::LogStream;
+use arches_core::tooldef::Sandbox;
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -132,6 +133,122 @@ pub struct WasmGrants {
     pub read_dirs: Vec<PathBuf>,
     /// Host directories (absolute paths) preopened read-write under the same guest path.
     pub write_dirs: Vec<PathBuf>,
+    /// Environment variables set to these values (the secrets a registered tool is
+    /// granted), after those copied by `env`.
+    pub vars: Vec<(String, String)>,
+}
+
+/// What a server lets the tasks of its pipelines grant a module through the `allow` input
+/// (`[tools.wasm]` of the configuration). Grants outside it are refused before the module
+/// runs. Capabilities of an org's registered tool are checked against it too.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WasmPolicy {
+    /// Worker directories a module may be granted read access to: a granted directory must
+    /// be one of these or inside one. Empty: none.
+    pub read_dirs: Vec<PathBuf>,
+    /// Worker directories a module may be granted write access to (same rule).
+    pub write_dirs: Vec<PathBuf>,
+    /// Worker environment variables a module may be granted (`allow.env`). Empty: none.
+    pub env: Vec<String>,
+}
+
+impl WasmPolicy {
+    /// Everything may be granted: for local runs (`arches run`), where the pipeline's author
+    /// is the worker's user.
+    pub fn allow_all() -> Self {
+        Self {
+            read_dirs: vec![PathBuf::from("/")],
+            write_dirs: vec![PathBuf::from("/")],
+            env: vec!["*".to_owned()],
+        }
+    }
+
+    /// Nothing may be granted: the server's default.
+    pub fn deny_all() -> Self {
+        Self {
+            read_dirs: Vec::new(),
+            write_dirs: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+
+    /// Problems of the policy itself (relative directories), one line each.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (dirs, what) in [
+            (&self.read_dirs, "read_dirs"),
+            (&self.write_dirs, "write_dirs"),
+        ] {
+            for dir in dirs {
+                if !dir.is_absolute() {
+                    problems.push(format!(
+                        "{what}: {} must be an absolute path",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Checks `grants` (`what` names where they come from in errors).
+    ///
+    /// # Errors
+    /// The first grant outside the policy, naming it (permanent). Paths are compared after
+    /// lexical normalization, so `..` cannot climb out of an allowed directory.
+    pub fn check(&self, grants: &WasmGrants, what: &str) -> Result<(), ToolError> {
+        for (dirs, allowed, field) in [
+            (&grants.read_dirs, &self.read_dirs, "read_dirs"),
+            (&grants.write_dirs, &self.write_dirs, "write_dirs"),
+        ] {
+            for dir in dirs {
+                if !dir.is_absolute() {
+                    return Err(ToolError::permanent(format!(
+                        "{what}.{field}: {} must be an absolute path",
+                        dir.display()
+                    )));
+                }
+                let normal = normalize(dir);
+                if !allowed
+                    .iter()
+                    .any(|root| normal.starts_with(normalize(root)))
+                {
+                    return Err(ToolError::permanent(format!(
+                        "{what}.{field}: {} is outside the directories this server lets modules \
+                         be granted ([tools.wasm] {field} = {:?})",
+                        dir.display(),
+                        allowed
+                    )));
+                }
+            }
+        }
+        for variable in &grants.env {
+            if !self.env.iter().any(|v| v == "*" || v == variable) {
+                return Err(ToolError::permanent(format!(
+                    "{what}.env: variable {variable:?} is not among those this server lets \
+                     modules be granted ([tools.wasm] env = {:?})",
+                    self.env
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `path` with `.` and `..` resolved lexically (no filesystem access); `..` above the root
+/// stays at the root.
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// A module compiled and pre-instantiated by [`WasmTool::prepare`]; cheap to clone. It
@@ -185,6 +302,7 @@ impl std::fmt::Debug for WasmModule {
 #[derive(Clone)]
 pub struct WasmTool {
     runtime: Arc<Runtime>,
+    policy: Arc<WasmPolicy>,
 }
 
 /// What the tool shares between calls.
@@ -482,7 +600,47 @@ impl WasmTool {
                 compilations: AtomicU64::new(0),
                 ticker,
             }),
+            policy: Arc::new(WasmPolicy::allow_all()),
         })
+    }
+
+    /// The same tool (sharing its engine and caches) under `policy`: the grants tasks may
+    /// give modules. A new tool allows everything ([`WasmPolicy::allow_all`]).
+    pub fn with_policy(&self, policy: WasmPolicy) -> Self {
+        Self {
+            runtime: self.runtime.clone(),
+            policy: Arc::new(policy),
+        }
+    }
+
+    /// The grants tasks may give modules.
+    pub fn policy(&self) -> &WasmPolicy {
+        &self.policy
+    }
+
+    /// Runs the module file at `path` (absolute; `.wasm` or `.wat`) like
+    /// [`WasmTool::call`]. The file is read, hashed and compiled once; later calls find it in
+    /// the cache while its size and modification time are unchanged.
+    ///
+    /// # Errors
+    /// See [`WasmTool`]; grants outside the tool's [`WasmPolicy`] are refused.
+    pub async fn call_file(
+        &self,
+        path: &Path,
+        input: &Value,
+        limits: &WasmLimits,
+        grants: &WasmGrants,
+        logs: &dyn LogSink,
+    ) -> Result<Value, ToolError> {
+        self.policy.check(grants, "capabilities")?;
+        let name = format!("module {}", path.display());
+        let argv0 = path
+            .file_name()
+            .map(|file| file.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "module".to_owned());
+        let module = self.module_for_file(path, &name).await?;
+        self.run(module.pre, &name, &argv0, input, limits, grants, logs)
+            .await
     }
 
     /// Number of modules in the cache (at most [`MODULE_CACHE_ENTRIES`]).
@@ -600,6 +758,9 @@ impl WasmTool {
             if let Ok(value) = std::env::var(variable) {
                 builder.env(variable, value);
             }
+        }
+        for (variable, value) in &grants.vars {
+            builder.env(variable, value);
         }
         for (dirs, perms, what) in [
             (&grants.read_dirs, FsPerms::ReadOnly, "allow.read_dirs"),
@@ -1002,6 +1163,7 @@ impl WasmInputs {
             env: self.allow.env.clone(),
             read_dirs: self.allow.read_dirs.iter().map(PathBuf::from).collect(),
             write_dirs: self.allow.write_dirs.iter().map(PathBuf::from).collect(),
+            vars: Vec::new(),
         }
     }
 }
@@ -1048,6 +1210,10 @@ impl Tool for WasmTool {
 
     fn needs_work_dir(&self) -> bool {
         false
+    }
+
+    fn sandboxes(&self) -> &'static [Sandbox] {
+        &[Sandbox::Wasm]
     }
 
     fn input_schema(&self) -> Value {
@@ -1108,18 +1274,11 @@ impl Tool for WasmTool {
         let inputs: WasmInputs = parse_inputs("wasm", inputs)?;
         let limits = inputs.limits()?;
         let grants = inputs.grants();
+        self.policy.check(&grants, "allow")?;
         let path = absolute_path(&inputs.module)?;
-        let name = format!("module {}", path.display());
-        let argv0 = path
-            .file_name()
-            .map(|file| file.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "module".to_owned());
-        let module = self.module_for_file(&path, &name).await?;
         let output = self
-            .run(
-                module.pre,
-                &name,
-                &argv0,
+            .call_file(
+                &path,
                 &inputs.input,
                 &limits,
                 &grants,

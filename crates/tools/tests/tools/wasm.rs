@@ -715,3 +715,88 @@ async fn stderr_past_its_cap_is_dropped_without_failing_the_module() {
         "{system:?}"
     );
 }
+
+#[tokio::test]
+async fn grants_outside_the_server_policy_are_refused_before_the_module_runs() {
+    let harness = Harness::new().await;
+    let allowed = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let tool = WasmTool::new().with_policy(WasmPolicy {
+        read_dirs: vec![allowed.path().to_path_buf()],
+        write_dirs: Vec::new(),
+        env: vec!["PATH".to_owned()],
+    });
+    let path = harness.file("probe.wat", &probe_wat());
+    let escape = allowed.path().join("..").join(
+        outside
+            .path()
+            .file_name()
+            .expect("a temporary directory has a name"),
+    );
+    for (allow, expected) in [
+        (json!({"read_dirs": [outside.path()]}), "allow.read_dirs: "),
+        (json!({"read_dirs": [escape]}), "allow.read_dirs: "),
+        (
+            json!({"write_dirs": [allowed.path()]}),
+            "allow.write_dirs: ",
+        ),
+        (json!({"env": ["HOME"]}), "allow.env: variable \"HOME\""),
+    ] {
+        let error = harness
+            .run(
+                &tool,
+                json!({"module": path, "input": "x", "allow": allow.clone()}),
+            )
+            .await
+            .unwrap_err();
+        assert!(!error.retryable);
+        assert!(error.message.starts_with(expected), "{allow}: {error}");
+        assert!(error.message.contains("[tools.wasm]"), "{allow}: {error}");
+    }
+    // Inside the policy (a subdirectory of an allowed one counts), the module runs.
+    let inner = allowed.path().join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    std::fs::write(inner.join("hello.txt"), "hi").unwrap();
+    let outputs = harness
+        .run(
+            &tool,
+            json!({
+                "module": path,
+                "input": "hello.txt",
+                "allow": {"read_dirs": [inner], "env": ["PATH"]}
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outputs["output"]["path_open"], 0, "{outputs}");
+    // A policy of relative directories is reported.
+    let problems = WasmPolicy {
+        read_dirs: vec!["data".into()],
+        ..WasmPolicy::deny_all()
+    }
+    .problems();
+    assert_eq!(problems, ["read_dirs: data must be an absolute path"]);
+}
+
+#[tokio::test]
+async fn set_variables_reach_the_module_without_the_worker_environment() {
+    let tool = WasmTool::new();
+    let grants = WasmGrants {
+        vars: vec![("API_TOKEN".to_owned(), "tok-123456".to_owned())],
+        ..WasmGrants::default()
+    };
+    let logs = MemoryLogs::default();
+    let output = tool
+        .call(
+            probe_wat().as_bytes(),
+            &json!("none"),
+            &WasmLimits::default(),
+            &grants,
+            &logs,
+        )
+        .await
+        .unwrap();
+    assert_eq!(output["environ"], 1, "{output}");
+    let stderr = logs.of(LogStream::Stderr);
+    assert_eq!(stderr, ["API_TOKEN=tok-123456"], "{stderr:?}");
+}
