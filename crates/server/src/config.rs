@@ -1209,8 +1209,7 @@ env = []
 # Master keys sealing org secrets at rest (XChaCha20-Poly1305), "id:base64" of 32 random
 # bytes, e.g. from `arches secrets keygen`; better from ARCHES_SECRETS__KEYS. The first
 # seals, all open (rotation: new key first, `arches secrets rotate`, drop the old one).
-# Without keys, secrets cannot be set.
-# keys = "k2:...,k1:..."
+# Without keys, secrets cannot be set. The form: keys set to "k2:<base64>,k1:<base64>".
 "#;
 
 #[cfg(test)]
@@ -1360,6 +1359,48 @@ mod tests {
         let keys: Vec<&str> = values.iter().map(|v| v.key.as_str()).collect();
         assert!(keys.contains(&"tools.http.allowed_hosts"), "{values:?}");
         assert!(keys.contains(&"tools.http.breaker_failures"), "{values:?}");
+    }
+
+    #[test]
+    fn master_keys_and_wasm_grants_are_read_from_the_environment_and_checked() {
+        let (_, key1) = arches_auth::sealing::MasterKey::generate("k1").unwrap();
+        let (_, key2) = arches_auth::sealing::MasterKey::generate("k2").unwrap();
+        let keys = format!("{key2},{key1}");
+        let env = [
+            ("ARCHES_SECRETS__KEYS", keys.as_str()),
+            ("ARCHES_TOOLS__WASM__READ_DIRS", "/srv/data, /opt/models"),
+            ("ARCHES_TOOLS__WASM__ENV", "LANG"),
+        ];
+        let config = load("", &env, ConfigOverrides::default()).expect("valid");
+        let keyring = config.secrets.keyring().unwrap().expect("a keyring");
+        assert_eq!(keyring.active_key_id(), "k2");
+        assert_eq!(keyring.key_ids().collect::<Vec<_>>(), ["k2", "k1"]);
+        let policy = config.wasm_tool_policy();
+        assert_eq!(
+            policy.read_dirs,
+            [PathBuf::from("/srv/data"), PathBuf::from("/opt/models")]
+        );
+        assert!(policy.write_dirs.is_empty());
+        assert_eq!(policy.env, ["LANG"]);
+        // Without keys: no keyring; the default policy grants nothing.
+        let defaults = load("", &[], ConfigOverrides::default()).expect("valid");
+        assert!(defaults.secrets.keyring().unwrap().is_none());
+        assert_eq!(defaults.wasm_tool_policy(), arches_tools::WasmPolicy::deny_all());
+
+        // A malformed key is named by position, never quoted; a relative directory is named.
+        let broken = format!("{key1},k2:not-base64!");
+        let values = invalid(load(
+            "[tools.wasm]\nwrite_dirs = [\"scratch\"]",
+            &[("ARCHES_SECRETS__KEYS", broken.as_str())],
+            ConfigOverrides::default(),
+        ));
+        let keys: Vec<&str> = values.iter().map(|v| v.key.as_str()).collect();
+        assert!(keys.contains(&"secrets.keys"), "{values:?}");
+        assert!(keys.contains(&"tools.wasm"), "{values:?}");
+        let shown = format!("{values:?}");
+        assert!(shown.contains("master key 2 is malformed"), "{shown}");
+        assert!(!shown.contains("not-base64"), "{shown}");
+        assert!(!shown.contains(&key1[3..]), "{shown}");
     }
 
     #[test]
