@@ -3,7 +3,7 @@
 //! A secret value is encrypted with XChaCha20-Poly1305 (the extended-nonce ChaCha20-Poly1305
 //! AEAD of draft-irtf-cfrg-xchacha, built on ChaCha20-Poly1305 of RFC 8439) under a 256-bit
 //! master key that lives outside the database (the operator passes it in the environment
-//! variable `ARCHES_SECRETS_KEYS`). Each seal draws a fresh random 24-byte nonce from the
+//! variable `ARCHES_SECRETS__KEYS`). Each seal draws a fresh random 24-byte nonce from the
 //! operating system, which is safe for random nonces without a counter; the caller binds the
 //! ciphertext to its place by passing associated data such as `org_id/name`, so a sealed value
 //! copied to another organization or name does not open.
@@ -229,7 +229,7 @@ impl Keyring {
     }
 
     /// Parses a comma- or whitespace-separated list of `id:base64` keys (the form of the
-    /// environment variable `ARCHES_SECRETS_KEYS`), the active key first.
+    /// environment variable `ARCHES_SECRETS__KEYS`), the active key first.
     ///
     /// # Errors
     ///

@@ -353,6 +353,13 @@ pub async fn secrets(remote: Option<&Remote>, command: SecretsCommand) -> anyhow
                 report.unchanged,
                 report.skipped
             );
+            if !report.failed.is_empty() {
+                status!(
+                    "no configured key opens {}: keep the old key until they are set again",
+                    report.failed.join(", ")
+                );
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -472,4 +472,7 @@ pub struct RotationReport {
     pub unchanged: u32,
     /// Secrets whose value changed during the rotation.
     pub skipped: u32,
+    /// Secrets no configured key opens, by name.
+    #[serde(default)]
+    pub failed: Vec<String>,
 }

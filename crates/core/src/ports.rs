@@ -182,9 +182,10 @@ pub trait Store: Send + Sync + 'static {
     /// The secrets of one org (or of every org, for key rotation), by org and name.
     async fn secrets(&self, org: Option<OrgId>) -> StoreResult<Vec<StoredSecret>>;
 
-    /// Replaces the key id, nonce and ciphertext of `secret` (same org, name and version)
-    /// after it was sealed again under another master key; its version and `updated_at` stay.
-    /// `false` when the secret is gone or its version changed meanwhile (a new value won).
+    /// Replaces the key id, nonce and ciphertext of `secret` (same org, name, version and
+    /// `updated_at`: the row as it was read) after it was sealed again under another master
+    /// key; its version and `updated_at` stay. `false` when the secret is gone or was set
+    /// meanwhile, even deleted and set again at the same version (a new value won).
     async fn reseal_secret(&self, secret: &StoredSecret) -> StoreResult<bool>;
 
     /// Deletes a secret; `false` if the org has none of that name.
@@ -404,6 +405,11 @@ impl ToolRegistry {
     /// Registers a tool under its name, replacing any tool of that name.
     pub fn register(&mut self, tool: Arc<dyn Tool>) {
         self.tools.insert(tool.name().to_owned(), tool);
+    }
+
+    /// Removes the tool of that name (a tool a server's configuration turns off).
+    pub fn unregister(&mut self, name: &str) -> Option<Arc<dyn Tool>> {
+        self.tools.remove(name)
     }
 
     /// The tool of that name.

@@ -116,6 +116,9 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         .map_err(|e| BuildError::Config(format!("secrets.keys: {e}")))?
         .map(Arc::new);
     let mut tools = arches_tools::builtin_registry_with(&executors);
+    if !config.tools.shell.enabled {
+        tools.unregister("shell");
+    }
     let secrets: Arc<dyn arches_core::ports::SecretReader> = Arc::new(
         crate::registry::SealedSecrets::new(store.clone(), keyring.clone()),
     );

@@ -278,6 +278,24 @@ pub struct ToolsConfig {
     pub http: HttpToolConfig,
     /// The `wasm` tool (`[tools.wasm]`).
     pub wasm: WasmToolConfig,
+    /// The `shell` tool (`[tools.shell]`).
+    pub shell: ShellToolConfig,
+}
+
+/// The `shell` tool (`[tools.shell]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShellToolConfig {
+    /// Whether pipelines may run shell commands. Default `true`. Commands run as the
+    /// server's user (in the process sandbox): turn it off on a server shared by orgs that
+    /// do not trust each other, where only the WASM sandbox should run their code.
+    pub enabled: bool,
+}
+
+impl Default for ShellToolConfig {
+    fn default() -> Self {
+        ShellToolConfig { enabled: true }
+    }
 }
 
 /// The `wasm` tool (`[tools.wasm]`): what tasks and registered tools may grant modules.
@@ -294,8 +312,13 @@ pub struct WasmToolConfig {
     #[serde(deserialize_with = "string_or_list")]
     pub write_dirs: Vec<String>,
     /// Worker environment variables modules may be granted (`allow.env`); `*` for any.
+    /// The server's own `ARCHES_*` variables are never granted.
     #[serde(deserialize_with = "string_or_list")]
     pub env: Vec<String>,
+    /// Absolute worker directories tasks may load module files from (the built-in `wasm`
+    /// tool's `module` input). Empty: none; orgs run their modules as registered tools.
+    #[serde(deserialize_with = "string_or_list")]
+    pub module_dirs: Vec<String>,
 }
 
 /// The `http` tool (`[tools.http]`): where pipelines may send requests, and the per-host
@@ -1024,6 +1047,7 @@ impl ServerConfig {
             read_dirs: wasm.read_dirs.iter().map(PathBuf::from).collect(),
             write_dirs: wasm.write_dirs.iter().map(PathBuf::from).collect(),
             env: wasm.env.clone(),
+            module_dirs: wasm.module_dirs.iter().map(PathBuf::from).collect(),
         }
     }
 
@@ -1200,10 +1224,18 @@ body_limit_bytes = 16777216
 [tools.wasm]
 # What tasks and registered tools may grant WASM modules; nothing by default. Absolute
 # worker directories (and their contents) for read and for write access, and worker
-# environment variables ("*" for any).
+# environment variables ("*" for any; ARCHES_* never).
 read_dirs = []
 write_dirs = []
 env = []
+# Directories the built-in `wasm` tool may load module files from (orgs run their own
+# modules as registered tools, stored as artifacts).
+module_dirs = []
+
+[tools.shell]
+# Whether pipelines may run shell commands. They run as the server's user (in the process
+# sandbox): turn this off on a server shared by orgs that do not trust each other.
+enabled = true
 
 [secrets]
 # Master keys sealing org secrets at rest (XChaCha20-Poly1305), "id:base64" of 32 random
@@ -1385,7 +1417,10 @@ mod tests {
         // Without keys: no keyring; the default policy grants nothing.
         let defaults = load("", &[], ConfigOverrides::default()).expect("valid");
         assert!(defaults.secrets.keyring().unwrap().is_none());
-        assert_eq!(defaults.wasm_tool_policy(), arches_tools::WasmPolicy::deny_all());
+        assert_eq!(
+            defaults.wasm_tool_policy(),
+            arches_tools::WasmPolicy::deny_all()
+        );
 
         // A malformed key is named by position, never quoted; a relative directory is named.
         let broken = format!("{key1},k2:not-base64!");

@@ -22,8 +22,33 @@ use serde_json::Value;
 /// is never stale; the oldest is dropped past this).
 pub const RESOLVED_TOOLS_MAX: usize = 256;
 
-/// Most tools (versions included) an org's catalog loads to validate one pipeline.
-pub const CATALOG_VERSIONS_MAX: usize = 10_000;
+/// Most distinct tool names one pipeline source is searched for.
+pub const REFERENCES_MAX: usize = 1_000;
+
+/// The tool names a pipeline source's tasks and compensations write (`tool:`), distinct,
+/// at most [`REFERENCES_MAX`]; empty when the source does not parse (validation reports
+/// why).
+pub fn tool_references(file: &str, text: &str) -> Vec<String> {
+    let Ok((value, _)) = arches_core::pipeline::source::parse_document(file, text) else {
+        return Vec::new();
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for task in value
+        .get("tasks")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        for pointer in ["/tool", "/compensate/tool"] {
+            if let Some(name) = task.pointer(pointer).and_then(Value::as_str) {
+                if names.len() < REFERENCES_MAX {
+                    names.insert(name.to_owned());
+                }
+            }
+        }
+    }
+    names.into_iter().collect()
+}
 
 /// The associated data a secret is sealed with: its org and name, so that a ciphertext
 /// copied to another org or name does not open.
@@ -159,12 +184,15 @@ impl ToolResolver for OrgTools {
         else {
             return Ok(None);
         };
+        let key = (org, stored.name.clone(), stored.version);
+        if let Some(tool) = self.built().by_version.get(&key) {
+            return Ok(Some(tool.clone()));
+        }
         let tool = Arc::new(RegisteredTool::new(
             &stored,
             self.executors.clone(),
             self.secrets.clone(),
         )?);
-        let key = (org, stored.name.clone(), stored.version);
         let mut built = self.built();
         if !built.by_version.contains_key(&key) {
             if built.order.len() >= RESOLVED_TOOLS_MAX {
@@ -188,7 +216,9 @@ pub struct OrgCatalog<'a> {
 }
 
 impl<'a> OrgCatalog<'a> {
-    /// The built-in tools and every version of `org`'s registered tools.
+    /// The built-in tools, the latest version of each of `org`'s registered tools (at most
+    /// the org's tool count, which registration bounds), and the versions `references`
+    /// pin (`name@version`, as a pipeline's tasks name them; see [`tool_references`]).
     ///
     /// # Errors
     /// The store's.
@@ -196,23 +226,29 @@ impl<'a> OrgCatalog<'a> {
         builtin: &'a ToolRegistry,
         store: &dyn Store,
         org: OrgId,
+        references: &[String],
     ) -> Result<OrgCatalog<'a>, StoreError> {
         let mut registered = BTreeMap::new();
-        let mut loaded = 0usize;
         for latest in store.tools(org).await? {
-            let versions = store.tool_versions(org, &latest.name).await?;
-            for stored in versions {
-                loaded += 1;
-                if loaded > CATALOG_VERSIONS_MAX {
-                    break;
+            if let Ok(manifest) = latest.decode() {
+                registered.insert(latest.name.clone(), (latest.reference(), manifest));
+            }
+        }
+        for reference in references {
+            if builtin.get(reference).is_some() || registered.contains_key(reference) {
+                continue;
+            }
+            let Some(ToolReference {
+                name,
+                version: Some(version),
+            }) = ToolReference::parse(reference)
+            else {
+                continue;
+            };
+            if let Some(stored) = store.tool(org, &name, Some(version)).await? {
+                if let Ok(manifest) = stored.decode() {
+                    registered.insert(stored.reference(), (stored.reference(), manifest));
                 }
-                let Ok(manifest) = stored.decode() else {
-                    continue;
-                };
-                if stored.version == latest.version {
-                    registered.insert(stored.name.clone(), (stored.reference(), manifest.clone()));
-                }
-                registered.insert(stored.reference(), (stored.reference(), manifest));
             }
         }
         Ok(Self {

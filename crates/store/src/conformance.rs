@@ -1572,4 +1572,16 @@ pub async fn secrets_are_set_replaced_resealed_listed_and_deleted_per_org(store:
         .unwrap();
     assert_eq!(reborn.version, 1);
     assert_eq!(reborn.created_at, reborn.updated_at);
+    // A rotation that read the first value (version 1 too) cannot write it back over the
+    // new one: the row it read is gone.
+    assert!(
+        reborn.updated_at > first.updated_at,
+        "the store's clock moves"
+    );
+    let late = StoredSecret {
+        key_id: "master-9".to_owned(),
+        ..first.clone()
+    };
+    assert!(!store.reseal_secret(&late).await.unwrap());
+    assert_eq!(store.secret(org, "GEO_KEY").await.unwrap(), Some(reborn));
 }

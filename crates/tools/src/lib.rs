@@ -39,6 +39,14 @@ pub use shell::ShellTool;
 pub use sql::SqlTool;
 pub use wasm::{WasmPolicy, WasmTool};
 
+/// The names of built-in tools, present and planned (`llm`, `agent`, `embed`, `search`,
+/// `approval`, `pipeline`): an org cannot register a tool under one of them, whatever this
+/// build registers.
+pub const RESERVED_TOOL_NAMES: [&str; 13] = [
+    "agent", "approval", "echo", "embed", "file", "http", "llm", "noop", "pipeline", "search",
+    "shell", "sql", "wasm",
+];
+
 /// A registry holding every built-in tool: `echo`, `file`, `http`, `noop`, `shell`, `sql`
 /// and `wasm`, with the `http` tool allowed to reach any host ([`HttpPolicy::allow_all`]) and
 /// the `wasm` tool allowed any grant ([`WasmPolicy::allow_all`]): for local runs, where

@@ -36,6 +36,10 @@ use crate::wasm::{
 /// What replaces a secret's value in logs, outputs and errors.
 pub const MASK: &str = "***";
 
+/// The shortest start of a value masked at the end of a text (a text cut inside a value);
+/// shorter starts are too common to mask.
+const CUT_VALUE_MIN_BYTES: usize = 8;
+
 /// The runtimes registered tools execute on: the server's `wasm` tool (absent where wasmtime
 /// cannot start) and its `http` tool (shared breakers and rate limits).
 #[derive(Clone)]
@@ -221,6 +225,14 @@ pub fn check_manifest(
                         parsed.scheme()
                     ),
                 ),
+                Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
+                    problem(
+                        "/implementation/http/url",
+                        "must not hold credentials (user:password@); send them in a header \
+                         templated from a secret"
+                            .to_owned(),
+                    )
+                }
                 Ok(parsed) => {
                     if parsed.host_str().is_none() {
                         problem("/implementation/http/url", format!("{url:?} has no host"));
@@ -229,6 +241,15 @@ pub fn check_manifest(
                             "/capabilities/hosts",
                             format!(
                                 "the url's host {} is not among the capabilities' hosts",
+                                parsed.host_str().unwrap_or_default()
+                            ),
+                        );
+                    } else if !executors.http.allows(&parsed) {
+                        problem(
+                            "/implementation/http/url",
+                            format!(
+                                "host {} is not in this server's allowed hosts ([tools.http] \
+                                 allowed_hosts)",
                                 parsed.host_str().unwrap_or_default()
                             ),
                         );
@@ -283,22 +304,43 @@ fn wasm_grants(caps: &Capabilities, vars: Vec<(String, String)>) -> WasmGrants {
     }
 }
 
-/// Replaces secret values in text: the values (of at least [`SECRET_VALUE_MIN_BYTES`]),
-/// longest first so that a value containing another is masked whole.
-#[derive(Clone, Debug, Default)]
+/// Replaces secret values in text. Besides each value as it is, a mask knows each line of a
+/// multi-line value (a PEM key is logged line by line) and the value as JSON and Rust
+/// `Debug` escape it (quoted output); text that ends with the start of a value (a line cut
+/// at a length bound; at least `CUT_VALUE_MIN_BYTES` = 8 bytes of it) has that end masked too. Values shorter than
+/// [`SECRET_VALUE_MIN_BYTES`] are left out: they would mask ordinary text.
+#[derive(Clone, Default)]
 pub struct Mask {
+    /// Longest first, so that a value containing another is masked whole.
     values: Vec<String>,
 }
 
+impl std::fmt::Debug for Mask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mask")
+            .field("values", &self.values.len())
+            .finish()
+    }
+}
+
 impl Mask {
-    /// A mask of these values; values shorter than [`SECRET_VALUE_MIN_BYTES`] are left out.
+    /// A mask of these values.
     pub fn new(values: &[String]) -> Self {
-        let mut values: Vec<String> = values
-            .iter()
-            .filter(|v| v.len() >= SECRET_VALUE_MIN_BYTES)
-            .cloned()
+        let mut forms = Vec::new();
+        for value in values {
+            forms.push(value.clone());
+            forms.extend(value.lines().map(str::to_owned));
+            if let Ok(json) = serde_json::to_string(value) {
+                forms.push(json[1..json.len() - 1].to_owned());
+            }
+            let debug = format!("{value:?}");
+            forms.push(debug[1..debug.len() - 1].to_owned());
+        }
+        let mut values: Vec<String> = forms
+            .into_iter()
+            .filter(|v| v.trim().len() >= SECRET_VALUE_MIN_BYTES)
             .collect();
-        values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        values.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         values.dedup();
         Self { values }
     }
@@ -309,6 +351,17 @@ impl Mask {
         for value in &self.values {
             if out.contains(value.as_str()) {
                 out = out.replace(value.as_str(), MASK);
+            }
+        }
+        // A text cut inside a value ends with the value's start.
+        for value in &self.values {
+            let longest = (CUT_VALUE_MIN_BYTES..value.len())
+                .rev()
+                .filter(|end| value.is_char_boundary(*end))
+                .find(|end| out.ends_with(&value[..*end]));
+            if let Some(end) = longest {
+                out.truncate(out.len() - end);
+                out.push_str(MASK);
             }
         }
         out
@@ -474,10 +527,22 @@ impl RegisteredTool {
         if let Some(timeout) = self.manifest.capabilities.timeout {
             request["timeout"] = json!(format_duration(timeout));
         }
+        // Headers carrying secrets go to the URL's own host only: a redirect elsewhere (even
+        // to another host of the capabilities) is not followed.
+        let mut hosts = self.manifest.capabilities.hosts.clone();
+        if !secrets.is_empty() && !headers.is_empty() {
+            if let Ok(parsed) = reqwest::Url::parse(url) {
+                hosts = vec![format!(
+                    "{}:{}",
+                    parsed.host_str().unwrap_or_default(),
+                    parsed.port_or_known_default().unwrap_or(80)
+                )];
+            }
+        }
         let response = self
             .executors
             .http
-            .execute_within(context, request, &self.manifest.capabilities.hosts)
+            .execute_within(context, request, &hosts)
             .await?;
         Ok(response.get("body").cloned().unwrap_or(Value::Null))
     }
@@ -566,6 +631,31 @@ impl Tool for RegisteredTool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_catch_lines_escaped_forms_and_cut_ends_of_values() {
+        let pem = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG\n-----END KEY-----".to_owned();
+        let json = r#"{"client_secret": "abc-123-xyz"}"#.to_owned();
+        let mask = Mask::new(&[pem, json.clone()]);
+        // Logged line by line.
+        assert_eq!(mask.text("MIIEvQIBADANBgkqhkiG"), MASK);
+        // Quoted with escapes.
+        let quoted = format!("stdout starts with: {json:?}");
+        assert_eq!(
+            mask.text(&quoted),
+            format!("stdout starts with: \"{MASK}\"")
+        );
+        let escaped = serde_json::to_string(&json).unwrap();
+        assert_eq!(mask.text(&escaped), format!("\"{MASK}\""));
+        // Cut at a length bound.
+        assert_eq!(mask.text("error: MIIEvQIBAD"), format!("error: {MASK}"));
+        assert_eq!(
+            mask.text("ends with MII"),
+            "ends with MII",
+            "short starts stay"
+        );
+        assert!(!format!("{mask:?}").contains("MII"));
+    }
 
     #[test]
     fn masks_replace_longest_values_first_and_skip_short_ones() {

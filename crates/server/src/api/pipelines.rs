@@ -114,7 +114,7 @@ async fn check(
     body: &Bytes,
 ) -> Result<Pipeline, ApiError> {
     let (file, text) = source_text(headers, body)?;
-    let catalog = crate::api::tools::org_catalog(state, principal).await?;
+    let catalog = crate::api::tools::org_catalog(state, principal, &file, &text).await?;
     let mut pipeline = validate::validate(&file, &text, &catalog).map_err(|diagnostics| {
         ApiError::new(
             ErrorCode::ValidationFailed,
@@ -141,7 +141,7 @@ pub async fn validate_pipeline(
 ) -> Result<Json<ValidationReport>, ApiError> {
     principal.require(Permission::PipelineRead)?;
     let (file, text) = source_text(&headers, &body)?;
-    let catalog = crate::api::tools::org_catalog(&state, &principal).await?;
+    let catalog = crate::api::tools::org_catalog(&state, &principal, &file, &text).await?;
     Ok(Json(match validate::validate(&file, &text, &catalog) {
         Ok(pipeline) => ValidationReport {
             valid: true,

@@ -20,13 +20,19 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::api::artifacts::ArtifactView;
 use crate::api::{rfc3339, AuditTarget};
-use crate::error::{ApiError, ApiPath, ApiQuery};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
 use crate::principal::Principal;
 use crate::registry::{open_secret, secret_aad, OrgCatalog};
 use crate::state::AppState;
 
 /// Longest manifest accepted, in bytes.
-pub const MANIFEST_BYTES_MAX: usize = 256 * 1024;
+pub const MANIFEST_BYTES_MAX: usize = 64 * 1024;
+
+/// Most tool names one org may register (versions of a name do not count).
+pub const TOOLS_PER_ORG_MAX: usize = 500;
+
+/// Most secrets one org may hold.
+pub const SECRETS_PER_ORG_MAX: usize = 1000;
 
 /// The OpenAPI paths of this module.
 #[derive(OpenApi)]
@@ -231,7 +237,8 @@ pub async fn register_tool(
 ) -> Result<(StatusCode, AuditTarget, Json<ToolView>), ApiError> {
     principal.require(Permission::ToolRegister)?;
     let manifest = read_manifest(&headers, &body)?;
-    let reserved: Vec<&str> = state.tools.names().collect();
+    let mut reserved: Vec<&str> = state.tools.names().collect();
+    reserved.extend(arches_tools::RESERVED_TOOL_NAMES);
     let mut problems: Vec<Value> =
         arches_tools::check_manifest(&manifest, &reserved, &state.executors)
             .into_iter()
@@ -257,6 +264,11 @@ pub async fn register_tool(
         .store
         .tool(principal.org_id, manifest.name.as_str(), None)
         .await?;
+    if existing.is_none() && state.store.tools(principal.org_id).await?.len() >= TOOLS_PER_ORG_MAX {
+        return Err(ApiError::conflict(format!(
+            "the org has {TOOLS_PER_ORG_MAX} tools, the most it may register"
+        )));
+    }
     let stored = state
         .store
         .save_tool(principal.org_id, &manifest.name, &value)
@@ -460,11 +472,28 @@ impl From<&StoredSecret> for SecretView {
 }
 
 /// A secret's new value.
-#[derive(Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
+#[derive(ToSchema)]
 pub struct SetSecret {
     /// The value: UTF-8 text of 4 bytes to 64 KiB.
     pub value: String,
+}
+
+impl SetSecret {
+    /// Reads `{"value": "…"}`; an error never quotes what was sent.
+    fn read(body: Value) -> Result<Self, ApiError> {
+        let refuse = || {
+            ApiError::validation(
+                json!({"fields": {"value": "the body must be {\"value\": \"<text>\"} and nothing else"}}),
+            )
+        };
+        let Value::Object(mut map) = body else {
+            return Err(refuse());
+        };
+        match (map.remove("value"), map.is_empty()) {
+            (Some(Value::String(value)), true) => Ok(Self { value }),
+            _ => Err(refuse()),
+        }
+    }
 }
 
 /// Lists the org's secrets by name, without their values.
@@ -498,15 +527,16 @@ fn secret_name(name: &str) -> Result<SecretName, ApiError> {
     params(("name" = String, Path, description = "Secret name")),
     request_body = SetSecret,
     responses((status = 200, body = SecretView), (status = 409, body = crate::error::ApiErrorBody),
-        (status = 422, body = crate::error::ApiErrorBody)))]
+        (status = 201, body = SecretView), (status = 422, body = crate::error::ApiErrorBody)))]
 pub async fn set_secret(
     State(state): State<AppState>,
     principal: Principal,
     ApiPath(name): ApiPath<String>,
-    Json(body): Json<SetSecret>,
-) -> Result<(AuditTarget, Json<SecretView>), ApiError> {
+    ApiJson(body): ApiJson<Value>,
+) -> Result<(StatusCode, AuditTarget, Json<SecretView>), ApiError> {
     principal.require(Permission::SecretWrite)?;
     let name = secret_name(&name)?;
+    let body = SetSecret::read(body)?;
     let length = body.value.len();
     if !(SECRET_VALUE_MIN_BYTES..=SECRET_VALUE_MAX_BYTES).contains(&length) {
         return Err(ApiError::validation(json!({"fields": {"value": format!(
@@ -515,6 +545,17 @@ pub async fn set_secret(
         )}})));
     }
     let keyring = keyring(&state)?;
+    if state
+        .store
+        .secret(principal.org_id, name.as_str())
+        .await?
+        .is_none()
+        && state.store.secrets(Some(principal.org_id)).await?.len() >= SECRETS_PER_ORG_MAX
+    {
+        return Err(ApiError::conflict(format!(
+            "the org has {SECRETS_PER_ORG_MAX} secrets, the most it may hold"
+        )));
+    }
     let sealed = keyring
         .seal(
             body.value.as_bytes(),
@@ -531,7 +572,13 @@ pub async fn set_secret(
             &sealed.ciphertext,
         )
         .await?;
+    let status = if stored.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((
+        status,
         AuditTarget::new("secret", &name),
         Json(SecretView::from(&stored)),
     ))
@@ -565,6 +612,9 @@ pub struct RotationReport {
     /// Secrets whose value changed while the rotation ran (they are sealed under the active
     /// key by that change).
     pub skipped: u32,
+    /// Secrets that no configured key opens (sealed under a key that was removed, or
+    /// tampered with), by name: they stay as they are and cannot be read until set again.
+    pub failed: Vec<String>,
 }
 
 /// Seals every secret of the org under the active master key (the first of `[secrets]
@@ -583,16 +633,21 @@ pub async fn rotate_secrets(
         resealed: 0,
         unchanged: 0,
         skipped: 0,
+        failed: Vec::new(),
     };
     for secret in state.store.secrets(Some(principal.org_id)).await? {
         if secret.key_id == active {
             report.unchanged += 1;
             continue;
         }
-        let clear = open_secret(keyring, &secret).map_err(|error| {
-            ApiError::conflict(format!("secret {} cannot be opened: {error}", secret.name))
-                .with_detail("secret", secret.name.to_string())
-        })?;
+        let clear = match open_secret(keyring, &secret) {
+            Ok(clear) => clear,
+            Err(error) => {
+                tracing::warn!(secret = %secret.name, %error, "a secret cannot be opened for rotation");
+                report.failed.push(secret.name.to_string());
+                continue;
+            }
+        };
         let sealed = keyring
             .seal(
                 clear.as_bytes(),
@@ -614,13 +669,22 @@ pub async fn rotate_secrets(
     Ok((AuditTarget::new("secrets", &active), Json(report)))
 }
 
-/// Loads the org's catalog for validating a pipeline.
+/// Loads the org's catalog for validating the pipeline source `text` (read from `file`).
 ///
 /// # Errors
 /// The store's.
 pub async fn org_catalog<'a>(
     state: &'a AppState,
     principal: &Principal,
+    file: &str,
+    text: &str,
 ) -> Result<OrgCatalog<'a>, ApiError> {
-    Ok(OrgCatalog::load(state.tools.as_ref(), state.store.as_ref(), principal.org_id).await?)
+    let references = crate::registry::tool_references(file, text);
+    Ok(OrgCatalog::load(
+        state.tools.as_ref(),
+        state.store.as_ref(),
+        principal.org_id,
+        &references,
+    )
+    .await?)
 }

@@ -194,7 +194,7 @@ async fn an_http_tool_is_registered_pinned_and_run_with_its_secret_masked() {
     let editor = server.token_for(Role::Editor).await;
 
     let (status, secret) = put_secret(&server, &admin, "GEO_KEY", GEO_VALUE).await;
-    assert_eq!(status, 200, "{secret}");
+    assert_eq!(status, 201, "{secret}");
     let manifest = greeter.manifest("greeter", "GEO_KEY", "Greets someone");
     let (status, tool) = register(&server, &admin, &manifest).await;
     assert_eq!(status, 201, "{tool}");
@@ -354,7 +354,7 @@ async fn a_wasm_tool_runs_an_uploaded_module_with_its_secret_masked() {
     let token_value = "wasm-token-98765";
     assert_eq!(
         put_secret(&server, &admin, "TOKEN", token_value).await.0,
-        200
+        201
     );
 
     let echo = upload(&server, &editor, "echo.wat", ECHO_WAT).await;
@@ -700,7 +700,7 @@ async fn secrets_are_set_listed_without_values_and_deleted() {
     let admin = server.token_for(Role::Admin).await;
 
     let (status, created) = put_secret(&server, &admin, "API_TOKEN", GEO_VALUE).await;
-    assert_eq!(status, 200, "{created}");
+    assert_eq!(status, 201, "{created}");
     assert_eq!(
         (
             created["name"].as_str(),
@@ -745,6 +745,32 @@ async fn secrets_are_set_listed_without_values_and_deleted() {
     );
     let (status, body) = put_secret(&server, &admin, "1bad name", "abcdef").await;
     assert_eq!(status, 422, "{body}");
+    let (status, body) = put_secret(&server, &admin, "rotate", "abcdef").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "`rotate` is the rotation's route, not a secret: {body}"
+    );
+    // A body of the wrong shape is refused without quoting what was sent.
+    for wrong in [
+        json!("a-value-sent-bare-1"),
+        json!({"value": 123_456_789}),
+        json!({"value": "a-value-with-extra-2", "extra": 1}),
+    ] {
+        let (status, body) = server
+            .send(
+                &admin,
+                Method::PUT,
+                "/api/v1/secrets/API_TOKEN",
+                Some(&wrong),
+            )
+            .await;
+        assert_eq!(status, 422, "{body}");
+        let text = body.to_string();
+        for sent in ["a-value-sent-bare-1", "123456789", "a-value-with-extra-2"] {
+            assert!(!text.contains(sent), "{text}");
+        }
+    }
 
     let (status, _) = server
         .send(&admin, Method::DELETE, "/api/v1/secrets/API_TOKEN", None)
@@ -805,13 +831,13 @@ async fn secrets_are_resealed_under_a_new_key_and_the_old_key_can_go() {
     let admin = server.token_for(Role::Admin).await;
     assert_eq!(
         put_secret(&server, &admin, "GEO_KEY", GEO_VALUE).await.0,
-        200
+        201
     );
     assert_eq!(
         put_secret(&server, &admin, "OTHER_KEY", "other-value-789")
             .await
             .0,
-        200
+        201
     );
     let (status, body) = register(
         &server,
@@ -839,7 +865,7 @@ async fn secrets_are_resealed_under_a_new_key_and_the_old_key_can_go() {
     assert_eq!(status, 200, "{report}");
     assert_eq!(
         report,
-        json!({"active_key_id": "k2", "resealed": 2, "unchanged": 0, "skipped": 0})
+        json!({"active_key_id": "k2", "resealed": 2, "unchanged": 0, "skipped": 0, "failed": []})
     );
     let (_, list) = server.get(&admin, "/api/v1/secrets").await;
     let list = list.as_array().unwrap().clone();
@@ -975,4 +1001,55 @@ async fn a_tool_whose_secret_is_not_set_fails_naming_it_without_retrying() {
         "{task_run}"
     );
     assert!(greeter.seen().is_empty(), "no request was sent");
+}
+
+#[tokio::test]
+async fn a_server_without_the_shell_tool_refuses_shell_tasks_at_validation() {
+    let server = TestServer::start_with(|c| c.tools.shell.enabled = false).await;
+    let admin = server.token_for(Role::Admin).await;
+    let (status, body) = server
+        .send_yaml(
+            &admin,
+            Method::POST,
+            "/api/v1/pipelines",
+            "name: scripted\ntasks:\n  - id: run\n    tool: shell\n    with: {command: \"true\"}\n",
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let diagnostic = &body["details"]["diagnostics"][0];
+    assert_eq!(diagnostic["code"], "unknown_tool", "{body}");
+    assert_eq!(diagnostic["pointer"], "/tasks/0/tool", "{body}");
+    let (status, tools) = server.get(&admin, "/api/v1/tools").await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["name"].as_str())
+        .collect();
+    assert!(!names.contains(&"shell"), "{names:?}");
+    assert!(names.contains(&"wasm"), "{names:?}");
+
+    // This server allows no host ([tools.http] allowed_hosts is empty by default): an http
+    // tool is refused at registration, not at its first run.
+    let (status, body) = server
+        .send_yaml(
+            &admin,
+            Method::POST,
+            "/api/v1/tools",
+            "name: lookup\nimplementation:\n  http: {url: \"http://10.0.0.7:8080/x\"}\ncapabilities: {hosts: [\"10.0.0.7:8080\"]}\n",
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["details"]["problems"][0]["pointer"], "/implementation/http/url",
+        "{body}"
+    );
+    assert!(
+        body["details"]["problems"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("allowed_hosts"),
+        "{body}"
+    );
 }

@@ -264,7 +264,7 @@ impl PgStore {
     pub(crate) async fn reseal_secret_impl(&self, secret: &StoredSecret) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE secrets SET key_id = $4, nonce = $5, ciphertext = $6
-             WHERE org_id = $1 AND name = $2 AND version = $3",
+             WHERE org_id = $1 AND name = $2 AND version = $3 AND updated_at = $7",
         )
         .bind(secret.org_id.0)
         .bind(secret.name.as_str())
@@ -272,6 +272,7 @@ impl PgStore {
         .bind(&secret.key_id)
         .bind(&secret.nonce)
         .bind(&secret.ciphertext)
+        .bind(secret.updated_at.as_micros())
         .execute(&self.pool)
         .await
         .map_err(db)?;

@@ -258,7 +258,7 @@ impl SqliteStore {
         let mut writer = self.writer().await?;
         let done = sqlx::query(
             "UPDATE secrets SET key_id = ?4, nonce = ?5, ciphertext = ?6
-             WHERE org_id = ?1 AND name = ?2 AND version = ?3",
+             WHERE org_id = ?1 AND name = ?2 AND version = ?3 AND updated_at = ?7",
         )
         .bind(secret.org_id.to_string())
         .bind(secret.name.as_str())
@@ -266,6 +266,7 @@ impl SqliteStore {
         .bind(&secret.key_id)
         .bind(&secret.nonce)
         .bind(&secret.ciphertext)
+        .bind(secret.updated_at.as_micros())
         .execute(&mut writer.connection)
         .await
         .map_err(db)?;

@@ -447,6 +447,11 @@ impl HttpTool {
         CALL_HOSTS.scope(hosts, self.execute(context, inputs)).await
     }
 
+    /// Whether the tool's policy allows `url`'s host and port.
+    pub fn allows(&self, url: &Url) -> bool {
+        self.hosts.allows(url)
+    }
+
     /// The state of the circuit breaker of every host contacted so far (`host:port`), sorted
     /// by host; for metrics ([`BreakerState::gauge_value`]).
     pub fn breaker_states(&self) -> Vec<(String, BreakerState)> {

@@ -65,6 +65,7 @@ use pipe::CappedPipe;
 use wasmtime_wasi::{FsPerms, I32Exit, WasiCtxBuilder};
 
 use crate::common::{absolute_path, parse_inputs};
+use crate::registered::Mask;
 
 /// Interval of the epoch ticker: the granularity of CPU budgets and of yields to tokio.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -123,8 +124,9 @@ impl Default for WasmLimits {
     }
 }
 
-/// What a call may reach of the host; the default grants nothing.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What a call may reach of the host; the default grants nothing. `Debug` shows the names of
+/// `vars`, never their values.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct WasmGrants {
     /// Names of environment variables copied from the worker's environment; a name the
     /// worker does not have is skipped.
@@ -134,22 +136,61 @@ pub struct WasmGrants {
     /// Host directories (absolute paths) preopened read-write under the same guest path.
     pub write_dirs: Vec<PathBuf>,
     /// Environment variables set to these values (the secrets a registered tool is
-    /// granted), after those copied by `env`.
+    /// granted), after those copied by `env`. Their values are masked in the module's
+    /// stderr lines and in errors quoting its output.
     pub vars: Vec<(String, String)>,
 }
 
-/// What a server lets the tasks of its pipelines grant a module through the `allow` input
+impl std::fmt::Debug for WasmGrants {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let vars: Vec<&str> = self.vars.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("WasmGrants")
+            .field("env", &self.env)
+            .field("read_dirs", &self.read_dirs)
+            .field("write_dirs", &self.write_dirs)
+            .field("vars", &vars)
+            .finish()
+    }
+}
+
+/// What a server lets tasks grant modules through the `allow` input and load modules from
 /// (`[tools.wasm]` of the configuration). Grants outside it are refused before the module
-/// runs. Capabilities of an org's registered tool are checked against it too.
+/// runs; capabilities of an org's registered tool are checked against it too.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WasmPolicy {
     /// Worker directories a module may be granted read access to: a granted directory must
-    /// be one of these or inside one. Empty: none.
+    /// be one of these or inside one, also once symbolic links are resolved. Empty: none.
     pub read_dirs: Vec<PathBuf>,
     /// Worker directories a module may be granted write access to (same rule).
     pub write_dirs: Vec<PathBuf>,
-    /// Worker environment variables a module may be granted (`allow.env`). Empty: none.
+    /// Worker environment variables a module may be granted (`allow.env`); `*` for any.
+    /// Empty: none. The server's own variables (`ARCHES_*`) are never granted.
     pub env: Vec<String>,
+    /// Worker directories tasks may load module files from (the `module` input). Empty:
+    /// none, so on a server the built-in `wasm` tool runs only modules under these
+    /// directories, and orgs run their own as registered tools (stored as artifacts).
+    pub module_dirs: Vec<PathBuf>,
+}
+
+/// Which directories of a [`WasmPolicy`] a path is checked against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DirKind {
+    /// `read_dirs`.
+    Read,
+    /// `write_dirs`.
+    Write,
+    /// `module_dirs`.
+    Module,
+}
+
+impl DirKind {
+    fn field(self) -> &'static str {
+        match self {
+            DirKind::Read => "read_dirs",
+            DirKind::Write => "write_dirs",
+            DirKind::Module => "module_dirs",
+        }
+    }
 }
 
 impl WasmPolicy {
@@ -160,6 +201,7 @@ impl WasmPolicy {
             read_dirs: vec![PathBuf::from("/")],
             write_dirs: vec![PathBuf::from("/")],
             env: vec!["*".to_owned()],
+            module_dirs: vec![PathBuf::from("/")],
         }
     }
 
@@ -169,20 +211,19 @@ impl WasmPolicy {
             read_dirs: Vec::new(),
             write_dirs: Vec::new(),
             env: Vec::new(),
+            module_dirs: Vec::new(),
         }
     }
 
     /// Problems of the policy itself (relative directories), one line each.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        for (dirs, what) in [
-            (&self.read_dirs, "read_dirs"),
-            (&self.write_dirs, "write_dirs"),
-        ] {
-            for dir in dirs {
+        for kind in [DirKind::Read, DirKind::Write, DirKind::Module] {
+            for dir in self.roots(kind) {
                 if !dir.is_absolute() {
                     problems.push(format!(
-                        "{what}: {} must be an absolute path",
+                        "{}: {} must be an absolute path",
+                        kind.field(),
                         dir.display()
                     ));
                 }
@@ -191,38 +232,37 @@ impl WasmPolicy {
         problems
     }
 
-    /// Checks `grants` (`what` names where they come from in errors).
+    fn roots(&self, kind: DirKind) -> &[PathBuf] {
+        match kind {
+            DirKind::Read => &self.read_dirs,
+            DirKind::Write => &self.write_dirs,
+            DirKind::Module => &self.module_dirs,
+        }
+    }
+
+    /// Checks `grants` (`what` names where they come from in errors) without touching the
+    /// filesystem: relative directories, `..` components, directories outside the policy
+    /// and variables it does not allow are refused. Directories are checked again, resolved,
+    /// when they are opened ([`WasmPolicy::confine`]).
     ///
     /// # Errors
-    /// The first grant outside the policy, naming it (permanent). Paths are compared after
-    /// lexical normalization, so `..` cannot climb out of an allowed directory.
+    /// The first grant outside the policy, naming it (permanent).
     pub fn check(&self, grants: &WasmGrants, what: &str) -> Result<(), ToolError> {
-        for (dirs, allowed, field) in [
-            (&grants.read_dirs, &self.read_dirs, "read_dirs"),
-            (&grants.write_dirs, &self.write_dirs, "write_dirs"),
+        for (dirs, kind) in [
+            (&grants.read_dirs, DirKind::Read),
+            (&grants.write_dirs, DirKind::Write),
         ] {
             for dir in dirs {
-                if !dir.is_absolute() {
-                    return Err(ToolError::permanent(format!(
-                        "{what}.{field}: {} must be an absolute path",
-                        dir.display()
-                    )));
-                }
-                let normal = normalize(dir);
-                if !allowed
-                    .iter()
-                    .any(|root| normal.starts_with(normalize(root)))
-                {
-                    return Err(ToolError::permanent(format!(
-                        "{what}.{field}: {} is outside the directories this server lets modules \
-                         be granted ([tools.wasm] {field} = {:?})",
-                        dir.display(),
-                        allowed
-                    )));
-                }
+                self.check_dir(dir, kind, what)?;
             }
         }
         for variable in &grants.env {
+            if variable.starts_with("ARCHES_") {
+                return Err(ToolError::permanent(format!(
+                    "{what}.env: variable {variable:?} is the server's own configuration and is \
+                     never granted"
+                )));
+            }
             if !self.env.iter().any(|v| v == "*" || v == variable) {
                 return Err(ToolError::permanent(format!(
                     "{what}.env: variable {variable:?} is not among those this server lets \
@@ -233,22 +273,69 @@ impl WasmPolicy {
         }
         Ok(())
     }
-}
 
-/// `path` with `.` and `..` resolved lexically (no filesystem access); `..` above the root
-/// stays at the root.
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for component in path.components() {
-        match component {
-            std::path::Component::CurDir => {}
-            std::path::Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
+    /// Checks one path lexically: absolute, without `..`, inside one of the policy's
+    /// directories of `kind`.
+    fn check_dir(&self, dir: &Path, kind: DirKind, what: &str) -> Result<(), ToolError> {
+        let field = kind.field();
+        if !dir.is_absolute() {
+            return Err(ToolError::permanent(format!(
+                "{what}.{field}: {} must be an absolute path",
+                dir.display()
+            )));
         }
+        if dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(ToolError::permanent(format!(
+                "{what}.{field}: {} must not contain `..`",
+                dir.display()
+            )));
+        }
+        if !self.roots(kind).iter().any(|root| dir.starts_with(root)) {
+            return Err(self.outside(dir, kind, what));
+        }
+        Ok(())
     }
-    out
+
+    fn outside(&self, dir: &Path, kind: DirKind, what: &str) -> ToolError {
+        let field = kind.field();
+        ToolError::permanent(format!(
+            "{what}.{field}: {} is outside the directories this server allows \
+             ([tools.wasm] {field} = {:?})",
+            dir.display(),
+            self.roots(kind)
+        ))
+    }
+
+    /// `path` resolved (symbolic links followed), checked against the policy's directories
+    /// of `kind` resolved the same way: what is really opened must be inside them.
+    ///
+    /// # Errors
+    /// A path that cannot be resolved, or one that resolves outside the policy (a symbolic
+    /// link pointing out of an allowed directory), naming it (permanent).
+    pub fn confine(&self, path: &Path, kind: DirKind, what: &str) -> Result<PathBuf, ToolError> {
+        self.check_dir(path, kind, what)?;
+        let resolved = std::fs::canonicalize(path).map_err(|error| {
+            ToolError::permanent(match kind {
+                DirKind::Module => format!("cannot read module {}: {error}", path.display()),
+                _ => format!(
+                    "{what}.{}: cannot open {}: {error}",
+                    kind.field(),
+                    path.display()
+                ),
+            })
+        })?;
+        let inside = self
+            .roots(kind)
+            .iter()
+            .any(|root| std::fs::canonicalize(root).is_ok_and(|root| resolved.starts_with(root)));
+        if !inside {
+            return Err(self.outside(path, kind, what));
+        }
+        Ok(resolved)
+    }
 }
 
 /// A module compiled and pre-instantiated by [`WasmTool::prepare`]; cheap to clone. It
@@ -755,6 +842,12 @@ impl WasmTool {
                     "allow.env: {variable:?} is not a valid variable name"
                 )));
             }
+            if variable.starts_with("ARCHES_") {
+                return Err(ToolError::permanent(format!(
+                    "allow.env: variable {variable:?} is the server's own configuration and is \
+                     never granted"
+                )));
+            }
             if let Ok(value) = std::env::var(variable) {
                 builder.env(variable, value);
             }
@@ -762,12 +855,15 @@ impl WasmTool {
         for (variable, value) in &grants.vars {
             builder.env(variable, value);
         }
-        for (dirs, perms, what) in [
-            (&grants.read_dirs, FsPerms::ReadOnly, "allow.read_dirs"),
-            (&grants.write_dirs, FsPerms::ReadWrite, "allow.write_dirs"),
+        for (dirs, perms, kind) in [
+            (&grants.read_dirs, FsPerms::ReadOnly, DirKind::Read),
+            (&grants.write_dirs, FsPerms::ReadWrite, DirKind::Write),
         ] {
             for dir in dirs {
-                preopen(&mut builder, dir, perms, what)?;
+                // Resolved and checked as opened: a symbolic link inside an allowed
+                // directory cannot lead the module out of it.
+                let host = self.policy.confine(dir, kind, "allow")?;
+                preopen(&mut builder, &host, dir, perms, kind)?;
             }
         }
 
@@ -815,7 +911,11 @@ impl WasmTool {
             None => Some(run.await),
         };
 
-        let stderr_tail = forward_stderr(&stderr.contents(), stderr.overflowed(), logs).await;
+        // The granted secrets are masked before any line is cut or quoted.
+        let values: Vec<String> = grants.vars.iter().map(|(_, v)| v.clone()).collect();
+        let mask = Mask::new(&values);
+        let stderr_tail =
+            forward_stderr(&stderr.contents(), stderr.overflowed(), logs, &mask).await;
         let failure = |message: String, retryable: bool| {
             let message = if stderr_tail.is_empty() {
                 message
@@ -885,7 +985,7 @@ impl WasmTool {
                 mib(STDOUT_BYTES_MAX as u64)
             )));
         }
-        parse_stdout(&stdout.contents())
+        parse_stdout(&stdout.contents(), &mask)
     }
 
     /// The compiled module of the file at `path`: from the caches when the file still has
@@ -959,7 +1059,8 @@ impl Runtime {
     fn compile(&self, bytes: &[u8], name: &str) -> Result<InstancePre<StoreState>, ToolError> {
         let binary = wat::parse_bytes(bytes).map_err(|error| {
             ToolError::permanent(format!(
-                "{name} is neither a wasm binary nor valid WAT text: {error}"
+                "{name} is neither a wasm binary nor valid WAT text: {}",
+                parse_error_without_source(&error.to_string())
             ))
         })?;
         let module = Module::from_binary(&self.engine, &binary).map_err(|error| {
@@ -978,6 +1079,18 @@ impl Runtime {
     }
 }
 
+/// A WAT parse error without the quoted source line: its message and position only. The
+/// source may be any file a task named (a secret, the process environment), so none of it is
+/// repeated.
+fn parse_error_without_source(rendered: &str) -> String {
+    let mut lines = rendered.lines();
+    let message = lines.next().unwrap_or_default().to_owned();
+    match lines.find_map(|line| line.trim_start().strip_prefix("--> ")) {
+        Some(position) => format!("{message} (at {position})"),
+        None => message,
+    }
+}
+
 /// Every message of an error's chain, joined.
 fn error_chain(error: &wasmtime::Error) -> String {
     error
@@ -987,26 +1100,23 @@ fn error_chain(error: &wasmtime::Error) -> String {
         .join(": ")
 }
 
-/// Preopens a host directory under the same guest path.
+/// Preopens the resolved host directory `host` under the guest path `guest` (the path the
+/// task named).
 fn preopen(
     builder: &mut WasiCtxBuilder,
-    dir: &Path,
+    host: &Path,
+    guest: &Path,
     perms: FsPerms,
-    what: &str,
+    kind: DirKind,
 ) -> Result<(), ToolError> {
-    if !dir.is_absolute() {
-        return Err(ToolError::permanent(format!(
-            "{what}: {} must be an absolute path",
-            dir.display()
-        )));
-    }
-    let guest = dir.to_str().ok_or_else(|| {
-        ToolError::permanent(format!("{what}: {} is not valid UTF-8", dir.display()))
+    let what = format!("allow.{}", kind.field());
+    let guest = guest.to_str().ok_or_else(|| {
+        ToolError::permanent(format!("{what}: {} is not valid UTF-8", guest.display()))
     })?;
-    builder.preopened_dir(dir, guest, perms).map_err(|error| {
+    builder.preopened_dir(host, guest, perms).map_err(|error| {
         ToolError::permanent(format!(
             "{what}: cannot open directory {}: {}",
-            dir.display(),
+            host.display(),
             error_chain(&error)
         ))
     })?;
@@ -1014,11 +1124,16 @@ fn preopen(
 }
 
 /// Logs stderr line by line within the bounds; returns its last lines for error messages.
-async fn forward_stderr(stderr: &[u8], overflowed: bool, logs: &dyn LogSink) -> Vec<String> {
+async fn forward_stderr(
+    stderr: &[u8],
+    overflowed: bool,
+    logs: &dyn LogSink,
+    mask: &Mask,
+) -> Vec<String> {
     if stderr.is_empty() {
         return Vec::new();
     }
-    let text = String::from_utf8_lossy(stderr);
+    let text = mask.text(&String::from_utf8_lossy(stderr));
     let mut logged = 0usize;
     let mut dropped_lines = 0usize;
     for line in text.lines() {
@@ -1056,14 +1171,14 @@ async fn forward_stderr(stderr: &[u8], overflowed: bool, logs: &dyn LogSink) -> 
 }
 
 /// The one JSON document of stdout.
-fn parse_stdout(stdout: &[u8]) -> Result<Value, ToolError> {
+fn parse_stdout(stdout: &[u8], mask: &Mask) -> Result<Value, ToolError> {
     if stdout.iter().all(u8::is_ascii_whitespace) {
         return Err(ToolError::permanent(
             "the module wrote nothing to stdout; it must write one JSON document",
         ));
     }
     serde_json::from_slice(stdout).map_err(|error| {
-        let text = String::from_utf8_lossy(stdout);
+        let text = mask.text(&String::from_utf8_lossy(stdout));
         let mut quote: String = text.chars().take(STDOUT_QUOTE_CHARS).collect();
         if quote.len() < text.len() {
             quote.push('…');
@@ -1276,6 +1391,7 @@ impl Tool for WasmTool {
         let grants = inputs.grants();
         self.policy.check(&grants, "allow")?;
         let path = absolute_path(&inputs.module)?;
+        let path = self.policy.confine(&path, DirKind::Module, "inputs")?;
         let output = self
             .call_file(
                 &path,

@@ -387,7 +387,7 @@ async fn granted_variables_and_directories_are_visible() {
                 "module": path,
                 "input": "hello.txt",
                 "allow": {
-                    "env": ["PATH", "ARCHES_WASM_TEST_SURELY_UNSET"],
+                    "env": ["PATH", "WASM_TEST_SURELY_UNSET_VARIABLE"],
                     "read_dirs": [shared.path()]
                 }
             }),
@@ -721,26 +721,37 @@ async fn grants_outside_the_server_policy_are_refused_before_the_module_runs() {
     let harness = Harness::new().await;
     let allowed = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
+    let path = harness.file("probe.wat", &probe_wat());
+    let modules = std::path::Path::new(&path).parent().unwrap().to_path_buf();
     let tool = WasmTool::new().with_policy(WasmPolicy {
         read_dirs: vec![allowed.path().to_path_buf()],
         write_dirs: Vec::new(),
-        env: vec!["PATH".to_owned()],
+        env: vec!["*".to_owned()],
+        module_dirs: vec![modules],
     });
-    let path = harness.file("probe.wat", &probe_wat());
     let escape = allowed.path().join("..").join(
         outside
             .path()
             .file_name()
             .expect("a temporary directory has a name"),
     );
+    // A symbolic link inside the allowed directory that points out of it.
+    std::os::unix::fs::symlink(outside.path(), allowed.path().join("link")).unwrap();
     for (allow, expected) in [
         (json!({"read_dirs": [outside.path()]}), "allow.read_dirs: "),
-        (json!({"read_dirs": [escape]}), "allow.read_dirs: "),
+        (json!({"read_dirs": [escape]}), "must not contain `..`"),
+        (
+            json!({"read_dirs": [allowed.path().join("link")]}),
+            "is outside the directories",
+        ),
         (
             json!({"write_dirs": [allowed.path()]}),
             "allow.write_dirs: ",
         ),
-        (json!({"env": ["HOME"]}), "allow.env: variable \"HOME\""),
+        (
+            json!({"env": ["ARCHES_SECRETS__KEYS"]}),
+            "the server's own configuration",
+        ),
     ] {
         let error = harness
             .run(
@@ -750,9 +761,18 @@ async fn grants_outside_the_server_policy_are_refused_before_the_module_runs() {
             .await
             .unwrap_err();
         assert!(!error.retryable);
-        assert!(error.message.starts_with(expected), "{allow}: {error}");
-        assert!(error.message.contains("[tools.wasm]"), "{allow}: {error}");
+        assert!(error.message.contains(expected), "{allow}: {error}");
     }
+    // Module files load only from the policy's module directories.
+    std::fs::write(outside.path().join("m.wat"), probe_wat()).unwrap();
+    let error = harness
+        .run(
+            &tool,
+            json!({"module": outside.path().join("m.wat"), "input": "x"}),
+        )
+        .await
+        .unwrap_err();
+    assert!(error.message.starts_with("inputs.module_dirs: "), "{error}");
     // Inside the policy (a subdirectory of an allowed one counts), the module runs.
     let inner = allowed.path().join("inner");
     std::fs::create_dir(&inner).unwrap();
@@ -779,6 +799,24 @@ async fn grants_outside_the_server_policy_are_refused_before_the_module_runs() {
 }
 
 #[tokio::test]
+async fn a_file_that_is_not_a_module_is_refused_without_quoting_it() {
+    let harness = Harness::new().await;
+    let tool = WasmTool::new();
+    let path = harness.file("secret.txt", "TOKEN=do-not-repeat-me\n");
+    let error = harness
+        .run(&tool, json!({"module": path, "input": "x"}))
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .message
+            .contains("is neither a wasm binary nor valid WAT text"),
+        "{error}"
+    );
+    assert!(!error.message.contains("do-not-repeat-me"), "{error}");
+}
+
+#[tokio::test]
 async fn set_variables_reach_the_module_without_the_worker_environment() {
     let tool = WasmTool::new();
     let grants = WasmGrants {
@@ -797,6 +835,7 @@ async fn set_variables_reach_the_module_without_the_worker_environment() {
         .await
         .unwrap();
     assert_eq!(output["environ"], 1, "{output}");
+    // The module sees the value; its stderr line reaches the log with the value masked.
     let stderr = logs.of(LogStream::Stderr);
-    assert_eq!(stderr, ["API_TOKEN=tok-123456"], "{stderr:?}");
+    assert_eq!(stderr, ["API_TOKEN=***"], "{stderr:?}");
 }
