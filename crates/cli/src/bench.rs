@@ -369,6 +369,7 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             bench.run(&def, json!({})).await?;
             let mut run_medians = Vec::new();
             let mut all = Vec::new();
+            let (mut inside, mut between) = (Vec::new(), Vec::new());
             for _ in 0..runs.max(1) {
                 let run_id = bench.run(&def, json!({})).await?;
                 let task_runs = bench.store.task_runs(run_id).await?;
@@ -388,6 +389,14 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                     .collect();
                 all.extend(overheads.iter().copied());
                 run_medians.push(median(&mut overheads));
+                // Where the time goes: inside the task run (started → finished, the tool's
+                // call included) and between task runs (finished → the next started).
+                inside.extend(ordered.iter().filter_map(|t| {
+                    Some(t.finished_at?.since(t.started_at?).as_secs_f64() * 1000.0)
+                }));
+                between.extend(ordered.windows(2).filter_map(|w| {
+                    Some(w[1].started_at?.since(w[0].finished_at?).as_secs_f64() * 1000.0)
+                }));
             }
             let store_durability = bench.store.durability();
             bench.stop().await?;
@@ -401,6 +410,11 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 "per-task overhead above compute: median of run medians {:.3} ms, p90 {:.3} ms",
                 median(&mut run_medians.clone()),
                 percentile(&mut all.clone(), 90.0),
+            );
+            out!(
+                "of a task's time: started to finished median {:.3} ms, finished to the next started median {:.3} ms",
+                median(&mut inside),
+                median(&mut between),
             );
         }
         BenchCommand::Fanout {

@@ -325,8 +325,14 @@ impl Attempt {
         let deadline = a
             .timeout
             .and_then(|t| tokio::time::Instant::now().checked_add(t));
-        let mut heartbeat = tokio::time::interval(self.options.heartbeat_interval);
-        heartbeat.tick().await;
+        // The first heartbeat is due one interval after the start. (Not `interval`, whose
+        // first tick is "now": awaiting it waits for the timer driver's next millisecond,
+        // up to a millisecond added to every attempt.)
+        let period = self
+            .options
+            .heartbeat_interval
+            .max(std::time::Duration::from_millis(1));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         loop {
             tokio::select! {
                 biased;
