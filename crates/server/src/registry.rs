@@ -257,14 +257,6 @@ impl<'a> OrgCatalog<'a> {
         })
     }
 
-    /// The org's registered tools only (latest of each name), for listings.
-    pub fn registered(&self) -> impl Iterator<Item = (&str, &ToolManifest)> {
-        self.registered
-            .iter()
-            .filter(|(key, _)| !key.contains('@'))
-            .map(|(_, (reference, manifest))| (reference.as_str(), manifest))
-    }
-
     /// Rewrites every task (and compensation) naming a registered tool by `name` to its
     /// `name@version`, so that the stored pipeline keeps running the version it was validated
     /// against. Returns how many names were pinned.
