@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use arches_core::pipeline::graph::{self, GraphFormat};
 use arches_core::pipeline::{validate, Diagnostic, Pipeline};
-use arches_core::ports::{ArtifactStore, Store, ToolRegistry};
+use arches_core::ports::{ArtifactStore, Store, TaskQueue, ToolRegistry};
 use arches_core::records::Durability;
-use arches_store::{LocalArtifactStore, SqliteStore};
+use arches_store::{LocalArtifactStore, PgStore, SqliteStore};
 
 /// Largest pipeline file read, in bytes.
 const PIPELINE_FILE_BYTES_MAX: u64 = 4 << 20;
@@ -20,18 +20,34 @@ pub struct Home {
     pub root: PathBuf,
     /// The store's durability mode.
     pub durability: Durability,
+    /// A PostgreSQL store instead of the home's SQLite file.
+    pub database_url: Option<String>,
 }
 
 /// An opened home.
 pub struct Opened {
     pub store: Arc<dyn Store>,
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// The shared task queue, when the store is PostgreSQL.
+    pub queue: Option<Arc<dyn TaskQueue>>,
 }
 
 impl Home {
-    pub fn new(root: PathBuf, durability: Durability) -> Self {
+    pub fn new(root: PathBuf, durability: Durability, database_url: Option<String>) -> Self {
         let root = std::path::absolute(&root).unwrap_or(root);
-        Self { root, durability }
+        Self {
+            root,
+            durability,
+            database_url,
+        }
+    }
+
+    /// Where the store is, for messages (never the URL, which may hold a password).
+    pub fn store_name(&self) -> String {
+        match &self.database_url {
+            Some(_) => "PostgreSQL (--database-url)".to_owned(),
+            None => self.root.display().to_string(),
+        }
     }
 
     pub fn work_root(&self) -> PathBuf {
@@ -42,22 +58,38 @@ impl Home {
     pub async fn open(&self) -> anyhow::Result<Opened> {
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create home directory {}", self.root.display()))?;
-        let db = self.root.join("arches.db");
-        let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&db, self.durability)
-                .await
-                .with_context(|| format!("cannot open store {}", db.display()))?,
-        );
+        let (store, queue): (Arc<dyn Store>, Option<Arc<dyn TaskQueue>>) = match &self.database_url
+        {
+            Some(url) => {
+                let pg = Arc::new(
+                    PgStore::connect(url, self.durability)
+                        .await
+                        .context("cannot open the PostgreSQL store")?,
+                );
+                (pg.clone(), Some(pg))
+            }
+            None => {
+                let db = self.root.join("arches.db");
+                let store = SqliteStore::open(&db, self.durability)
+                    .await
+                    .with_context(|| format!("cannot open store {}", db.display()))?;
+                (Arc::new(store), None)
+            }
+        };
         let artifacts: Arc<dyn ArtifactStore> = Arc::new(
             LocalArtifactStore::new(&self.root.join("artifacts"), store.clone())
                 .context("cannot open the artifact store")?,
         );
-        Ok(Opened { store, artifacts })
+        Ok(Opened {
+            store,
+            artifacts,
+            queue,
+        })
     }
 
     /// Opens an existing home; refuses to create one (for inspection commands).
     pub async fn open_existing(&self) -> anyhow::Result<Opened> {
-        if !self.root.join("arches.db").exists() {
+        if self.database_url.is_none() && !self.root.join("arches.db").exists() {
             anyhow::bail!(
                 "no Arches store in {} (run a pipeline first, or point --home / ARCHES_HOME at one)",
                 self.root.display()
@@ -151,9 +183,9 @@ pub fn graph_command(file: &Path, format: &str) -> anyhow::Result<ExitCode> {
 }
 
 /// `arches migrate`: applies the embedded migrations to the SQLite store under the home, or
-/// to the PostgreSQL database at `database_url`, and prints the schema version.
-pub async fn migrate(home: &Home, database_url: Option<&str>) -> anyhow::Result<ExitCode> {
-    match database_url {
+/// to the PostgreSQL database of `--database-url`, and prints the schema version.
+pub async fn migrate(home: &Home) -> anyhow::Result<ExitCode> {
+    match home.database_url.as_deref() {
         Some(url) => {
             let store = arches_store::PgStore::connect(url, home.durability)
                 .await

@@ -23,6 +23,10 @@ pub enum BenchCommand {
     /// A chain of sequential `noop` tasks: the engine's per-task overhead, from the end of
     /// task N to the start of task N+1.
     Chain {
+        /// Standalone worker processes (`arches worker`) on the PostgreSQL store of
+        /// --database-url; 0: the engine's in-process workers on a SQLite file.
+        #[arg(long, default_value_t = 0)]
+        queue_workers: usize,
         /// Tasks in the chain.
         #[arg(long, default_value_t = 40)]
         tasks: usize,
@@ -35,6 +39,10 @@ pub enum BenchCommand {
     },
     /// A 1 → N → 1 fan-out of `noop` tasks: task runs per second, end to end.
     Fanout {
+        /// Standalone worker processes (`arches worker`) on the PostgreSQL store of
+        /// --database-url; 0: the engine's in-process workers on a SQLite file.
+        #[arg(long, default_value_t = 0)]
+        queue_workers: usize,
         /// Items of the fan-out.
         #[arg(long, default_value_t = 10_000)]
         width: usize,
@@ -50,6 +58,38 @@ pub enum BenchCommand {
         /// Most scheduler commands per commit (group commit).
         #[arg(long)]
         batch: Option<usize>,
+    },
+    /// Enqueue-to-start latency at a sustained rate: one-task runs (`noop`) submitted at
+    /// `rate` per second for `seconds`; the latency of each is its task run's start less the
+    /// moment it was queued, both as the engine recorded them.
+    Latency {
+        /// Standalone worker processes on the PostgreSQL store of --database-url; 0: the
+        /// engine's in-process workers on a SQLite file.
+        #[arg(long, default_value_t = 0)]
+        queue_workers: usize,
+        /// Task runs per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Worker slots (per worker process with --queue-workers).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Store durability.
+        #[arg(long = "sync", default_value = "normal")]
+        sync: Durability,
+    },
+    /// The queries an idle cluster sends: a scheduler and `--queue-workers` standalone
+    /// workers on the PostgreSQL store of --database-url, idle for `seconds` after one run;
+    /// transactions counted by the server (`pg_stat_database`).
+    Idle {
+        /// Standalone worker processes.
+        #[arg(long, default_value_t = 2)]
+        queue_workers: usize,
+        /// Seconds observed.
+        #[arg(long, default_value_t = 120)]
+        seconds: u64,
     },
     /// Sandboxed WASM tasks (examples/wasm/fib.wat, recursive Fibonacci): a chain of `tasks`
     /// wasm tasks computing fib(`n`), and the per-task overhead above the module's own
@@ -89,6 +129,32 @@ pub enum BenchCommand {
     },
 }
 
+/// Standalone workers for a benchmark: `count` `arches worker` processes on the PostgreSQL
+/// store at `url`, each with `slots` slots.
+#[derive(Clone, Debug)]
+pub(crate) struct QueueSetup {
+    url: String,
+    count: usize,
+    slots: Option<usize>,
+}
+
+impl QueueSetup {
+    /// `None` for 0 workers; an error without a database URL.
+    fn new(url: Option<&str>, count: usize, slots: Option<usize>) -> anyhow::Result<Option<Self>> {
+        if count == 0 {
+            return Ok(None);
+        }
+        let url = url.context(
+            "--queue-workers needs a PostgreSQL store: give --database-url (or ARCHES_DATABASE_URL)",
+        )?;
+        Ok(Some(QueueSetup {
+            url: url.to_owned(),
+            count,
+            slots,
+        }))
+    }
+}
+
 struct Bench {
     _dir: tempfile::TempDir,
     store: Arc<dyn Store>,
@@ -96,6 +162,8 @@ struct Bench {
     shutdown: CancellationToken,
     engine: tokio::task::JoinHandle<Result<(), arches_engine::Error>>,
     options: EngineOptions,
+    workers: Vec<std::process::Child>,
+    pg: Option<arches_store::PgStore>,
 }
 
 impl Bench {
@@ -104,38 +172,125 @@ impl Bench {
         workers: Option<usize>,
         batch: Option<usize>,
     ) -> anyhow::Result<Bench> {
+        Self::start_with(durability, workers, batch, None).await
+    }
+
+    async fn start_with(
+        durability: Durability,
+        workers: Option<usize>,
+        batch: Option<usize>,
+        queue: Option<QueueSetup>,
+    ) -> anyhow::Result<Bench> {
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.path().join("arches.db"), durability).await?);
-        let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifactStore::new(
-            &dir.path().join("artifacts"),
-            store.clone(),
-        )?);
         let mut options = EngineOptions::new(dir.path().join("work"));
-        if let Some(workers) = workers {
-            options.worker_slots = workers.max(1);
-        }
         if let Some(batch) = batch {
             options.batch_size_max = batch.max(1);
         }
-        let engine = Engine::build(
+        let Some(queue) = queue else {
+            let store: Arc<dyn Store> =
+                Arc::new(SqliteStore::open(&dir.path().join("arches.db"), durability).await?);
+            let artifacts: Arc<dyn ArtifactStore> = Arc::new(LocalArtifactStore::new(
+                &dir.path().join("artifacts"),
+                store.clone(),
+            )?);
+            if let Some(workers) = workers {
+                options.worker_slots = workers.max(1);
+            }
+            let engine = Engine::build(
+                options.clone(),
+                store.clone(),
+                artifacts,
+                arches_tools::builtin_registry(),
+                Arc::new(SystemClock),
+            );
+            return Ok(Self::running(dir, store, engine, options, Vec::new(), None));
+        };
+        let pg = arches_store::PgStore::connect_pooled(
+            &queue.url,
+            durability,
+            arches_store::PgPoolSettings {
+                max_connections: 16,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("cannot open the PostgreSQL store")?;
+        let store: Arc<dyn Store> = Arc::new(pg.clone());
+        options.worker_id = format!("bench-scheduler-{}", std::process::id());
+        options.worker_slots = QUEUE_OFFERS_MAX;
+        let engine = Engine::build_on_queue(
             options.clone(),
             store.clone(),
-            artifacts,
-            arches_tools::builtin_registry(),
+            Arc::new(pg.clone()),
             Arc::new(SystemClock),
+            None,
         );
+        let exe = std::env::current_exe().context("cannot find this executable")?;
+        let mut children = Vec::new();
+        for i in 0..queue.count {
+            let mut command = std::process::Command::new(&exe);
+            command
+                .args(["--database-url", &queue.url, "--home"])
+                .arg(dir.path().join(format!("worker-{i}")))
+                .args(["worker", "--id", &format!("bench-worker-{i}")])
+                .env("ARCHES_LOG", "warn")
+                .env_remove("ARCHES_STORE__DATABASE_URL")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            if let Some(slots) = queue.slots {
+                command.args(["--slots", &slots.to_string()]);
+            }
+            children.push(command.spawn().context("cannot start a worker process")?);
+        }
+        Ok(Self::running(
+            dir,
+            store,
+            engine,
+            options,
+            children,
+            Some(pg),
+        ))
+    }
+
+    fn running(
+        dir: tempfile::TempDir,
+        store: Arc<dyn Store>,
+        engine: Engine,
+        options: EngineOptions,
+        workers: Vec<std::process::Child>,
+        pg: Option<arches_store::PgStore>,
+    ) -> Bench {
         let handle = engine.handle();
         let shutdown = CancellationToken::new();
         let engine = tokio::spawn(engine.run(shutdown.clone()));
-        Ok(Bench {
+        Bench {
             _dir: dir,
             store,
             handle,
             shutdown,
             engine,
             options,
-        })
+            workers,
+            pg,
+        }
+    }
+
+    /// Submits a run without waiting for it.
+    async fn submit(&self, def: &PipelineDef, version: u32) -> anyhow::Result<RunId> {
+        let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let execution = RunExecution::create(
+            NewRun {
+                id: RunId::new(),
+                org_id: OrgId::DEFAULT,
+                pipeline_version: version,
+                params: json!({}),
+            },
+            pipeline,
+            Arc::new(Templates::new()),
+            ExecutionLimits::default(),
+            SystemClock.now(),
+        );
+        Ok(self.handle.submit(execution).await?)
     }
 
     async fn run(&self, def: &PipelineDef, params: serde_json::Value) -> anyhow::Result<RunId> {
@@ -167,9 +322,34 @@ impl Bench {
     async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.engine.await.context("engine task")??;
+        for mut worker in self.workers {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(worker.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+        }
+        if let Some(pg) = self.pg {
+            pg.close().await;
+        }
         Ok(())
     }
+
+    /// Where the benchmark runs, for its report.
+    fn setting(&self) -> String {
+        if self.workers.is_empty() {
+            format!("in-process workers ({} slots)", self.options.worker_slots)
+        } else {
+            format!(
+                "PostgreSQL task queue, {} standalone worker process(es)",
+                self.workers.len()
+            )
+        }
+    }
 }
+
+/// Offers the benchmark's scheduler keeps outstanding on the task queue.
+const QUEUE_OFFERS_MAX: usize = 16_384;
 
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
@@ -288,8 +468,135 @@ fn fanout_def() -> anyhow::Result<PipelineDef> {
     }))?)
 }
 
-pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
+pub async fn bench(command: BenchCommand, database_url: Option<&str>) -> anyhow::Result<ExitCode> {
     match command {
+        BenchCommand::Latency {
+            queue_workers,
+            rate,
+            seconds,
+            workers,
+            sync,
+        } => {
+            anyhow::ensure!(
+                rate > 0 && seconds > 0,
+                "--rate and --seconds must be positive"
+            );
+            let queue = QueueSetup::new(database_url, queue_workers, workers)?;
+            let bench = Bench::start_with(sync, workers, None, queue).await?;
+            let def: PipelineDef = serde_json::from_value(
+                json!({"name": "bench-latency", "tasks": [{"id": "t", "tool": "noop"}]}),
+            )?;
+            let version = bench
+                .store
+                .save_pipeline(OrgId::DEFAULT, &def)
+                .await?
+                .version;
+            // Warm-up: the workers are up and the caches warm.
+            let warm = bench.submit(&def, version).await?;
+            bench.handle.wait(warm).await?;
+            let total = u64::from(rate) * seconds;
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let started = Instant::now();
+            let mut submits = tokio::task::JoinSet::new();
+            for _ in 0..total {
+                ticker.tick().await;
+                let handle = bench.handle.clone();
+                let def = def.clone();
+                submits.spawn(async move {
+                    let pipeline = Pipeline::build(def).map_err(|e| anyhow::anyhow!("{e}"))?;
+                    let execution = RunExecution::create(
+                        NewRun {
+                            id: RunId::new(),
+                            org_id: OrgId::DEFAULT,
+                            pipeline_version: version,
+                            params: json!({}),
+                        },
+                        pipeline,
+                        Arc::new(Templates::new()),
+                        ExecutionLimits::default(),
+                        SystemClock.now(),
+                    );
+                    let run_id = handle.submit(execution).await?;
+                    handle.wait(run_id).await?;
+                    anyhow::Ok(run_id)
+                });
+            }
+            let offered = started.elapsed();
+            let mut run_ids = Vec::with_capacity(total as usize);
+            while let Some(done) = submits.join_next().await {
+                run_ids.push(done.context("a submit task failed")??);
+            }
+            let mut latencies = Vec::with_capacity(run_ids.len());
+            for run_id in &run_ids {
+                for task_run in bench.store.task_runs(*run_id).await? {
+                    if let (Some(queued), Some(start)) = (task_run.queued_at, task_run.started_at) {
+                        latencies.push(start.since(queued).as_secs_f64() * 1000.0);
+                    }
+                }
+            }
+            let setting = bench.setting();
+            let store_durability = bench.store.durability();
+            bench.stop().await?;
+            out!(
+                "enqueue-to-start latency, {total} one-task runs at {rate}/s offered ({:.0}/s achieved), {setting}, durability {}, machine: {}",
+                total as f64 / offered.as_secs_f64(),
+                store_durability.as_str(),
+                machine()
+            );
+            out!(
+                "latency (ms): p50 {:.3}, p90 {:.3}, p99 {:.3}, max {:.3}",
+                percentile(&mut latencies, 50.0),
+                percentile(&mut latencies, 90.0),
+                percentile(&mut latencies, 99.0),
+                latencies.iter().copied().fold(0.0, f64::max)
+            );
+        }
+        BenchCommand::Idle {
+            queue_workers,
+            seconds,
+        } => {
+            let queue = QueueSetup::new(database_url, queue_workers.max(1), None)?;
+            let bench = Bench::start_with(Durability::Normal, None, None, queue).await?;
+            let def = chain_def(2)?;
+            bench.run(&def, json!({})).await?;
+            let pg = bench
+                .pg
+                .clone()
+                .context("the idle benchmark needs PostgreSQL")?;
+            // Let the last commits and the statistics settle before counting.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let count = || async {
+                // Statistics are flushed at the end of transactions, at most about once a
+                // second; the snapshot is cleared so each read sees the latest.
+                sqlx::query("SELECT pg_stat_clear_snapshot()")
+                    .execute(pg.pool())
+                    .await?;
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database \
+                     WHERE datname = current_database()",
+                )
+                .fetch_one(pg.pool())
+                .await
+            };
+            let before = count().await?;
+            tokio::time::sleep(Duration::from_secs(seconds)).await;
+            let after = count().await?;
+            let setting = bench.setting();
+            bench.stop().await?;
+            // The two reads of the counter are transactions of their own (2 for `before`
+            // until `after`'s read).
+            let transactions = (after - before - 2).max(0);
+            let sweeps = (queue_workers.max(1) as u64 + 1) * seconds / 60;
+            out!(
+                "idle for {seconds} s after one run, {setting} (sweep every 60 s per worker and scheduler), machine: {}",
+                machine()
+            );
+            out!(
+                "transactions on the database: {transactions} ({:.3}/s); the sweeps alone account for about {sweeps}",
+                transactions as f64 / seconds as f64
+            );
+        }
         BenchCommand::Api {
             scenario,
             connections,
@@ -310,9 +617,15 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             })
             .await?;
         }
-        BenchCommand::Chain { tasks, runs, sync } => {
+        BenchCommand::Chain {
+            queue_workers,
+            tasks,
+            runs,
+            sync,
+        } => {
             anyhow::ensure!(tasks >= 2, "a chain needs at least 2 tasks");
-            let bench = Bench::start(sync, None, None).await?;
+            let queue = QueueSetup::new(database_url, queue_workers, None)?;
+            let bench = Bench::start_with(sync, None, None, queue).await?;
             let def = chain_def(tasks)?;
             // One warm-up run so that the first measured run does not pay for cold caches.
             bench.run(&def, json!({})).await?;
@@ -333,9 +646,10 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
                 run_medians.push(median(&mut gaps));
             }
             let store_durability = bench.store.durability();
+            let setting = bench.setting();
             bench.stop().await?;
             out!(
-                "chain of {tasks} noop tasks, {runs} runs, durability {}, machine: {}",
+                "chain of {tasks} noop tasks, {runs} runs, {setting}, durability {}, machine: {}",
                 store_durability.as_str(),
                 machine()
             );
@@ -418,13 +732,15 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             );
         }
         BenchCommand::Fanout {
+            queue_workers,
             width,
             runs,
             sync,
             workers,
             batch,
         } => {
-            let bench = Bench::start(sync, workers, batch).await?;
+            let queue = QueueSetup::new(database_url, queue_workers, workers)?;
+            let bench = Bench::start_with(sync, workers, batch, queue).await?;
             let def = fanout_def()?;
             bench.run(&def, json!({"width": 100})).await?;
             let mut rates = Vec::new();
@@ -446,9 +762,10 @@ pub async fn bench(command: BenchCommand) -> anyhow::Result<ExitCode> {
             }
             let store_durability = bench.store.durability();
             let options = bench.options.clone();
+            let setting = bench.setting();
             bench.stop().await?;
             out!(
-                "fan-out 1 -> {width} -> 1 noop tasks, {runs} runs, durability {}, worker slots {}, batch max {}, machine: {}",
+                "fan-out 1 -> {width} -> 1 noop tasks, {runs} runs, {setting}, durability {}, worker slots {}, batch max {}, machine: {}",
                 store_durability.as_str(),
                 options.worker_slots,
                 options.batch_size_max,

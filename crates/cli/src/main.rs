@@ -43,6 +43,7 @@ mod remote;
 mod run;
 mod serve;
 mod tools;
+mod worker;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -85,6 +86,16 @@ struct Cli {
     /// `arches login`.
     #[arg(long, global = true)]
     local: bool,
+    /// A PostgreSQL store (`postgres://user@host:5432/db`) instead of the SQLite file under
+    /// the home (artifacts and working directories stay under the home). Needed by
+    /// `arches worker` and `arches run --no-workers`, which share it with other processes.
+    #[arg(
+        long,
+        global = true,
+        env = "ARCHES_DATABASE_URL",
+        hide_env_values = true
+    )]
+    database_url: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -138,11 +149,12 @@ enum Command {
     /// Apply the embedded database migrations and report the schema version: to the SQLite
     /// store under --home, or to a PostgreSQL database. Safe when several processes run it at
     /// once (the migrator holds a database lock); every store also migrates when it opens.
-    Migrate {
-        /// A PostgreSQL URL (`postgres://user@host:5432/db`) instead of the SQLite home.
-        #[arg(long, env = "ARCHES_DATABASE_URL", hide_env_values = true)]
-        database_url: Option<String>,
-    },
+    Migrate,
+    /// A standalone worker on a PostgreSQL store (--database-url): claims the task runs that
+    /// schedulers offer (`arches run --no-workers`, or `arches serve` with
+    /// `workers.mode = "queue"`), runs them, and on SIGTERM or Ctrl-C stops claiming, lets
+    /// its attempts finish within --drain-grace and hands the rest back.
+    Worker(worker::WorkerArgs),
     /// Measure the engine (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -199,10 +211,15 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<ExitCode>>) -
 
 async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
     let command = match cli.command {
-        Command::Serve(args) => return serve::serve(home_given.then_some(cli.home), args).await,
+        Command::Serve(args) => {
+            return serve::serve(home_given.then_some(cli.home), cli.database_url, args).await
+        }
+        Command::Worker(args) => {
+            return worker::worker(home_given.then_some(cli.home), cli.database_url, args).await
+        }
         command => command,
     };
-    let home = app::Home::new(cli.home, cli.durability);
+    let home = app::Home::new(cli.home, cli.durability, cli.database_url);
     let connection = remote::Connection {
         server: if cli.local { None } else { cli.server },
         token: cli.token,
@@ -243,8 +260,13 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
             };
             tools::secrets(remote.as_ref(), command).await
         }
-        Command::Migrate { database_url } => app::migrate(&home, database_url.as_deref()).await,
-        Command::Bench(command) => bench::bench(command).await,
-        Command::Serve(args) => serve::serve(Some(home.root.clone()), args).await,
+        Command::Migrate => app::migrate(&home).await,
+        Command::Worker(args) => {
+            worker::worker(Some(home.root.clone()), home.database_url.clone(), args).await
+        }
+        Command::Bench(command) => bench::bench(command, home.database_url.as_deref()).await,
+        Command::Serve(args) => {
+            serve::serve(Some(home.root.clone()), home.database_url.clone(), args).await
+        }
     }
 }

@@ -31,6 +31,10 @@ pub struct RunArgs {
     /// Task runs executing at once in this process.
     #[arg(long)]
     workers: Option<usize>,
+    /// Run no task here: offer them on the PostgreSQL store's task queue (--database-url)
+    /// for standalone workers (`arches worker`), and drive the run from their completions.
+    #[arg(long, conflicts_with = "workers")]
+    no_workers: bool,
 }
 
 #[derive(Args, Debug)]
@@ -43,6 +47,9 @@ pub struct ResumeArgs {
     /// No live progress display, only the summary.
     #[arg(long)]
     quiet: bool,
+    /// As `arches run --no-workers`: standalone workers run the tasks.
+    #[arg(long)]
+    no_workers: bool,
 }
 
 #[derive(Args, Debug)]
@@ -71,6 +78,12 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let params = parse_params(&pipeline.def, &args.params)?;
     let opened = home.open().await?;
+    if args.no_workers && opened.queue.is_none() {
+        anyhow::bail!(
+            "--no-workers needs a store that standalone workers share: give a PostgreSQL \
+             store with --database-url (or ARCHES_DATABASE_URL)"
+        );
+    }
     let stored = opened
         .store
         .save_pipeline(OrgId::DEFAULT, &pipeline.def)
@@ -97,6 +110,7 @@ pub async fn run(home: &Home, args: RunArgs) -> anyhow::Result<ExitCode> {
         clock,
         Submission::New(Box::new(execution)),
         args.quiet,
+        args.no_workers,
     )
     .await
 }
@@ -118,9 +132,20 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut execution = restore(&*opened.store, run).await?;
-    let reclaimed = execution.reclaim_leases(clock.now());
-    if reclaimed > 0 {
-        status!("{reclaimed} task run(s) were running when the run stopped; they run again");
+    if args.no_workers {
+        if opened.queue.is_none() {
+            anyhow::bail!(
+                "--no-workers needs a store that standalone workers share: give a PostgreSQL \
+                 store with --database-url (or ARCHES_DATABASE_URL)"
+            );
+        }
+        // The leases stay with the workers that claimed them (their claims carry on in the
+        // store); the scheduler offers them again under its own name.
+    } else {
+        let reclaimed = execution.reclaim_leases(clock.now());
+        if reclaimed > 0 {
+            status!("{reclaimed} task run(s) were running when the run stopped; they run again");
+        }
     }
     let options = engine_options(home, None);
     drive(
@@ -130,6 +155,7 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
         clock,
         Submission::Resume(Box::new(execution)),
         args.quiet,
+        args.no_workers,
     )
     .await
 }
@@ -162,6 +188,7 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
         runs: changes.run.into_iter().collect(),
         task_runs: changes.task_runs,
         attempts: changes.attempts,
+        ..WriteBatch::default()
     };
     opened.store.commit(&batch).await?;
     out!("run {} cancelled", execution.id());
@@ -194,14 +221,20 @@ async fn drive(
     clock: Arc<dyn Clock>,
     submission: Submission,
     quiet: bool,
+    no_workers: bool,
 ) -> anyhow::Result<ExitCode> {
-    let engine = Engine::build(
-        options,
-        opened.store.clone(),
-        opened.artifacts.clone(),
-        app::registry(),
-        clock,
-    );
+    let engine = match (&opened.queue, no_workers) {
+        (Some(queue), true) => {
+            Engine::build_on_queue(options, opened.store.clone(), queue.clone(), clock, None)
+        }
+        _ => Engine::build(
+            options,
+            opened.store.clone(),
+            opened.artifacts.clone(),
+            app::registry(),
+            clock,
+        ),
+    };
     let handle = engine.handle();
     let shutdown = CancellationToken::new();
     let engine_task = tokio::spawn(engine.run(shutdown.clone()));
@@ -217,9 +250,14 @@ async fn drive(
         }
     };
     status!(
-        "run {run_id} started (store {}, durability {})",
-        home.root.display(),
-        home.durability.as_str()
+        "run {run_id} started (store {}, durability {}{})",
+        home.store_name(),
+        home.durability.as_str(),
+        if no_workers {
+            ", tasks offered to standalone workers"
+        } else {
+            ""
+        }
     );
     let display = progress::Progress::start(events, run_id, total_tasks, quiet);
     let outcome = wait_with_interrupt(&handle, run_id).await;

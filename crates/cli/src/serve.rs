@@ -25,7 +25,8 @@ pub struct ServeArgs {
     /// Let users create organizations (otherwise one default organization).
     #[arg(long)]
     multi_tenant: bool,
-    /// Run no workers: an API-only replica.
+    /// Run no task here: with a PostgreSQL store (--database-url), offer them to
+    /// standalone workers (`arches worker`); with SQLite, an API-only process.
     #[arg(long)]
     no_workers: bool,
     /// Task runs executing at once in this process.
@@ -40,7 +41,11 @@ pub struct ServeArgs {
 }
 
 /// Runs the server until SIGINT or SIGTERM.
-pub async fn serve(home: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<ExitCode> {
+pub async fn serve(
+    home: Option<PathBuf>,
+    database_url: Option<String>,
+    args: ServeArgs,
+) -> anyhow::Result<ExitCode> {
     if args.print_config_example {
         out!("{}", ServerConfig::documented_example());
         return Ok(ExitCode::SUCCESS);
@@ -57,6 +62,7 @@ pub async fn serve(home: Option<PathBuf>, args: ServeArgs) -> anyhow::Result<Exi
             _ => LogFormat::Json,
         }),
         log_level: None,
+        database_url,
     };
     let config = ServerConfig::load(args.config.as_deref(), overrides)
         .context("cannot load the configuration")?;

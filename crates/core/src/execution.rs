@@ -91,8 +91,11 @@ pub enum Rejection {
     },
 }
 
-/// How an attempt ended, as the worker reports it.
-#[derive(Clone, Debug, PartialEq)]
+/// How an attempt ended, as the worker reports it. Serialized (`{"succeeded": outputs}`,
+/// `{"failed": {"message", "retryable"}}`, `{"timed_out": {"timeout": {"secs", "nanos"}}}`)
+/// when a standalone worker reports through the store's task queue.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum AttemptOutcome {
     /// The tool returned outputs (a JSON value, normally an object).
     Succeeded(Value),
@@ -110,8 +113,9 @@ pub enum AttemptOutcome {
     },
 }
 
-/// A task run handed to a worker: everything needed to execute one attempt.
-#[derive(Clone, Debug, PartialEq)]
+/// A task run handed to a worker: everything needed to execute one attempt. Serialized as
+/// JSON when it is offered on the store's task queue to standalone workers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Assignment {
     /// The run's org.
     pub org_id: OrgId,
@@ -624,6 +628,12 @@ impl RunExecution {
             task_run_id: task_run.id,
             fencing_token: task_run.fencing_token,
         });
+        self.assignment_of(i, expires)
+    }
+
+    /// The assignment of the attempt task run `i` holds now (its current lease).
+    fn assignment_of(&self, i: usize, expires: Timestamp) -> Assignment {
+        let task_run = &self.task_runs[i];
         let (tool, timeout, upstream) = match self.pipeline.task(&task_run.task_id) {
             Some(task) => (
                 task.tool.clone(),
@@ -682,6 +692,45 @@ impl RunExecution {
             });
         }
         Ok(i)
+    }
+
+    /// The assignments of the attempts running now (leased task runs, fan-out parents
+    /// excepted), with their current fencing tokens: what a scheduler offers again on the
+    /// store's task queue after a restart, so the workers that hold them can still report.
+    pub fn running_assignments(&self) -> Vec<Assignment> {
+        (0..self.task_runs.len())
+            .filter(|&i| {
+                self.task_runs[i].state == TaskRunState::Running
+                    && self.task_runs[i].fan_out.is_none()
+            })
+            .map(|i| {
+                let expires = self.task_runs[i]
+                    .lease_expires_at
+                    .unwrap_or(self.task_runs[i].created_at);
+                self.assignment_of(i, expires)
+            })
+            .collect()
+    }
+
+    /// The worker tags the task of a task run requires (none for a compensation, which
+    /// runs wherever its task's undo can).
+    pub fn worker_tags(&self, task_id: &TaskId) -> &[String] {
+        self.pipeline
+            .task(task_id)
+            .map(|task| task.worker_tags.as_slice())
+            .unwrap_or(&[])
+    }
+
+    /// Records which worker executes the current attempt of a task run (a standalone
+    /// worker that claimed it from the store's task queue, rather than the scheduler's own
+    /// process). Ignored unless `fencing_token` is the current lease's.
+    pub fn set_attempt_worker(&mut self, id: TaskRunId, fencing_token: u64, worker: &str) {
+        let Ok(i) = self.check_lease(id, fencing_token) else {
+            return;
+        };
+        if let Some(attempt) = self.open_attempts.get_mut(&i) {
+            attempt.worker = worker.to_owned();
+        }
     }
 
     /// Extends a lease to `now + lease_ttl`.

@@ -476,3 +476,116 @@ impl crate::pipeline::ToolCatalog for ToolRegistry {
             .unwrap_or_default()
     }
 }
+
+/// What a [`QueueListener`] waits for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueueTopic {
+    /// New offers (or offers handed back): what idle workers wait for.
+    Offers,
+    /// Completions for the runs of one scheduler (its owner name).
+    Completions(String),
+}
+
+/// Wake-ups of the task queue (on PostgreSQL, `LISTEN`/`NOTIFY`). A wake-up says "look at
+/// the queue now"; it carries nothing, so a lost or extra one costs at most one query.
+#[async_trait]
+pub trait QueueListener: Send {
+    /// Waits for the next wake-up. Also returns after the listener lost its connection and
+    /// got it back (wake-ups sent meanwhile are lost, so the caller should look).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] while the store cannot be reached; call again to retry
+    /// (the caller backs off).
+    async fn next(&mut self) -> StoreResult<()>;
+}
+
+/// The shared task queue of standalone workers (`arches worker`), on stores that several
+/// processes share.
+///
+/// The protocol: a scheduler leases a task run as usual and commits, in the same
+/// [`WriteBatch`], a [`TaskOffer`]. A worker claims offers (each claim gets a claim token
+/// and an expiry), renews its claims while it runs them, and reports each end with
+/// [`TaskQueue::complete`], which removes the offer and stores a [`QueuedCompletion`] for the
+/// scheduler in one statement, only if the claim is still the worker's. A claim that expires
+/// (a worker killed or stopped) can be claimed by another worker with a higher token, so the
+/// late completion of the first one is refused. The scheduler takes its completions, applies
+/// them, and deletes them in the commit that records them ([`WriteBatch::completions_done`]).
+#[async_trait]
+pub trait TaskQueue: Send + Sync + 'static {
+    /// Claims up to `limit` offers for `worker`, oldest first: offers nobody holds, or whose
+    /// claim expired before `now`, and whose worker tags are all among `tags`. Each claim
+    /// expires at `now + ttl`. Offers other workers are claiming at the same moment are
+    /// skipped, not waited for. In the same statement, the batch tells when the earliest
+    /// live claim this worker could take over expires, so an idle worker sleeps until then
+    /// (a dead worker's offers are taken over without polling).
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached; [`StoreError::Corrupt`]
+    /// for an offer that does not decode.
+    async fn claim(
+        &self,
+        worker: &str,
+        tags: &[String],
+        limit: usize,
+        now: Timestamp,
+        ttl: std::time::Duration,
+    ) -> StoreResult<ClaimBatch>;
+
+    /// Extends the claims `worker` still holds, given as `(task run, claim token)`, to
+    /// `now + ttl`. Returns the task runs whose claims were extended; the others are lost
+    /// (expired and claimed by another worker, or withdrawn) and must be stopped.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    async fn renew(
+        &self,
+        worker: &str,
+        claims: &[(TaskRunId, u64)],
+        now: Timestamp,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Vec<TaskRunId>>;
+
+    /// Reports the end of a claimed task: removes the offer and stores the completion for
+    /// the run's scheduler (and wakes it), in one statement. Returns `false`, storing
+    /// nothing, when the claim is no longer `worker`'s with this token.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached (the caller retries:
+    /// the claim token makes a retry safe).
+    async fn complete(&self, completion: &TaskCompletion) -> StoreResult<bool>;
+
+    /// Hands claims back unfinished (a worker shutting down): each becomes claimable at
+    /// once by another worker, and this worker's token is void. Returns how many were
+    /// still held.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    async fn release(&self, worker: &str, claims: &[(TaskRunId, u64)]) -> StoreResult<usize>;
+
+    /// Takes up to `limit` stored completions for the runs `owner` drives, oldest first,
+    /// marking them taken so a second call does not return them again. They stay stored
+    /// until a commit lists them in [`WriteBatch::completions_done`].
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached; [`StoreError::Corrupt`]
+    /// when a stored outcome does not decode.
+    async fn take_completions(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedCompletion>>;
+
+    /// Makes every completion of `owner` takeable again: a scheduler calls it when it
+    /// starts, since the completions its previous incarnation took but never committed are
+    /// still there. Returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    async fn untake_completions(&self, owner: &str) -> StoreResult<u64>;
+
+    /// Starts listening for wake-ups on `topic`.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    async fn listen(&self, topic: QueueTopic) -> StoreResult<Box<dyn QueueListener>>;
+}

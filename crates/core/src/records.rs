@@ -176,13 +176,108 @@ pub struct WriteBatch {
     pub task_runs: Vec<TaskRunRecord>,
     /// Attempts to insert or replace, keyed by (task run, attempt).
     pub attempts: Vec<AttemptRecord>,
+    /// Leases offered on the shared task queue, for standalone workers to claim (only
+    /// stores with a [`crate::ports::TaskQueue`]; others refuse a batch that has any). An
+    /// offer replaces a stored offer of the same task run only when its fencing token is
+    /// higher; one with the same token is left as it is (with its claim), and none is made
+    /// when that token's completion is already stored.
+    pub offers: Vec<TaskOffer>,
+    /// Offers to take back (the run was cancelled); a worker holding one loses its claim.
+    pub withdrawn: Vec<TaskRunId>,
+    /// Completions, by [`QueuedCompletion::seq`], that this batch applies: deleted with it.
+    pub completions_done: Vec<i64>,
 }
 
 impl WriteBatch {
     /// Whether there is nothing to write.
     pub fn is_empty(&self) -> bool {
-        self.runs.is_empty() && self.task_runs.is_empty() && self.attempts.is_empty()
+        self.runs.is_empty()
+            && self.task_runs.is_empty()
+            && self.attempts.is_empty()
+            && !self.uses_task_queue()
     }
+
+    /// Whether the batch writes to the shared task queue.
+    pub fn uses_task_queue(&self) -> bool {
+        !self.offers.is_empty() || !self.withdrawn.is_empty() || !self.completions_done.is_empty()
+    }
+}
+
+/// A lease offered on the store's task queue: the scheduler that drives the run has leased
+/// the task run (fencing token `assignment.fencing_token`) and waits for a standalone
+/// worker to claim and execute it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskOffer {
+    /// What to execute.
+    pub assignment: crate::execution::Assignment,
+    /// The scheduler that drives the run and receives the completion.
+    pub owner: String,
+    /// Tags a worker must advertise to claim it.
+    pub worker_tags: Vec<String>,
+    /// When it was offered; claims take the oldest first.
+    pub offered_at: Timestamp,
+}
+
+/// An offer a worker claimed: it holds it until `expires_at` unless it renews the claim.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedTask {
+    /// What to execute.
+    pub assignment: crate::execution::Assignment,
+    /// The claim's own fencing token: 1 for the first claim of the offer, higher after an
+    /// earlier claim expired or was handed back. Renewals and the completion must carry it.
+    pub claim: u64,
+    /// When the claim expires unless renewed.
+    pub expires_at: Timestamp,
+}
+
+/// What one [`crate::ports::TaskQueue::claim`] took.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClaimBatch {
+    /// The claims, oldest offer first.
+    pub tasks: Vec<ClaimedTask>,
+    /// When the earliest live claim of another worker, on an offer this worker could run,
+    /// expires (`None` when there is none).
+    pub next_expiry: Option<Timestamp>,
+}
+
+/// What a worker reports when it finishes a claimed task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskCompletion {
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The claim's token ([`ClaimedTask::claim`]).
+    pub claim: u64,
+    /// The worker.
+    pub worker: String,
+    /// How the attempt ended.
+    pub outcome: crate::execution::AttemptOutcome,
+    /// When the tool started.
+    pub executed_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+}
+
+/// A stored completion, waiting for the scheduler that owns its run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueuedCompletion {
+    /// Its position in the completions table (deleted by [`WriteBatch::completions_done`]).
+    pub seq: i64,
+    /// The run.
+    pub run_id: RunId,
+    /// The task run.
+    pub task_run_id: TaskRunId,
+    /// The scheduler's fencing token of the lease.
+    pub fencing_token: u64,
+    /// The worker that executed it.
+    pub worker: String,
+    /// How many claims the offer had (more than one: earlier workers lost theirs).
+    pub claims: u64,
+    /// How the attempt ended.
+    pub outcome: crate::execution::AttemptOutcome,
+    /// When the tool started.
+    pub executed_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
 }
 
 /// What a commit did.

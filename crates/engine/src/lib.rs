@@ -18,6 +18,7 @@
 pub mod bus;
 mod failpoints;
 mod logs;
+mod queue;
 mod scheduler;
 mod worker;
 
@@ -26,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arches_core::execution::{ExecutionLimits, Rejection};
-use arches_core::ports::{ArtifactStore, Store, StoreError, ToolRegistry};
+use arches_core::ports::{ArtifactStore, Store, StoreError, TaskQueue, ToolRegistry};
 use arches_core::{Clock, RunId};
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +36,8 @@ pub use failpoints::FailPoints;
 pub use logs::{LogWriter, LogWriterHandle};
 // `Dispatch` is the item type of the receiver `Scheduler::new` returns; it must be nameable
 // by the worker side (and by tests acting as the worker) to tell a lease from a stop.
-pub use scheduler::{Command, Dispatch, Scheduler, SchedulerHandle, StepReport};
+pub use queue::{CompletionFeeder, QueueWorker, QueueWorkerOptions, QueueWorkerReport};
+pub use scheduler::{Command, Dispatch, QueuedOrigin, Scheduler, SchedulerHandle, StepReport};
 pub use worker::WorkerPool;
 
 /// Errors of the engine.
@@ -141,6 +143,25 @@ pub struct EngineOptions {
     pub log_lines_per_attempt_max: u32,
     /// Capacity of the log channel, in lines.
     pub log_channel_capacity: usize,
+    /// Where leased task runs go: this process's worker pool, or the store's task queue for
+    /// standalone workers. With [`Dispatching::TaskQueue`], `worker_id` names the scheduler
+    /// (the owner of its runs and the address of their completions: it must be stable
+    /// across restarts and unique among the schedulers sharing the store), and
+    /// `worker_slots` bounds the offers outstanding at once.
+    pub dispatching: Dispatching,
+}
+
+/// Where a scheduler's leases go.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Dispatching {
+    /// To the [`WorkerPool`] of this process.
+    #[default]
+    InProcess,
+    /// Offered on the store's task queue ([`arches_core::ports::TaskQueue`]), committed
+    /// with the lease, for standalone workers ([`QueueWorker`]) to claim. The store's claim
+    /// carries the worker's lease (renewals, expiry, take-over), so the scheduler sets no
+    /// lease-expiry timers of its own for them.
+    TaskQueue,
 }
 
 impl EngineOptions {
@@ -162,16 +183,26 @@ impl EngineOptions {
             log_line_bytes_max: 64 * 1024,
             log_lines_per_attempt_max: 20_000,
             log_channel_capacity: 8192,
+            dispatching: Dispatching::InProcess,
         }
     }
 }
 
-/// The engine of one process: scheduler, worker pool and log writer, wired together.
+/// The engine of one process: scheduler, worker pool and log writer, wired together — or,
+/// on a shared store, the scheduler and the [`CompletionFeeder`] of its task queue, with the
+/// work done by standalone [`QueueWorker`]s.
 pub struct Engine {
     scheduler: Scheduler,
-    pool: WorkerPool,
-    log_writer: LogWriter,
+    pool: Option<WorkerPool>,
+    log_writer: Option<LogWriter>,
+    feeder: Option<CompletionFeeder>,
 }
+
+/// How often a scheduler on the task queue looks for completions without a wake-up.
+pub const COMPLETION_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Most completions a scheduler on the task queue takes per query.
+pub const COMPLETION_BATCH_MAX: usize = 1024;
 
 impl Engine {
     /// Builds the engine; nothing runs until [`Engine::run`].
@@ -212,8 +243,42 @@ impl Engine {
         );
         Engine {
             scheduler,
-            pool,
-            log_writer,
+            pool: Some(pool),
+            log_writer: Some(log_writer),
+            feeder: None,
+        }
+    }
+
+    /// Builds a scheduler that offers its leases on `queue` (the same store as `store`) for
+    /// standalone workers, with the feeder that brings their completions back. No task runs
+    /// in this process. `options.worker_id` names the scheduler: stable across restarts and
+    /// unique among the schedulers that share the store.
+    pub fn build_on_queue(
+        mut options: EngineOptions,
+        store: Arc<dyn Store>,
+        queue: Arc<dyn TaskQueue>,
+        clock: Arc<dyn Clock>,
+        bus: Option<Arc<dyn EventBus>>,
+    ) -> Engine {
+        options.dispatching = Dispatching::TaskQueue;
+        let owner = options.worker_id.clone();
+        let (mut scheduler, _dispatches) =
+            Scheduler::new(options, store, clock, FailPoints::default());
+        if let Some(bus) = bus {
+            scheduler.set_event_bus(bus);
+        }
+        let feeder = CompletionFeeder::new(
+            queue,
+            owner,
+            scheduler.handle(),
+            COMPLETION_SWEEP_INTERVAL,
+            COMPLETION_BATCH_MAX,
+        );
+        Engine {
+            scheduler,
+            pool: None,
+            log_writer: None,
+            feeder: Some(feeder),
         }
     }
 
@@ -244,17 +309,26 @@ impl Engine {
             scheduler,
             pool,
             log_writer,
+            feeder,
         } = self;
-        let log_task = tokio::spawn(log_writer.run());
+        let log_task = log_writer.map(|writer| tokio::spawn(writer.run()));
         let pool_shutdown = shutdown.child_token();
-        let pool_task = tokio::spawn(pool.run(pool_shutdown.clone()));
+        let pool_task = pool.map(|pool| tokio::spawn(pool.run(pool_shutdown.clone())));
+        let feeder_task = feeder.map(|feeder| tokio::spawn(feeder.run(pool_shutdown.clone())));
         let result = std::panic::AssertUnwindSafe(scheduler.run(shutdown))
             .catch_unwind()
             .await;
         pool_shutdown.cancel();
-        let _ = pool_task.await;
+        if let Some(task) = pool_task {
+            let _ = task.await;
+        }
+        if let Some(task) = feeder_task {
+            let _ = task.await;
+        }
         // The pool held the last log senders; the writer drains and ends.
-        let _ = log_task.await;
+        if let Some(task) = log_task {
+            let _ = task.await;
+        }
         match result {
             Ok(result) => result,
             Err(panic) => std::panic::resume_unwind(panic),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use arches_core::events::DomainEvent;
 use arches_core::execution::{Assignment, AttemptOutcome, RunExecution, Wakeup};
 use arches_core::ports::Store;
-use arches_core::records::{RunRecord, WriteBatch};
+use arches_core::records::{RunRecord, TaskOffer, WriteBatch};
 use arches_core::{Clock, RunId, TaskRunId, Timestamp};
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::bus::{BusEvent, EventBus};
-use crate::{EngineOptions, Error, FailPoints};
+use crate::{Dispatching, EngineOptions, Error, FailPoints};
 
 /// An input of the scheduler.
 #[derive(Debug)]
@@ -65,6 +65,9 @@ pub enum Command {
         executed_at: Timestamp,
         /// When it ended.
         finished_at: Timestamp,
+        /// For a completion taken from the store's task queue: its stored row (deleted in
+        /// the commit that applies it) and the worker that executed the attempt.
+        queued: Option<QueuedOrigin>,
     },
     /// A worker still holds a lease.
     Heartbeat {
@@ -82,6 +85,15 @@ pub enum Command {
         /// Answered when the run is over (at once if it already is).
         reply: oneshot::Sender<Result<RunRecord, Error>>,
     },
+}
+
+/// Where a completion from the store's task queue came from.
+#[derive(Debug, Clone)]
+pub struct QueuedOrigin {
+    /// The stored completion's sequence number.
+    pub seq: i64,
+    /// The standalone worker that executed the attempt.
+    pub worker: String,
 }
 
 /// What the scheduler sends the worker pool.
@@ -214,6 +226,11 @@ pub struct Scheduler {
     wakeups: BinaryHeap<Reverse<(Timestamp, u64, RunId, Wakeup)>>,
     wakeup_seq: u64,
     in_flight: usize,
+    /// With [`Dispatching::TaskQueue`]: the leases offered and not yet reported back, by
+    /// task run and fencing token (`in_flight` counts the worker pool's leases otherwise).
+    offered: HashSet<(TaskRunId, u64)>,
+    /// Offers, withdrawals and applied completions for the next commit.
+    queue_writes: WriteBatch,
     touched: HashSet<RunId>,
     replies: Vec<Reply>,
     stops: Vec<(TaskRunId, u64)>,
@@ -257,6 +274,8 @@ impl Scheduler {
             wakeups: BinaryHeap::new(),
             wakeup_seq: 0,
             in_flight: 0,
+            offered: HashSet::new(),
+            queue_writes: WriteBatch::default(),
             touched: HashSet::new(),
             replies: Vec::new(),
             stops: Vec::new(),
@@ -292,9 +311,33 @@ impl Scheduler {
         self.runs.get(&run_id)
     }
 
-    /// Leases handed out and not yet reported back.
+    /// Leases handed out (or offered on the task queue) and not yet reported back.
     pub fn in_flight(&self) -> usize {
-        self.in_flight
+        match self.options.dispatching {
+            Dispatching::InProcess => self.in_flight,
+            Dispatching::TaskQueue => self.offered.len(),
+        }
+    }
+
+    fn queued(&self) -> bool {
+        self.options.dispatching == Dispatching::TaskQueue
+    }
+
+    /// Offers a lease on the task queue (committed with the lease).
+    fn offer(&mut self, assignment: &arches_core::execution::Assignment, now: Timestamp) {
+        let worker_tags = self
+            .runs
+            .get(&assignment.run_id)
+            .map(|execution| execution.worker_tags(&assignment.task_id).to_vec())
+            .unwrap_or_default();
+        self.offered
+            .insert((assignment.task_run_id, assignment.fencing_token));
+        self.queue_writes.offers.push(TaskOffer {
+            assignment: assignment.clone(),
+            owner: self.options.worker_id.clone(),
+            worker_tags,
+            offered_at: now,
+        });
     }
 
     /// When the next timer is due.
@@ -384,10 +427,24 @@ impl Scheduler {
                 }
                 execution.set_owner(Some(self.options.worker_id.clone()));
                 for wakeup in execution.pending_wakeups() {
+                    if self.queued() && matches!(wakeup, Wakeup::LeaseExpiry { .. }) {
+                        continue;
+                    }
                     self.push_wakeup(run_id, wakeup);
                 }
                 execution.start(now);
+                // A resumed run's leases are offered again with the same tokens: the store
+                // keeps an offer (and its claim) that is still there, and makes none for a
+                // lease whose completion is stored, so the workers that hold them report.
+                let running = if self.queued() {
+                    execution.running_assignments()
+                } else {
+                    Vec::new()
+                };
                 self.runs.insert(run_id, *execution);
+                for assignment in &running {
+                    self.offer(assignment, now);
+                }
                 self.run_order.push(run_id);
                 self.touched.insert(run_id);
                 self.replies.push(Reply::Run(reply, run_id));
@@ -399,7 +456,14 @@ impl Scheduler {
             } => match self.runs.get_mut(&run_id) {
                 Some(execution) => {
                     let stopped = execution.cancel(now, &reason);
-                    self.stops.extend(stopped);
+                    if self.options.dispatching == Dispatching::TaskQueue {
+                        for (task_run_id, token) in stopped {
+                            self.offered.remove(&(task_run_id, token));
+                            self.queue_writes.withdrawn.push(task_run_id);
+                        }
+                    } else {
+                        self.stops.extend(stopped);
+                    }
                     self.touched.insert(run_id);
                     self.replies.push(Reply::Done(reply));
                 }
@@ -414,12 +478,22 @@ impl Scheduler {
                 outcome,
                 executed_at,
                 finished_at,
+                queued,
             } => {
-                self.in_flight = self.in_flight.saturating_sub(1);
+                match &queued {
+                    None => self.in_flight = self.in_flight.saturating_sub(1),
+                    Some(origin) => {
+                        self.offered.remove(&(task_run_id, fencing_token));
+                        self.queue_writes.completions_done.push(origin.seq);
+                    }
+                }
                 let Some(execution) = self.runs.get_mut(&run_id) else {
                     debug!(%run_id, %task_run_id, "completion for a run that is no longer active");
                     return;
                 };
+                if let Some(origin) = &queued {
+                    execution.set_attempt_worker(task_run_id, fencing_token, &origin.worker);
+                }
                 let random: f64 = rand::rng().random();
                 match execution.complete(
                     task_run_id,
@@ -518,7 +592,7 @@ impl Scheduler {
     /// Leases queued task runs to free slots, round-robin over runs, within each run's
     /// concurrency limit.
     fn lease(&mut self, report: &mut StepReport) {
-        let mut free = self.options.worker_slots.saturating_sub(self.in_flight);
+        let mut free = self.options.worker_slots.saturating_sub(self.in_flight());
         if free == 0 || self.run_order.is_empty() {
             return;
         }
@@ -542,10 +616,16 @@ impl Scheduler {
                     break;
                 };
                 free -= 1;
-                self.in_flight += 1;
                 self.touched.insert(run_id);
                 report.assignments.push(assignment);
             }
+        }
+        if self.queued() {
+            for assignment in &report.assignments {
+                self.offer(assignment, now);
+            }
+        } else {
+            self.in_flight += report.assignments.len();
         }
     }
 
@@ -559,6 +639,11 @@ impl Scheduler {
         let mut events = Vec::new();
         let mut wakeups = Vec::new();
         let mut finished = Vec::new();
+        let queue_writes = std::mem::take(&mut self.queue_writes);
+        batch.offers = queue_writes.offers;
+        batch.withdrawn = queue_writes.withdrawn;
+        batch.completions_done = queue_writes.completions_done;
+        let queued = self.queued();
         for run_id in self.touched.drain() {
             let Some(execution) = self.runs.get_mut(&run_id) else {
                 continue;
@@ -568,7 +653,14 @@ impl Scheduler {
             batch.task_runs.extend(changes.task_runs);
             batch.attempts.extend(changes.attempts);
             events.extend(changes.events);
-            wakeups.extend(changes.wakeups.into_iter().map(|w| (run_id, w)));
+            // The task queue's claims carry the workers' leases: no lease timers here.
+            wakeups.extend(
+                changes
+                    .wakeups
+                    .into_iter()
+                    .filter(|w| !(queued && matches!(w, Wakeup::LeaseExpiry { .. })))
+                    .map(|w| (run_id, w)),
+            );
             if execution.is_finished() {
                 finished.push(run_id);
             }
@@ -600,7 +692,9 @@ impl Scheduler {
             if keep_assignments {
                 report.assignments.push(assignment.clone());
             }
-            let _ = self.dispatch.send(Dispatch::Run(Box::new(assignment)));
+            if !queued {
+                let _ = self.dispatch.send(Dispatch::Run(Box::new(assignment)));
+            }
         }
         for event in &events {
             let _ = self.handle.events.send(event.clone());

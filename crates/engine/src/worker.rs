@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use arches_core::execution::{Assignment, AttemptOutcome};
 use arches_core::pipeline::validate::InputSchemas;
-use arches_core::ports::{ArtifactStore, LogSink, ToolContext, ToolRegistry};
-use arches_core::records::LogStream;
+use arches_core::ports::{ArtifactStore, LogSink, TaskQueue, ToolContext, ToolRegistry};
+use arches_core::records::{LogStream, TaskCompletion};
 use arches_core::{Clock, RunId, TaskRunId};
 use futures::FutureExt;
 use tokio::sync::mpsc;
@@ -24,7 +24,32 @@ use crate::logs::{AttemptLog, LogWriterHandle};
 use crate::scheduler::{Command, Dispatch, SchedulerHandle};
 use crate::EngineOptions;
 
-type Running = Arc<Mutex<HashMap<TaskRunId, (u64, CancellationToken)>>>;
+pub(crate) type Running = Arc<Mutex<HashMap<TaskRunId, (u64, CancellationToken)>>>;
+
+/// How far a completion that the store cannot take is retried: the delay doubles from
+/// [`COMPLETE_RETRY_FIRST`] up to [`COMPLETE_RETRY_MAX_DELAY`], [`COMPLETE_TRIES_MAX`] tries
+/// in all (about a minute and a half); after that the claim expires and another worker runs
+/// the task again.
+const COMPLETE_TRIES_MAX: u32 = 20;
+const COMPLETE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+const COMPLETE_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Where an attempt reports.
+#[derive(Clone)]
+pub(crate) enum Reporter {
+    /// To the scheduler of this process (heartbeats and the completion).
+    Scheduler(SchedulerHandle),
+    /// To the store's task queue, for an offer this worker claimed. Claims are renewed by
+    /// the worker for all its attempts at once, so an attempt sends no heartbeat itself.
+    Queue {
+        /// The queue.
+        queue: Arc<dyn TaskQueue>,
+        /// This worker.
+        worker: String,
+        /// The claim's token.
+        claim: u64,
+    },
+}
 
 /// Executes leased attempts in this process.
 pub struct WorkerPool {
@@ -98,7 +123,7 @@ impl WorkerPool {
                     let attempt = Attempt {
                         assignment: *assignment,
                         options: self.options.clone(),
-                        scheduler: self.scheduler.clone(),
+                        reporter: Reporter::Scheduler(self.scheduler.clone()),
                         tools: self.tools.clone(),
                         schemas: self.schemas.clone(),
                         artifacts: self.artifacts.clone(),
@@ -171,25 +196,27 @@ impl WorkerPool {
             },
             executed_at: now,
             finished_at: now,
+            queued: None,
         };
         let _ = self.scheduler.send(command).await;
     }
 }
 
-struct Attempt {
-    assignment: Assignment,
-    options: EngineOptions,
-    scheduler: SchedulerHandle,
-    tools: Arc<ToolRegistry>,
-    schemas: Arc<InputSchemas>,
-    artifacts: Arc<dyn ArtifactStore>,
-    logs: LogWriterHandle,
-    clock: Arc<dyn Clock>,
-    running: Running,
+/// One attempt of a leased (or claimed) task run, executed in its own tokio task.
+pub(crate) struct Attempt {
+    pub(crate) assignment: Assignment,
+    pub(crate) options: EngineOptions,
+    pub(crate) reporter: Reporter,
+    pub(crate) tools: Arc<ToolRegistry>,
+    pub(crate) schemas: Arc<InputSchemas>,
+    pub(crate) artifacts: Arc<dyn ArtifactStore>,
+    pub(crate) logs: LogWriterHandle,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) running: Running,
 }
 
 impl Attempt {
-    async fn execute(self, stop: CancellationToken, shutdown: CancellationToken) {
+    pub(crate) async fn execute(self, stop: CancellationToken, shutdown: CancellationToken) {
         let a = &self.assignment;
         let executed_at = self.clock.now();
         let log = Arc::new(AttemptLog {
@@ -281,6 +308,28 @@ impl Attempt {
                 running.remove(&a.task_run_id);
             }
         }
+        let scheduler = match &self.reporter {
+            Reporter::Scheduler(scheduler) => scheduler,
+            Reporter::Queue {
+                queue,
+                worker,
+                claim,
+            } => {
+                // Stopped (claim lost, withdrawn or handed back at shutdown): nothing to say;
+                // the claim's new holder, or the scheduler's withdrawal, decides.
+                let Some(outcome) = outcome else { return };
+                let completion = TaskCompletion {
+                    task_run_id: a.task_run_id,
+                    claim: *claim,
+                    worker: worker.clone(),
+                    outcome,
+                    executed_at,
+                    finished_at: self.clock.now(),
+                };
+                report_to_queue(queue.as_ref(), &completion).await;
+                return;
+            }
+        };
         let outcome = match outcome {
             Some(outcome) => outcome,
             // Stopped by shutdown: say nothing. The lease stays as committed and is reclaimed
@@ -300,8 +349,9 @@ impl Attempt {
             outcome,
             executed_at,
             finished_at: self.clock.now(),
+            queued: None,
         };
-        if self.scheduler.send(command).await.is_err() {
+        if scheduler.send(command).await.is_err() {
             debug!(task_run_id = %a.task_run_id, "scheduler gone; completion not reported");
         }
     }
@@ -357,16 +407,44 @@ impl Attempt {
                     log.write(LogStream::System, &format!("attempt stopped: timed out after {timeout:?}")).await;
                     return Some(AttemptOutcome::TimedOut { timeout });
                 }
-                _ = heartbeat.tick() => {
+                _ = heartbeat.tick(), if matches!(self.reporter, Reporter::Scheduler(_)) => {
                     let command = Command::Heartbeat {
                         run_id: a.run_id,
                         task_run_id: a.task_run_id,
                         fencing_token: a.fencing_token,
                     };
-                    if self.scheduler.send(command).await.is_err() {
-                        return None;
+                    if let Reporter::Scheduler(scheduler) = &self.reporter {
+                        if scheduler.send(command).await.is_err() {
+                            return None;
+                        }
                     }
                 }
+            }
+        }
+    }
+}
+
+/// Stores a claimed task's completion, retrying while the store is unreachable (bounded:
+/// [`COMPLETE_TRIES_MAX`]). A refusal (the claim is no longer ours) ends it at once.
+async fn report_to_queue(queue: &dyn TaskQueue, completion: &TaskCompletion) {
+    let mut delay = COMPLETE_RETRY_FIRST;
+    for attempt in 1..=COMPLETE_TRIES_MAX {
+        match queue.complete(completion).await {
+            Ok(true) => return,
+            Ok(false) => {
+                warn!(task_run_id = %completion.task_run_id, claim = completion.claim,
+                    "completion refused: the claim is no longer this worker's");
+                return;
+            }
+            Err(error) if attempt < COMPLETE_TRIES_MAX => {
+                warn!(task_run_id = %completion.task_run_id, %error, attempt,
+                    "cannot store the completion; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(COMPLETE_RETRY_MAX_DELAY);
+            }
+            Err(error) => {
+                warn!(task_run_id = %completion.task_run_id, %error,
+                    "cannot store the completion; giving up (the claim will expire and the task run again)");
             }
         }
     }

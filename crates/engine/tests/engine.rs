@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+#[path = "engine/queue.rs"]
+mod queue;
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
@@ -192,6 +195,7 @@ impl Harness {
             outcome,
             executed_at: now,
             finished_at: now,
+            queued: None,
         })
         .await;
     }

@@ -10,10 +10,12 @@ use arches_auth::jwt::TokenIssuer;
 use arches_auth::mail::{LogMailer, Mailer, SmtpConfig as MailSmtpConfig, SmtpMailer, SmtpTls};
 use arches_auth::password::{PasswordHasher, PasswordPolicy};
 use arches_auth::throttle::{LoginThrottle, ThrottleConfig};
+use arches_core::identity::IdentityStore;
+use arches_core::ports::{Store, TaskQueue, ToolRegistry};
 use arches_core::records::Durability as StoreDurability;
 use arches_core::{Clock, SystemClock};
 use arches_engine::{Engine, EngineOptions, EventBus, FailPoints, InProcessBus};
-use arches_store::{LocalArtifactStore, SqliteStore};
+use arches_store::{LocalArtifactStore, PgStore, SqliteStore};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
@@ -54,8 +56,145 @@ pub struct Built {
     /// Builds a replacement when the engine stops on a store failure (absent with workers
     /// disabled); see [`crate::supervisor`].
     pub engine_factory: Option<EngineFactory>,
-    /// The SQLite store, to close on shutdown.
-    pub store: SqliteStore,
+    /// The store, to close on shutdown.
+    pub store: OpenedStore,
+}
+
+/// The store a server opened: the SQLite file under its home, or a shared PostgreSQL
+/// database.
+#[derive(Clone, Debug)]
+pub enum OpenedStore {
+    /// `home/arches.db`.
+    Sqlite(SqliteStore),
+    /// `store.database_url`.
+    Postgres(PgStore),
+}
+
+impl OpenedStore {
+    /// Opens the store the configuration names (migrating it).
+    ///
+    /// # Errors
+    /// [`BuildError::Store`] when it cannot be opened or migrated.
+    pub async fn open(config: &ServerConfig) -> Result<OpenedStore, BuildError> {
+        let durability = match config.durability {
+            Durability::Normal => StoreDurability::Normal,
+            Durability::Full => StoreDurability::Full,
+        };
+        Ok(match &config.store.database_url {
+            Some(url) => OpenedStore::Postgres(
+                PgStore::connect_pooled(url.expose(), durability, config.store.pool()).await?,
+            ),
+            None => OpenedStore::Sqlite(
+                SqliteStore::open(&config.home.join("arches.db"), durability).await?,
+            ),
+        })
+    }
+
+    /// Both ports of the store.
+    pub fn ports(&self) -> (Arc<dyn Store>, Arc<dyn IdentityStore>) {
+        match self {
+            OpenedStore::Sqlite(store) => {
+                let store = Arc::new(store.clone());
+                (store.clone(), store)
+            }
+            OpenedStore::Postgres(store) => {
+                let store = Arc::new(store.clone());
+                (store.clone(), store)
+            }
+        }
+    }
+
+    /// The shared task queue (PostgreSQL only).
+    pub fn task_queue(&self) -> Option<Arc<dyn TaskQueue>> {
+        match self {
+            OpenedStore::Sqlite(_) => None,
+            OpenedStore::Postgres(store) => Some(Arc::new(store.clone())),
+        }
+    }
+
+    /// Closes the connections.
+    pub async fn close(&self) {
+        match self {
+            OpenedStore::Sqlite(store) => store.close().await,
+            OpenedStore::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+/// The event bus the configuration names: NATS JetStream (`events.nats_url`), shared by
+/// replicas and workers, or this process's own.
+///
+/// # Errors
+/// [`BuildError::Config`] when the NATS server cannot be reached or its stream set up.
+pub async fn event_bus(
+    config: &ServerConfig,
+    clock: &dyn Clock,
+) -> Result<Arc<dyn EventBus>, BuildError> {
+    match &config.events.nats_url {
+        Some(url) => {
+            let options = arches_bus_nats::NatsBusOptions {
+                stream_name: config.events.stream.clone(),
+                subject_prefix: config.events.subject_prefix.clone(),
+                live_capacity: EVENT_LIVE_CAPACITY,
+                ..arches_bus_nats::NatsBusOptions::default()
+            };
+            let bus = arches_bus_nats::NatsBus::connect(url, options)
+                .await
+                .map_err(|e| BuildError::Config(format!("events.nats_url: {e}")))?;
+            Ok(Arc::new(bus))
+        }
+        None => {
+            let epoch = u64::try_from(clock.now().as_micros()).unwrap_or_default();
+            Ok(Arc::new(InProcessBus::new(
+                epoch,
+                EVENT_REPLAY_MAX,
+                EVENT_LIVE_CAPACITY,
+            )))
+        }
+    }
+}
+
+/// This machine's host name (for default scheduler and worker names), `localhost` when
+/// unknown.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// The name of this server's scheduler: `workers.scheduler_id`, or `serve@<hostname>` on a
+/// shared store; `server:<pid>` on SQLite, which one process owns.
+pub fn scheduler_id(config: &ServerConfig) -> String {
+    match (&config.workers.scheduler_id, &config.store.database_url) {
+        (Some(id), _) => id.clone(),
+        (None, Some(_)) => format!("serve@{}", host_name()),
+        (None, None) => format!("server:{}", std::process::id()),
+    }
+}
+
+/// The tools of a server or standalone worker: the built-in ones with the configured
+/// policies (`[tools.*]`), and the orgs' registered tools resolved from `store` with their
+/// secrets opened by `keyring`.
+pub fn tool_registry(
+    config: &ServerConfig,
+    store: Arc<dyn Store>,
+    executors: &arches_tools::Executors,
+    keyring: Option<Arc<arches_auth::sealing::Keyring>>,
+) -> ToolRegistry {
+    let mut tools = arches_tools::builtin_registry_with(executors);
+    if !config.tools.shell.enabled {
+        tools.unregister("shell");
+    }
+    let secrets: Arc<dyn arches_core::ports::SecretReader> =
+        Arc::new(crate::registry::SealedSecrets::new(store.clone(), keyring));
+    tools.set_resolver(Arc::new(crate::registry::OrgTools::new(
+        store,
+        executors.clone(),
+        secrets,
+    )));
+    tools
 }
 
 /// Errors of assembly.
@@ -91,22 +230,13 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         Some(clock) => Arc::new(ClockAdapter(clock)),
         None => Arc::new(SystemClock),
     };
-    let durability = match config.durability {
-        Durability::Normal => StoreDurability::Normal,
-        Durability::Full => StoreDurability::Full,
-    };
-    let sqlite = SqliteStore::open(&home.join("arches.db"), durability).await?;
-    let store: Arc<SqliteStore> = Arc::new(sqlite.clone());
+    let opened = OpenedStore::open(&config).await?;
+    let (store, identity) = opened.ports();
     let artifacts = Arc::new(
         LocalArtifactStore::new(&home.join("artifacts"), store.clone())
             .map_err(BuildError::Store)?,
     );
-    let epoch = u64::try_from(clock.now().as_micros()).unwrap_or_default();
-    let bus: Arc<dyn EventBus> = Arc::new(InProcessBus::new(
-        epoch,
-        EVENT_REPLAY_MAX,
-        EVENT_LIVE_CAPACITY,
-    ));
+    let bus = event_bus(&config, clock.as_ref()).await?;
     let executors =
         arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
     let http_tool = executors.http.clone();
@@ -115,24 +245,23 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         .keyring()
         .map_err(|e| BuildError::Config(format!("secrets.keys: {e}")))?
         .map(Arc::new);
-    let mut tools = arches_tools::builtin_registry_with(&executors);
-    if !config.tools.shell.enabled {
-        tools.unregister("shell");
-    }
-    let secrets: Arc<dyn arches_core::ports::SecretReader> = Arc::new(
-        crate::registry::SealedSecrets::new(store.clone(), keyring.clone()),
-    );
-    tools.set_resolver(Arc::new(crate::registry::OrgTools::new(
-        store.clone(),
-        executors.clone(),
-        secrets,
-    )));
+    let tools = tool_registry(&config, store.clone(), &executors, keyring.clone());
 
-    let engine_factory: Option<EngineFactory> = if config.workers.enabled {
+    // With workers: the engine runs task runs here. Without, on PostgreSQL: the scheduler
+    // offers them to standalone workers on the store's task queue. Without, on SQLite: no
+    // engine (an API-only process).
+    let queue = if config.workers.enabled {
+        None
+    } else {
+        opened.task_queue()
+    };
+    let engine_factory: Option<EngineFactory> = if config.workers.enabled || queue.is_some() {
         let mut engine_options = EngineOptions::new(home.join("work"));
-        engine_options.worker_id = format!("server:{}", std::process::id());
-        if let Some(slots) = config.workers.slots {
-            engine_options.worker_slots = slots.max(1);
+        engine_options.worker_id = scheduler_id(&config);
+        match (config.workers.slots, &queue) {
+            (Some(slots), _) => engine_options.worker_slots = slots.max(1),
+            (None, Some(_)) => engine_options.worker_slots = QUEUE_OFFERS_MAX_DEFAULT,
+            (None, None) => {}
         }
         let store = store.clone();
         let artifacts = artifacts.clone();
@@ -141,14 +270,23 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         let tools = tools.clone();
         let failpoints = options.failpoints.clone();
         Some(Arc::new(move || {
-            let mut engine = Engine::build_with_bus(
-                engine_options.clone(),
-                store.clone(),
-                artifacts.clone(),
-                tools.clone(),
-                clock.clone(),
-                Some(bus.clone()),
-            );
+            let mut engine = match &queue {
+                Some(queue) => Engine::build_on_queue(
+                    engine_options.clone(),
+                    store.clone(),
+                    queue.clone(),
+                    clock.clone(),
+                    Some(bus.clone()),
+                ),
+                None => Engine::build_with_bus(
+                    engine_options.clone(),
+                    store.clone(),
+                    artifacts.clone(),
+                    tools.clone(),
+                    clock.clone(),
+                    Some(bus.clone()),
+                ),
+            };
             if let Some(failpoints) = &failpoints {
                 engine.set_failpoints(failpoints.clone());
             }
@@ -191,7 +329,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
     let state = AppState {
         config: Arc::new(config),
         store: store.clone(),
-        identity: Arc::new(crate::identity_cache::CachingIdentityStore::new(store)),
+        identity: Arc::new(crate::identity_cache::CachingIdentityStore::new(identity)),
         artifacts,
         bus,
         engine: engine
@@ -220,7 +358,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         router,
         engine,
         engine_factory,
-        store: sqlite,
+        store: opened,
     })
 }
 
@@ -291,10 +429,15 @@ impl Clock for ClockAdapter {
 /// Most runs resumed at start.
 pub const RECOVER_RUNS_MAX: usize = 10_000;
 
+/// Offers a scheduler on the task queue keeps outstanding, unless `workers.slots` says.
+pub const QUEUE_OFFERS_MAX_DEFAULT: usize = 4_096;
+
 /// Resumes on `engine` the runs a previous server process (or a stopped engine) left queued
 /// or running: their interrupted attempts are recorded `lease_expired` and run again,
 /// succeeded task runs are kept. Runs owned by a CLI process (`pid:…`) are left to
-/// `arches resume`. Returns how many runs were resumed.
+/// `arches resume`. On a PostgreSQL store only the runs this replica's scheduler owns are
+/// resumed, and with standalone workers their leases are kept (offered again, so the
+/// workers holding them report to this scheduler). Returns how many runs were resumed.
 ///
 /// Callers make sure no request reaches `engine` until this returns (the first engine
 /// before the HTTP server starts, a rebuilt one before its handle enters the
@@ -309,6 +452,11 @@ pub async fn recover_runs(
 ) -> Result<usize, arches_engine::Error> {
     use arches_core::records::RunFilter;
     use arches_core::RunState;
+    // On a shared store, each replica resumes only the runs its scheduler owns; with
+    // standalone workers the leases stay with the workers that claimed them.
+    let shared = state.config.store.database_url.is_some();
+    let queued = shared && !state.config.workers.enabled;
+    let me = scheduler_id(&state.config);
     let mut resumed = 0;
     for run_state in [RunState::Running, RunState::Queued] {
         let mut before = None;
@@ -335,9 +483,14 @@ pub async fn recover_runs(
                 if run.owner.as_deref().is_some_and(|o| o.starts_with("pid:")) {
                     continue;
                 }
+                if shared && run.owner.as_deref() != Some(me.as_str()) {
+                    continue;
+                }
                 match arches_engine::restore_run(state.store.as_ref(), run).await {
                     Ok(mut execution) => {
-                        execution.reclaim_leases(state.clock.now());
+                        if !queued {
+                            execution.reclaim_leases(state.clock.now());
+                        }
                         match engine.resume(execution).await {
                             Ok(_) => resumed += 1,
                             Err(arches_engine::Error::AlreadyActive(_)) => {}

@@ -204,6 +204,12 @@ pub struct ServerConfig {
     pub multi_tenant: bool,
     /// The in-process worker pool.
     pub workers: WorkerConfig,
+    /// Where state is kept: the SQLite file under `home` (the default) or a PostgreSQL
+    /// database that several processes share.
+    pub store: StoreConfig,
+    /// Where live events travel: this process only, or NATS JetStream between replicas and
+    /// workers.
+    pub events: EventsConfig,
     /// How hard the store flushes before acknowledging a write.
     pub durability: Durability,
     /// Tokens and sessions.
@@ -258,6 +264,8 @@ impl Default for ServerConfig {
             public_url: "http://127.0.0.1:8080".to_owned(),
             multi_tenant: false,
             workers: WorkerConfig::default(),
+            store: StoreConfig::default(),
+            events: EventsConfig::default(),
             durability: Durability::default(),
             auth: AuthConfig::default(),
             http: HttpConfig::default(),
@@ -367,11 +375,18 @@ impl Default for HttpToolConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {
-    /// Whether this process runs workers besides the API. Default `true`; set `false` on
-    /// API-only replicas.
+    /// Whether this process runs task runs itself. Default `true`. `false` (`--no-workers`)
+    /// on a PostgreSQL store: this replica's scheduler offers its task runs on the store's
+    /// task queue to standalone workers (`arches worker`); on SQLite: an API-only process
+    /// that starts no run.
     pub enabled: bool,
-    /// How many task runs execute at once; `None` (the default) means one per CPU core.
+    /// How many task runs execute at once; `None` (the default) means one per CPU core. With
+    /// standalone workers: how many offers this scheduler keeps outstanding (default 4,096).
     pub slots: Option<usize>,
+    /// This server's scheduler on the task queue: the owner of the runs it drives and the
+    /// address of their completions. Must be unique per replica and the same after a
+    /// restart (so the restarted replica finds its runs). Default `serve@<hostname>`.
+    pub scheduler_id: Option<String>,
 }
 
 impl Default for WorkerConfig {
@@ -379,6 +394,67 @@ impl Default for WorkerConfig {
         WorkerConfig {
             enabled: true,
             slots: None,
+            scheduler_id: None,
+        }
+    }
+}
+
+/// Live events (`[events]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsConfig {
+    /// A NATS server with JetStream (`nats://host:4222`) that carries run, task-run and log
+    /// events between API replicas and workers, so a client of any replica sees everything.
+    /// None (the default): events stay in this process.
+    pub nats_url: Option<String>,
+    /// The JetStream stream. Default `ARCHES_EVENTS`.
+    pub stream: String,
+    /// Subjects are `<subject_prefix>.<org id>.<run|task_run|log>`. Default `arches.events`.
+    pub subject_prefix: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        EventsConfig {
+            nats_url: None,
+            stream: "ARCHES_EVENTS".to_owned(),
+            subject_prefix: "arches.events".to_owned(),
+        }
+    }
+}
+
+/// The store (`[store]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// A PostgreSQL database (`postgres://user:password@host:5432/db`) instead of the SQLite
+    /// file under `home`; prefer `ARCHES_STORE__DATABASE_URL` to keep a password out of
+    /// files. Artifacts stay under `home`, which every replica and worker must share.
+    pub database_url: Option<Secret>,
+    /// Most connections of the PostgreSQL pool (each task-queue listener holds one more).
+    /// Default 16.
+    pub max_connections: u32,
+    /// How long a request waits for a PostgreSQL connection before it gets 503, in seconds.
+    /// Default 5.
+    pub acquire_timeout_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            database_url: None,
+            max_connections: 16,
+            acquire_timeout_secs: 5,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The PostgreSQL pool bounds.
+    pub fn pool(&self) -> arches_store::PgPoolSettings {
+        arches_store::PgPoolSettings {
+            max_connections: self.max_connections,
+            acquire_timeout: std::time::Duration::from_secs(self.acquire_timeout_secs),
         }
     }
 }
@@ -600,6 +676,8 @@ pub struct ConfigOverrides {
     pub log_format: Option<LogFormat>,
     /// `--log-level`: sets `log.level`.
     pub log_level: Option<String>,
+    /// `--database-url`: sets `store.database_url`.
+    pub database_url: Option<String>,
 }
 
 impl ConfigOverrides {
@@ -648,6 +726,11 @@ impl ConfigOverrides {
                 "log.level",
                 "--log-level",
                 self.log_level.clone().map(Value::from),
+            ),
+            (
+                "store.database_url",
+                "--database-url",
+                self.database_url.clone().map(Value::from),
             ),
         ]
         .into_iter()
@@ -713,7 +796,9 @@ impl EnvVars {
 
 /// The dotted config key of an environment variable, or `None` if the variable is not one
 /// of ours. Variables whose first segment is not a top-level key (such as `ARCHES_TOKEN`,
-/// read by the CLI client) are ignored rather than rejected as unknown keys.
+/// read by the CLI client) are ignored rather than rejected as unknown keys, and so is
+/// `ARCHES_LOG` itself (the CLI's log filter; the server's settings are `ARCHES_LOG__LEVEL`
+/// and `ARCHES_LOG__FORMAT`), so that `ARCHES_LOG=info arches worker` works.
 fn env_key(name: &str) -> Option<String> {
     let rest = name
         .get(..ENV_PREFIX.len())
@@ -725,7 +810,7 @@ fn env_key(name: &str) -> Option<String> {
         .collect::<Vec<_>>()
         .join(".");
     let top_level = key.split('.').next().unwrap_or_default();
-    TOP_LEVEL_KEYS.contains(&top_level).then_some(key)
+    (TOP_LEVEL_KEYS.contains(&top_level) && key != "log").then_some(key)
 }
 
 /// The top-level keys of [`ServerConfig`]; a test checks this list against the struct.
@@ -735,6 +820,8 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "public_url",
     "multi_tenant",
     "workers",
+    "store",
+    "events",
     "durability",
     "auth",
     "http",
@@ -905,6 +992,56 @@ impl ServerConfig {
             self.workers.slots != Some(0),
             "workers.slots",
             "must be > 0",
+        );
+        check(
+            self.workers
+                .scheduler_id
+                .as_deref()
+                .is_none_or(|id| !id.trim().is_empty() && id.len() <= 200),
+            "workers.scheduler_id",
+            "must be 1 to 200 characters",
+        );
+        check(
+            self.events
+                .nats_url
+                .as_deref()
+                .is_none_or(|url| url.starts_with("nats://") || url.starts_with("tls://")),
+            "events.nats_url",
+            "must be a nats:// URL",
+        );
+        check(
+            !self.events.stream.is_empty()
+                && self
+                    .events
+                    .stream
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'),
+            "events.stream",
+            "must be letters, digits, `_` or `-`",
+        );
+        check(
+            !self.events.subject_prefix.is_empty()
+                && !self.events.subject_prefix.contains(['*', '>', ' ']),
+            "events.subject_prefix",
+            "must be a NATS subject without wildcards or spaces",
+        );
+        check(
+            self.store.max_connections > 0,
+            "store.max_connections",
+            "must be > 0",
+        );
+        check(
+            (1..=600).contains(&self.store.acquire_timeout_secs),
+            "store.acquire_timeout_secs",
+            "must be between 1 and 600",
+        );
+        check(
+            self.store.database_url.as_ref().is_none_or(|url| {
+                let url = url.expose();
+                url.starts_with("postgres://") || url.starts_with("postgresql://")
+            }),
+            "store.database_url",
+            "must be a postgres:// URL",
         );
 
         let auth = &self.auth;
@@ -1144,10 +1281,30 @@ multi_tenant = false
 durability = "normal"
 
 [workers]
-# Run workers in this process (false on API-only replicas).
+# Run task runs in this process. false: with a PostgreSQL store, offer them to standalone
+# workers (`arches worker`); with SQLite, an API-only process.
 enabled = true
 # Task runs executing at once; leave unset for one per CPU core.
 # slots = 4
+# This replica's scheduler name on the task queue: unique per replica, stable across
+# restarts. Default serve@<hostname>.
+# scheduler_id = "serve@api-1"
+
+[events]
+# A NATS server with JetStream carrying live events between replicas and workers; unset:
+# events stay in this process.
+# nats_url = "nats://127.0.0.1:4222"
+stream = "ARCHES_EVENTS"
+subject_prefix = "arches.events"
+
+[store]
+# A PostgreSQL database shared by replicas and workers, instead of the SQLite file under
+# home. Prefer ARCHES_STORE__DATABASE_URL to keep a password out of files.
+# database_url = "postgres://arches@db:5432/arches"
+# Most connections of the PostgreSQL pool.
+max_connections = 16
+# Seconds a request waits for a connection before it gets 503.
+acquire_timeout_secs = 5
 
 [auth]
 # HS256 key signing access tokens, at least 32 bytes. Prefer the environment variable

@@ -32,3 +32,4 @@ pub mod registry;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;
+pub mod worker;

@@ -329,6 +329,7 @@ pub async fn a_commit_round_trips_every_field_of_runs_task_runs_and_attempts(
                 bare_task_run.clone(),
             ],
             attempts: vec![full_attempt.clone(), first_attempt.clone()],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -378,6 +379,7 @@ pub async fn a_later_write_replaces_every_field_of_a_row(store: Arc<dyn Store>) 
             runs: vec![stored_run.clone()],
             task_runs: vec![stored_task_run.clone()],
             attempts: vec![stored_attempt.clone()],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -398,6 +400,7 @@ pub async fn a_later_write_replaces_every_field_of_a_row(store: Arc<dyn Store>) 
             runs: vec![stored_run.clone()],
             task_runs: vec![stored_task_run.clone()],
             attempts: vec![stored_attempt.clone()],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -445,6 +448,7 @@ pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
             runs: vec![changed_run, new_run.clone()],
             task_runs: vec![task_run(&new_run, "fine", 0, 4), orphan],
             attempts: vec![],
+            ..WriteBatch::default()
         })
         .await;
     assert!(
@@ -465,6 +469,7 @@ pub async fn a_failed_commit_stores_nothing(store: Arc<dyn Store>) {
             runs: vec![],
             task_runs: vec![stored_task_run],
             attempts: vec![orphan_attempt],
+            ..WriteBatch::default()
         })
         .await;
     assert!(
@@ -503,6 +508,7 @@ pub async fn a_stale_fencing_token_cannot_overwrite_a_task_run(store: Arc<dyn St
             runs: vec![stored_run.clone()],
             task_runs: vec![leased.clone(), other.clone()],
             attempts: vec![],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -521,6 +527,7 @@ pub async fn a_stale_fencing_token_cannot_overwrite_a_task_run(store: Arc<dyn St
             runs: vec![finished_run.clone()],
             task_runs: vec![stale, queued.clone()],
             attempts: vec![attempt(&leased, 1)],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -543,6 +550,7 @@ pub async fn an_equal_or_higher_fencing_token_overwrites_a_task_run(store: Arc<d
             runs: vec![stored_run.clone()],
             task_runs: vec![current.clone()],
             attempts: vec![],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -592,6 +600,7 @@ pub async fn writes_of_one_task_run_within_a_batch_apply_in_order(store: Arc<dyn
             runs: vec![stored_run.clone()],
             task_runs: vec![queued, running.clone(), succeeded.clone()],
             attempts: vec![],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -733,6 +742,7 @@ pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(
                 elsewhere.clone(),
             ],
             attempts: vec![],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -1014,6 +1024,7 @@ pub async fn a_batch_of_ten_thousand_task_runs_round_trips(store: Arc<dyn Store>
             runs: vec![stored_run.clone()],
             task_runs: task_runs.clone(),
             attempts: vec![],
+            ..WriteBatch::default()
         },
     )
     .await;
@@ -1267,6 +1278,7 @@ pub async fn state_counts_count_runs_task_runs_and_attempts_by_state(store: Arc<
                 finished_at: Some(Timestamp(2)),
                 error: None,
             }],
+            ..WriteBatch::default()
         },
     )
     .await;

@@ -133,6 +133,11 @@ pub(crate) fn sqlx_error(error: &sqlx::Error) -> StoreError {
                 _ => StoreError::Backend(message),
             }
         }
+        // A lost or refused connection (a database restarting, a network cut) may come
+        // back: unavailability, not a failure of the store.
+        sqlx::Error::Io(source) if is_connection_lost(source) => {
+            StoreError::Unavailable(source.to_string())
+        }
         sqlx::Error::Io(source) => io_error(source),
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
             StoreError::Unavailable(error.to_string())
@@ -183,6 +188,20 @@ pub(crate) fn is_disk_full(error: &io::Error) -> bool {
     error.kind() == io::ErrorKind::StorageFull
         || error.kind() == io::ErrorKind::QuotaExceeded
         || matches!(error.raw_os_error(), Some(ENOSPC | EDQUOT))
+}
+
+/// Whether an I/O error is a connection that was refused, reset or cut.
+fn is_connection_lost(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Maps an I/O error onto the port's error.

@@ -21,5 +21,5 @@ mod sqlite;
 
 pub use artifacts::LocalArtifactStore;
 pub use error::Error;
-pub use postgres::PgStore;
+pub use postgres::{PgPoolSettings, PgStore};
 pub use sqlite::SqliteStore;

@@ -18,6 +18,7 @@ use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, Wr
 use arches_core::state::RunState;
 use arches_core::time::Timestamp;
 use arches_store::conformance::Fixture;
+use arches_store::conformance_identity::IdentityFixture;
 use arches_store::PgStore;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection};
@@ -155,6 +156,13 @@ async fn postgres_fixture() -> Fixture {
 
 arches_store::conformance_tests!(postgres_fixture());
 
+async fn postgres_identity_fixture() -> IdentityFixture {
+    let (database, store) = open(Durability::Normal).await;
+    IdentityFixture::new(Arc::new(store), database)
+}
+
+arches_store::identity_conformance_tests!(postgres_identity_fixture());
+
 fn queued_run() -> RunRecord {
     RunRecord {
         org_id: OrgId::DEFAULT,
@@ -271,6 +279,7 @@ async fn a_commit_abandoned_by_its_caller_is_all_or_nothing_and_the_next_one_goe
         runs: vec![run.clone()],
         task_runs: task_runs.clone(),
         attempts: vec![],
+        ..WriteBatch::default()
     };
     let _ = tokio::time::timeout(Duration::from_millis(1), store.commit(&batch)).await;
 
@@ -291,4 +300,73 @@ async fn a_commit_abandoned_by_its_caller_is_all_or_nothing_and_the_next_one_goe
     let whole = stored_run == Some(run) && stored_task_runs == task_runs;
     let nothing = stored_run.is_none() && stored_task_runs.is_empty();
     assert!(whole || nothing, "the abandoned commit was stored in part");
+}
+
+/// Of concurrent demotions of an org's two owners, processes apart, at most one goes through:
+/// the org always keeps an owner (the last-owner rule is decided under the org's lock, not on
+/// a snapshot each transaction reads on its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_demotions_of_two_owners_leave_one() {
+    use arches_core::identity::{IdentityStore, MembershipRecord, OrgRecord, Role, UserRecord};
+    use arches_core::ids::UserId;
+
+    let (_database, store) = open(Durability::Normal).await;
+    let person = |email: &str| UserRecord {
+        id: UserId::new(),
+        email: email.to_owned(),
+        display_name: email.to_owned(),
+        password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".to_owned(),
+        email_verified_at: None,
+        totp_secret: None,
+        totp_enabled_at: None,
+        totp_last_step: None,
+        created_at: Timestamp(1),
+        disabled_at: None,
+    };
+    for round in 0..8 {
+        let (first, second) = (
+            person(&format!("first{round}@example.com")),
+            person(&format!("second{round}@example.com")),
+        );
+        store.create_user(&first, None).await.unwrap();
+        store.create_user(&second, None).await.unwrap();
+        let org = OrgRecord {
+            id: OrgId::new(),
+            slug: format!("org-{round}"),
+            name: format!("Org {round}"),
+            created_at: Timestamp(1),
+        };
+        store.create_org(&org, first.id).await.unwrap();
+        store
+            .add_member(&MembershipRecord {
+                org_id: org.id,
+                user_id: second.id,
+                role: Role::Owner,
+                created_at: Timestamp(2),
+            })
+            .await
+            .unwrap();
+        let demotions: Vec<_> = [first.id, second.id]
+            .into_iter()
+            .map(|user| {
+                let store = store.clone();
+                tokio::spawn(async move { store.set_role(org.id, user, Role::Admin).await })
+            })
+            .collect();
+        let mut demoted = 0;
+        for demotion in demotions {
+            if demotion.await.unwrap().is_ok() {
+                demoted += 1;
+            }
+        }
+        assert_eq!(demoted, 1, "round {round}");
+        let owners = store
+            .members(org.id)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|(membership, _)| membership.role == Role::Owner)
+            .count();
+        assert_eq!(owners, 1, "round {round}");
+    }
 }

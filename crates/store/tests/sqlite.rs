@@ -219,6 +219,7 @@ async fn a_commit_abandoned_by_its_caller_is_all_or_nothing_and_the_next_one_goe
             runs: vec![run.clone()],
             task_runs: (0..1_000).map(|i| pending_task_run(owner, i)).collect(),
             attempts: vec![],
+            ..WriteBatch::default()
         };
         // Whether the caller gives up before or after the connection's thread has run the
         // batch, the batch is stored whole or not at all.
@@ -256,6 +257,7 @@ async fn a_large_batch_round_trips_on_a_multi_thread_runtime() {
         runs: vec![run.clone()],
         task_runs: (0..2_000).map(|i| pending_task_run(run.id, i)).collect(),
         attempts: vec![],
+        ..WriteBatch::default()
     };
     store.commit(&batch).await.unwrap();
     assert_eq!(store.task_runs(run.id).await.unwrap(), batch.task_runs);

@@ -6,6 +6,7 @@ mod bad_input;
 mod penguins;
 mod remote;
 mod resume;
+mod scale_out;
 mod serve;
 
 use std::io::{BufRead, BufReader};
@@ -29,7 +30,9 @@ pub fn arches(home: &Path) -> Command {
         .env("ARCHES_HOME", home)
         .env_remove("ARCHES_SERVER")
         .env_remove("ARCHES_TOKEN")
-        .env_remove("ARCHES_LOG");
+        .env_remove("ARCHES_LOG")
+        .env_remove("ARCHES_DATABASE_URL")
+        .env_remove("ARCHES_STORE__DATABASE_URL");
     command
 }
 

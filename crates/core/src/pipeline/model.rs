@@ -165,6 +165,28 @@ pub struct TaskDef {
     /// against the tool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sandbox: Option<SandboxChoice>,
+    /// Tags a worker must advertise to run this task (for example `gpu`, `python`, a
+    /// region). Only standalone workers (`arches worker --tag …`) advertise tags; a task
+    /// with none runs on any worker. At most [`WORKER_TAGS_MAX`] tags, each of
+    /// [`is_valid_worker_tag`] shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub worker_tags: Vec<String>,
+}
+
+/// Most `worker_tags` per task (and tags per worker).
+pub const WORKER_TAGS_MAX: usize = 16;
+
+/// Whether `tag` is a valid worker tag: 1 to 64 ASCII characters among lowercase letters,
+/// digits, `-`, `_`, `.` and `:`, starting with a letter or a digit.
+pub fn is_valid_worker_tag(tag: &str) -> bool {
+    (1..=64).contains(&tag.len())
+        && tag
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && tag.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.' | b':')
+        })
 }
 
 /// A task's `sandbox` setting.

@@ -695,6 +695,35 @@ impl Context<'_> {
             )),
         }
         self.check_sandbox(task, pointer, out);
+        self.check_worker_tags(task, pointer, out);
+    }
+
+    /// Checks a task's `worker_tags`: well-formed, at most
+    /// [`crate::pipeline::WORKER_TAGS_MAX`].
+    fn check_worker_tags(&self, task: &TaskDef, pointer: &str, out: &mut Vec<Diagnostic>) {
+        use crate::pipeline::{is_valid_worker_tag, WORKER_TAGS_MAX};
+        if task.worker_tags.len() > WORKER_TAGS_MAX {
+            out.push(self.diagnostic(
+                "worker_tags_too_many",
+                format!(
+                    "task `{}` requires {} worker tags; at most {WORKER_TAGS_MAX} are allowed",
+                    task.id,
+                    task.worker_tags.len()
+                ),
+                &format!("{pointer}/worker_tags"),
+                None,
+            ));
+        }
+        for (i, tag) in task.worker_tags.iter().enumerate() {
+            if !is_valid_worker_tag(tag) {
+                out.push(self.diagnostic(
+                    "worker_tag_invalid",
+                    format!("worker tag {tag:?} of task `{}` is not a valid tag", task.id),
+                    &format!("{pointer}/worker_tags/{i}"),
+                    Some("use 1 to 64 of a-z, 0-9, `-`, `_`, `.`, `:`, starting with a letter or digit (for example `gpu`, `region:eu-west`)".to_owned()),
+                ));
+            }
+        }
     }
 
     /// Checks that a task's `sandbox: wasm | process` is one its tool runs in; an unknown

@@ -20,8 +20,12 @@
 //! This module must never hold a transaction open across anything but its own statements:
 //! every batch is encoded before its transaction begins.
 
+mod identity;
+mod queue;
 mod registry;
 mod rows;
+
+pub use queue::{CLAIM_LIMIT_MAX, COMPLETIONS_CHANNEL, OFFERS_CHANNEL, TAKE_LIMIT_MAX};
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -50,12 +54,32 @@ use crate::sqlite::{
 };
 use rows::*;
 
-/// Connections of the pool.
+/// Connections of the pool, by default.
 const CONNECTIONS_MAX: u32 = 8;
 
 /// How long an operation waits for a free connection before failing with
-/// [`StoreError::Unavailable`].
+/// [`StoreError::Unavailable`], by default.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connection pool's bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PgPoolSettings {
+    /// Most connections open at once (each `LISTEN` of the task queue holds one more of its
+    /// own). Default 8.
+    pub max_connections: u32,
+    /// How long an operation waits for a free connection (or for a new one to connect)
+    /// before failing with [`StoreError::Unavailable`]. Default 5 s.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgPoolSettings {
+    fn default() -> Self {
+        Self {
+            max_connections: CONNECTIONS_MAX,
+            acquire_timeout: ACQUIRE_TIMEOUT,
+        }
+    }
+}
 
 /// The advisory lock that serializes log appends (an arbitrary constant, `"arches:logs"` in
 /// ASCII, so that it is recognizable in `pg_locks`).
@@ -98,11 +122,23 @@ impl PgStore {
     /// [`Error::Connect`] when the URL is malformed or the database cannot be reached, and
     /// [`Error::MigrateDatabase`] when a migration fails.
     pub async fn connect(url: &str, durability: Durability) -> Result<PgStore, Error> {
+        Self::connect_pooled(url, durability, PgPoolSettings::default()).await
+    }
+
+    /// [`PgStore::connect`] with the pool bounds `pool`.
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`].
+    pub async fn connect_pooled(
+        url: &str,
+        durability: Durability,
+        pool: PgPoolSettings,
+    ) -> Result<PgStore, Error> {
         let options = PgConnectOptions::from_str(url).map_err(|source| Error::Connect {
             database: "(malformed url)".to_owned(),
             source,
         })?;
-        Self::connect_with(options, durability).await
+        Self::connect_with_pool(options, durability, pool).await
     }
 
     /// Connects with `options` and applies the embedded migrations.
@@ -119,6 +155,20 @@ impl PgStore {
         options: PgConnectOptions,
         durability: Durability,
     ) -> Result<PgStore, Error> {
+        Self::connect_with_pool(options, durability, PgPoolSettings::default()).await
+    }
+
+    /// Connects with `options` and the pool bounds `pool`, and applies the embedded
+    /// migrations; see [`PgStore::connect_with`].
+    ///
+    /// # Errors
+    /// As [`PgStore::connect_with`].
+    pub async fn connect_with_pool(
+        options: PgConnectOptions,
+        durability: Durability,
+        pool: PgPoolSettings,
+    ) -> Result<PgStore, Error> {
+        let settings = pool;
         let database = options
             .get_database()
             .unwrap_or_else(|| options.get_username())
@@ -149,8 +199,8 @@ impl PgStore {
         migrated?;
 
         let pool = PgPoolOptions::new()
-            .max_connections(CONNECTIONS_MAX)
-            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(settings.acquire_timeout)
             .connect_with(options)
             .await
             .map_err(connect_error)?;
@@ -630,6 +680,9 @@ impl Store for PgStore {
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
+        }
+        if batch.uses_task_queue() {
+            queue::write_queue_parts(&mut tx, batch).await?;
         }
         tx.commit().await.map_err(db)?;
 

@@ -631,6 +631,13 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(CommitReport::default());
         }
+        if batch.uses_task_queue() {
+            return Err(StoreError::Conflict(
+                "the SQLite store has no shared task queue for standalone workers; \
+                 use a PostgreSQL store (`--database-url`) to run `arches worker`"
+                    .into(),
+            ));
+        }
         let rows = batch.runs.len() + batch.task_runs.len() + batch.attempts.len();
         // A part that is empty contributes no statement. Only the stale-token check returns
         // rows, and it runs before the task-run upsert in the same transaction.

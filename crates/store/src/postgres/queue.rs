@@ -1,0 +1,423 @@
+//! The shared task queue on PostgreSQL ([`TaskQueue`]): offers written in the scheduler's
+//! commit, claims taken in one statement (`UPDATE … WHERE task_run_id IN (SELECT … FOR
+//! UPDATE SKIP LOCKED LIMIT n) RETURNING …`), completions stored and announced in one
+//! statement, and wake-ups by `LISTEN`/`NOTIFY`.
+//!
+//! No transaction is held open while a task runs: a claim is one autocommitted statement,
+//! and the claim's token (`claim`) is what later renewals and the completion are checked
+//! against.
+
+use std::time::Duration;
+
+use arches_core::execution::{Assignment, AttemptOutcome};
+use arches_core::ids::{RunId, TaskRunId};
+use arches_core::ports::{QueueListener, QueueTopic, StoreError, StoreResult, TaskQueue};
+use arches_core::records::{ClaimBatch, ClaimedTask, QueuedCompletion, TaskCompletion, WriteBatch};
+use arches_core::time::Timestamp;
+use async_trait::async_trait;
+use sqlx::postgres::{PgListener, PgRow};
+use sqlx::types::Json;
+use sqlx::{Postgres, Row, Transaction};
+use uuid::Uuid;
+
+use super::rows::token;
+use super::PgStore;
+use crate::error::db;
+
+/// The channel that announces new (or handed-back) offers; the payload is empty.
+pub const OFFERS_CHANNEL: &str = "arches_offers";
+
+/// The channel that announces stored completions; the payload is the owner's name.
+pub const COMPLETIONS_CHANNEL: &str = "arches_completions";
+
+/// Most offers one claim takes, whatever the caller asks.
+pub const CLAIM_LIMIT_MAX: usize = 1_000;
+
+/// Most completions one take returns, whatever the caller asks.
+pub const TAKE_LIMIT_MAX: usize = 10_000;
+
+/// Inserts the batch's offers (only for task runs stored with the offer's token, and not
+/// when that token's completion is already stored; a stored offer is replaced by a higher
+/// token, which voids its claim, and takes the owner of an offer with the same token, which
+/// keeps its claim), hands the stored completions of those task runs to the new owner,
+/// deletes withdrawn offers and applied completions, and notifies waiting workers. Runs
+/// inside the commit's transaction.
+pub(super) async fn write_queue_parts(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &WriteBatch,
+) -> StoreResult<()> {
+    if !batch.offers.is_empty() {
+        let mut task_run_ids = Vec::with_capacity(batch.offers.len());
+        let mut run_ids = Vec::with_capacity(batch.offers.len());
+        let mut org_ids = Vec::with_capacity(batch.offers.len());
+        let mut tokens = Vec::with_capacity(batch.offers.len());
+        let mut owners = Vec::with_capacity(batch.offers.len());
+        let mut tags = Vec::with_capacity(batch.offers.len());
+        let mut assignments = Vec::with_capacity(batch.offers.len());
+        let mut offered_at = Vec::with_capacity(batch.offers.len());
+        for offer in &batch.offers {
+            let a = &offer.assignment;
+            task_run_ids.push(a.task_run_id.0);
+            run_ids.push(a.run_id.0);
+            org_ids.push(a.org_id.0);
+            tokens.push(token(a.fencing_token)?);
+            owners.push(offer.owner.clone());
+            // Tags travel as one text each; arrays of arrays do not UNNEST into rows.
+            tags.push(offer.worker_tags.join("\u{1f}"));
+            assignments.push(serde_json::to_value(a).map_err(|e| {
+                StoreError::Backend(format!("cannot encode the offer of {}: {e}", a.task_run_id))
+            })?);
+            offered_at.push(offer.offered_at.as_micros());
+        }
+        sqlx::query(
+            "INSERT INTO task_queue (task_run_id, run_id, org_id, fencing_token, owner, \
+                 worker_tags, assignment, offered_at) \
+             SELECT o.task_run_id, o.run_id, o.org_id, o.fencing_token, o.owner, \
+                 CASE WHEN o.tags = '' THEN '{}'::text[] ELSE string_to_array(o.tags, chr(31)) END, \
+                 o.assignment, o.offered_at \
+             FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], $5::text[], \
+                 $6::text[], $7::jsonb[], $8::bigint[]) \
+                 AS o(task_run_id, run_id, org_id, fencing_token, owner, tags, assignment, offered_at) \
+             JOIN task_runs t ON t.id = o.task_run_id AND t.fencing_token = o.fencing_token \
+             WHERE NOT EXISTS (SELECT 1 FROM task_completions c \
+                 WHERE c.task_run_id = o.task_run_id AND c.fencing_token = o.fencing_token) \
+             ON CONFLICT (task_run_id) DO UPDATE SET \
+                 owner = EXCLUDED.owner, \
+                 fencing_token = EXCLUDED.fencing_token, \
+                 worker_tags = EXCLUDED.worker_tags, assignment = EXCLUDED.assignment, \
+                 offered_at = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
+                     THEN EXCLUDED.offered_at ELSE task_queue.offered_at END, \
+                 claimed_by = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
+                     THEN NULL ELSE task_queue.claimed_by END, \
+                 claim = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
+                     THEN task_queue.claim + 1 ELSE task_queue.claim END, \
+                 claim_expires_at = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
+                     THEN NULL ELSE task_queue.claim_expires_at END \
+             WHERE task_queue.fencing_token <= EXCLUDED.fencing_token",
+        )
+        .bind(&task_run_ids)
+        .bind(&run_ids)
+        .bind(&org_ids)
+        .bind(&tokens)
+        .bind(&owners)
+        .bind(&tags)
+        .bind(&assignments)
+        .bind(&offered_at)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    }
+    if !batch.offers.is_empty() {
+        // A scheduler that offers again a lease another scheduler offered (a resume under a
+        // new name) receives its stored completions too.
+        let ids: Vec<Uuid> = batch
+            .offers
+            .iter()
+            .map(|o| o.assignment.task_run_id.0)
+            .collect();
+        let owners: Vec<String> = batch.offers.iter().map(|o| o.owner.clone()).collect();
+        sqlx::query(
+            "WITH moved AS ( \
+                 UPDATE task_completions c SET owner = o.owner, taken = false \
+                 FROM UNNEST($1::uuid[], $2::text[]) AS o(task_run_id, owner) \
+                 WHERE c.task_run_id = o.task_run_id AND c.owner <> o.owner \
+                 RETURNING c.owner) \
+             SELECT pg_notify($3, owner) FROM (SELECT DISTINCT owner FROM moved) AS m",
+        )
+        .bind(&ids)
+        .bind(&owners)
+        .bind(COMPLETIONS_CHANNEL)
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    }
+    if !batch.withdrawn.is_empty() {
+        let ids: Vec<Uuid> = batch.withdrawn.iter().map(|id| id.0).collect();
+        sqlx::query("DELETE FROM task_queue WHERE task_run_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    if !batch.completions_done.is_empty() {
+        sqlx::query("DELETE FROM task_completions WHERE seq = ANY($1)")
+            .bind(&batch.completions_done)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    if !batch.offers.is_empty() {
+        // Delivered at commit, and only if the transaction commits.
+        sqlx::query("SELECT pg_notify($1, '')")
+            .bind(OFFERS_CHANNEL)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+fn decode_assignment(row: &PgRow) -> StoreResult<Assignment> {
+    let Json(assignment): Json<Assignment> = row
+        .try_get("assignment")
+        .map_err(|e| StoreError::Corrupt(format!("a task-queue offer does not decode: {e}")))?;
+    Ok(assignment)
+}
+
+fn claim_token(value: i64) -> StoreResult<u64> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("negative claim token {value}")))
+}
+
+fn pairs(claims: &[(TaskRunId, u64)]) -> StoreResult<(Vec<Uuid>, Vec<i64>)> {
+    let mut ids = Vec::with_capacity(claims.len());
+    let mut tokens = Vec::with_capacity(claims.len());
+    for (id, claim) in claims {
+        ids.push(id.0);
+        tokens.push(token(*claim)?);
+    }
+    Ok((ids, tokens))
+}
+
+#[async_trait]
+impl TaskQueue for PgStore {
+    async fn claim(
+        &self,
+        worker: &str,
+        tags: &[String],
+        limit: usize,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> StoreResult<ClaimBatch> {
+        let limit = limit.min(CLAIM_LIMIT_MAX);
+        let expires = now.plus(ttl);
+        // Expired claims first (their offers are the oldest), then unclaimed offers by age,
+        // each through its own partial index; rows other workers are claiming are skipped.
+        // The last row carries the next expiry (the CTE's SELECT sees the table as it was
+        // before the UPDATE; live claims of others only, so an expired claim that does not
+        // match this worker's tags never makes it wake at once, again and again).
+        let rows = sqlx::query(
+            "WITH expired AS ( \
+                 SELECT task_run_id FROM task_queue \
+                 WHERE claimed_by IS NOT NULL AND claim_expires_at < $3 \
+                     AND worker_tags <@ $4::text[] \
+                 ORDER BY claim_expires_at LIMIT $5 FOR UPDATE SKIP LOCKED), \
+             fresh AS ( \
+                 SELECT task_run_id FROM task_queue \
+                 WHERE claimed_by IS NULL AND worker_tags <@ $4::text[] \
+                 ORDER BY offered_at, task_run_id LIMIT $5 FOR UPDATE SKIP LOCKED), \
+             picked AS ( \
+                 SELECT task_run_id FROM (SELECT task_run_id FROM expired \
+                     UNION ALL SELECT task_run_id FROM fresh) AS p LIMIT $5), \
+             claimed AS ( \
+                 UPDATE task_queue q SET claimed_by = $1, claim = q.claim + 1, claim_expires_at = $2 \
+                 WHERE q.task_run_id IN (SELECT task_run_id FROM picked) \
+                 RETURNING q.claim, q.assignment) \
+             SELECT claim, assignment, NULL::bigint AS next_expiry FROM claimed \
+             UNION ALL \
+             SELECT NULL, NULL, (SELECT min(claim_expires_at) FROM task_queue \
+                 WHERE claimed_by IS NOT NULL AND claimed_by <> $1 \
+                     AND claim_expires_at >= $3 AND worker_tags <@ $4::text[])",
+        )
+        .bind(worker)
+        .bind(expires.as_micros())
+        .bind(now.as_micros())
+        .bind(tags)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut batch = ClaimBatch::default();
+        for row in &rows {
+            let claim: Option<i64> = row.try_get("claim").map_err(db)?;
+            match claim {
+                Some(claim) => batch.tasks.push(ClaimedTask {
+                    assignment: decode_assignment(row)?,
+                    claim: claim_token(claim)?,
+                    expires_at: expires,
+                }),
+                None => {
+                    let next: Option<i64> = row.try_get("next_expiry").map_err(db)?;
+                    batch.next_expiry = next.map(Timestamp);
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn renew(
+        &self,
+        worker: &str,
+        claims: &[(TaskRunId, u64)],
+        now: Timestamp,
+        ttl: Duration,
+    ) -> StoreResult<Vec<TaskRunId>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (ids, tokens) = pairs(claims)?;
+        let held: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE task_queue q SET claim_expires_at = $1 \
+             FROM UNNEST($2::uuid[], $3::bigint[]) AS h(task_run_id, claim) \
+             WHERE q.task_run_id = h.task_run_id AND q.claim = h.claim AND q.claimed_by = $4 \
+             RETURNING q.task_run_id",
+        )
+        .bind(now.plus(ttl).as_micros())
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(held.into_iter().map(TaskRunId).collect())
+    }
+
+    async fn complete(&self, completion: &TaskCompletion) -> StoreResult<bool> {
+        let outcome = serde_json::to_value(&completion.outcome).map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot encode the outcome of {}: {e}",
+                completion.task_run_id
+            ))
+        })?;
+        // One statement: the offer is deleted only if the claim is still this worker's, the
+        // completion is stored only if it was, and the owner is woken in the same commit.
+        let stored: Option<String> = sqlx::query_scalar(
+            "WITH gone AS ( \
+                 DELETE FROM task_queue WHERE task_run_id = $1 AND claim = $2 AND claimed_by = $3 \
+                 RETURNING task_run_id, run_id, owner, fencing_token, claim), \
+             stored AS ( \
+                 INSERT INTO task_completions (task_run_id, run_id, owner, fencing_token, worker, \
+                     claims, outcome, executed_at, finished_at) \
+                 SELECT task_run_id, run_id, owner, fencing_token, $3, claim, $4, $5, $6 FROM gone \
+                 RETURNING owner) \
+             SELECT owner FROM stored, LATERAL (SELECT pg_notify($7, stored.owner)) AS n",
+        )
+        .bind(completion.task_run_id.0)
+        .bind(token(completion.claim)?)
+        .bind(&completion.worker)
+        .bind(Json(outcome))
+        .bind(completion.executed_at.as_micros())
+        .bind(completion.finished_at.as_micros())
+        .bind(COMPLETIONS_CHANNEL)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(stored.is_some())
+    }
+
+    async fn release(&self, worker: &str, claims: &[(TaskRunId, u64)]) -> StoreResult<usize> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let (ids, tokens) = pairs(claims)?;
+        let released: Option<i64> = sqlx::query_scalar(
+            "WITH released AS ( \
+                 UPDATE task_queue q SET claimed_by = NULL, claim = q.claim + 1, \
+                     claim_expires_at = NULL \
+                 FROM UNNEST($1::uuid[], $2::bigint[]) AS h(task_run_id, claim) \
+                 WHERE q.task_run_id = h.task_run_id AND q.claim = h.claim AND q.claimed_by = $3 \
+                 RETURNING q.task_run_id) \
+             SELECT count(*) FROM released, LATERAL (SELECT pg_notify($4, '')) AS n",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(worker)
+        .bind(OFFERS_CHANNEL)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(usize::try_from(released.unwrap_or(0)).unwrap_or(0))
+    }
+
+    async fn take_completions(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> StoreResult<Vec<QueuedCompletion>> {
+        let limit = limit.clamp(1, TAKE_LIMIT_MAX);
+        let rows = sqlx::query(
+            "UPDATE task_completions c SET taken = true \
+             WHERE c.seq IN ( \
+                 SELECT seq FROM task_completions WHERE owner = $1 AND NOT taken \
+                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+             RETURNING c.seq, c.run_id, c.task_run_id, c.fencing_token, c.worker, c.claims, \
+                 c.outcome, c.executed_at, c.finished_at",
+        )
+        .bind(owner)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let mut taken = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq: i64 = row.try_get("seq").map_err(db)?;
+            let Json(outcome): Json<AttemptOutcome> = row.try_get("outcome").map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "completion {seq}: the outcome does not decode: {e}"
+                ))
+            })?;
+            taken.push(QueuedCompletion {
+                seq,
+                run_id: RunId(row.try_get("run_id").map_err(db)?),
+                task_run_id: TaskRunId(row.try_get("task_run_id").map_err(db)?),
+                fencing_token: claim_token(row.try_get("fencing_token").map_err(db)?)?,
+                worker: row.try_get("worker").map_err(db)?,
+                claims: claim_token(row.try_get("claims").map_err(db)?)?,
+                outcome,
+                executed_at: Timestamp(row.try_get("executed_at").map_err(db)?),
+                finished_at: Timestamp(row.try_get("finished_at").map_err(db)?),
+            });
+        }
+        taken.sort_by_key(|c| c.seq);
+        Ok(taken)
+    }
+
+    async fn untake_completions(&self, owner: &str) -> StoreResult<u64> {
+        let done =
+            sqlx::query("UPDATE task_completions SET taken = false WHERE owner = $1 AND taken")
+                .bind(owner)
+                .execute(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(done.rows_affected())
+    }
+
+    async fn listen(&self, topic: QueueTopic) -> StoreResult<Box<dyn QueueListener>> {
+        let mut listener = PgListener::connect_with(&self.pool).await.map_err(db)?;
+        let (channel, owner) = match topic {
+            QueueTopic::Offers => (OFFERS_CHANNEL, None),
+            QueueTopic::Completions(owner) => (COMPLETIONS_CHANNEL, Some(owner)),
+        };
+        listener.listen(channel).await.map_err(db)?;
+        Ok(Box::new(PgQueueListener { listener, owner }))
+    }
+}
+
+/// A `LISTEN` on one channel, on a connection of its own (reconnected by sqlx after a loss).
+struct PgQueueListener {
+    listener: PgListener,
+    /// For completions: only this owner's wake-ups count.
+    owner: Option<String>,
+}
+
+#[async_trait]
+impl QueueListener for PgQueueListener {
+    async fn next(&mut self) -> StoreResult<()> {
+        loop {
+            // `try_recv` answers `None` once when the connection was lost (and reconnects on
+            // the next call): notifications may have been missed, so that is a wake-up too.
+            match self.listener.try_recv().await {
+                Ok(None) => return Ok(()),
+                Ok(Some(notification)) => match &self.owner {
+                    Some(owner) if notification.payload() != owner => continue,
+                    _ => return Ok(()),
+                },
+                Err(error) => {
+                    return Err(match db(error) {
+                        StoreError::Unavailable(message) => StoreError::Unavailable(message),
+                        other => StoreError::Unavailable(other.to_string()),
+                    })
+                }
+            }
+        }
+    }
+}
