@@ -54,6 +54,18 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// `url` without the credentials it may hold (`nats://user:password@host` →
+/// `nats://***@host`), for error messages.
+pub fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme + 3 => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        (None, Some(at)) => format!("***{}", &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
 /// The default JetStream stream name.
 pub const DEFAULT_STREAM_NAME: &str = "ARCHES_EVENTS";
 
@@ -313,7 +325,7 @@ impl NatsBus {
             .connect(url)
             .await
             .map_err(|e| Error::Connect {
-                url: url.to_owned(),
+                url: redacted(url),
                 message: e.to_string(),
             })?;
         let context = jetstream::new(client.clone());
@@ -321,7 +333,7 @@ impl NatsBus {
         let info = ensure_stream(&context, &config)
             .await
             .map_err(|message| Error::Stream {
-                url: url.to_owned(),
+                url: redacted(url),
                 stream: options.stream_name.clone(),
                 message,
             })?;
@@ -963,6 +975,21 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_never_reach_error_messages() {
+        assert_eq!(
+            redacted("nats://user:secret@host:4222"),
+            "nats://***@host:4222"
+        );
+        assert_eq!(redacted("nats://token@host"), "nats://***@host");
+        assert_eq!(redacted("nats://host:4222"), "nats://host:4222");
+        let error = Error::Connect {
+            url: redacted("tls://a:b@nats.example:4222"),
+            message: "refused".into(),
+        };
+        assert!(!error.to_string().contains(":b@"), "{error}");
+    }
 
     #[test]
     fn the_plan_matches_the_in_process_bus() {

@@ -261,6 +261,8 @@ impl Bench {
         pg: Option<arches_store::PgStore>,
     ) -> Bench {
         let handle = engine.handle();
+        // Nothing to resume: fresh runs only.
+        handle.mark_recovered();
         let shutdown = CancellationToken::new();
         let engine = tokio::spawn(engine.run(shutdown.clone()));
         Bench {

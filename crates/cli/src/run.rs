@@ -130,6 +130,15 @@ pub async fn resume(home: &Home, args: ResumeArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    if let Some(scheduler) = run.owner.as_deref().filter(|o| !o.starts_with("pid:")) {
+        if !args.force {
+            anyhow::bail!(
+                "run {} is driven by the scheduler {scheduler:?} (a server); restart that server to \
+                 finish it, or pass --force if it is gone for good",
+                run.id
+            );
+        }
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let mut execution = restore(&*opened.store, run).await?;
     if args.no_workers {
@@ -166,6 +175,14 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
     if run.state.is_terminal() {
         anyhow::bail!("run {} is already {}", run.id, run.state);
     }
+    if let Some(scheduler) = run.owner.as_deref().filter(|o| !o.starts_with("pid:")) {
+        anyhow::bail!(
+            "run {} is driven by the scheduler {scheduler:?} (a server): cancel it through the \
+             server (`arches --server URL cancel {}`)",
+            run.id,
+            run.id
+        );
+    }
     if let Some(pid) = run.owner.as_deref().and_then(owner::live_pid) {
         // The owning process cancels on SIGINT: it stops its running tasks and records it.
         nix::sys::signal::kill(
@@ -182,12 +199,18 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
     // Nobody drives the run: cancel it in the store directly.
     let mut execution = restore(&*opened.store, run).await?;
     let now = SystemClock.now();
-    execution.cancel(now, "cancelled by user");
+    let stopped = execution.cancel(now, "cancelled by user");
     let changes = execution.take_changes();
     let batch = WriteBatch {
         runs: changes.run.into_iter().collect(),
         task_runs: changes.task_runs,
         attempts: changes.attempts,
+        // On a shared store, workers holding its task runs lose them at their next renewal.
+        withdrawn: if opened.queue.is_some() {
+            stopped.into_iter().map(|(id, _)| id).collect()
+        } else {
+            Vec::new()
+        },
         ..WriteBatch::default()
     };
     opened.store.commit(&batch).await?;
@@ -249,6 +272,8 @@ async fn drive(
             (handle.resume(*execution).await?, tasks)
         }
     };
+    // This process drives this one run: recovery is over once it is submitted or resumed.
+    handle.mark_recovered();
     status!(
         "run {run_id} started (store {}, durability {}{})",
         home.store_name(),

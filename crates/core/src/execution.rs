@@ -712,13 +712,18 @@ impl RunExecution {
             .collect()
     }
 
-    /// The worker tags the task of a task run requires (none for a compensation, which
-    /// runs wherever its task's undo can).
+    /// The worker tags the task of a task run requires; a compensation requires those of
+    /// the task it undoes (its undo needs the same environment).
     pub fn worker_tags(&self, task_id: &TaskId) -> &[String] {
-        self.pipeline
-            .task(task_id)
-            .map(|task| task.worker_tags.as_slice())
-            .unwrap_or(&[])
+        match self.pipeline.task(task_id) {
+            Some(task) => task.worker_tags.as_slice(),
+            None => self
+                .pipeline
+                .def
+                .compensated_task(task_id.as_str())
+                .map(|task| task.worker_tags.as_slice())
+                .unwrap_or(&[]),
+        }
     }
 
     /// Records which worker executes the current attempt of a task run (a standalone

@@ -562,6 +562,13 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// [`StoreError::Unavailable`] when the store cannot be reached.
     async fn release(&self, worker: &str, claims: &[(TaskRunId, u64)]) -> StoreResult<usize>;
 
+    /// Hands back every claim held under `worker`'s name: a worker starting under the name
+    /// of one that died (a stable `--id`) does not wait for their expiry. Returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    async fn release_all(&self, worker: &str) -> StoreResult<usize>;
+
     /// Takes up to `limit` stored completions for the runs `owner` drives, oldest first,
     /// marking them taken so a second call does not return them again. They stay stored
     /// until a commit lists them in [`WriteBatch::completions_done`].

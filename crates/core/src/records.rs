@@ -216,6 +216,9 @@ pub struct TaskOffer {
     pub worker_tags: Vec<String>,
     /// When it was offered; claims take the oldest first.
     pub offered_at: Timestamp,
+    /// Offered again by a scheduler that resumed the run (possibly under another name): the
+    /// completions already stored for the lease are handed to this owner.
+    pub resumed: bool,
 }
 
 /// An offer a worker claimed: it holds it until `expires_at` unless it renews the claim.
@@ -228,6 +231,9 @@ pub struct ClaimedTask {
     pub claim: u64,
     /// When the claim expires unless renewed.
     pub expires_at: Timestamp,
+    /// How many earlier claims of this offer expired (their workers died or stalled while
+    /// running it); hand-backs do not count.
+    pub expiries: u32,
 }
 
 /// What one [`crate::ports::TaskQueue::claim`] took.

@@ -18,16 +18,18 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arches_core::execution::AttemptOutcome;
 use arches_core::pipeline::validate::InputSchemas;
 use arches_core::pipeline::{is_valid_worker_tag, WORKER_TAGS_MAX};
 use arches_core::ports::{ArtifactStore, QueueListener, QueueTopic, TaskQueue, ToolRegistry};
+use arches_core::records::TaskCompletion;
 use arches_core::{Clock, TaskRunId, Timestamp};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::scheduler::{Command, QueuedOrigin, SchedulerHandle};
-use crate::worker::{Attempt, Reporter, Running};
+use crate::worker::{report_to_queue, Attempt, Reporter, Running};
 use crate::{EngineOptions, LogWriterHandle};
 
 /// The first delay after the store failed; it doubles up to [`BACKOFF_MAX`].
@@ -54,6 +56,10 @@ pub struct QueueWorkerOptions {
     /// On shutdown, how long attempts may run on before they are stopped and their claims
     /// handed back.
     pub drain_grace: Duration,
+    /// Claims of one offer that may expire before a worker fails the task instead of running
+    /// it again: a task that kills its worker every time must not loop for ever (the
+    /// in-process engine's `lease_expiries_max`).
+    pub claim_expiries_max: u32,
 }
 
 impl QueueWorkerOptions {
@@ -66,6 +72,8 @@ impl QueueWorkerOptions {
             renew_interval: Duration::from_secs(10),
             sweep_interval: Duration::from_secs(60),
             drain_grace: Duration::from_secs(30),
+            claim_expiries_max: arches_core::execution::ExecutionLimits::default()
+                .lease_expiries_max,
         }
     }
 
@@ -128,6 +136,10 @@ pub struct QueueWorker {
 struct Held {
     claim: u64,
     stop: CancellationToken,
+    /// Until when the store last confirmed the claim (its expiry at the claim or the last
+    /// renewal): past it, while renewals fail, the attempt is stopped, since another worker
+    /// may have taken the task over.
+    confirmed_until: Timestamp,
 }
 
 impl QueueWorker {
@@ -162,6 +174,9 @@ impl QueueWorker {
         let running: Running = Arc::default();
         let mut held: HashMap<TaskRunId, Held> = HashMap::new();
         let mut tasks: JoinSet<TaskRunId> = JoinSet::new();
+        // Which task run each spawned task runs, so that one that panics outside the tool
+        // (whose own panics are caught) still frees its slot and hands its claim back.
+        let mut spawned: HashMap<tokio::task::Id, TaskRunId> = HashMap::new();
         let mut report = QueueWorkerReport::default();
         let mut listener: Option<Box<dyn QueueListener>> = None;
         let mut backoff = BACKOFF_FIRST;
@@ -176,6 +191,16 @@ impl QueueWorker {
         );
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         info!(%worker, slots, tags = ?self.options.tags, "worker started");
+        // Claims left under this name by an earlier process go back to the queue at once.
+        match self.queue.release_all(&worker).await {
+            Ok(0) => {}
+            Ok(count) => {
+                info!(%worker, count, "claims of an earlier process of this name handed back")
+            }
+            Err(error) => {
+                warn!(%error, "cannot hand back earlier claims of this name; they will expire")
+            }
+        }
         loop {
             if listener.is_none() {
                 match self.queue.listen(QueueTopic::Offers).await {
@@ -212,18 +237,45 @@ impl QueueWorker {
                             report.claimed += 1;
                             let stop = attempts_stop.child_token();
                             let a = claimed.assignment;
-                            running
-                                .lock()
-                                .expect("the running map is never poisoned")
-                                .insert(a.task_run_id, (a.fencing_token, stop.clone()));
+                            let task_run_id = a.task_run_id;
                             held.insert(
-                                a.task_run_id,
+                                task_run_id,
                                 Held {
                                     claim: claimed.claim,
                                     stop: stop.clone(),
+                                    confirmed_until: claimed.expires_at,
                                 },
                             );
-                            let task_run_id = a.task_run_id;
+                            if claimed.expiries >= self.options.claim_expiries_max.max(1) {
+                                // Its workers keep dying while they run it: fail it rather
+                                // than run it again (bounded, like lease expiries in-process).
+                                let completion = TaskCompletion {
+                                    task_run_id,
+                                    claim: claimed.claim,
+                                    worker: worker.clone(),
+                                    outcome: AttemptOutcome::Failed {
+                                        message: format!(
+                                            "the claims of {} workers expired while they ran it; \
+                                             the task may be crashing its worker",
+                                            claimed.expiries
+                                        ),
+                                        retryable: false,
+                                    },
+                                    executed_at: now,
+                                    finished_at: now,
+                                };
+                                let queue = self.queue.clone();
+                                let handle = tasks.spawn(async move {
+                                    report_to_queue(queue.as_ref(), &completion).await;
+                                    task_run_id
+                                });
+                                spawned.insert(handle.id(), task_run_id);
+                                continue;
+                            }
+                            running
+                                .lock()
+                                .expect("the running map is never poisoned")
+                                .insert(task_run_id, (a.fencing_token, stop.clone()));
                             let attempt = Attempt {
                                 assignment: a,
                                 options: self.options.engine.clone(),
@@ -240,10 +292,11 @@ impl QueueWorker {
                                 running: running.clone(),
                             };
                             let shutdown = attempts_stop.clone();
-                            tasks.spawn(async move {
+                            let handle = tasks.spawn(async move {
                                 attempt.execute(stop, shutdown).await;
                                 task_run_id
                             });
+                            spawned.insert(handle.id(), task_run_id);
                         }
                         // A full batch: more may be waiting.
                         look = full;
@@ -262,16 +315,14 @@ impl QueueWorker {
             tokio::select! {
                 biased;
                 _ = stop_claiming.cancelled() => break,
-                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                Some(joined) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                     // Every attempt that has ended frees its slot before the next claim, so
                     // claims go in batches.
                     let mut next = Some(joined);
                     while let Some(joined) = next {
-                        if let Ok(task_run_id) = joined {
-                            held.remove(&task_run_id);
-                        }
+                        self.joined(&worker, joined, &mut spawned, &mut held, &running).await;
                         report.finished += 1;
-                        next = tasks.try_join_next();
+                        next = tasks.try_join_next_with_id();
                     }
                     look = true;
                 }
@@ -297,10 +348,8 @@ impl QueueWorker {
         let deadline = tokio::time::Instant::now() + self.options.drain_grace;
         while !tasks.is_empty() {
             tokio::select! {
-                Some(joined) = tasks.join_next() => {
-                    if let Ok(task_run_id) = joined {
-                        held.remove(&task_run_id);
-                    }
+                Some(joined) = tasks.join_next_with_id() => {
+                    self.joined(&worker, joined, &mut spawned, &mut held, &running).await;
                     report.finished += 1;
                 }
                 _ = renew.tick() => {
@@ -311,7 +360,11 @@ impl QueueWorker {
         }
         let unfinished: Vec<(TaskRunId, u64)> = held.iter().map(|(id, h)| (*id, h.claim)).collect();
         attempts_stop.cancel();
-        while tasks.join_next().await.is_some() {}
+        while let Some(joined) = tasks.join_next_with_id().await {
+            if let Err(error) = joined {
+                spawned.remove(&error.id());
+            }
+        }
         if !unfinished.is_empty() {
             match self.queue.release(&worker, &unfinished).await {
                 Ok(count) => report.handed_back += count as u64,
@@ -322,6 +375,39 @@ impl QueueWorker {
         }
         info!(%worker, ?report, "worker stopped");
         report
+    }
+
+    /// Frees the slot of a spawned task that ended. One that panicked (outside the tool,
+    /// whose panics are reported as failures) hands its claim back, so the task runs again
+    /// elsewhere rather than wait for a claim this worker would renew for ever.
+    async fn joined(
+        &self,
+        worker: &str,
+        joined: Result<(tokio::task::Id, TaskRunId), tokio::task::JoinError>,
+        spawned: &mut HashMap<tokio::task::Id, TaskRunId>,
+        held: &mut HashMap<TaskRunId, Held>,
+        running: &Running,
+    ) {
+        let (id, panicked) = match joined {
+            Ok((id, _)) => (id, None),
+            Err(error) => (error.id(), Some(error.to_string())),
+        };
+        let Some(task_run_id) = spawned.remove(&id) else {
+            return;
+        };
+        let Some(h) = held.remove(&task_run_id) else {
+            return;
+        };
+        if let Some(panic) = panicked {
+            warn!(%task_run_id, %panic, "an attempt's task panicked; handing its claim back");
+            running
+                .lock()
+                .expect("the running map is never poisoned")
+                .remove(&task_run_id);
+            if let Err(error) = self.queue.release(worker, &[(task_run_id, h.claim)]).await {
+                warn!(%error, %task_run_id, "cannot hand the claim back; it will expire");
+            }
+        }
     }
 
     /// When to look at the queue next without a wake-up: the sweep, or just after the
@@ -348,30 +434,44 @@ impl QueueWorker {
         running: &Running,
     ) -> u64 {
         let claims: Vec<(TaskRunId, u64)> = held.iter().map(|(id, h)| (*id, h.claim)).collect();
-        match self
+        let now = self.clock.now();
+        let renewed = self
             .queue
-            .renew(worker, &claims, self.clock.now(), self.options.claim_ttl)
-            .await
-        {
+            .renew(worker, &claims, now, self.options.claim_ttl)
+            .await;
+        let still_running = running.lock().expect("the running map is never poisoned");
+        let mut lost = 0;
+        match renewed {
             Ok(kept) => {
                 let kept: std::collections::HashSet<TaskRunId> = kept.into_iter().collect();
-                let still_running = running.lock().expect("the running map is never poisoned");
-                let mut lost = 0;
-                for (id, h) in held.iter() {
-                    if !kept.contains(id) && still_running.contains_key(id) {
+                for (id, h) in held.iter_mut() {
+                    if kept.contains(id) {
+                        h.confirmed_until = now.plus(self.options.claim_ttl);
+                    } else if still_running.contains_key(id) && !h.stop.is_cancelled() {
                         warn!(task_run_id = %id, claim = h.claim, "claim lost; stopping the attempt");
                         h.stop.cancel();
                         lost += 1;
                     }
                 }
-                lost
             }
             Err(error) => {
-                // The claims run on until they expire; the next tick tries again.
+                // Claims the store confirmed until a moment now past may already be another
+                // worker's: their attempts stop; the others run on, and the next tick tries
+                // again.
                 warn!(%error, "cannot renew claims");
-                0
+                for (id, h) in held.iter() {
+                    if h.confirmed_until <= now
+                        && still_running.contains_key(id)
+                        && !h.stop.is_cancelled()
+                    {
+                        warn!(task_run_id = %id, claim = h.claim, "claim expired unconfirmed; stopping the attempt");
+                        h.stop.cancel();
+                        lost += 1;
+                    }
+                }
             }
         }
+        lost
     }
 }
 
@@ -413,9 +513,14 @@ impl CompletionFeeder {
         }
     }
 
-    /// Feeds until `shutdown` or until the scheduler stops. First makes the completions an
+    /// Feeds until `shutdown` or until the scheduler stops. Waits until the scheduler's
+    /// runs are resumed ([`SchedulerHandle::mark_recovered`]); then makes the completions an
     /// earlier incarnation of this scheduler took (and never committed) takeable again.
     pub async fn run(self, shutdown: CancellationToken) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = self.scheduler.recovered() => {}
+        }
         let mut backoff = BACKOFF_FIRST;
         let mut untaken = false;
         let mut listener: Option<Box<dyn QueueListener>> = None;

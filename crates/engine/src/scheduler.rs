@@ -135,9 +135,24 @@ impl StepReport {
 pub struct SchedulerHandle {
     inbox: mpsc::Sender<Command>,
     events: broadcast::Sender<DomainEvent>,
+    recovered: CancellationToken,
 }
 
 impl SchedulerHandle {
+    /// Says that every run this scheduler owns and must resume has been resumed (or that
+    /// there was none). On the task queue, the completions stored for this scheduler are
+    /// taken only from then on: a completion of a run not yet resumed would otherwise be
+    /// taken for one of a finished run and deleted. Call it once recovery is over (a
+    /// process that resumes nothing calls it at once).
+    pub fn mark_recovered(&self) {
+        self.recovered.cancel();
+    }
+
+    /// Resolves once [`SchedulerHandle::mark_recovered`] was called.
+    pub async fn recovered(&self) {
+        self.recovered.cancelled().await;
+    }
+
     /// Sends a command, waiting while the inbox is full.
     ///
     /// # Errors
@@ -266,6 +281,7 @@ impl Scheduler {
             handle: SchedulerHandle {
                 inbox: inbox_tx,
                 events,
+                recovered: CancellationToken::new(),
             },
             dispatch,
             runs: HashMap::new(),
@@ -324,7 +340,12 @@ impl Scheduler {
     }
 
     /// Offers a lease on the task queue (committed with the lease).
-    fn offer(&mut self, assignment: &arches_core::execution::Assignment, now: Timestamp) {
+    fn offer(
+        &mut self,
+        assignment: &arches_core::execution::Assignment,
+        now: Timestamp,
+        resumed: bool,
+    ) {
         let worker_tags = self
             .runs
             .get(&assignment.run_id)
@@ -337,6 +358,7 @@ impl Scheduler {
             owner: self.options.worker_id.clone(),
             worker_tags,
             offered_at: now,
+            resumed,
         });
     }
 
@@ -443,7 +465,7 @@ impl Scheduler {
                 };
                 self.runs.insert(run_id, *execution);
                 for assignment in &running {
-                    self.offer(assignment, now);
+                    self.offer(assignment, now, true);
                 }
                 self.run_order.push(run_id);
                 self.touched.insert(run_id);
@@ -622,7 +644,7 @@ impl Scheduler {
         }
         if self.queued() {
             for assignment in &report.assignments {
-                self.offer(assignment, now);
+                self.offer(assignment, now, false);
             }
         } else {
             self.in_flight += report.assignments.len();
@@ -675,6 +697,11 @@ impl Scheduler {
                     count = committed.stale_task_runs.len(),
                     "store refused stale task-run writes"
                 );
+                // Their offers were not made either (the store offers only task runs stored
+                // with the offer's token): they must not hold slots. Another process drives
+                // these runs now.
+                let stale: HashSet<TaskRunId> = committed.stale_task_runs.iter().copied().collect();
+                self.offered.retain(|(id, _)| !stale.contains(id));
             }
             if self.failpoints.hit_after_commit() {
                 return Err(Error::Injected("after commit"));

@@ -18,7 +18,7 @@ use futures::FutureExt;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::logs::{AttemptLog, LogWriterHandle};
 use crate::scheduler::{Command, Dispatch, SchedulerHandle};
@@ -426,11 +426,17 @@ impl Attempt {
 
 /// Stores a claimed task's completion, retrying while the store is unreachable (bounded:
 /// [`COMPLETE_TRIES_MAX`]). A refusal (the claim is no longer ours) ends it at once.
-async fn report_to_queue(queue: &dyn TaskQueue, completion: &TaskCompletion) {
+pub(crate) async fn report_to_queue(queue: &dyn TaskQueue, completion: &TaskCompletion) {
     let mut delay = COMPLETE_RETRY_FIRST;
     for attempt in 1..=COMPLETE_TRIES_MAX {
         match queue.complete(completion).await {
             Ok(true) => return,
+            Ok(false) if attempt > 1 => {
+                // An earlier try may have been stored before its answer was lost.
+                info!(task_run_id = %completion.task_run_id, claim = completion.claim,
+                    "completion not stored on a retry: an earlier try was, or the claim was lost");
+                return;
+            }
             Ok(false) => {
                 warn!(task_run_id = %completion.task_run_id, claim = completion.claim,
                     "completion refused: the claim is no longer this worker's");

@@ -58,6 +58,8 @@ pub struct Built {
     pub engine_factory: Option<EngineFactory>,
     /// The store, to close on shutdown.
     pub store: OpenedStore,
+    /// The scheduler's hold on its name on a shared store, kept while the server runs.
+    pub scheduler_name: Option<arches_store::postgres::SchedulerNameLock>,
 }
 
 /// The store a server opened: the SQLite file under its home, or a shared PostgreSQL
@@ -138,7 +140,7 @@ pub async fn event_bus(
                 live_capacity: EVENT_LIVE_CAPACITY,
                 ..arches_bus_nats::NatsBusOptions::default()
             };
-            let bus = arches_bus_nats::NatsBus::connect(url, options)
+            let bus = arches_bus_nats::NatsBus::connect(url.expose(), options)
                 .await
                 .map_err(|e| BuildError::Config(format!("events.nats_url: {e}")))?;
             Ok(Arc::new(bus))
@@ -255,6 +257,15 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
     } else {
         opened.task_queue()
     };
+    // On a shared store a scheduler's name is its address: one process per name.
+    let scheduler_name = match (&opened, config.workers.enabled || queue.is_some()) {
+        (OpenedStore::Postgres(pg), true) => Some(
+            pg.lock_scheduler_name(&scheduler_id(&config))
+                .await
+                .map_err(|e| BuildError::Config(format!("workers.scheduler_id: {e}")))?,
+        ),
+        _ => None,
+    };
     let engine_factory: Option<EngineFactory> = if config.workers.enabled || queue.is_some() {
         let mut engine_options = EngineOptions::new(home.join("work"));
         engine_options.worker_id = scheduler_id(&config);
@@ -359,6 +370,7 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
         engine,
         engine_factory,
         store: opened,
+        scheduler_name,
     })
 }
 
@@ -532,6 +544,7 @@ pub async fn serve(
         engine,
         engine_factory,
         store,
+        scheduler_name,
     } = built;
     let stop = CancellationToken::new();
     let first_stop = stop.child_token();
@@ -539,8 +552,12 @@ pub async fn serve(
     let engine_task = engine.map(|engine| tokio::spawn(engine.run(first_stop.clone())));
     if let Some(handle) = &first_handle {
         match recover_runs(&state, handle).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(runs = n, "resumed runs left unfinished by the last stop"),
+            Ok(n) => {
+                handle.mark_recovered();
+                if n > 0 {
+                    tracing::info!(runs = n, "resumed runs left unfinished by the last stop");
+                }
+            }
             Err(error) => {
                 // The supervisor rebuilds the engine and tries again.
                 tracing::error!(%error, "cannot resume unfinished runs");
@@ -564,6 +581,7 @@ pub async fn serve(
             tracing::error!(%error, "the engine supervisor failed");
         }
     }
+    drop(scheduler_name);
     store.close().await;
     result.map_err(Into::into)
 }

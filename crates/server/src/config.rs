@@ -406,7 +406,7 @@ pub struct EventsConfig {
     /// A NATS server with JetStream (`nats://host:4222`) that carries run, task-run and log
     /// events between API replicas and workers, so a client of any replica sees everything.
     /// None (the default): events stay in this process.
-    pub nats_url: Option<String>,
+    pub nats_url: Option<Secret>,
     /// The JetStream stream. Default `ARCHES_EVENTS`.
     pub stream: String,
     /// Subjects are `<subject_prefix>.<org id>.<run|task_run|log>`. Default `arches.events`.
@@ -994,18 +994,16 @@ impl ServerConfig {
             "must be > 0",
         );
         check(
-            self.workers
-                .scheduler_id
-                .as_deref()
-                .is_none_or(|id| !id.trim().is_empty() && id.len() <= 200),
+            self.workers.scheduler_id.as_deref().is_none_or(|id| {
+                !id.trim().is_empty() && id.len() <= 200 && !id.starts_with("pid:")
+            }),
             "workers.scheduler_id",
-            "must be 1 to 200 characters",
+            "must be 1 to 200 characters, not starting with `pid:` (the CLI's own names)",
         );
         check(
-            self.events
-                .nats_url
-                .as_deref()
-                .is_none_or(|url| url.starts_with("nats://") || url.starts_with("tls://")),
+            self.events.nats_url.as_ref().is_none_or(|url| {
+                url.expose().starts_with("nats://") || url.expose().starts_with("tls://")
+            }),
             "events.nats_url",
             "must be a nats:// URL",
         );

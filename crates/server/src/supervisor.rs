@@ -132,6 +132,7 @@ pub async fn supervise(
         // run is resumed on the new one, so none of them acts on a run being restored.
         match crate::app::recover_runs(&state, &handle).await {
             Ok(resumed) => {
+                handle.mark_recovered();
                 slot.replace(handle);
                 slot.rebuilt_and_recovered();
                 tracing::info!(

@@ -16,7 +16,10 @@ CREATE TABLE task_queue (
     offered_at        bigint  NOT NULL,
     claimed_by        text,
     claim             bigint  NOT NULL DEFAULT 0,
-    claim_expires_at  bigint
+    claim_expires_at  bigint,
+    -- Claims that expired and were taken over (a worker killed or stopped while it held
+    -- the offer); a worker fails the task instead of running it once this reaches its bound.
+    expiries          bigint  NOT NULL DEFAULT 0
 );
 
 -- Claims take the oldest unclaimed offers first (an index of those only, so a claim never

@@ -936,3 +936,123 @@ fn while_the_database_is_down_requests_get_503_and_the_run_finishes_once_it_is_b
     assert!(status.success(), "{status:?}");
     runtime.block_on(nats.delete());
 }
+
+// ---------------------------------------------------------------------------------------
+// The same on SQLite with in-process workers
+// ---------------------------------------------------------------------------------------
+
+/// Counts rows of the home's SQLite store (read-only, beside the running process).
+fn sqlite_count(home: &Path, sql: &str) -> i64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let options = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(home.join("arches.db"))
+            .read_only(true);
+        let mut connection = options.connect().await.expect("the store opens");
+        sqlx::query_scalar::<_, i64>(sql)
+            .fetch_one(&mut connection)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    })
+}
+
+/// Waits until `sql` on the home's store counts more than `above`, bounded.
+fn await_sqlite_above(home: &Path, sql: &str, above: i64, bound: Duration) -> i64 {
+    let deadline = Instant::now() + bound;
+    loop {
+        let count = sqlite_count(home, sql);
+        if count > above {
+            return count;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql} stayed at {count} for {bound:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn on_sqlite_a_fan_out_killed_again_and_again_is_resumed_with_each_result_recorded_once() {
+    const TASKS: usize = 10_000;
+    let home = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let items: Vec<String> = (0..TASKS).map(|i| i.to_string()).collect();
+    let file = pipeline_file(
+        dir.path(),
+        "fan.yaml",
+        &format!(
+            "name: chaos\ntasks:\n  - id: each\n    tool: echo\n    for_each: [{}]\n    \
+             with: {{item: \"{{{{ item }}}}\"}}\n",
+            items.join(", ")
+        ),
+    );
+    let mut child = arches(home.path())
+        .args(["run", "--quiet", "--workers", "16"])
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let run_id = line
+        .strip_prefix("run ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    let succeeded =
+        format!("SELECT count(*) FROM attempts WHERE run_id = '{run_id}' AND state = 'succeeded'");
+    // Killed with SIGKILL as soon as it has made progress, three times; each resume goes on
+    // from the store.
+    let mut done = 0;
+    let mut kills = 0;
+    for _ in 0..3 {
+        done = await_sqlite_above(home.path(), &succeeded, done, Duration::from_secs(120));
+        if done >= TASKS as i64 {
+            break;
+        }
+        kills += 1;
+        signal(&child, Signal::SIGKILL);
+        let _ = child.wait();
+        child = arches(home.path())
+            .args(["resume", "--quiet", &run_id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    }
+    let status = wait_bounded(&mut child, Duration::from_secs(300), "the last resume");
+    assert!(status.success(), "{status:?}");
+    eprintln!("{TASKS} task runs on SQLite, {kills} SIGKILLs mid-run");
+    assert!(
+        kills >= 2,
+        "the run was killed only {kills} times before it finished"
+    );
+    let count = |sql: &str| sqlite_count(home.path(), sql);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM task_runs WHERE run_id = '{run_id}' AND item_index IS NOT NULL \
+             AND state = 'succeeded'"
+        )),
+        TASKS as i64
+    );
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) FROM (SELECT task_run_id FROM attempts WHERE run_id = '{run_id}' \
+             AND state = 'succeeded' GROUP BY task_run_id HAVING count(*) > 1)"
+        )),
+        0,
+        "no task run has two recorded successes"
+    );
+    assert_eq!(
+        count(&succeeded),
+        TASKS as i64,
+        "one recorded success per task run"
+    );
+}

@@ -254,6 +254,10 @@ async fn an_expired_claim_is_taken_over_and_the_late_completion_of_the_first_wor
         .unwrap();
     assert_eq!(taken_over.tasks.len(), 1);
     assert_eq!(taken_over.tasks[0].claim, 2);
+    assert_eq!(
+        taken_over.tasks[0].expiries, 1,
+        "the take-over counts one expired claim"
+    );
     assert!(
         h.queue()
             .renew("worker-a", &[(task_run, 1)], later, TTL)
@@ -393,6 +397,7 @@ async fn a_claim_handed_back_is_claimable_at_once_and_its_old_token_is_void() {
         "handed back, it does not wait for the claim to expire"
     );
     assert!(again[0].claim > held[0].claim);
+    assert_eq!(again[0].expiries, 0, "a hand-back is not an expiry");
     assert!(!h
         .queue()
         .complete(&completion(
@@ -554,13 +559,14 @@ async fn a_restarted_scheduler_keeps_claims_and_applies_completions_stored_while
 
 /// Counts executions per task run.
 struct Counting {
+    name: &'static str,
     seen: Mutex<HashMap<String, u32>>,
 }
 
 #[async_trait]
 impl Tool for Counting {
     fn name(&self) -> &str {
-        "count"
+        self.name
     }
     fn description(&self) -> &str {
         "counts its executions"
@@ -599,10 +605,12 @@ async fn an_engine_on_the_queue_runs_a_fan_out_on_two_standalone_workers() {
     options.worker_slots = 64;
     let engine = Engine::build_on_queue(options, store.clone(), queue.clone(), clock.clone(), None);
     let handle = engine.handle();
+    handle.mark_recovered();
     let shutdown = CancellationToken::new();
     let engine_task = tokio::spawn(engine.run(shutdown.clone()));
 
     let counting = Arc::new(Counting {
+        name: "count",
         seen: Mutex::new(HashMap::new()),
     });
     let artifacts =
@@ -680,4 +688,191 @@ async fn an_engine_on_the_queue_runs_a_fan_out_on_two_standalone_workers() {
         task.await.unwrap();
     }
     db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_task_whose_claims_keep_expiring_is_failed_by_the_next_worker_instead_of_run_again() {
+    let mut h = QueueHarness::new().await;
+    let run_id = h
+        .submit(new_run(&single(&[]), json!({}), h.clock.now()))
+        .await;
+    // Five workers died holding it.
+    sqlx::query("UPDATE task_queue SET expiries = 5")
+        .execute(h.db.store.pool())
+        .await
+        .unwrap();
+    let mut completions = h
+        .queue()
+        .listen(arches_core::ports::QueueTopic::Completions(OWNER.into()))
+        .await
+        .unwrap();
+    let counting = Arc::new(Counting {
+        name: "echo",
+        seen: Mutex::new(HashMap::new()),
+    });
+    let mut tools = ToolRegistry::new();
+    tools.register(counting.clone());
+    let store: Arc<dyn Store> = h.db.store.clone();
+    let log_writer = LogWriter::new(store.clone(), 64);
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine_options = EngineOptions::new(dir.path().join("work"));
+    engine_options.worker_id = "sixth".into();
+    let worker = QueueWorker::new(
+        QueueWorkerOptions::new(engine_options),
+        h.db.store.clone(),
+        Arc::new(tools),
+        Arc::new(
+            LocalArtifactStore::new(&dir.path().join("artifacts"), h.db.store.clone()).unwrap(),
+        ),
+        log_writer.handle(),
+        Arc::new(SystemClock),
+    );
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(worker.run(stop.clone()));
+    tokio::time::timeout(WAIT, completions.next())
+        .await
+        .expect("the worker reports")
+        .unwrap();
+    assert_eq!(h.apply_completions().await, 1);
+    stop.cancel();
+    worker.await.unwrap();
+    let run = h.db.store.run(run_id).await.unwrap().unwrap();
+    assert_eq!(run.state, RunState::Failed);
+    let task_run = &h.db.store.task_runs(run_id).await.unwrap()[0];
+    assert!(
+        task_run
+            .error
+            .as_deref()
+            .is_some_and(|e| e.contains("the task may be crashing its worker")),
+        "{:?}",
+        task_run.error
+    );
+    assert!(
+        counting.seen.lock().unwrap().is_empty(),
+        "the tool never ran"
+    );
+    h.db.drop_database().await;
+}
+
+#[tokio::test]
+async fn a_restarted_scheduler_takes_no_completion_before_its_runs_are_resumed() {
+    let mut h = QueueHarness::new().await;
+    let p = pipeline(json!({
+        "name": "pair",
+        "tasks": [
+            {"id": "a", "tool": "echo", "with": {"n": 1}},
+            {"id": "b", "tool": "echo", "with": {"n": 2}},
+        ],
+    }));
+    let run_id = h.submit(new_run(&p, json!({}), h.clock.now())).await;
+    let now = h.clock.now();
+    let claimed = h.queue().claim("w", &[], 2, now, TTL).await.unwrap().tasks;
+    let (done, running) = (&claimed[0], &claimed[1]);
+    // While the scheduler is down, a worker stores a's result.
+    assert!(h
+        .queue()
+        .complete(&completion(
+            done.assignment.task_run_id,
+            done.claim,
+            "w",
+            now,
+            json!({"done": 1})
+        ))
+        .await
+        .unwrap());
+
+    // The new scheduler runs with its feeder at once, and resumes the run only after
+    // reading it from the store: the feeder must wait for that.
+    let (scheduler, _dispatches) = Scheduler::new(
+        h.options.clone(),
+        h.db.store.clone(),
+        h.clock.clone(),
+        FailPoints::default(),
+    );
+    let handle = scheduler.handle();
+    let shutdown = CancellationToken::new();
+    let feeder = arches_engine::CompletionFeeder::new(
+        h.db.store.clone(),
+        OWNER.into(),
+        handle.clone(),
+        Duration::from_secs(60),
+        100,
+    );
+    let feeder = tokio::spawn(feeder.run(shutdown.clone()));
+    let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
+    let execution = RunExecution::restore(
+        h.db.store.run(run_id).await.unwrap().unwrap(),
+        p.clone(),
+        Arc::new(arches_core::pipeline::Templates::new()),
+        arches_core::execution::ExecutionLimits::default(),
+        h.db.store.task_runs(run_id).await.unwrap(),
+        h.db.store.attempts(run_id).await.unwrap(),
+    );
+    handle.resume(execution).await.unwrap();
+    handle.mark_recovered();
+    assert!(h
+        .queue()
+        .complete(&completion(
+            running.assignment.task_run_id,
+            running.claim,
+            "w",
+            now,
+            json!({"done": 2})
+        ))
+        .await
+        .unwrap());
+    let run = tokio::time::timeout(WAIT, handle.wait(run_id))
+        .await
+        .expect("the run finishes")
+        .unwrap();
+    assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(
+        h.db.store.attempts(run_id).await.unwrap().len(),
+        2,
+        "each task ran once"
+    );
+    assert_eq!(h.pending_completions().await, 0);
+    assert_eq!(h.offers().await, 0);
+    shutdown.cancel();
+    scheduler.await.unwrap().unwrap();
+    feeder.await.unwrap();
+    h.db.drop_database().await;
+}
+
+#[tokio::test]
+async fn an_offer_whose_task_run_moved_on_without_the_queue_is_never_run_and_is_cleared() {
+    let mut h = QueueHarness::new().await;
+    let p = single(&[]);
+    let run_id = h.submit(new_run(&p, json!({}), h.clock.now())).await;
+    assert_eq!(h.offers().await, 1);
+    // A process that does not use the queue cancels the run in the store (an older CLI,
+    // or a resume with in-process workers re-leasing it), leaving the offer behind.
+    let mut execution = RunExecution::restore(
+        h.db.store.run(run_id).await.unwrap().unwrap(),
+        p.clone(),
+        Arc::new(arches_core::pipeline::Templates::new()),
+        arches_core::execution::ExecutionLimits::default(),
+        h.db.store.task_runs(run_id).await.unwrap(),
+        h.db.store.attempts(run_id).await.unwrap(),
+    );
+    execution.cancel(h.clock.now(), "elsewhere");
+    let changes = execution.take_changes();
+    h.db.store
+        .commit(&arches_core::records::WriteBatch {
+            runs: changes.run.into_iter().collect(),
+            task_runs: changes.task_runs,
+            attempts: changes.attempts,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(h.offers().await, 1, "left behind");
+    let claimed = h
+        .queue()
+        .claim("w", &[], 4, h.clock.now(), TTL)
+        .await
+        .unwrap();
+    assert!(claimed.tasks.is_empty(), "a cancelled task run is not run");
+    assert_eq!(h.offers().await, 0, "and its offer is cleared");
+    h.db.drop_database().await;
 }

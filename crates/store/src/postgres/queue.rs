@@ -12,7 +12,9 @@ use std::time::Duration;
 use arches_core::execution::{Assignment, AttemptOutcome};
 use arches_core::ids::{RunId, TaskRunId};
 use arches_core::ports::{QueueListener, QueueTopic, StoreError, StoreResult, TaskQueue};
-use arches_core::records::{ClaimBatch, ClaimedTask, QueuedCompletion, TaskCompletion, WriteBatch};
+use arches_core::records::{
+    ClaimBatch, ClaimedTask, QueuedCompletion, TaskCompletion, TaskOffer, WriteBatch,
+};
 use arches_core::time::Timestamp;
 use async_trait::async_trait;
 use sqlx::postgres::{PgListener, PgRow};
@@ -69,6 +71,16 @@ pub(super) async fn write_queue_parts(
             })?);
             offered_at.push(offer.offered_at.as_micros());
         }
+        if batch.offers.iter().any(|o| o.resumed) {
+            // Offers made again wait for a worker's report of the same lease being stored
+            // right now; the INSERT below, a statement of its own, then sees it (under READ
+            // COMMITTED each statement reads the data committed before it starts).
+            sqlx::query("SELECT 1 FROM task_queue WHERE task_run_id = ANY($1) FOR UPDATE")
+                .bind(&task_run_ids)
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
+        }
         sqlx::query(
             "INSERT INTO task_queue (task_run_id, run_id, org_id, fencing_token, owner, \
                  worker_tags, assignment, offered_at) \
@@ -80,7 +92,8 @@ pub(super) async fn write_queue_parts(
                  AS o(task_run_id, run_id, org_id, fencing_token, owner, tags, assignment, offered_at) \
              JOIN task_runs t ON t.id = o.task_run_id AND t.fencing_token = o.fencing_token \
              WHERE NOT EXISTS (SELECT 1 FROM task_completions c \
-                 WHERE c.task_run_id = o.task_run_id AND c.fencing_token = o.fencing_token) \
+                 WHERE c.task_run_id = o.task_run_id AND c.fencing_token = o.fencing_token \
+                     AND c.seq <> ALL($9::bigint[])) \
              ON CONFLICT (task_run_id) DO UPDATE SET \
                  owner = EXCLUDED.owner, \
                  fencing_token = EXCLUDED.fencing_token, \
@@ -92,7 +105,9 @@ pub(super) async fn write_queue_parts(
                  claim = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
                      THEN task_queue.claim + 1 ELSE task_queue.claim END, \
                  claim_expires_at = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
-                     THEN NULL ELSE task_queue.claim_expires_at END \
+                     THEN NULL ELSE task_queue.claim_expires_at END, \
+                 expiries = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
+                     THEN 0 ELSE task_queue.expiries END \
              WHERE task_queue.fencing_token <= EXCLUDED.fencing_token",
         )
         .bind(&task_run_ids)
@@ -103,19 +118,18 @@ pub(super) async fn write_queue_parts(
         .bind(&tags)
         .bind(&assignments)
         .bind(&offered_at)
+        // A completion this same batch applies does not stand in for the offer.
+        .bind(&batch.completions_done)
         .execute(&mut **tx)
         .await
         .map_err(db)?;
     }
-    if !batch.offers.is_empty() {
+    let resumed: Vec<&TaskOffer> = batch.offers.iter().filter(|o| o.resumed).collect();
+    if !resumed.is_empty() {
         // A scheduler that offers again a lease another scheduler offered (a resume under a
         // new name) receives its stored completions too.
-        let ids: Vec<Uuid> = batch
-            .offers
-            .iter()
-            .map(|o| o.assignment.task_run_id.0)
-            .collect();
-        let owners: Vec<String> = batch.offers.iter().map(|o| o.owner.clone()).collect();
+        let ids: Vec<Uuid> = resumed.iter().map(|o| o.assignment.task_run_id.0).collect();
+        let owners: Vec<String> = resumed.iter().map(|o| o.owner.clone()).collect();
         sqlx::query(
             "WITH moved AS ( \
                  UPDATE task_completions c SET owner = o.owner, taken = false \
@@ -190,31 +204,44 @@ impl TaskQueue for PgStore {
     ) -> StoreResult<ClaimBatch> {
         let limit = limit.min(CLAIM_LIMIT_MAX);
         let expires = now.plus(ttl);
-        // Expired claims first (their offers are the oldest), then unclaimed offers by age,
-        // each through its own partial index; rows other workers are claiming are skipped.
+        // Expired claims of other workers first (their offers are the oldest), then
+        // unclaimed offers by age, each through its own partial index; rows other workers are
+        // claiming are skipped. An offer whose task run is no longer running under the
+        // offer's token (cancelled, finished, or leased again by an engine that does not use
+        // the queue) is never run: it is deleted when a claim reaches it.
         // The last row carries the next expiry (the CTE's SELECT sees the table as it was
         // before the UPDATE; live claims of others only, so an expired claim that does not
         // match this worker's tags never makes it wake at once, again and again).
         let rows = sqlx::query(
             "WITH expired AS ( \
-                 SELECT task_run_id FROM task_queue \
-                 WHERE claimed_by IS NOT NULL AND claim_expires_at < $3 \
-                     AND worker_tags <@ $4::text[] \
-                 ORDER BY claim_expires_at LIMIT $5 FOR UPDATE SKIP LOCKED), \
+                 SELECT q.task_run_id, (t.state = 'running' AND t.fencing_token = q.fencing_token) \
+                     AS valid \
+                 FROM task_queue q LEFT JOIN task_runs t ON t.id = q.task_run_id \
+                 WHERE q.claimed_by IS NOT NULL AND q.claimed_by <> $1 \
+                     AND q.claim_expires_at < $3 AND q.worker_tags <@ $4::text[] \
+                 ORDER BY q.claim_expires_at LIMIT $5 FOR UPDATE OF q SKIP LOCKED), \
              fresh AS ( \
-                 SELECT task_run_id FROM task_queue \
-                 WHERE claimed_by IS NULL AND worker_tags <@ $4::text[] \
-                 ORDER BY offered_at, task_run_id LIMIT $5 FOR UPDATE SKIP LOCKED), \
+                 SELECT q.task_run_id, (t.state = 'running' AND t.fencing_token = q.fencing_token) \
+                     AS valid \
+                 FROM task_queue q LEFT JOIN task_runs t ON t.id = q.task_run_id \
+                 WHERE q.claimed_by IS NULL AND q.worker_tags <@ $4::text[] \
+                 ORDER BY q.offered_at, q.task_run_id LIMIT $5 FOR UPDATE OF q SKIP LOCKED), \
              picked AS ( \
-                 SELECT task_run_id FROM (SELECT task_run_id FROM expired \
-                     UNION ALL SELECT task_run_id FROM fresh) AS p LIMIT $5), \
+                 SELECT task_run_id, valid FROM (SELECT task_run_id, valid FROM expired \
+                     UNION ALL SELECT task_run_id, valid FROM fresh) AS p LIMIT $5), \
+             stale AS ( \
+                 DELETE FROM task_queue WHERE task_run_id IN \
+                     (SELECT task_run_id FROM picked WHERE valid IS NOT TRUE) \
+                 RETURNING task_run_id), \
              claimed AS ( \
-                 UPDATE task_queue q SET claimed_by = $1, claim = q.claim + 1, claim_expires_at = $2 \
-                 WHERE q.task_run_id IN (SELECT task_run_id FROM picked) \
-                 RETURNING q.claim, q.assignment) \
-             SELECT claim, assignment, NULL::bigint AS next_expiry FROM claimed \
+                 UPDATE task_queue q SET claimed_by = $1, claim = q.claim + 1, \
+                     claim_expires_at = $2, \
+                     expiries = q.expiries + CASE WHEN q.claimed_by IS NULL THEN 0 ELSE 1 END \
+                 WHERE q.task_run_id IN (SELECT task_run_id FROM picked WHERE valid) \
+                 RETURNING q.claim, q.expiries, q.assignment) \
+             SELECT claim, expiries, assignment, NULL::bigint AS next_expiry FROM claimed \
              UNION ALL \
-             SELECT NULL, NULL, (SELECT min(claim_expires_at) FROM task_queue \
+             SELECT NULL, NULL, NULL, (SELECT min(claim_expires_at) FROM task_queue \
                  WHERE claimed_by IS NOT NULL AND claimed_by <> $1 \
                      AND claim_expires_at >= $3 AND worker_tags <@ $4::text[])",
         )
@@ -230,11 +257,15 @@ impl TaskQueue for PgStore {
         for row in &rows {
             let claim: Option<i64> = row.try_get("claim").map_err(db)?;
             match claim {
-                Some(claim) => batch.tasks.push(ClaimedTask {
-                    assignment: decode_assignment(row)?,
-                    claim: claim_token(claim)?,
-                    expires_at: expires,
-                }),
+                Some(claim) => {
+                    let expiries: Option<i64> = row.try_get("expiries").map_err(db)?;
+                    batch.tasks.push(ClaimedTask {
+                        assignment: decode_assignment(row)?,
+                        claim: claim_token(claim)?,
+                        expires_at: expires,
+                        expiries: u32::try_from(expiries.unwrap_or(0)).unwrap_or(u32::MAX),
+                    })
+                }
                 None => {
                     let next: Option<i64> = row.try_get("next_expiry").map_err(db)?;
                     batch.next_expiry = next.map(Timestamp);
@@ -328,6 +359,22 @@ impl TaskQueue for PgStore {
         Ok(usize::try_from(released.unwrap_or(0)).unwrap_or(0))
     }
 
+    async fn release_all(&self, worker: &str) -> StoreResult<usize> {
+        let released: Option<i64> = sqlx::query_scalar(
+            "WITH released AS ( \
+                 UPDATE task_queue SET claimed_by = NULL, claim = claim + 1, \
+                     claim_expires_at = NULL \
+                 WHERE claimed_by = $1 RETURNING task_run_id) \
+             SELECT count(*) FROM released, LATERAL (SELECT pg_notify($2, '')) AS n",
+        )
+        .bind(worker)
+        .bind(OFFERS_CHANNEL)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(usize::try_from(released.unwrap_or(0)).unwrap_or(0))
+    }
+
     async fn take_completions(
         &self,
         owner: &str,
@@ -389,6 +436,49 @@ impl TaskQueue for PgStore {
         };
         listener.listen(channel).await.map_err(db)?;
         Ok(Box::new(PgQueueListener { listener, owner }))
+    }
+}
+
+/// A scheduler's hold on its name: a session advisory lock on a connection of its own,
+/// released when this is dropped (or the process dies, which closes the connection).
+pub struct SchedulerNameLock {
+    _connection: sqlx::PgConnection,
+}
+
+impl std::fmt::Debug for SchedulerNameLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerNameLock").finish_non_exhaustive()
+    }
+}
+
+/// Seed of `hashtextextended` for scheduler names (apart from the name locks of the store).
+const SCHEDULER_NAME_LOCK_SEED: i64 = 4;
+
+impl PgStore {
+    /// Takes the name `owner` for a scheduler on the task queue, for as long as the returned
+    /// lock lives: two schedulers under one name would take each other's completions.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] when another process holds the name;
+    /// [`StoreError::Unavailable`] when the store cannot be reached.
+    pub async fn lock_scheduler_name(&self, owner: &str) -> StoreResult<SchedulerNameLock> {
+        let mut connection = self.pool.acquire().await.map_err(db)?.detach();
+        let taken: bool =
+            sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtextextended($1, $2))")
+                .bind(owner)
+                .bind(SCHEDULER_NAME_LOCK_SEED)
+                .fetch_one(&mut connection)
+                .await
+                .map_err(db)?;
+        if !taken {
+            return Err(StoreError::Conflict(format!(
+                "another scheduler named {owner:?} is running on this database; give each \
+                 server replica its own workers.scheduler_id"
+            )));
+        }
+        Ok(SchedulerNameLock {
+            _connection: connection,
+        })
     }
 }
 
