@@ -279,37 +279,15 @@ impl Bench {
 
     /// Submits a run without waiting for it.
     async fn submit(&self, def: &PipelineDef, version: u32) -> anyhow::Result<RunId> {
-        let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let execution = RunExecution::create(
-            NewRun {
-                id: RunId::new(),
-                org_id: OrgId::DEFAULT,
-                pipeline_version: version,
-                params: json!({}),
-            },
-            pipeline,
-            Arc::new(Templates::new()),
-            ExecutionLimits::default(),
-            SystemClock.now(),
-        );
-        Ok(self.handle.submit(execution).await?)
+        Ok(self
+            .handle
+            .submit(new_execution(def, version, json!({}))?)
+            .await?)
     }
 
     async fn run(&self, def: &PipelineDef, params: serde_json::Value) -> anyhow::Result<RunId> {
-        let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let version = self.store.save_pipeline(OrgId::DEFAULT, def).await?.version;
-        let execution = RunExecution::create(
-            NewRun {
-                id: RunId::new(),
-                org_id: OrgId::DEFAULT,
-                pipeline_version: version,
-                params,
-            },
-            pipeline,
-            Arc::new(Templates::new()),
-            ExecutionLimits::default(),
-            SystemClock.now(),
-        );
+        let execution = new_execution(def, version, params)?;
         let run_id = self.handle.submit(execution).await?;
         let run = self.handle.wait(run_id).await?;
         anyhow::ensure!(
@@ -348,6 +326,27 @@ impl Bench {
             )
         }
     }
+}
+
+/// A new run of version `version` of `def` with `params`, created now.
+fn new_execution(
+    def: &PipelineDef,
+    version: u32,
+    params: serde_json::Value,
+) -> anyhow::Result<RunExecution> {
+    let pipeline = Pipeline::build(def.clone()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(RunExecution::create(
+        NewRun {
+            id: RunId::new(),
+            org_id: OrgId::DEFAULT,
+            pipeline_version: version,
+            params,
+        },
+        pipeline,
+        Arc::new(Templates::new()),
+        ExecutionLimits::default(),
+        SystemClock.now(),
+    ))
 }
 
 /// Offers the benchmark's scheduler keeps outstanding on the task queue.
@@ -506,20 +505,9 @@ pub async fn bench(command: BenchCommand, database_url: Option<&str>) -> anyhow:
                 let handle = bench.handle.clone();
                 let def = def.clone();
                 submits.spawn(async move {
-                    let pipeline = Pipeline::build(def).map_err(|e| anyhow::anyhow!("{e}"))?;
-                    let execution = RunExecution::create(
-                        NewRun {
-                            id: RunId::new(),
-                            org_id: OrgId::DEFAULT,
-                            pipeline_version: version,
-                            params: json!({}),
-                        },
-                        pipeline,
-                        Arc::new(Templates::new()),
-                        ExecutionLimits::default(),
-                        SystemClock.now(),
-                    );
-                    let run_id = handle.submit(execution).await?;
+                    let run_id = handle
+                        .submit(new_execution(&def, version, json!({}))?)
+                        .await?;
                     handle.wait(run_id).await?;
                     anyhow::Ok(run_id)
                 });

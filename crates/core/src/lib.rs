@@ -2,7 +2,8 @@
 //!
 //! The domain core of Arches: ids, the pipeline model and its validation, the DAG, templates,
 //! the state machines of runs and task runs, the retry policy, domain events, and the ports
-//! (traits) through which the engine reaches storage, artifacts and tools.
+//! (traits) through which the engine reaches storage, artifacts and tools, and tools reach
+//! LLM providers ([`llm::LlmProvider`]).
 //!
 //! Architecture invariant: this crate does no I/O and depends on no runtime, database, or
 //! HTTP crate. Time comes in through [`time::Clock`], randomness as arguments.
@@ -11,6 +12,7 @@ pub mod events;
 pub mod execution;
 pub mod identity;
 pub mod ids;
+pub mod llm;
 pub mod pipeline;
 pub mod ports;
 pub mod records;

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::scheduler::{Command, QueuedOrigin, SchedulerHandle};
+use crate::scheduler::{Command, SchedulerHandle};
 use crate::worker::{report_to_queue, Attempt, Reporter, Running};
 use crate::{EngineOptions, LogWriterHandle};
 
@@ -568,18 +568,7 @@ impl CompletionFeeder {
                         backoff = BACKOFF_FIRST;
                         let full = taken.len() == self.batch_max;
                         for completion in taken {
-                            let command = Command::Completed {
-                                run_id: completion.run_id,
-                                task_run_id: completion.task_run_id,
-                                fencing_token: completion.fencing_token,
-                                outcome: completion.outcome,
-                                executed_at: completion.executed_at,
-                                finished_at: completion.finished_at,
-                                queued: Some(QueuedOrigin {
-                                    seq: completion.seq,
-                                    worker: completion.worker,
-                                }),
-                            };
+                            let command = Command::from_queued(completion);
                             if self.scheduler.send(command).await.is_err() {
                                 debug!("scheduler gone; the feeder stops");
                                 return;

@@ -87,6 +87,25 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The completion a standalone worker stored on the task queue, as the scheduler's
+    /// input.
+    pub fn from_queued(completion: arches_core::records::QueuedCompletion) -> Command {
+        Command::Completed {
+            run_id: completion.run_id,
+            task_run_id: completion.task_run_id,
+            fencing_token: completion.fencing_token,
+            outcome: completion.outcome,
+            executed_at: completion.executed_at,
+            finished_at: completion.finished_at,
+            queued: Some(QueuedOrigin {
+                seq: completion.seq,
+                worker: completion.worker,
+            }),
+        }
+    }
+}
+
 /// Where a completion from the store's task queue came from.
 #[derive(Debug, Clone)]
 pub struct QueuedOrigin {

@@ -239,8 +239,11 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
             .map_err(BuildError::Store)?,
     );
     let bus = event_bus(&config, clock.as_ref()).await?;
-    let executors =
+    let mut executors =
         arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
+    if let Some(llm) = config.llm_tool_policy() {
+        executors = executors.with_llm(llm);
+    }
     let http_tool = executors.http.clone();
     let keyring = config
         .secrets

@@ -288,6 +288,39 @@ pub struct ToolsConfig {
     pub wasm: WasmToolConfig,
     /// The `shell` tool (`[tools.shell]`).
     pub shell: ShellToolConfig,
+    /// The `llm` tool (`[tools.llm]`).
+    pub llm: LlmToolConfig,
+}
+
+/// The `llm` tool (`[tools.llm]`): an OpenAI-compatible provider (Ollama, vLLM, llama.cpp's
+/// server, or a gateway to a hosted one). Without `base_url` the tool is not offered.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LlmToolConfig {
+    /// The provider's base URL up to its API version, for example
+    /// `http://127.0.0.1:11434/v1`; its host must also be in `[tools.http] allowed_hosts`.
+    pub base_url: Option<String>,
+    /// The model when a task names none.
+    pub model: Option<String>,
+    /// The provider's API key (`ARCHES_TOOLS__LLM__API_KEY`), sent only to `base_url`.
+    pub api_key: Option<Secret>,
+    /// Whether a task may name another model or base URL (within the allowed hosts; it
+    /// gets no key). Default `false` on a server.
+    pub allow_override: bool,
+    /// Seconds one request may take. Default 120.
+    pub timeout_secs: u64,
+}
+
+impl Default for LlmToolConfig {
+    fn default() -> Self {
+        LlmToolConfig {
+            base_url: None,
+            model: None,
+            api_key: None,
+            allow_override: false,
+            timeout_secs: 120,
+        }
+    }
 }
 
 /// The `shell` tool (`[tools.shell]`).
@@ -1023,6 +1056,13 @@ impl ServerConfig {
             "events.subject_prefix",
             "must be a NATS subject without wildcards or spaces",
         );
+        for problem in self
+            .llm_tool_policy()
+            .map(|policy| policy.problems())
+            .unwrap_or_default()
+        {
+            check(false, "tools.llm", &problem);
+        }
         check(
             self.store.max_connections > 0,
             "store.max_connections",
@@ -1184,6 +1224,24 @@ impl ServerConfig {
             env: wasm.env.clone(),
             module_dirs: wasm.module_dirs.iter().map(PathBuf::from).collect(),
         }
+    }
+
+    /// The `llm` tool's policy, `None` without `[tools.llm] base_url`.
+    pub fn llm_tool_policy(&self) -> Option<arches_tools::LlmPolicy> {
+        let llm = &self.tools.llm;
+        let base_url = llm.base_url.clone()?;
+        let mut policy = arches_tools::LlmPolicy {
+            base_url,
+            model: llm.model.clone(),
+            api_key: llm
+                .api_key
+                .as_ref()
+                .map(|key| arches_tools::ApiKey::new(key.expose())),
+            allow_override: llm.allow_override,
+            ..arches_tools::LlmPolicy::default()
+        };
+        policy.timeout = std::time::Duration::from_secs(llm.timeout_secs.max(1));
+        Some(policy)
     }
 
     /// The `http` tool's policy from `[tools.http]`.
@@ -1391,6 +1449,17 @@ module_dirs = []
 # Whether pipelines may run shell commands. They run as the server's user (in the process
 # sandbox): turn this off on a server shared by orgs that do not trust each other.
 enabled = true
+
+[tools.llm]
+# An OpenAI-compatible provider for the `llm` tool; unset: no `llm` tool. Its host must be
+# in [tools.http] allowed_hosts.
+# base_url = "http://127.0.0.1:11434/v1"
+# model = "llama3.2"
+# Prefer ARCHES_TOOLS__LLM__API_KEY for the key.
+# Whether tasks may name another model or base URL.
+allow_override = false
+# Seconds one request may take.
+timeout_secs = 120
 
 [secrets]
 # Master keys sealing org secrets at rest (XChaCha20-Poly1305), "id:base64" of 32 random

@@ -67,8 +67,11 @@ pub async fn run_worker(
         LocalArtifactStore::new(&config.home.join("artifacts"), store.clone())
             .context("cannot open the artifact store")?,
     );
-    let executors =
+    let mut executors =
         arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
+    if let Some(llm) = config.llm_tool_policy() {
+        executors = executors.with_llm(llm);
+    }
     let keyring = config
         .secrets
         .keyring()

@@ -4,7 +4,9 @@
 //! artifacts), `shell` (a process in its own group with a scrubbed environment), `file`
 //! (local files in and out of the artifact store), `http` (requests to allowed hosts with
 //! retries, a circuit breaker and a rate limit per host), `wasm` (WASI modules on wasmtime
-//! with nothing granted by default, CPU, memory and time bounded), `noop` and `echo`.
+//! with nothing granted by default, CPU, memory and time bounded), `llm` (an
+//! OpenAI-compatible chat model, the answer checked against a JSON Schema, with a
+//! confidence), `noop` and `echo`.
 //!
 //! Every tool implements [`arches_core::ports::Tool`] and reaches the outside world only
 //! through its [`arches_core::ports::ToolContext`]: the attempt's working directory, the
@@ -21,6 +23,7 @@ mod basic;
 mod common;
 pub mod file;
 pub mod http;
+pub mod llm;
 pub mod media_type;
 pub mod registered;
 pub mod shell;
@@ -34,6 +37,7 @@ use arches_core::ports::ToolRegistry;
 pub use basic::{EchoTool, NoopTool};
 pub use file::FileTool;
 pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
+pub use llm::{ApiKey, LlmPolicy, LlmTool, ModelPrice};
 pub use registered::{check_manifest, Executors, ManifestProblem, RegisteredTool};
 pub use shell::ShellTool;
 pub use sql::SqlTool;
@@ -47,20 +51,22 @@ pub const RESERVED_TOOL_NAMES: [&str; 13] = [
     "shell", "sql", "wasm",
 ];
 
-/// A registry holding every built-in tool: `echo`, `file`, `http`, `noop`, `shell`, `sql`
-/// and `wasm`, with the `http` tool allowed to reach any host ([`HttpPolicy::allow_all`]) and
-/// the `wasm` tool allowed any grant ([`WasmPolicy::allow_all`]): for local runs, where
-/// pipelines already run as the user on the user's own machine.
+/// A registry holding every built-in tool: `echo`, `file`, `http`, `llm`, `noop`, `shell`,
+/// `sql` and `wasm`, with the `http` tool allowed to reach any host
+/// ([`HttpPolicy::allow_all`]), the `wasm` tool allowed any grant ([`WasmPolicy::allow_all`])
+/// and the `llm` tool configured from `ARCHES_LLM_BASE_URL`, `ARCHES_LLM_MODEL` and
+/// `ARCHES_LLM_API_KEY` ([`LlmPolicy::from_env`]): for local runs, where pipelines already
+/// run as the user on the user's own machine.
 pub fn builtin_registry() -> ToolRegistry {
-    builtin_registry_with(&Executors::new(
-        HttpPolicy::allow_all(),
-        WasmPolicy::allow_all(),
-    ))
+    builtin_registry_with(
+        &Executors::new(HttpPolicy::allow_all(), WasmPolicy::allow_all())
+            .with_llm(LlmPolicy::from_env()),
+    )
 }
 
-/// Every built-in tool, with `executors`' `http` and `wasm` tools: a server passes those it
-/// built from its configuration, keeps the `http` tool to report its circuit breakers, and
-/// runs its org's registered tools on the same executors.
+/// Every built-in tool, with `executors`' `http`, `wasm` and `llm` tools (the last two when
+/// present): a server passes those it built from its configuration, keeps the `http` tool to
+/// report its circuit breakers, and runs its org's registered tools on the same executors.
 pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     let mut registry = ToolRegistry::new();
     registry.register(Arc::new(EchoTool::new()));
@@ -71,6 +77,9 @@ pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     registry.register(Arc::new(SqlTool::new()));
     if let Some(wasm) = &executors.wasm {
         registry.register(Arc::new(wasm.clone()));
+    }
+    if let Some(llm) = &executors.llm {
+        registry.register(llm.clone());
     }
     registry
 }
@@ -89,6 +98,14 @@ impl Executors {
         Self {
             wasm,
             http: Arc::new(HttpTool::new(http)),
+            llm: None,
         }
+    }
+
+    /// These executors with the `llm` tool under `policy`, sending through their `http` tool
+    /// (its allowed hosts, breakers and rate limits).
+    pub fn with_llm(mut self, policy: LlmPolicy) -> Self {
+        self.llm = Some(Arc::new(LlmTool::new(policy, self.http.clone())));
+        self
     }
 }

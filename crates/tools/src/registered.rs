@@ -49,6 +49,9 @@ pub struct Executors {
     pub wasm: Option<WasmTool>,
     /// Sends requests; its policy's allowed hosts bound the hosts a tool's capabilities name.
     pub http: Arc<HttpTool>,
+    /// The `llm` tool, sending through `http`; `None` (not registered) unless set with
+    /// [`Executors::with_llm`].
+    pub llm: Option<Arc<crate::llm::LlmTool>>,
 }
 
 /// A problem of a manifest: where (a JSON pointer into the manifest) and what.

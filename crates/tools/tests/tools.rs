@@ -15,6 +15,8 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+#[path = "tools/llm.rs"]
+mod llm;
 #[path = "tools/wasm.rs"]
 mod wasm;
 
@@ -813,9 +815,9 @@ fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
     let registry = builtin_registry();
     assert_eq!(
         registry.names().collect::<Vec<_>>(),
-        vec!["echo", "file", "http", "noop", "shell", "sql", "wasm"]
+        vec!["echo", "file", "http", "llm", "noop", "shell", "sql", "wasm"]
     );
-    for name in ["sql", "shell", "http", "wasm"] {
+    for name in ["sql", "shell", "http", "llm", "wasm"] {
         let schema = registry.get(name).unwrap().input_schema();
         assert_eq!(schema["additionalProperties"], json!(false), "{name}");
     }

@@ -57,15 +57,18 @@ impl Db {
         }
     }
 
+    async fn connect(&self) -> sqlx::PgConnection {
+        self.server
+            .clone()
+            .database(&self.name)
+            .connect()
+            .await
+            .expect("the test database answers")
+    }
+
     fn scalar(&self, sql: &str) -> i64 {
         self.runtime.block_on(async {
-            let mut connection = self
-                .server
-                .clone()
-                .database(&self.name)
-                .connect()
-                .await
-                .expect("the test database answers");
+            let mut connection = self.connect().await;
             sqlx::query_scalar::<_, i64>(sql)
                 .fetch_one(&mut connection)
                 .await
@@ -87,13 +90,7 @@ impl Db {
 
     fn text(&self, sql: &str) -> Vec<String> {
         self.runtime.block_on(async {
-            let mut connection = self
-                .server
-                .clone()
-                .database(&self.name)
-                .connect()
-                .await
-                .expect("the test database answers");
+            let mut connection = self.connect().await;
             sqlx::query_scalar::<_, String>(sql)
                 .fetch_all(&mut connection)
                 .await

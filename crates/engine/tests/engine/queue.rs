@@ -16,7 +16,7 @@ use arches_core::records::{Durability, TaskCompletion};
 use arches_core::{Clock, ManualClock, RunId, RunState, SystemClock, TaskRunState};
 use arches_engine::{
     Command, Dispatching, Engine, EngineOptions, FailPoints, LogWriter, QueueWorker,
-    QueueWorkerOptions, QueuedOrigin, Scheduler,
+    QueueWorkerOptions, Scheduler,
 };
 use arches_store::{LocalArtifactStore, PgStore};
 use async_trait::async_trait;
@@ -149,23 +149,25 @@ impl QueueHarness {
         for completion in taken {
             self.scheduler
                 .handle()
-                .send(Command::Completed {
-                    run_id: completion.run_id,
-                    task_run_id: completion.task_run_id,
-                    fencing_token: completion.fencing_token,
-                    outcome: completion.outcome,
-                    executed_at: completion.executed_at,
-                    finished_at: completion.finished_at,
-                    queued: Some(QueuedOrigin {
-                        seq: completion.seq,
-                        worker: completion.worker,
-                    }),
-                })
+                .send(Command::from_queued(completion))
                 .await
                 .expect("the scheduler takes commands");
             self.step().await;
         }
         count
+    }
+
+    /// The run as a restarted process reads it from the store.
+    async fn restore(&self, run_id: RunId, pipeline: &Pipeline) -> RunExecution {
+        let store = &self.db.store;
+        RunExecution::restore(
+            store.run(run_id).await.unwrap().unwrap(),
+            pipeline.clone(),
+            Arc::new(arches_core::pipeline::Templates::new()),
+            arches_core::execution::ExecutionLimits::default(),
+            store.task_runs(run_id).await.unwrap(),
+            store.attempts(run_id).await.unwrap(),
+        )
     }
 
     async fn pending_completions(&self) -> i64 {
@@ -494,14 +496,7 @@ async fn a_restarted_scheduler_keeps_claims_and_applies_completions_stored_while
         FailPoints::default(),
     );
     h.scheduler = scheduler;
-    let execution = RunExecution::restore(
-        h.db.store.run(run_id).await.unwrap().unwrap(),
-        p.clone(),
-        Arc::new(arches_core::pipeline::Templates::new()),
-        arches_core::execution::ExecutionLimits::default(),
-        h.db.store.task_runs(run_id).await.unwrap(),
-        h.db.store.attempts(run_id).await.unwrap(),
-    );
+    let execution = h.restore(run_id, &p).await;
     let (reply, mut answer) = oneshot::channel();
     h.scheduler
         .handle()
@@ -800,14 +795,7 @@ async fn a_restarted_scheduler_takes_no_completion_before_its_runs_are_resumed()
     );
     let feeder = tokio::spawn(feeder.run(shutdown.clone()));
     let scheduler = tokio::spawn(scheduler.run(shutdown.clone()));
-    let execution = RunExecution::restore(
-        h.db.store.run(run_id).await.unwrap().unwrap(),
-        p.clone(),
-        Arc::new(arches_core::pipeline::Templates::new()),
-        arches_core::execution::ExecutionLimits::default(),
-        h.db.store.task_runs(run_id).await.unwrap(),
-        h.db.store.attempts(run_id).await.unwrap(),
-    );
+    let execution = h.restore(run_id, &p).await;
     handle.resume(execution).await.unwrap();
     handle.mark_recovered();
     assert!(h
@@ -847,14 +835,7 @@ async fn an_offer_whose_task_run_moved_on_without_the_queue_is_never_run_and_is_
     assert_eq!(h.offers().await, 1);
     // A process that does not use the queue cancels the run in the store (an older CLI,
     // or a resume with in-process workers re-leasing it), leaving the offer behind.
-    let mut execution = RunExecution::restore(
-        h.db.store.run(run_id).await.unwrap().unwrap(),
-        p.clone(),
-        Arc::new(arches_core::pipeline::Templates::new()),
-        arches_core::execution::ExecutionLimits::default(),
-        h.db.store.task_runs(run_id).await.unwrap(),
-        h.db.store.attempts(run_id).await.unwrap(),
-    );
+    let mut execution = h.restore(run_id, &p).await;
     execution.cancel(h.clock.now(), "elsewhere");
     let changes = execution.take_changes();
     h.db.store

@@ -25,7 +25,9 @@ mod queue;
 mod registry;
 mod rows;
 
-pub use queue::{SchedulerNameLock, CLAIM_LIMIT_MAX, COMPLETIONS_CHANNEL, OFFERS_CHANNEL, TAKE_LIMIT_MAX};
+pub use queue::{
+    SchedulerNameLock, CLAIM_LIMIT_MAX, COMPLETIONS_CHANNEL, OFFERS_CHANNEL, TAKE_LIMIT_MAX,
+};
 
 use std::collections::HashMap;
 use std::str::FromStr;

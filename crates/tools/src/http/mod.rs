@@ -11,6 +11,7 @@
 //! and hands a half-open breaker's probe to the next request.
 
 mod breaker;
+mod post;
 
 use std::collections::BTreeMap;
 use std::num::NonZeroU32;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arches_core::pipeline::model::optional_duration;
-use arches_core::ports::{Tool, ToolContext, ToolError};
+use arches_core::ports::{LogSink, Tool, ToolContext, ToolError};
 use arches_core::records::LogStream;
 use arches_core::retry::RetryPolicy;
 use arches_core::time::{Clock, SystemClock, Timestamp};
@@ -37,6 +38,7 @@ use crate::common::parse_inputs;
 
 pub use breaker::{BreakerSettings, BreakerState};
 use breaker::{Breakers, Outcome, Refusal};
+pub(crate) use post::JsonPost;
 
 /// Default timeout of one request (connect, send, and read the whole response): 30 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -511,7 +513,7 @@ impl HttpTool {
             let headers = response.headers().clone();
             let expected = request.expect.accepts(status.as_u16());
             let limit = if expected {
-                self.max_body_bytes
+                request.max_body_bytes
             } else {
                 ERROR_BODY_BYTES as u64
             };
@@ -571,6 +573,8 @@ struct Request {
     headers: HeaderMap,
     body: Option<Bytes>,
     expect: Expect,
+    /// Largest expected response body read, in bytes.
+    max_body_bytes: u64,
 }
 
 /// Which statuses succeed.
@@ -955,6 +959,7 @@ impl HttpTool {
                 headers,
                 body,
                 expect,
+                max_body_bytes: self.max_body_bytes,
             },
             policy,
             timeout,
@@ -1064,14 +1069,34 @@ impl Tool for HttpTool {
     async fn execute(&self, context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
         let inputs: HttpInputs = parse_inputs("http", inputs)?;
         let (request, policy, timeout) = self.prepare(inputs)?;
-        let host = host_key(&request.url);
         let what = format!("{} {}", request.method, display_url(&request.url));
+        let (exchange, attempts) = self
+            .send(&request, &policy, timeout, context.logs.as_ref(), &what)
+            .await?;
+        outputs(exchange, attempts, &what)
+    }
+}
+
+impl HttpTool {
+    /// Sends a checked request (its host allowed) with the tool's breaker, rate limit and
+    /// `policy`'s retries, writing a line per attempt to `logs`; `what` (method and URL)
+    /// starts every line and error. The exchange of the first attempt that is not retried,
+    /// with the number of attempts made.
+    async fn send(
+        &self,
+        request: &Request,
+        policy: &RetryPolicy,
+        timeout: Duration,
+        logs: &dyn LogSink,
+        what: &str,
+    ) -> Result<(Exchange, u32), ToolError> {
+        let host = host_key(&request.url);
         let mut attempt = 1;
         let mut last_error: Option<String> = None;
         loop {
             // The rate-limit token first: a half-open breaker's probe must not be held while
             // it waits for one (other requests are refused meanwhile).
-            self.wait_for_token(&host, timeout, &what).await?;
+            self.wait_for_token(&host, timeout, what).await?;
             let permit = match self.breakers.acquire(&host) {
                 Ok(permit) => permit,
                 Err(refusal) => {
@@ -1091,7 +1116,7 @@ impl Tool for HttpTool {
                 }
             };
             let started = Instant::now();
-            let result = self.exchange(&request, timeout).await;
+            let result = self.exchange(request, timeout).await;
             let elapsed = started.elapsed().as_millis();
             let (verdict, exchange) = match result {
                 Ok(exchange) => (judge_exchange(&exchange), Some(exchange)),
@@ -1107,11 +1132,11 @@ impl Tool for HttpTool {
                 "{what} -> {result_text} in {elapsed} ms (attempt {attempt}/{})",
                 policy.max_attempts
             );
-            context.logs.write(LogStream::System, &line).await;
+            logs.write(LogStream::System, &line).await;
 
             let Some(error) = verdict.error else {
                 return match exchange {
-                    Some(exchange) => outputs(exchange, attempt, &what),
+                    Some(exchange) => Ok((exchange, attempt)),
                     None => Err(ToolError::permanent(format!("{what}: no response"))),
                 };
             };
@@ -1129,7 +1154,7 @@ impl Tool for HttpTool {
                 )));
             }
             last_error = Some(error);
-            let delay = retry_delay(&policy, attempt, verdict.retry_after, rand::random());
+            let delay = retry_delay(policy, attempt, verdict.retry_after, rand::random());
             tokio::time::sleep(delay).await;
             attempt += 1;
         }
