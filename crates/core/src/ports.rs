@@ -554,6 +554,14 @@ pub trait TaskQueue: Send + Sync + 'static {
     /// the claim token makes a retry safe).
     async fn complete(&self, completion: &TaskCompletion) -> StoreResult<bool>;
 
+    /// [`TaskQueue::complete`] for several completions of one worker in one statement:
+    /// whether each was stored, in order. A worker batches the reports that are ready at
+    /// the same moment.
+    ///
+    /// # Errors
+    /// As [`TaskQueue::complete`]; nothing is stored when it fails.
+    async fn complete_many(&self, completions: &[TaskCompletion]) -> StoreResult<Vec<bool>>;
+
     /// Hands claims back unfinished (a worker shutting down): each becomes claimable at
     /// once by another worker, and this worker's token is void. Returns how many were
     /// still held.

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::scheduler::{Command, SchedulerHandle};
-use crate::worker::{report_to_queue, Attempt, Reporter, Running};
+use crate::worker::{report_to_queue, Attempt, CompletionBatcher, Reporter, Running};
 use crate::{EngineOptions, LogWriterHandle};
 
 /// The first delay after the store failed; it doubles up to [`BACKOFF_MAX`].
@@ -181,6 +181,7 @@ impl QueueWorker {
         let mut listener: Option<Box<dyn QueueListener>> = None;
         let mut backoff = BACKOFF_FIRST;
         let attempts_stop = CancellationToken::new();
+        let batcher = CompletionBatcher::start(self.queue.clone(), slots);
         // Look at the queue now (at start, after a wake-up, a freed slot or a timer).
         let mut look = true;
         // When to look again without a wake-up: the sweep, or an expiring claim.
@@ -264,9 +265,9 @@ impl QueueWorker {
                                     executed_at: now,
                                     finished_at: now,
                                 };
-                                let queue = self.queue.clone();
+                                let batcher = batcher.clone();
                                 let handle = tasks.spawn(async move {
-                                    report_to_queue(queue.as_ref(), &completion).await;
+                                    report_to_queue(&batcher, completion).await;
                                     task_run_id
                                 });
                                 spawned.insert(handle.id(), task_run_id);
@@ -280,7 +281,7 @@ impl QueueWorker {
                                 assignment: a,
                                 options: self.options.engine.clone(),
                                 reporter: Reporter::Queue {
-                                    queue: self.queue.clone(),
+                                    batcher: batcher.clone(),
                                     worker: worker.clone(),
                                     claim: claimed.claim,
                                 },

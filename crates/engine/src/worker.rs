@@ -15,7 +15,7 @@ use arches_core::ports::{ArtifactStore, LogSink, TaskQueue, ToolContext, ToolReg
 use arches_core::records::{LogStream, TaskCompletion};
 use arches_core::{Clock, RunId, TaskRunId};
 use futures::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -34,6 +34,66 @@ const COMPLETE_TRIES_MAX: u32 = 20;
 const COMPLETE_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 const COMPLETE_RETRY_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Most completions stored in one statement.
+const COMPLETION_BATCH_MAX: usize = 512;
+
+/// Stores a worker's completions in batches: each call waits for its own result, and the
+/// completions ready at the same moment go to the store in one statement
+/// ([`TaskQueue::complete_many`]). Cheap to clone; the batching task ends when the last
+/// clone is dropped.
+#[derive(Clone)]
+pub(crate) struct CompletionBatcher {
+    sender: mpsc::Sender<(TaskCompletion, oneshot::Sender<Result<bool, String>>)>,
+}
+
+impl CompletionBatcher {
+    /// A batcher on `queue`, holding at most `capacity` completions waiting.
+    pub(crate) fn start(queue: Arc<dyn TaskQueue>, capacity: usize) -> Self {
+        let (sender, mut receiver) = mpsc::channel::<(
+            TaskCompletion,
+            oneshot::Sender<Result<bool, String>>,
+        )>(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some(first) = receiver.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < COMPLETION_BATCH_MAX {
+                    match receiver.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (completions, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+                match queue.complete_many(&completions).await {
+                    Ok(stored) => {
+                        for (reply, stored) in replies.into_iter().zip(stored) {
+                            let _ = reply.send(Ok(stored));
+                        }
+                    }
+                    Err(error) => {
+                        let message = error.to_string();
+                        for reply in replies {
+                            let _ = reply.send(Err(message.clone()));
+                        }
+                    }
+                }
+            }
+        });
+        Self { sender }
+    }
+
+    /// Stores one completion (in the next batch): whether it was stored.
+    async fn complete(&self, completion: TaskCompletion) -> Result<bool, String> {
+        let (reply, answer) = oneshot::channel();
+        self.sender
+            .send((completion, reply))
+            .await
+            .map_err(|_| "the worker is stopping".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the worker is stopping".to_owned())?
+    }
+}
+
 /// Where an attempt reports.
 #[derive(Clone)]
 pub(crate) enum Reporter {
@@ -42,8 +102,8 @@ pub(crate) enum Reporter {
     /// To the store's task queue, for an offer this worker claimed. Claims are renewed by
     /// the worker for all its attempts at once, so an attempt sends no heartbeat itself.
     Queue {
-        /// The queue.
-        queue: Arc<dyn TaskQueue>,
+        /// The worker's completion batcher on the queue.
+        batcher: CompletionBatcher,
         /// This worker.
         worker: String,
         /// The claim's token.
@@ -311,7 +371,7 @@ impl Attempt {
         let scheduler = match &self.reporter {
             Reporter::Scheduler(scheduler) => scheduler,
             Reporter::Queue {
-                queue,
+                batcher,
                 worker,
                 claim,
             } => {
@@ -326,7 +386,7 @@ impl Attempt {
                     executed_at,
                     finished_at: self.clock.now(),
                 };
-                report_to_queue(queue.as_ref(), &completion).await;
+                report_to_queue(batcher, completion).await;
                 return;
             }
         };
@@ -426,10 +486,10 @@ impl Attempt {
 
 /// Stores a claimed task's completion, retrying while the store is unreachable (bounded:
 /// [`COMPLETE_TRIES_MAX`]). A refusal (the claim is no longer ours) ends it at once.
-pub(crate) async fn report_to_queue(queue: &dyn TaskQueue, completion: &TaskCompletion) {
+pub(crate) async fn report_to_queue(batcher: &CompletionBatcher, completion: TaskCompletion) {
     let mut delay = COMPLETE_RETRY_FIRST;
     for attempt in 1..=COMPLETE_TRIES_MAX {
-        match queue.complete(completion).await {
+        match batcher.complete(completion.clone()).await {
             Ok(true) => return,
             Ok(false) if attempt > 1 => {
                 // An earlier try may have been stored before its answer was lost.

@@ -857,3 +857,58 @@ async fn an_offer_whose_task_run_moved_on_without_the_queue_is_never_run_and_is_
     assert_eq!(h.offers().await, 0, "and its offer is cleared");
     h.db.drop_database().await;
 }
+
+#[tokio::test]
+async fn completions_stored_in_one_batch_are_each_fenced_by_their_own_claim() {
+    let mut h = QueueHarness::new().await;
+    let p = pipeline(json!({
+        "name": "trio",
+        "tasks": [
+            {"id": "a", "tool": "echo"},
+            {"id": "b", "tool": "echo"},
+            {"id": "c", "tool": "echo"},
+        ],
+    }));
+    let run_id = h.submit(new_run(&p, json!({}), h.clock.now())).await;
+    let now = h.clock.now();
+    let claimed = h.queue().claim("w", &[], 3, now, TTL).await.unwrap().tasks;
+    assert_eq!(claimed.len(), 3);
+    let report = |i: usize, claim: u64| {
+        completion(
+            claimed[i].assignment.task_run_id,
+            claim,
+            "w",
+            now,
+            json!({"i": i}),
+        )
+    };
+    let stored = h
+        .queue()
+        .complete_many(&[
+            report(0, claimed[0].claim),
+            report(1, claimed[1].claim + 7),
+            report(2, claimed[2].claim),
+            report(0, claimed[0].claim),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![true, false, true, false],
+        "a stale claim and a second report of one lease are not stored"
+    );
+    assert_eq!(h.pending_completions().await, 2);
+    assert_eq!(h.offers().await, 1, "b's offer is still held");
+    let stored = h
+        .queue()
+        .complete_many(&[report(1, claimed[1].claim)])
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![true]);
+    assert_eq!(h.apply_completions().await, 3);
+    assert_eq!(
+        h.db.store.run(run_id).await.unwrap().unwrap().state,
+        RunState::Succeeded
+    );
+    h.db.drop_database().await;
+}

@@ -335,6 +335,80 @@ impl TaskQueue for PgStore {
         Ok(stored.is_some())
     }
 
+    async fn complete_many(&self, completions: &[TaskCompletion]) -> StoreResult<Vec<bool>> {
+        let Some(first) = completions.first() else {
+            return Ok(Vec::new());
+        };
+        if completions.iter().any(|c| c.worker != first.worker) {
+            return Err(StoreError::Conflict(
+                "completions of one batch must come from one worker".into(),
+            ));
+        }
+        let mut ids = Vec::with_capacity(completions.len());
+        let mut claims = Vec::with_capacity(completions.len());
+        let mut outcomes = Vec::with_capacity(completions.len());
+        let mut executed = Vec::with_capacity(completions.len());
+        let mut finished = Vec::with_capacity(completions.len());
+        // A worker holds one claim per task run: a second report of one in the same batch
+        // is not stored (it would store the lease's result twice).
+        let mut seen = std::collections::HashSet::with_capacity(completions.len());
+        let mut first_of = Vec::with_capacity(completions.len());
+        for c in completions {
+            first_of.push(seen.insert(c.task_run_id));
+            if !first_of.last().copied().unwrap_or(false) {
+                continue;
+            }
+            ids.push(c.task_run_id.0);
+            claims.push(token(c.claim)?);
+            outcomes.push(serde_json::to_value(&c.outcome).map_err(|e| {
+                StoreError::Backend(format!(
+                    "cannot encode the outcome of {}: {e}",
+                    c.task_run_id
+                ))
+            })?);
+            executed.push(c.executed_at.as_micros());
+            finished.push(c.finished_at.as_micros());
+        }
+        // One statement: each offer is deleted only if its claim is still this worker's, a
+        // completion stored only for those, and each owner woken once, in the same commit.
+        let stored: Vec<Uuid> = sqlx::query_scalar(
+            "WITH input AS ( \
+                 SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::jsonb[], $4::bigint[], \
+                     $5::bigint[]) AS i(task_run_id, claim, outcome, executed_at, finished_at)), \
+             gone AS ( \
+                 DELETE FROM task_queue q USING input i \
+                 WHERE q.task_run_id = i.task_run_id AND q.claim = i.claim \
+                     AND q.claimed_by = $6 \
+                 RETURNING q.task_run_id, q.run_id, q.owner, q.fencing_token, q.claim), \
+             stored AS ( \
+                 INSERT INTO task_completions (task_run_id, run_id, owner, fencing_token, \
+                     worker, claims, outcome, executed_at, finished_at) \
+                 SELECT g.task_run_id, g.run_id, g.owner, g.fencing_token, $6, g.claim, \
+                     i.outcome, i.executed_at, i.finished_at \
+                 FROM gone g JOIN input i ON i.task_run_id = g.task_run_id \
+                 RETURNING task_run_id, owner), \
+             woken AS ( \
+                 SELECT pg_notify($7, owner) FROM (SELECT DISTINCT owner FROM stored) AS o) \
+             SELECT task_run_id FROM stored WHERE (SELECT count(*) FROM woken) >= 0",
+        )
+        .bind(&ids)
+        .bind(&claims)
+        .bind(&outcomes)
+        .bind(&executed)
+        .bind(&finished)
+        .bind(&first.worker)
+        .bind(COMPLETIONS_CHANNEL)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let stored: std::collections::HashSet<Uuid> = stored.into_iter().collect();
+        Ok(completions
+            .iter()
+            .zip(first_of)
+            .map(|(c, first)| first && stored.contains(&c.task_run_id.0))
+            .collect())
+    }
+
     async fn release(&self, worker: &str, claims: &[(TaskRunId, u64)]) -> StoreResult<usize> {
         if claims.is_empty() {
             return Ok(0);
