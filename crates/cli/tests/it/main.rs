@@ -89,3 +89,31 @@ pub fn start_server_with(home: &Path, env: &[(&str, &str)]) -> (Child, String) {
     std::thread::spawn(move || for _ in lines {});
     (child, base)
 }
+
+/// A response's status and JSON body (`null` when it has none).
+pub async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
+    let status = response.status().as_u16();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// Signs the first account up on the server at `base`; its access token.
+pub async fn signup(client: &reqwest::Client, base: &str) -> String {
+    let (status, body) = json_of(
+        client
+            .post(format!("{base}/api/v1/auth/signup"))
+            .json(&serde_json::json!({
+                "email": "owner@example.test",
+                "password": "correct horse battery staple",
+                "display_name": "Owner"
+            }))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    body["access_token"].as_str().unwrap().to_owned()
+}

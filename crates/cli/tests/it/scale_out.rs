@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::ConnectOptions;
 
-use crate::{arches, pipeline_file};
+use crate::{arches, json_of, pipeline_file, signup};
 
 const URL_VARIABLE: &str = "ARCHES_TEST_POSTGRES_URL";
 
@@ -76,16 +76,26 @@ impl Db {
         })
     }
 
-    /// Waits until `sql` counts at least `at_least`, bounded; the condition is the query.
-    fn await_scalar(&self, sql: &str, at_least: i64, bound: Duration) {
-        let deadline = Instant::now() + bound;
-        while self.scalar(sql) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "{sql} stayed below {at_least} for {bound:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+    /// Listens on a notification channel of the store (before the action it waits for).
+    fn listen(&self, channel: &str) -> sqlx::postgres::PgListener {
+        self.runtime.block_on(async {
+            let mut listener = sqlx::postgres::PgListener::connect(&self.url)
+                .await
+                .expect("the test database answers");
+            listener.listen(channel).await.expect("LISTEN");
+            listener
+        })
+    }
+
+    /// Waits for the next notification on `listener`, bounded, and closes it (inside the
+    /// runtime it needs).
+    fn await_notification(&self, mut listener: sqlx::postgres::PgListener, bound: Duration) {
+        self.runtime.block_on(async move {
+            tokio::time::timeout(bound, listener.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no notification within {bound:?}"))
+                .expect("the listener reads");
+        });
     }
 
     fn text(&self, sql: &str) -> Vec<String> {
@@ -150,17 +160,39 @@ fn start_scheduler(home: &Path, db: &Db, args: &[&str]) -> (Child, String) {
 
 /// Waits for a process to exit within `bound`, killing it (and failing) past it.
 fn wait_bounded(child: &mut Child, bound: Duration, what: &str) -> std::process::ExitStatus {
-    let deadline = Instant::now() + bound;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+    let pid = Pid::from_raw(child.id() as i32);
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let _ = done.send(child.wait());
+        });
+        match exited.recv_timeout(bound) {
+            Ok(status) => status.expect("the process is waited for"),
+            Err(_) => {
+                let _ = kill(pid, Signal::SIGKILL);
+                panic!("{what} did not exit within {bound:?}");
+            }
         }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{what} did not exit within {bound:?}");
+    })
+}
+
+/// Waits for `child` on a thread of its own: its exit status arrives on the receiver.
+fn exit_of(mut child: Child) -> std::sync::mpsc::Receiver<std::process::ExitStatus> {
+    let (done, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok(status) = child.wait() {
+            let _ = done.send(status);
         }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
+    exited
+}
+
+/// Stops a process with SIGTERM and checks that it exits cleanly, bounded.
+fn stop_cleanly(mut child: Child, what: &str) -> std::process::ExitStatus {
+    signal(&child, Signal::SIGTERM);
+    let status = wait_bounded(&mut child, Duration::from_secs(30), what);
+    assert!(status.success(), "{what}: {status:?}");
+    status
 }
 
 fn signal(child: &Child, signal: Signal) {
@@ -168,15 +200,9 @@ fn signal(child: &Child, signal: Signal) {
 }
 
 /// Stops a worker with SIGTERM (it drains and hands back) and checks it exits cleanly.
-fn stop_worker(mut child: Child, log: &Path) {
-    signal(&child, Signal::SIGTERM);
-    let status = wait_bounded(
-        &mut child,
-        Duration::from_secs(30),
-        "a worker after SIGTERM",
-    );
+fn stop_worker(child: Child, log: &Path) {
+    stop_cleanly(child, "a worker after SIGTERM");
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    assert!(status.success(), "worker exit {status:?}: {text}");
     assert!(text.contains("arches worker stopped"), "{text}");
 }
 
@@ -238,11 +264,14 @@ fn ten_thousand_task_runs_finish_once_each_while_workers_are_killed_every_two_se
     let mut workers: Vec<Child> = (0..WORKERS)
         .map(|i| start_worker(home.path(), &db.url, &log(i, 0), &worker_args))
         .collect();
+    let completions = db.listen(arches_store::postgres::COMPLETIONS_CHANNEL);
     let (mut run, run_id) = start_scheduler(
         home.path(),
         &db,
         &["run", "--no-workers", "--quiet", file.to_str().unwrap()],
     );
+    let mut run_stdout = run.stdout.take().expect("stdout is piped");
+    let run_exit = exit_of(run);
 
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -252,19 +281,17 @@ fn ten_thousand_task_runs_finish_once_each_while_workers_are_killed_every_two_se
     eprintln!("kill schedule seed {seed}");
     let mut shuffle = Shuffle(seed);
     let started = Instant::now();
-    // The kills begin once the workers are at work.
-    db.await_scalar(
-        &format!("SELECT count(*) FROM attempts WHERE run_id = '{run_id}'"),
-        1,
-        Duration::from_secs(60),
-    );
+    // The kills begin once the workers are at work (their first report is stored).
+    db.await_notification(completions, Duration::from_secs(60));
     let mut rounds_mid_run = 0;
     let status = loop {
-        // The chaos schedule: every two seconds, three random workers are killed and
-        // restarted (under new names; their claims expire and are taken over).
-        std::thread::sleep(Duration::from_secs(2));
-        if let Some(status) = run.try_wait().unwrap() {
-            break status;
+        // The chaos schedule: every two seconds, unless the run ends first, three random
+        // workers are killed and restarted (under new names; their claims expire and are
+        // taken over).
+        match run_exit.recv_timeout(Duration::from_secs(2)) {
+            Ok(status) => break status,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(error) => panic!("the run's waiter is gone: {error}"),
         }
         assert!(
             started.elapsed() < Duration::from_secs(600),
@@ -279,7 +306,7 @@ fn ten_thousand_task_runs_finish_once_each_while_workers_are_killed_every_two_se
         }
     };
     let mut stdout = String::new();
-    std::io::Read::read_to_string(run.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    std::io::Read::read_to_string(&mut run_stdout, &mut stdout).unwrap();
     assert!(status.success(), "run {run_id} ended {status:?}: {stdout}");
     assert!(
         rounds_mid_run >= 1,
@@ -328,22 +355,52 @@ fn ten_thousand_task_runs_finish_once_each_while_workers_are_killed_every_two_se
     }
 }
 
-/// Waits for `path` to hold at least `lines` lines, bounded; the condition is the file.
-fn await_lines(path: &Path, lines: usize, bound: Duration) {
-    let deadline = Instant::now() + bound;
-    loop {
-        let count = std::fs::read_to_string(path)
-            .map(|text| text.lines().count())
-            .unwrap_or(0);
-        if count >= lines {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not reach {lines} lines within {bound:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// A named pipe the test reads: each line a task writes into it arrives on `lines`.
+struct Fifo {
+    path: std::path::PathBuf,
+    lines: std::sync::mpsc::Receiver<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Fifo {
+    fn create(path: std::path::PathBuf) -> Fifo {
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        let (send, lines) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (reader_path, reader_stop) = (path.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Each writer opens, writes its line and closes: open again for the next one.
+            while !reader_stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let Ok(file) = std::fs::File::open(&reader_path) else {
+                    return;
+                };
+                for line in BufReader::new(file).lines().map_while(Result::ok) {
+                    if send.send(line).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Fifo { path, lines, stop }
+    }
+
+    /// The next line written, bounded.
+    fn await_line(&self, bound: Duration) -> String {
+        self.lines
+            .recv_timeout(bound)
+            .unwrap_or_else(|_| panic!("{} got no line within {bound:?}", self.path.display()))
+    }
+}
+
+impl Drop for Fifo {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the reader waiting in `open` (a non-blocking open fails when none waits).
+        let _ = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&self.path);
     }
 }
 
@@ -352,14 +409,14 @@ fn a_worker_stopped_past_its_claim_loses_the_task_to_another_and_its_late_result
     let db = Db::create();
     let home = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let starts = dir.path().join("starts");
+    let starts = Fifo::create(dir.path().join("starts"));
     let file = pipeline_file(
         dir.path(),
         "slow.yaml",
         &format!(
             "name: slow\ntasks:\n  - id: slow\n    tool: shell\n    with:\n      \
-             command: \"echo started >> {}; sleep 2; echo done\"\n",
-            starts.display()
+             command: \"echo started > {}; sleep 2; echo done\"\n",
+            starts.path.display()
         ),
     );
     let claim = ["--claim-ttl", "1s", "--renew-interval", "250ms"];
@@ -377,7 +434,7 @@ fn a_worker_stopped_past_its_claim_loses_the_task_to_another_and_its_late_result
         &["run", "--no-workers", "--quiet", file.to_str().unwrap()],
     );
     // A runs the task; then A is frozen (SIGSTOP) and its claim runs out.
-    await_lines(&starts, 1, Duration::from_secs(30));
+    starts.await_line(Duration::from_secs(30));
     signal(&a, Signal::SIGSTOP);
     let b = start_worker(
         home.path(),
@@ -386,7 +443,7 @@ fn a_worker_stopped_past_its_claim_loses_the_task_to_another_and_its_late_result
         &[&["--id", "worker-b"][..], &claim[..]].concat(),
     );
     // B takes the task over once A's claim has expired, and runs it again.
-    await_lines(&starts, 2, Duration::from_secs(30));
+    starts.await_line(Duration::from_secs(30));
     let status = wait_bounded(&mut run, Duration::from_secs(60), "the run");
     assert!(status.success(), "run {run_id} ended {status:?}");
     // A wakes up with a finished command and a claim that is no longer its own.
@@ -438,18 +495,15 @@ fn a_scheduler_killed_mid_run_is_resumed_and_the_workers_results_reach_the_new_o
         .iter()
         .map(|log| start_worker(home.path(), &db.url, log, &[]))
         .collect();
+    let completions = db.listen(arches_store::postgres::COMPLETIONS_CHANNEL);
     let (mut run, run_id) = start_scheduler(
         home.path(),
         &db,
         &["run", "--no-workers", "--quiet", file.to_str().unwrap()],
     );
-    // Once the first attempts have begun to fail, the scheduler dies: offers are claimed,
-    // completions are stored for it, retries wait.
-    db.await_scalar(
-        &format!("SELECT count(*) FROM attempts WHERE run_id = '{run_id}' AND state = 'failed'"),
-        1,
-        Duration::from_secs(60),
-    );
+    // Once the workers have begun to report the first (failing) attempts, the scheduler
+    // dies: offers are claimed, completions are stored for it, retries wait.
+    db.await_notification(completions, Duration::from_secs(60));
     signal(&run, Signal::SIGKILL);
     let _ = run.wait();
     let mut resumed = arches(home.path())
@@ -541,32 +595,6 @@ impl NatsStream {
 fn start_replica(home: &Path, env: &[(&str, String)]) -> (Child, String) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     crate::start_server_with(home, &env)
-}
-
-async fn json_of(response: reqwest::Response) -> (u16, serde_json::Value) {
-    let status = response.status().as_u16();
-    (
-        status,
-        response.json().await.unwrap_or(serde_json::Value::Null),
-    )
-}
-
-async fn signup(client: &reqwest::Client, base: &str) -> String {
-    let (status, body) = json_of(
-        client
-            .post(format!("{base}/api/v1/auth/signup"))
-            .json(&serde_json::json!({
-                "email": "owner@example.test",
-                "password": "correct horse battery staple",
-                "display_name": "Owner"
-            }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 201, "{body}");
-    body["access_token"].as_str().unwrap().to_owned()
 }
 
 async fn create_pipeline(client: &reqwest::Client, base: &str, token: &str, yaml: &str) {
@@ -734,14 +762,8 @@ fn replicas_share_runs_and_live_events_and_a_killed_replica_finishes_its_runs_on
         vec!["replica-b".to_owned()]
     );
     stop_worker(worker, &worker_log);
-    for mut replica in [a, b] {
-        signal(&replica, Signal::SIGTERM);
-        let status = wait_bounded(
-            &mut replica,
-            Duration::from_secs(30),
-            "a replica after SIGTERM",
-        );
-        assert!(status.success(), "{status:?}");
+    for replica in [a, b] {
+        stop_cleanly(replica, "a replica after SIGTERM");
     }
     runtime.block_on(nats.delete());
 }
@@ -850,7 +872,7 @@ fn while_the_database_is_down_requests_get_503_and_the_run_finishes_once_it_is_b
         ("ARCHES_WORKERS__ENABLED", "false".to_owned()),
         ("ARCHES_WORKERS__SCHEDULER_ID", "outage".to_owned()),
     ]);
-    let (mut server, base) = start_replica(home.path(), &env);
+    let (server, base) = start_replica(home.path(), &env);
     let worker_log = dir.path().join("worker.log");
     let worker = {
         let mut command = arches(home.path());
@@ -924,13 +946,7 @@ fn while_the_database_is_down_requests_get_503_and_the_run_finishes_once_it_is_b
         vec!["0".to_owned()]
     );
     stop_worker(worker, &worker_log);
-    signal(&server, Signal::SIGTERM);
-    let status = wait_bounded(
-        &mut server,
-        Duration::from_secs(30),
-        "the server after SIGTERM",
-    );
-    assert!(status.success(), "{status:?}");
+    stop_cleanly(server, "the server after SIGTERM");
     runtime.block_on(nats.delete());
 }
 
@@ -956,20 +972,14 @@ fn sqlite_count(home: &Path, sql: &str) -> i64 {
     })
 }
 
-/// Waits until `sql` on the home's store counts more than `above`, bounded.
-fn await_sqlite_above(home: &Path, sql: &str, above: i64, bound: Duration) -> i64 {
-    let deadline = Instant::now() + bound;
-    loop {
-        let count = sqlite_count(home, sql);
-        if count > above {
-            return count;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{sql} stayed at {count} for {bound:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+/// Reads the first line a process writes to its (piped) stderr: `run <id> started …` once
+/// its run is committed and under way.
+fn first_stderr_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().expect("stderr is piped"))
+        .read_line(&mut line)
+        .expect("stderr is readable");
+    line
 }
 
 #[test]
@@ -994,10 +1004,7 @@ fn on_sqlite_a_fan_out_killed_again_and_again_is_resumed_with_each_result_record
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_stderr_line(&mut child);
     let run_id = line
         .strip_prefix("run ")
         .and_then(|r| r.split_whitespace().next())
@@ -1005,24 +1012,20 @@ fn on_sqlite_a_fan_out_killed_again_and_again_is_resumed_with_each_result_record
         .to_owned();
     let succeeded =
         format!("SELECT count(*) FROM attempts WHERE run_id = '{run_id}' AND state = 'succeeded'");
-    // Killed with SIGKILL as soon as it has made progress, three times; each resume goes on
-    // from the store.
-    let mut done = 0;
+    // Killed with SIGKILL as soon as the run (or its resume) is under way, three times; each
+    // resume goes on from the store.
     let mut kills = 0;
     for _ in 0..3 {
-        done = await_sqlite_above(home.path(), &succeeded, done, Duration::from_secs(120));
-        if done >= TASKS as i64 {
-            break;
-        }
         kills += 1;
         signal(&child, Signal::SIGKILL);
         let _ = child.wait();
         child = arches(home.path())
             .args(["resume", "--quiet", &run_id])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        first_stderr_line(&mut child);
     }
     let status = wait_bounded(&mut child, Duration::from_secs(300), "the last resume");
     assert!(status.success(), "{status:?}");

@@ -5,16 +5,11 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::start_server;
+use crate::{json_of, signup, start_server};
 
 const SLOW: &str = "name: slow\ntasks:\n  - id: wait\n    tool: shell\n    with:\n      command: \"echo started; sleep 3; echo done\"\n  - id: after\n    tool: echo\n    depends_on: [wait]\n    with:\n      ok: true\n";
-
-async fn json_of(response: reqwest::Response) -> (u16, Value) {
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 /// Waits for the run to reach a terminal state: subscribes to its events first, then reads
 /// its state, so the end cannot slip between the two.
@@ -61,24 +56,7 @@ async fn a_run_survives_a_killed_server_and_the_server_stops_cleanly_on_sigterm(
     let client = reqwest::Client::new();
     let (mut server, base) = start_server(home.path());
 
-    let (status, signup) = json_of(
-        client
-            .post(format!("{base}/api/v1/auth/signup"))
-            .json(&json!({
-                "email": "owner@example.test",
-                "password": "correct horse battery staple",
-                "display_name": "Owner"
-            }))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, 201, "{signup}");
-    let token = signup["access_token"]
-        .as_str()
-        .expect("an access token")
-        .to_owned();
+    let token = signup(&client, &base).await;
 
     let (status, created) = json_of(
         client

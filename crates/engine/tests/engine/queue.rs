@@ -192,6 +192,17 @@ fn single(worker_tags: &[&str]) -> Pipeline {
     }))
 }
 
+/// Two independent `echo` tasks.
+fn pair() -> Pipeline {
+    pipeline(json!({
+        "name": "pair",
+        "tasks": [
+            {"id": "a", "tool": "echo", "with": {"n": 1}},
+            {"id": "b", "tool": "echo", "with": {"n": 2}},
+        ],
+    }))
+}
+
 fn succeeded(outputs: Value) -> AttemptOutcome {
     AttemptOutcome::Succeeded(outputs)
 }
@@ -458,13 +469,7 @@ async fn a_cancel_withdraws_the_offers_and_the_holders_learn_it_at_their_next_re
 #[tokio::test]
 async fn a_restarted_scheduler_keeps_claims_and_applies_completions_stored_while_it_was_down() {
     let mut h = QueueHarness::new().await;
-    let p = pipeline(json!({
-        "name": "pair",
-        "tasks": [
-            {"id": "a", "tool": "echo", "with": {"n": 1}},
-            {"id": "b", "tool": "echo", "with": {"n": 2}},
-        ],
-    }));
+    let p = pair();
     let run_id = h.submit(new_run(&p, json!({}), h.clock.now())).await;
     let now = h.clock.now();
     let claimed = h.queue().claim("w", &[], 2, now, TTL).await.unwrap().tasks;
@@ -752,13 +757,7 @@ async fn a_task_whose_claims_keep_expiring_is_failed_by_the_next_worker_instead_
 #[tokio::test]
 async fn a_restarted_scheduler_takes_no_completion_before_its_runs_are_resumed() {
     let mut h = QueueHarness::new().await;
-    let p = pipeline(json!({
-        "name": "pair",
-        "tasks": [
-            {"id": "a", "tool": "echo", "with": {"n": 1}},
-            {"id": "b", "tool": "echo", "with": {"n": 2}},
-        ],
-    }));
+    let p = pair();
     let run_id = h.submit(new_run(&p, json!({}), h.clock.now())).await;
     let now = h.clock.now();
     let claimed = h.queue().claim("w", &[], 2, now, TTL).await.unwrap().tasks;
