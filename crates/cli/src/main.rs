@@ -40,6 +40,7 @@ mod inspect;
 mod owner;
 mod progress;
 mod remote;
+mod reviews;
 mod run;
 mod serve;
 mod tools;
@@ -131,6 +132,10 @@ enum Command {
     /// Save and list pipelines on a server.
     #[command(subcommand)]
     Pipelines(remote::PipelinesCommand),
+    /// The validation queue on a server: list, show, claim, approve (or edit and approve),
+    /// reject; and the calibration of routed tasks.
+    #[command(subcommand)]
+    Reviews(reviews::ReviewsCommand),
     /// Log in to a server and save the session (in the config directory, mode 0600) as the
     /// default server of the commands that follow.
     Login(remote::LoginArgs),
@@ -245,6 +250,10 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         Command::Pipelines(command) => {
             let server = remote::connect_required(&connection, "arches pipelines").await?;
             remote::pipelines(&server, command).await
+        }
+        Command::Reviews(command) => {
+            let remote = remote::connect_required(&connection, "arches reviews").await?;
+            reviews::reviews(&remote, command).await
         }
         Command::Login(args) => remote::login(&connection, args).await,
         Command::Logout => remote::logout(&connection).await,

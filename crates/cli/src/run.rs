@@ -205,6 +205,8 @@ pub async fn cancel(home: &Home, args: CancelArgs) -> anyhow::Result<ExitCode> {
         runs: changes.run.into_iter().collect(),
         task_runs: changes.task_runs,
         attempts: changes.attempts,
+        // Its waiting validation-queue items are closed with it.
+        reviews: changes.reviews,
         // On a shared store, workers holding its task runs lose them at their next renewal.
         withdrawn: if opened.queue.is_some() {
             stopped.into_iter().map(|(id, _)| id).collect()

@@ -536,6 +536,88 @@ impl Client {
     }
 
     // -----------------------------------------------------------------------------------
+    // The validation queue.
+
+    /// A page of the validation queue, oldest first.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `bad_request` (400) for a bad filter; `forbidden` (403) without
+    /// `review_read`.
+    pub async fn list_reviews(&self, query: &ReviewsQuery) -> Result<Page<Review>, Error> {
+        let url = self.url_with(&["api", "v1", "reviews"], query)?;
+        self.get(&url).await
+    }
+
+    /// One item with its preview and votes.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `not_found` (404).
+    pub async fn get_review(&self, id: &str) -> Result<Review, Error> {
+        let url = self.url(&["api", "v1", "reviews", id], None)?;
+        self.get(&url).await
+    }
+
+    /// Claims an item for `ttl_secs` (the server's default: 15 minutes).
+    ///
+    /// # Errors
+    /// [`Error::Api`] `conflict` (409) when another reviewer holds it or it is decided.
+    pub async fn claim_review(&self, id: &str, ttl_secs: Option<u64>) -> Result<Review, Error> {
+        let url = self.url(&["api", "v1", "reviews", id, "claim"], None)?;
+        let body = json!({ "ttl_secs": ttl_secs });
+        self.call(
+            &url,
+            |http| http.post(url.clone()).json(&body),
+            Timing::Bounded,
+        )
+        .await
+    }
+
+    /// Decides an item: `verdict` `approve` (with `output` to approve an edited result) or
+    /// `reject`, with an optional comment.
+    ///
+    /// # Errors
+    /// [`Error::Api`] `conflict` (409) when the item was decided (or claimed) by someone
+    /// else; `forbidden` (403) for a reviewer outside an approval's assignees.
+    pub async fn decide_review(
+        &self,
+        id: &str,
+        verdict: &str,
+        output: Option<&serde_json::Value>,
+        comment: Option<&str>,
+    ) -> Result<Review, Error> {
+        let url = self.url(&["api", "v1", "reviews", id, "decision"], None)?;
+        let body = json!({ "verdict": verdict, "output": output, "comment": comment });
+        self.call(
+            &url,
+            |http| http.post(url.clone()).json(&body),
+            Timing::Bounded,
+        )
+        .await
+    }
+
+    /// The calibration of a pipeline's routed tasks (or of one of them).
+    ///
+    /// # Errors
+    /// [`Error::Api`] `not_found` (404) for an unknown pipeline or task.
+    pub async fn calibration(
+        &self,
+        pipeline: &str,
+        task: Option<&str>,
+    ) -> Result<Vec<Calibration>, Error> {
+        #[derive(serde::Serialize)]
+        struct Query<'a> {
+            pipeline: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            task: Option<&'a str>,
+        }
+        let url = self.url_with(
+            &["api", "v1", "reviews", "calibration"],
+            &Query { pipeline, task },
+        )?;
+        self.get(&url).await
+    }
+
+    // -----------------------------------------------------------------------------------
     // Pipelines.
 
     /// Saves a pipeline from its source (YAML or JSON text): version 1 when the name is new,

@@ -476,3 +476,144 @@ pub struct RotationReport {
     #[serde(default)]
     pub failed: Vec<String>,
 }
+
+/// One vote on a validation-queue item.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ReviewVote {
+    /// The reviewer's user id (`system` for an expiry).
+    pub reviewer: String,
+    /// The reviewer's email, when known.
+    pub email: Option<String>,
+    /// `approve` or `reject`.
+    pub verdict: String,
+    /// The edited result, when approved with changes.
+    pub edited: Option<serde_json::Value>,
+    /// The comment.
+    pub comment: Option<String>,
+    /// When (RFC 3339).
+    pub at: String,
+}
+
+/// An item of the validation queue (`GET /api/v1/reviews/{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Review {
+    /// The item's id.
+    pub id: String,
+    /// `confidence`, `notice` or `approval`.
+    pub kind: String,
+    /// `open`, `approved`, `rejected`, `expired` or `cancelled`.
+    pub state: String,
+    /// The run.
+    pub run_id: String,
+    /// The task run.
+    pub task_run_id: String,
+    /// The pipeline.
+    pub pipeline: String,
+    /// The task.
+    pub task: String,
+    /// The fan-out index.
+    pub index: Option<u32>,
+    /// The tool.
+    pub tool: String,
+    /// The attempt that produced the result.
+    pub attempt: u32,
+    /// The task run's inputs.
+    pub inputs: serde_json::Value,
+    /// The proposed result.
+    pub proposed: serde_json::Value,
+    /// The raw confidence.
+    pub confidence: Option<f64>,
+    /// The model's rationale.
+    pub rationale: Option<String>,
+    /// The thresholds the result was routed by.
+    pub thresholds: Option<serde_json::Value>,
+    /// Approvals: what the approvers are asked.
+    pub message: Option<String>,
+    /// Approvals: who may vote.
+    pub assignees: Vec<String>,
+    /// Approvals needed.
+    pub quorum: u32,
+    /// Approvals so far.
+    pub approvals: u32,
+    /// When it expires (RFC 3339).
+    pub expires_at: Option<String>,
+    /// Votes so far.
+    pub votes: Vec<ReviewVote>,
+    /// Who holds it.
+    pub claimed_by: Option<String>,
+    /// Until when.
+    pub claim_expires_at: Option<String>,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When it was decided (RFC 3339).
+    pub decided_at: Option<String>,
+    /// Seconds it has waited.
+    pub age_secs: f64,
+}
+
+/// Filters and cursor of [`crate::Client::list_reviews`].
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ReviewsQuery {
+    /// `open` (the server's default), `approved`, `rejected`, `expired`, `cancelled`, `all`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// `confidence`, `notice` or `approval`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    /// Only items of this pipeline.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    /// Only items of this task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    /// Only items of this tool.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// Only items of this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<String>,
+    /// Only items whose confidence is at least this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_confidence: Option<f64>,
+    /// Only items whose confidence is below this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_confidence: Option<f64>,
+    /// Only items older than this (`"1h"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub older_than: Option<String>,
+    /// The `next_cursor` of the previous page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+    /// Page size: 1 to 500.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// The calibration of one routed task (`GET /api/v1/reviews/calibration`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// The pipeline.
+    pub pipeline: String,
+    /// The task.
+    pub task: String,
+    /// The thresholds now: `{low, high, calibrated}`.
+    pub thresholds: serde_json::Value,
+    /// The policy's fixed thresholds.
+    pub fixed: serde_json::Value,
+    /// The precision auto-applied results must hold.
+    pub target_precision: f64,
+    /// Weighted decided results read.
+    pub feedback: f64,
+    /// Estimated precision under the current `low`.
+    pub precision: Option<f64>,
+    /// Estimated precision under the fixed `low`.
+    pub fixed_precision: Option<f64>,
+    /// Estimated share queued under the current `low`.
+    pub queue_share: Option<f64>,
+    /// Estimated share queued under the fixed `low`.
+    pub fixed_queue_share: Option<f64>,
+    /// The share no longer queued thanks to calibration.
+    pub queue_saved: Option<f64>,
+    /// The isotonic fit's blocks.
+    pub blocks: Vec<[f64; 3]>,
+}

@@ -3,7 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{OrgId, RunId, TaskId, TaskRunId};
+use crate::ids::{OrgId, ReviewId, RunId, TaskId, TaskRunId};
+use crate::review::{ReviewKind, ReviewState};
 use crate::state::{RunState, TaskRunState};
 use crate::time::Timestamp;
 
@@ -39,6 +40,43 @@ pub enum DomainEvent {
         state: TaskRunState,
         /// Its attempt number.
         attempt: u32,
+        /// When.
+        at: Timestamp,
+    },
+    /// A result (or an approval gate) entered the validation queue.
+    ReviewRequested {
+        /// The run's org.
+        org_id: OrgId,
+        /// The run.
+        run_id: RunId,
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The task.
+        task_id: TaskId,
+        /// The item.
+        review_id: ReviewId,
+        /// `confidence` (the task run waits), `notice` (applied; feedback welcome) or
+        /// `approval` (a human gate).
+        kind: ReviewKind,
+        /// The result's raw confidence, when it carried one.
+        confidence: Option<f64>,
+        /// When.
+        at: Timestamp,
+    },
+    /// An item of the validation queue was decided (or cancelled with its run).
+    ReviewDecided {
+        /// The run's org.
+        org_id: OrgId,
+        /// The run.
+        run_id: RunId,
+        /// The task run.
+        task_run_id: TaskRunId,
+        /// The task.
+        task_id: TaskId,
+        /// The item.
+        review_id: ReviewId,
+        /// Its new state.
+        state: ReviewState,
         /// When.
         at: Timestamp,
     },

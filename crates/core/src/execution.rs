@@ -31,10 +31,14 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::events::DomainEvent;
-use crate::ids::{OrgId, RunId, TaskId, TaskRunId};
+use crate::ids::{OrgId, ReviewId, RunId, TaskId, TaskRunId};
 use crate::pipeline::{compensation_task_id, Pipeline, TaskDef, Templates};
 use crate::records::{AttemptRecord, RunRecord, TaskRunRecord};
 use crate::retry::RetryPolicy;
+use crate::review::{
+    self, ApprovalRequest, OnReject, ReviewItem, ReviewKind, ReviewPolicy, ReviewState, Thresholds,
+    Verdict, Vote,
+};
 use crate::state::{AttemptState, RunState, TaskRunState};
 use crate::time::Timestamp;
 
@@ -91,6 +95,42 @@ pub enum Rejection {
     },
 }
 
+/// Why a decision on a validation-queue item was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReviewRefusal {
+    /// No open item of this run has the id (it may belong to a finished run).
+    #[error("review {0} is not waiting in this run")]
+    Unknown(ReviewId),
+    /// The item was decided already: exactly one decision wins.
+    #[error("review {id} is already {state}")]
+    Decided {
+        /// The item.
+        id: ReviewId,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The approval names assignees and the reviewer is not one of them.
+    #[error("{reviewer} is not among the assignees of review {id}")]
+    NotAssignee {
+        /// The item.
+        id: ReviewId,
+        /// Who tried.
+        reviewer: String,
+    },
+    /// The reviewer voted on this approval already.
+    #[error("{reviewer} already voted on review {id}")]
+    AlreadyVoted {
+        /// The item.
+        id: ReviewId,
+        /// Who tried.
+        reviewer: String,
+    },
+    /// The decision is malformed (an edit of an approval, an edited result too large or not
+    /// an object, a comment too long).
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// How an attempt ended, as the worker reports it. Serialized (`{"succeeded": outputs}`,
 /// `{"failed": {"message", "retryable"}}`, `{"timed_out": {"timeout": {"secs", "nanos"}}}`)
 /// when a standalone worker reports through the store's task queue.
@@ -141,6 +181,10 @@ pub struct Assignment {
     pub upstream: BTreeMap<String, Value>,
     /// The task's timeout.
     pub timeout: Option<Duration>,
+    /// When a reviewer rejected the previous result and the task's `on_reject` is `retry`:
+    /// the reviewer's comment, for the tool to take into account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review_comment: Option<String>,
 }
 
 /// A moment at which the engine must look at a task run again.
@@ -162,13 +206,22 @@ pub enum Wakeup {
         /// The task run.
         task_run_id: TaskRunId,
     },
+    /// An approval waiting in the validation queue expires.
+    ReviewExpiry {
+        /// When.
+        at: Timestamp,
+        /// The task run.
+        task_run_id: TaskRunId,
+    },
 }
 
 impl Wakeup {
     /// When the wakeup is due.
     pub fn at(&self) -> Timestamp {
         match self {
-            Wakeup::LeaseExpiry { at, .. } | Wakeup::RetryDue { at, .. } => *at,
+            Wakeup::LeaseExpiry { at, .. }
+            | Wakeup::RetryDue { at, .. }
+            | Wakeup::ReviewExpiry { at, .. } => *at,
         }
     }
 }
@@ -186,6 +239,8 @@ pub struct Changes {
     pub events: Vec<DomainEvent>,
     /// Wakeups to schedule.
     pub wakeups: Vec<Wakeup>,
+    /// Validation-queue items created or decided.
+    pub reviews: Vec<ReviewItem>,
 }
 
 /// A task and its task runs: the parent (index `None`) and, for a fan-out, its items.
@@ -222,6 +277,19 @@ pub struct RunExecution {
     /// The compensation task runs (saga), by task run index, in the order they run: empty
     /// until the run reaches a failed end with succeeded tasks that declare `compensate`.
     compensations: Vec<usize>,
+    /// Open blocking validation-queue items, by task run index (its task run is
+    /// `awaiting_review`).
+    reviews: HashMap<usize, ReviewItem>,
+    /// Items created or decided since the last [`RunExecution::take_changes`].
+    reviews_out: Vec<ReviewItem>,
+    /// Thresholds that replace a task's fixed ones (from its calibration), by task.
+    thresholds: HashMap<TaskId, Thresholds>,
+    /// A rejecting reviewer's comment for the next attempt, by task run index (memory only:
+    /// after a restart the retry runs without it).
+    review_comments: HashMap<usize, String>,
+    /// Rejections of each task run's results, by task run index, bounding `on_reject: retry`
+    /// (memory only: a restart counts again, and every round needs a reviewer).
+    rejections: HashMap<usize, u32>,
 }
 
 /// What identifies a new run before it starts.
@@ -383,6 +451,11 @@ impl RunExecution {
             wakeups: Vec::new(),
             retry_base: HashMap::new(),
             compensations: Vec::new(),
+            reviews: HashMap::new(),
+            reviews_out: Vec::new(),
+            thresholds: HashMap::new(),
+            review_comments: HashMap::new(),
+            rejections: HashMap::new(),
         };
         // A restored run in its compensating phase: the order is derived again from the
         // compensated tasks' rows, so it is not stored.
@@ -671,6 +744,7 @@ impl RunExecution {
             item: task_run.item.clone(),
             upstream,
             timeout,
+            review_comment: self.review_comments.get(&i).cloned(),
         }
     }
 
@@ -822,8 +896,8 @@ impl RunExecution {
             task_run.lease_expires_at = None;
         }
         if let Some(outputs) = outputs {
-            self.task_runs[i].outputs = Some(outputs);
-            self.finish(i, TaskRunState::Succeeded, None, now);
+            self.review_comments.remove(&i);
+            self.apply_result(i, outputs, now);
             return Ok(());
         }
         let policy = self.retry_policy(&self.task_runs[i].task_id.clone());
@@ -952,6 +1026,15 @@ impl RunExecution {
                     self.task_runs[i].ready_at = None;
                     self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
                 }
+                TaskRunState::AwaitingReview => {
+                    if let Some(mut item) = self.reviews.remove(&i) {
+                        item.state = ReviewState::Cancelled;
+                        item.decided_at = Some(now);
+                        self.push_review_decided(&item, now);
+                        self.reviews_out.push(item);
+                    }
+                    self.set_terminal(i, TaskRunState::Cancelled, Some(reason.to_owned()), now);
+                }
                 TaskRunState::Pending | TaskRunState::Queued => {
                     self.set_terminal(i, TaskRunState::Skipped, Some(reason.to_owned()), now);
                 }
@@ -968,6 +1051,421 @@ impl RunExecution {
         self.queue.clear();
         self.set_run_state(RunState::Cancelled, now, Some(reason.to_owned()));
         stopped
+    }
+
+    /// Routes the task's results by `thresholds` instead of its policy's fixed ones (the
+    /// engine sets them from the task's calibration).
+    pub fn set_thresholds(&mut self, task_id: TaskId, thresholds: Thresholds) {
+        self.thresholds.insert(task_id, thresholds);
+    }
+
+    /// The thresholds the task's results are routed by now, if they are routed.
+    pub fn thresholds(&self, task_id: &TaskId) -> Option<Thresholds> {
+        let policy = self.pipeline.task(task_id)?.review_policy()?;
+        Some(
+            self.thresholds
+                .get(task_id)
+                .copied()
+                .unwrap_or_else(|| policy.fixed()),
+        )
+    }
+
+    /// Gives a restored run its open validation-queue items (the store's items of the run
+    /// in state `open`). Items of task runs that no longer await review are ignored.
+    pub fn restore_reviews(&mut self, items: Vec<ReviewItem>) {
+        for item in items {
+            if item.state != ReviewState::Open || !item.kind.is_blocking() {
+                continue;
+            }
+            let Some(&i) = self.by_id.get(&item.task_run_id) else {
+                continue;
+            };
+            if self.task_runs[i].state == TaskRunState::AwaitingReview {
+                self.reviews.insert(i, item);
+            }
+        }
+    }
+
+    /// The open blocking items of the run, in task-run order.
+    pub fn open_reviews(&self) -> Vec<&ReviewItem> {
+        let mut items: Vec<(usize, &ReviewItem)> =
+            self.reviews.iter().map(|(i, item)| (*i, item)).collect();
+        items.sort_by_key(|(i, _)| *i);
+        items.into_iter().map(|(_, item)| item).collect()
+    }
+
+    /// Applies a reviewer's vote on an open blocking item of this run.
+    ///
+    /// A confidence item is decided by one vote: approve applies the proposed result (or
+    /// `vote.edited`) and the task run succeeds; reject follows the task's `on_reject`
+    /// (fail; skip; or run again with the comment, at most [`review::REVIEW_ROUNDS_MAX`]
+    /// times). An approval counts votes: it succeeds when `quorum` reviewers approved, and a
+    /// single rejection rejects it (it fails). Returns the item as it is after the vote.
+    ///
+    /// # Errors
+    /// [`ReviewRefusal`]: no such open item here, decided already, a reviewer outside the
+    /// assignees or voting twice, or a malformed decision. A refused vote changes nothing.
+    pub fn decide(
+        &mut self,
+        id: ReviewId,
+        vote: Vote,
+        now: Timestamp,
+    ) -> Result<ReviewItem, ReviewRefusal> {
+        let Some((&i, item)) = self.reviews.iter().find(|(_, item)| item.id == id) else {
+            return Err(ReviewRefusal::Unknown(id));
+        };
+        if item.state != ReviewState::Open {
+            return Err(ReviewRefusal::Decided {
+                id,
+                state: item.state.as_str(),
+            });
+        }
+        if vote
+            .comment
+            .as_ref()
+            .is_some_and(|c| c.len() > review::COMMENT_BYTES_MAX)
+        {
+            return Err(ReviewRefusal::Invalid(format!(
+                "the comment is longer than {} bytes",
+                review::COMMENT_BYTES_MAX
+            )));
+        }
+        if let Some(edited) = &vote.edited {
+            if item.kind == ReviewKind::Approval {
+                return Err(ReviewRefusal::Invalid(
+                    "an approval has no result to edit; approve or reject it".into(),
+                ));
+            }
+            if vote.verdict == Verdict::Reject {
+                return Err(ReviewRefusal::Invalid(
+                    "an edited result can only be approved".into(),
+                ));
+            }
+            if !edited.is_object() {
+                return Err(ReviewRefusal::Invalid(
+                    "the edited result must be a JSON object, like the tool's outputs".into(),
+                ));
+            }
+            let size = serialized_size(edited);
+            if size > self.limits.outputs_bytes_max {
+                return Err(ReviewRefusal::Invalid(format!(
+                    "the edited result is {size} bytes, above the limit of {} bytes",
+                    self.limits.outputs_bytes_max
+                )));
+            }
+        }
+        if item.kind == ReviewKind::Approval {
+            if !item.assignees.is_empty()
+                && !item.assignees.iter().any(|a| {
+                    a == &vote.reviewer
+                        || vote
+                            .email
+                            .as_ref()
+                            .is_some_and(|e| a.eq_ignore_ascii_case(e))
+                })
+            {
+                return Err(ReviewRefusal::NotAssignee {
+                    id,
+                    reviewer: vote.reviewer,
+                });
+            }
+            if item.votes.iter().any(|v| v.reviewer == vote.reviewer) {
+                return Err(ReviewRefusal::AlreadyVoted {
+                    id,
+                    reviewer: vote.reviewer,
+                });
+            }
+        }
+        let mut item = self.reviews.remove(&i).expect("found above");
+        let verdict = vote.verdict;
+        item.votes.push(vote);
+        let decided = match (item.kind, verdict) {
+            (ReviewKind::Approval, Verdict::Approve) => item.approvals() >= item.quorum as usize,
+            _ => true,
+        };
+        if !decided {
+            // Not yet a quorum: the vote is recorded and the item stays open.
+            self.reviews_out.push(item.clone());
+            self.reviews.insert(i, item.clone());
+            return Ok(item);
+        }
+        self.close_review(i, item, verdict, ReviewState::from(verdict), now)
+    }
+
+    /// Handles an expiry wakeup: an approval still open whose expiry has come is decided
+    /// with its `on_expiry` verdict, by `system`. Returns whether it expired.
+    pub fn expire_review(&mut self, task_run_id: TaskRunId, now: Timestamp) -> bool {
+        let Some(&i) = self.by_id.get(&task_run_id) else {
+            return false;
+        };
+        let Some(item) = self.reviews.get(&i) else {
+            return false;
+        };
+        if item.expires_at.is_none_or(|at| at > now) {
+            return false;
+        }
+        let verdict = item.on_expiry.unwrap_or(Verdict::Reject);
+        let mut item = self.reviews.remove(&i).expect("found above");
+        item.votes.push(Vote {
+            reviewer: "system".into(),
+            email: None,
+            verdict,
+            edited: None,
+            comment: Some("the approval expired".into()),
+            at: now,
+        });
+        let _ = self.close_review(i, item, verdict, ReviewState::Expired, now);
+        true
+    }
+
+    fn close_review(
+        &mut self,
+        i: usize,
+        mut item: ReviewItem,
+        verdict: Verdict,
+        state: ReviewState,
+        now: Timestamp,
+    ) -> Result<ReviewItem, ReviewRefusal> {
+        item.state = state;
+        item.decided_at = Some(now);
+        self.push_review_decided(&item, now);
+        self.reviews_out.push(item.clone());
+        let last = item.votes.last().cloned();
+        let by = last
+            .as_ref()
+            .map(|v| v.email.clone().unwrap_or_else(|| v.reviewer.clone()))
+            .unwrap_or_else(|| "a reviewer".into());
+        let comment = last.as_ref().and_then(|v| v.comment.clone());
+        match verdict {
+            Verdict::Approve => {
+                let outputs = match item.kind {
+                    ReviewKind::Approval => json!({
+                        "approved": true,
+                        "approvers": item.votes.iter()
+                            .filter(|v| v.verdict == Verdict::Approve)
+                            .map(|v| v.email.clone().unwrap_or_else(|| v.reviewer.clone()))
+                            .collect::<Vec<_>>(),
+                        "comments": item.votes.iter()
+                            .filter_map(|v| v.comment.clone())
+                            .collect::<Vec<_>>(),
+                        "expired": state == ReviewState::Expired,
+                    }),
+                    _ => last
+                        .and_then(|v| v.edited)
+                        .unwrap_or_else(|| item.proposed.clone()),
+                };
+                self.task_runs[i].outputs = Some(outputs);
+                self.finish(i, TaskRunState::Succeeded, None, now);
+            }
+            Verdict::Reject => {
+                let mut message = if state == ReviewState::Expired {
+                    "the approval expired".to_owned()
+                } else {
+                    format!("{REJECTED_PREFIX}{by}")
+                };
+                if let Some(comment) = &comment {
+                    message.push_str(": ");
+                    message.push_str(comment);
+                }
+                let on_reject = match item.kind {
+                    ReviewKind::Approval => OnReject::Fail,
+                    _ => self.policy_of(i).map(|p| p.on_reject).unwrap_or_default(),
+                };
+                let rounds = {
+                    let count = self.rejections.entry(i).or_insert(0);
+                    *count += 1;
+                    *count
+                };
+                match on_reject {
+                    OnReject::Retry
+                        if rounds < review::REVIEW_ROUNDS_MAX
+                            && self.run.state == RunState::Running =>
+                    {
+                        self.task_runs[i].error = Some(message.clone());
+                        self.review_comments.insert(i, comment.unwrap_or(message));
+                        self.enqueue(i, now);
+                    }
+                    OnReject::Skip => {
+                        self.finish(i, TaskRunState::Skipped, Some(message), now);
+                    }
+                    OnReject::Retry => {
+                        let message = format!(
+                            "{message} (rejected {rounds} times; the retries on rejection are used up)"
+                        );
+                        self.finish(i, TaskRunState::Failed, Some(message), now);
+                    }
+                    OnReject::Fail => {
+                        self.finish(i, TaskRunState::Failed, Some(message), now);
+                    }
+                }
+            }
+        }
+        Ok(item)
+    }
+
+    /// The routing policy of task run `i`'s task (none for compensations).
+    fn policy_of(&self, i: usize) -> Option<ReviewPolicy> {
+        self.pipeline
+            .task(&self.task_runs[i].task_id)
+            .and_then(TaskDef::review_policy)
+    }
+
+    /// Applies a successful attempt's outputs: an `approval` opens its gate; a routed
+    /// task's result is applied, applied with a notice, or held for review; anything else
+    /// succeeds.
+    fn apply_result(&mut self, i: usize, outputs: Value, now: Timestamp) {
+        let task = self.pipeline.task(&self.task_runs[i].task_id).cloned();
+        let Some(task) = task else {
+            // A compensation.
+            self.task_runs[i].outputs = Some(outputs);
+            self.finish(i, TaskRunState::Succeeded, None, now);
+            return;
+        };
+        if task.tool == review::APPROVAL_TOOL {
+            let request = match serde_json::from_value::<ApprovalRequest>(outputs.clone()) {
+                Ok(request) => request,
+                Err(err) => {
+                    let message =
+                        format!("approval: the tool's outputs do not describe a gate: {err}");
+                    self.finish(i, TaskRunState::Failed, Some(message), now);
+                    return;
+                }
+            };
+            let mut item = self.new_review(i, &task, ReviewKind::Approval, Value::Null, now);
+            item.assignees = request.assignees;
+            item.quorum = request.quorum.max(1);
+            item.message = request.message;
+            item.expires_at = request.expires_in.map(|d| now.plus(d));
+            item.on_expiry = Some(request.on_expiry);
+            self.hold_for_review(i, item, now);
+            return;
+        }
+        let Some(policy) = task.review_policy() else {
+            self.task_runs[i].outputs = Some(outputs);
+            self.finish(i, TaskRunState::Succeeded, None, now);
+            return;
+        };
+        let confidence = review::confidence_of(&outputs, &policy.confidence);
+        let thresholds = self
+            .thresholds
+            .get(&task.id)
+            .copied()
+            .unwrap_or_else(|| policy.fixed());
+        let routed = review::route(confidence, &thresholds);
+        let (kind, sample_rate) = match routed {
+            review::Route::Queue => (Some(ReviewKind::Confidence), 1.0),
+            review::Route::Notify => (Some(ReviewKind::Notice), 1.0),
+            review::Route::Apply if review::is_audited(self.task_runs[i].id, policy.audit_rate) => {
+                (Some(ReviewKind::Notice), policy.audit_rate)
+            }
+            review::Route::Apply => (None, 1.0),
+        };
+        let Some(kind) = kind else {
+            self.task_runs[i].outputs = Some(outputs);
+            self.finish(i, TaskRunState::Succeeded, None, now);
+            return;
+        };
+        let mut item = self.new_review(i, &task, kind, outputs.clone(), now);
+        item.confidence = confidence;
+        item.thresholds = Some(thresholds);
+        item.sample_rate = sample_rate;
+        item.rationale = policy.rationale.as_ref().and_then(|field| {
+            review::field_of(&outputs, field).map(|v| {
+                let mut text = match v {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                truncate_to(&mut text, review::RATIONALE_BYTES_MAX);
+                text
+            })
+        });
+        if kind == ReviewKind::Notice {
+            self.push_review_requested(&item, now);
+            self.reviews_out.push(item);
+            self.task_runs[i].outputs = Some(outputs);
+            self.finish(i, TaskRunState::Succeeded, None, now);
+        } else {
+            self.hold_for_review(i, item, now);
+        }
+    }
+
+    fn new_review(
+        &self,
+        i: usize,
+        task: &TaskDef,
+        kind: ReviewKind,
+        proposed: Value,
+        now: Timestamp,
+    ) -> ReviewItem {
+        let task_run = &self.task_runs[i];
+        ReviewItem {
+            id: ReviewId::new(),
+            org_id: self.run.org_id,
+            run_id: self.run.id,
+            task_run_id: task_run.id,
+            task_id: task_run.task_id.clone(),
+            index: task_run.index,
+            pipeline_name: self.run.pipeline_name.clone(),
+            tool: task.tool.clone(),
+            kind,
+            state: ReviewState::Open,
+            attempt: task_run.attempt,
+            inputs: task_run.inputs.clone().unwrap_or(Value::Null),
+            proposed,
+            confidence: None,
+            rationale: None,
+            thresholds: None,
+            sample_rate: 1.0,
+            assignees: Vec::new(),
+            quorum: 1,
+            message: None,
+            expires_at: None,
+            on_expiry: None,
+            votes: Vec::new(),
+            created_at: now,
+            decided_at: None,
+            claimed_by: None,
+            claim_expires_at: None,
+        }
+    }
+
+    /// Parks task run `i` in the validation queue behind `item`.
+    fn hold_for_review(&mut self, i: usize, item: ReviewItem, now: Timestamp) {
+        self.transition(i, TaskRunState::AwaitingReview, now);
+        if let Some(at) = item.expires_at {
+            self.wakeups.push(Wakeup::ReviewExpiry {
+                at,
+                task_run_id: item.task_run_id,
+            });
+        }
+        self.push_review_requested(&item, now);
+        self.reviews_out.push(item.clone());
+        self.reviews.insert(i, item);
+    }
+
+    fn push_review_requested(&mut self, item: &ReviewItem, now: Timestamp) {
+        self.events.push(DomainEvent::ReviewRequested {
+            org_id: item.org_id,
+            run_id: item.run_id,
+            task_run_id: item.task_run_id,
+            task_id: item.task_id.clone(),
+            review_id: item.id,
+            kind: item.kind,
+            confidence: item.confidence,
+            at: now,
+        });
+    }
+
+    fn push_review_decided(&mut self, item: &ReviewItem, now: Timestamp) {
+        self.events.push(DomainEvent::ReviewDecided {
+            org_id: item.org_id,
+            run_id: item.run_id,
+            task_run_id: item.task_run_id,
+            task_id: item.task_id.clone(),
+            review_id: item.id,
+            state: item.state,
+            at: now,
+        });
     }
 
     /// Hands over what changed since the last call.
@@ -988,6 +1486,7 @@ impl RunExecution {
             attempts: std::mem::take(&mut self.attempts_out),
             events: std::mem::take(&mut self.events),
             wakeups: std::mem::take(&mut self.wakeups),
+            reviews: std::mem::take(&mut self.reviews_out),
         }
     }
 
@@ -1008,6 +1507,12 @@ impl RunExecution {
                 }),
                 _ => None,
             })
+            .chain(self.reviews.values().filter_map(|item| {
+                item.expires_at.map(|at| Wakeup::ReviewExpiry {
+                    at,
+                    task_run_id: item.task_run_id,
+                })
+            }))
             .collect()
     }
 
@@ -1149,7 +1654,8 @@ impl RunExecution {
         let mut outputs = Vec::with_capacity(children.len());
         for &c in &children {
             let child = &self.task_runs[c];
-            if child.state != TaskRunState::Succeeded {
+            // An item a reviewer rejected with `on_reject: skip` is dropped (`null`).
+            if child.state != TaskRunState::Succeeded && !skipped_by_rejection(child) {
                 failed += 1;
                 if first_error.is_none() {
                     first_error = Some(format!(
@@ -1274,6 +1780,11 @@ impl RunExecution {
         while let Some(task) = stack.pop() {
             match self.task_runs[self.nodes[task].parent].state {
                 TaskRunState::Succeeded => {}
+                TaskRunState::Skipped
+                    if skipped_by_rejection(&self.task_runs[self.nodes[task].parent]) =>
+                {
+                    return false;
+                }
                 TaskRunState::Skipped => {
                     for dep in self.pipeline.dag.dependencies(task) {
                         if seen.insert(dep) {
@@ -1569,6 +2080,31 @@ type CompensationKey = (Reverse<Option<Timestamp>>, Reverse<usize>);
 /// The length in bytes of a value's JSON text, counted without building the text: every
 /// completion is measured against [`ExecutionLimits::outputs_bytes_max`], so this is on the
 /// hot path.
+/// How the error of a task run rejected by a reviewer begins.
+const REJECTED_PREFIX: &str = "rejected by ";
+
+/// Whether a task run was skipped because a reviewer rejected its result (`on_reject:
+/// skip`): unlike a skip by condition, it stops its dependents (they are skipped too), and
+/// as a fan-out item it is dropped from its parent's outputs (`null`) without failing it.
+fn skipped_by_rejection(task_run: &TaskRunRecord) -> bool {
+    task_run.state == TaskRunState::Skipped
+        && task_run
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(REJECTED_PREFIX))
+}
+
+/// Cuts `text` to at most `max` bytes, at a character boundary.
+fn truncate_to(text: &mut String, max: usize) {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+}
+
 fn serialized_size(value: &Value) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {

@@ -106,11 +106,15 @@ pub enum Permission {
     SecretRead,
     /// Set, delete and re-seal secrets.
     SecretWrite,
+    /// List and read the validation queue and the calibration of routed tasks.
+    ReviewRead,
+    /// Claim, approve, edit and reject items of the validation queue.
+    ReviewDecide,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 16] = [
+    pub const ALL: [Permission; 18] = [
         Permission::PipelineRead,
         Permission::PipelineWrite,
         Permission::RunRead,
@@ -127,14 +131,20 @@ impl Permission {
         Permission::ToolRegister,
         Permission::SecretRead,
         Permission::SecretWrite,
+        Permission::ReviewRead,
+        Permission::ReviewDecide,
     ];
 
     /// The permission table: the lowest role that holds each permission.
     pub fn minimum_role(self) -> Role {
         use Permission::*;
         match self {
-            PipelineRead | RunRead | ArtifactRead | MemberRead | ToolRead => Role::Viewer,
-            PipelineWrite | RunTrigger | RunControl | ArtifactWrite | SecretRead => Role::Editor,
+            PipelineRead | RunRead | ArtifactRead | MemberRead | ToolRead | ReviewRead => {
+                Role::Viewer
+            }
+            PipelineWrite | RunTrigger | RunControl | ArtifactWrite | SecretRead | ReviewDecide => {
+                Role::Editor
+            }
             MemberManage | OrgManage | AuditRead | ToolRegister | SecretWrite => Role::Admin,
             OwnerManage => Role::Owner,
         }
@@ -160,6 +170,8 @@ impl Permission {
             ToolRegister => "tool_register",
             SecretRead => "secret_read",
             SecretWrite => "secret_write",
+            ReviewRead => "review_read",
+            ReviewDecide => "review_decide",
         }
     }
 }

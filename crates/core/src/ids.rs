@@ -57,6 +57,10 @@ uuid_id!(
     TaskRunId
 );
 uuid_id!(
+    /// Identifies one item of the validation queue.
+    ReviewId
+);
+uuid_id!(
     /// Identifies one stored artifact version.
     ArtifactId
 );

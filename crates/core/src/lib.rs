@@ -8,6 +8,7 @@
 //! Architecture invariant: this crate does no I/O and depends on no runtime, database, or
 //! HTTP crate. Time comes in through [`time::Clock`], randomness as arguments.
 
+pub mod embedding;
 pub mod events;
 pub mod execution;
 pub mod identity;
@@ -17,13 +18,15 @@ pub mod pipeline;
 pub mod ports;
 pub mod records;
 pub mod retry;
+pub mod review;
+pub mod search;
 pub mod state;
 pub mod time;
 pub mod tooldef;
 
 pub use ids::{
-    ApiKeyId, ArtifactId, InvitationId, OrgId, PipelineName, RunId, SecretName, SessionId, TaskId,
-    TaskRunId, ToolName, UserId,
+    ApiKeyId, ArtifactId, InvitationId, OrgId, PipelineName, ReviewId, RunId, SecretName,
+    SessionId, TaskId, TaskRunId, ToolName, UserId,
 };
 pub use state::{AttemptState, RunState, TaskRunState};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};

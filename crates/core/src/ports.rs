@@ -9,9 +9,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use crate::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
+use crate::ids::{ArtifactId, OrgId, ReviewId, RunId, SecretName, TaskId, TaskRunId, ToolName};
 use crate::pipeline::PipelineDef;
 use crate::records::*;
+use crate::review::{FeedbackPoint, ReviewItem};
 use crate::time::Timestamp;
 use crate::tooldef::{StoredSecret, StoredTool};
 
@@ -190,6 +191,44 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a secret; `false` if the org has none of that name.
     async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool>;
+
+    /// Validation-queue items matching `filter`, oldest first (items are written by
+    /// [`Store::commit`] through [`WriteBatch::reviews`]).
+    async fn review_items(&self, filter: &ReviewFilter) -> StoreResult<Vec<ReviewItem>>;
+
+    /// One item, with its claim.
+    async fn review_item(&self, id: ReviewId) -> StoreResult<Option<ReviewItem>>;
+
+    /// Claims an open item for `reviewer` until `until`, unless another reviewer's claim
+    /// holds at `now`. A reviewer may renew their own claim.
+    async fn claim_review(
+        &self,
+        id: ReviewId,
+        reviewer: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> StoreResult<ClaimOutcome>;
+
+    /// Records `reviewer`'s decision on a non-blocking item (a notice: its result was
+    /// applied, the decision is feedback): stores `item` (state, votes, decision time) only
+    /// if the stored item is still open and no other reviewer's claim holds at `now`.
+    /// `false` when another decision won or another reviewer holds the item.
+    async fn decide_notice(
+        &self,
+        item: &ReviewItem,
+        reviewer: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool>;
+
+    /// The most recent `limit` decided confidence results of a task (approved as proposed
+    /// or not), for its calibration.
+    async fn review_feedback(
+        &self,
+        org: OrgId,
+        pipeline: &str,
+        task: &TaskId,
+        limit: usize,
+    ) -> StoreResult<Vec<FeedbackPoint>>;
 }
 
 /// The artifact port: content-addressed blobs (SHA-256) with versioned, named metadata and
@@ -273,6 +312,9 @@ pub struct ToolContext {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// The task's log.
     pub logs: Arc<dyn LogSink>,
+    /// When a reviewer rejected the previous result and asked for another attempt: their
+    /// comment (the `llm` tool adds it to the conversation).
+    pub review_comment: Option<String>,
 }
 
 impl ToolContext {

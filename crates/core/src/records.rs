@@ -186,6 +186,9 @@ pub struct WriteBatch {
     pub withdrawn: Vec<TaskRunId>,
     /// Completions, by [`QueuedCompletion::seq`], that this batch applies: deleted with it.
     pub completions_done: Vec<i64>,
+    /// Validation-queue items to insert, or to update while the stored one is still open
+    /// (a decided item is never overwritten). Claims are kept as stored.
+    pub reviews: Vec<crate::review::ReviewItem>,
 }
 
 impl WriteBatch {
@@ -194,6 +197,7 @@ impl WriteBatch {
         self.runs.is_empty()
             && self.task_runs.is_empty()
             && self.attempts.is_empty()
+            && self.reviews.is_empty()
             && !self.uses_task_queue()
     }
 
@@ -356,6 +360,53 @@ pub struct LogQuery {
     pub after_seq: i64,
     /// At most this many lines.
     pub limit: u32,
+}
+
+/// Which validation-queue items to list, oldest first.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ReviewFilter {
+    /// Only items of this org (the API always sets it).
+    pub org_id: Option<OrgId>,
+    /// Only items of this run.
+    pub run_id: Option<RunId>,
+    /// Only items in this state.
+    pub state: Option<crate::review::ReviewState>,
+    /// Only items of this kind.
+    pub kind: Option<crate::review::ReviewKind>,
+    /// Only items of this pipeline.
+    pub pipeline_name: Option<String>,
+    /// Only items of this task.
+    pub task_id: Option<String>,
+    /// Only items of this tool.
+    pub tool: Option<String>,
+    /// Only items whose confidence is at least this.
+    pub min_confidence: Option<f64>,
+    /// Only items whose confidence is below this.
+    pub max_confidence: Option<f64>,
+    /// Only items created before this time (older than an age).
+    pub created_before: Option<Timestamp>,
+    /// Only items after this one in the listing's order (cursor).
+    pub after: Option<crate::ids::ReviewId>,
+    /// At most this many.
+    pub limit: u32,
+}
+
+/// What [`crate::ports::Store::claim_review`] did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClaimOutcome {
+    /// The reviewer holds the item now.
+    Claimed(Box<crate::review::ReviewItem>),
+    /// Another reviewer's claim holds.
+    Held {
+        /// Who holds it.
+        by: String,
+        /// Until when.
+        until: Timestamp,
+    },
+    /// The item is decided already.
+    Decided(crate::review::ReviewState),
+    /// No such item.
+    NotFound,
 }
 
 /// Which runs to list, newest first.

@@ -126,6 +126,9 @@ state_enum!(
         Running => "running",
         /// An attempt failed and the next one waits for its backoff delay.
         WaitingToRetry => "waiting_to_retry",
+        /// Its result (or its `approval` gate) waits in the validation queue for a
+        /// reviewer's decision; it holds no lease and no worker slot.
+        AwaitingReview => "awaiting_review",
         /// Finished with outputs.
         Succeeded => "succeeded",
         /// Finished without outputs, for good.
@@ -157,6 +160,8 @@ impl TaskRunState {
     /// queued → running | cancelled | skipped | failed,
     /// running → succeeded | failed | waiting_to_retry | queued (lease lost) | cancelled,
     /// waiting_to_retry → queued | cancelled,
+    /// running → awaiting_review,
+    /// awaiting_review → succeeded | failed | skipped | queued (rejected, to retry) | cancelled,
     /// and failed | cancelled | skipped → pending (a retry of the run from its failed tasks).
     pub fn check(self, to: TaskRunState) -> Result<(), IllegalTransition> {
         use TaskRunState::*;
@@ -178,6 +183,12 @@ impl TaskRunState {
                 | (Running, Cancelled)
                 | (WaitingToRetry, Queued)
                 | (WaitingToRetry, Cancelled)
+                | (Running, AwaitingReview)
+                | (AwaitingReview, Succeeded)
+                | (AwaitingReview, Failed)
+                | (AwaitingReview, Skipped)
+                | (AwaitingReview, Queued)
+                | (AwaitingReview, Cancelled)
                 | (Failed, Pending)
                 | (Cancelled, Pending)
                 | (Skipped, Pending)

@@ -66,7 +66,9 @@ impl BusEvent {
     pub fn org_id(&self) -> OrgId {
         match self {
             BusEvent::Domain(DomainEvent::RunStateChanged { org_id, .. })
-            | BusEvent::Domain(DomainEvent::TaskRunStateChanged { org_id, .. }) => *org_id,
+            | BusEvent::Domain(DomainEvent::TaskRunStateChanged { org_id, .. })
+            | BusEvent::Domain(DomainEvent::ReviewRequested { org_id, .. })
+            | BusEvent::Domain(DomainEvent::ReviewDecided { org_id, .. }) => *org_id,
             BusEvent::Log(log) => log.line.org_id,
         }
     }
@@ -75,16 +77,20 @@ impl BusEvent {
     pub fn run_id(&self) -> RunId {
         match self {
             BusEvent::Domain(DomainEvent::RunStateChanged { run_id, .. })
-            | BusEvent::Domain(DomainEvent::TaskRunStateChanged { run_id, .. }) => *run_id,
+            | BusEvent::Domain(DomainEvent::TaskRunStateChanged { run_id, .. })
+            | BusEvent::Domain(DomainEvent::ReviewRequested { run_id, .. })
+            | BusEvent::Domain(DomainEvent::ReviewDecided { run_id, .. }) => *run_id,
             BusEvent::Log(log) => log.line.run_id,
         }
     }
 
-    /// The event's kind: `run`, `task_run` or `log`.
+    /// The event's kind: `run`, `task_run`, `review` or `log`.
     pub fn kind(&self) -> &'static str {
         match self {
             BusEvent::Domain(DomainEvent::RunStateChanged { .. }) => "run",
             BusEvent::Domain(DomainEvent::TaskRunStateChanged { .. }) => "task_run",
+            BusEvent::Domain(DomainEvent::ReviewRequested { .. })
+            | BusEvent::Domain(DomainEvent::ReviewDecided { .. }) => "review",
             BusEvent::Log(_) => "log",
         }
     }

@@ -50,6 +50,9 @@ pub enum Error {
     /// A worker event was refused by the state machine.
     #[error(transparent)]
     Rejected(#[from] Rejection),
+    /// A decision on a validation-queue item was refused.
+    #[error(transparent)]
+    Review(#[from] arches_core::execution::ReviewRefusal),
     /// The run is not driven by this engine.
     #[error("run {0} is not active in this engine")]
     UnknownRun(RunId),
@@ -71,6 +74,9 @@ pub enum Error {
         reason: String,
     },
 }
+
+/// Items read per page when a run's open validation-queue items are restored.
+const REVIEW_PAGE: u32 = 500;
 
 /// Rebuilds a stored run in memory (its pipeline version, task runs and open attempts), to
 /// resume it after a restart or retry it from its failed tasks.
@@ -106,14 +112,36 @@ pub async fn restore_run(
         .map_err(|e| restore_error(format!("stored pipeline is invalid: {e}")))?;
     let task_runs = store.task_runs(run.id).await?;
     let attempts = store.attempts(run.id).await?;
-    Ok(arches_core::execution::RunExecution::restore(
+    // Every open item of the run, page by page (a listing is bounded).
+    let mut reviews = Vec::new();
+    loop {
+        let page = store
+            .review_items(&arches_core::records::ReviewFilter {
+                run_id: Some(run.id),
+                state: Some(arches_core::review::ReviewState::Open),
+                after: reviews
+                    .last()
+                    .map(|item: &arches_core::review::ReviewItem| item.id),
+                limit: REVIEW_PAGE,
+                ..Default::default()
+            })
+            .await?;
+        let full = page.len() >= REVIEW_PAGE as usize;
+        reviews.extend(page);
+        if !full {
+            break;
+        }
+    }
+    let mut execution = arches_core::execution::RunExecution::restore(
         run,
         pipeline,
         Arc::new(Templates::new()),
         ExecutionLimits::default(),
         task_runs,
         attempts,
-    ))
+    );
+    execution.restore_reviews(reviews);
+    Ok(execution)
 }
 
 /// Settings of the engine. Every bound is named with its unit.

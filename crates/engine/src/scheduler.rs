@@ -16,7 +16,10 @@ use arches_core::events::DomainEvent;
 use arches_core::execution::{Assignment, AttemptOutcome, RunExecution, Wakeup};
 use arches_core::ports::Store;
 use arches_core::records::{RunRecord, TaskOffer, WriteBatch};
-use arches_core::{Clock, RunId, TaskRunId, Timestamp};
+use arches_core::review::{
+    calibrate, FeedbackPoint, ReviewItem, Thresholds, Vote, CALIBRATION_FEEDBACK_MAX,
+};
+use arches_core::{Clock, OrgId, ReviewId, RunId, TaskId, TaskRunId, Timestamp};
 use rand::Rng;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +80,27 @@ pub enum Command {
         task_run_id: TaskRunId,
         /// The lease's fencing token.
         fencing_token: u64,
+    },
+    /// A reviewer's vote on an open blocking item of the validation queue.
+    Decide {
+        /// The run.
+        run_id: RunId,
+        /// The item.
+        review_id: ReviewId,
+        /// The vote.
+        vote: Vote,
+        /// Answered once the vote is committed, with the item as it is then.
+        reply: oneshot::Sender<Result<ReviewItem, Error>>,
+    },
+    /// Feedback on a task's results was stored outside the scheduler (a decision on a
+    /// notice): fit its calibration again.
+    Recalibrate {
+        /// The org.
+        org_id: OrgId,
+        /// The pipeline.
+        pipeline: String,
+        /// The task.
+        task_id: TaskId,
     },
     /// Answer with the run's record once it is finished.
     Watch {
@@ -226,6 +250,46 @@ impl SchedulerHandle {
         .await
     }
 
+    /// Applies a reviewer's vote on an open blocking item of a run this engine drives;
+    /// returns the item once the vote is committed.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRun`] when this engine does not drive the run; [`Error::Review`]
+    /// when the vote is refused (decided already, not an assignee, …).
+    pub async fn decide(
+        &self,
+        run_id: RunId,
+        review_id: ReviewId,
+        vote: Vote,
+    ) -> Result<ReviewItem, Error> {
+        self.call(|reply| Command::Decide {
+            run_id,
+            review_id,
+            vote,
+            reply,
+        })
+        .await
+    }
+
+    /// Says that feedback on a task's results was stored outside the scheduler (a decision
+    /// on a notice), so its calibration is fitted again.
+    ///
+    /// # Errors
+    /// [`Error::Stopped`].
+    pub async fn recalibrate(
+        &self,
+        org_id: OrgId,
+        pipeline: String,
+        task_id: TaskId,
+    ) -> Result<(), Error> {
+        self.send(Command::Recalibrate {
+            org_id,
+            pipeline,
+            task_id,
+        })
+        .await
+    }
+
     /// Waits until the run is over and returns its record.
     ///
     /// # Errors
@@ -243,7 +307,11 @@ impl SchedulerHandle {
 enum Reply {
     Run(oneshot::Sender<Result<RunId, Error>>, RunId),
     Done(oneshot::Sender<Result<(), Error>>),
+    Decided(oneshot::Sender<Result<ReviewItem, Error>>, Box<ReviewItem>),
 }
+
+/// A task whose results are routed, as the calibration cache keys it.
+type CalibrationKey = (OrgId, String, TaskId);
 
 /// The scheduler. See the module documentation.
 pub struct Scheduler {
@@ -275,6 +343,10 @@ pub struct Scheduler {
     /// Set when a flush failed: memory may hold changes the store does not, so the scheduler
     /// refuses to go on (a new one must be built from the store).
     poisoned: bool,
+    /// The feedback of routed tasks (their decided results), read once per task and read
+    /// again when a decision on one of their results is committed; each run's thresholds
+    /// are fitted on it with the run's own policy.
+    calibrations: HashMap<CalibrationKey, Arc<Vec<FeedbackPoint>>>,
 }
 
 impl Scheduler {
@@ -317,6 +389,7 @@ impl Scheduler {
             waiters: HashMap::new(),
             bus: None,
             poisoned: false,
+            calibrations: HashMap::new(),
         };
         (scheduler, dispatch_rx)
     }
@@ -467,6 +540,7 @@ impl Scheduler {
                     return;
                 }
                 execution.set_owner(Some(self.options.worker_id.clone()));
+                self.load_thresholds(&mut execution).await;
                 for wakeup in execution.pending_wakeups() {
                     if self.queued() && matches!(wakeup, Wakeup::LeaseExpiry { .. }) {
                         continue;
@@ -572,6 +646,32 @@ impl Scheduler {
                     }
                 }
             }
+            Command::Decide {
+                run_id,
+                review_id,
+                vote,
+                reply,
+            } => match self.runs.get_mut(&run_id) {
+                Some(execution) => match execution.decide(review_id, vote, now) {
+                    Ok(item) => {
+                        self.touched.insert(run_id);
+                        self.replies.push(Reply::Decided(reply, Box::new(item)));
+                    }
+                    Err(refusal) => {
+                        let _ = reply.send(Err(Error::Review(refusal)));
+                    }
+                },
+                None => {
+                    let _ = reply.send(Err(Error::UnknownRun(run_id)));
+                }
+            },
+            Command::Recalibrate {
+                org_id,
+                pipeline,
+                task_id,
+            } => {
+                self.recalibrate(vec![(org_id, pipeline, task_id)]).await;
+            }
             Command::Watch { run_id, reply } => {
                 if self.runs.contains_key(&run_id) {
                     self.waiters.entry(run_id).or_default().push(reply);
@@ -621,6 +721,9 @@ impl Scheduler {
                     expired
                 }
                 Wakeup::RetryDue { task_run_id, .. } => execution.retry_due(task_run_id, now),
+                Wakeup::ReviewExpiry { task_run_id, .. } => {
+                    execution.expire_review(task_run_id, now)
+                }
             };
             if changed {
                 fired += 1;
@@ -693,6 +796,7 @@ impl Scheduler {
             batch.runs.extend(changes.run);
             batch.task_runs.extend(changes.task_runs);
             batch.attempts.extend(changes.attempts);
+            batch.reviews.extend(changes.reviews);
             events.extend(changes.events);
             // The task queue's claims carry the workers' leases: no lease timers here.
             wakeups.extend(
@@ -757,8 +861,12 @@ impl Scheduler {
                 Reply::Done(reply) => {
                     let _ = reply.send(Ok(()));
                 }
+                Reply::Decided(reply, item) => {
+                    let _ = reply.send(Ok(*item));
+                }
             }
         }
+        self.refresh_calibrations(&batch.reviews).await;
         for run_id in finished {
             if let Some(execution) = self.runs.remove(&run_id) {
                 self.run_order.retain(|id| *id != run_id);
@@ -770,6 +878,87 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+impl Scheduler {
+    /// Gives a run the calibrated thresholds of its routed tasks, fitted with the run's own
+    /// policy on the task's feedback (read from the store the first time a task is seen). A
+    /// store error leaves the fixed thresholds.
+    async fn load_thresholds(&mut self, execution: &mut RunExecution) {
+        let org = execution.run().org_id;
+        let pipeline = execution.run().pipeline_name.clone();
+        let routed: Vec<(TaskId, arches_core::review::ReviewPolicy)> = execution
+            .pipeline()
+            .def
+            .tasks
+            .iter()
+            .filter_map(|task| Some((task.id.clone(), task.review_policy()?)))
+            .collect();
+        for (task_id, policy) in routed {
+            let key = (org, pipeline.clone(), task_id.clone());
+            let points = match self.calibrations.get(&key) {
+                Some(points) => points.clone(),
+                None => match self
+                    .store
+                    .review_feedback(org, &pipeline, &task_id, CALIBRATION_FEEDBACK_MAX)
+                    .await
+                {
+                    Ok(points) => {
+                        let points = Arc::new(points);
+                        self.calibrations.insert(key, points.clone());
+                        points
+                    }
+                    Err(err) => {
+                        warn!(%task_id, error = %err, "calibration feedback unreadable; fixed thresholds");
+                        Arc::new(Vec::new())
+                    }
+                },
+            };
+            let thresholds: Thresholds = calibrate(&policy, &points).thresholds;
+            execution.set_thresholds(task_id, thresholds);
+        }
+    }
+
+    /// After decisions on routed results were committed: fits their tasks' calibrations
+    /// again and hands the new thresholds to the runs of those tasks.
+    async fn refresh_calibrations(&mut self, written: &[ReviewItem]) {
+        let keys: Vec<CalibrationKey> = written
+            .iter()
+            .filter(|item| item.feedback().is_some())
+            .map(|item| {
+                (
+                    item.org_id,
+                    item.pipeline_name.clone(),
+                    item.task_id.clone(),
+                )
+            })
+            .collect();
+        self.recalibrate(keys).await;
+    }
+
+    /// Forgets the calibrations of `keys` and loads them again into the runs they route.
+    async fn recalibrate(&mut self, keys: Vec<CalibrationKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut pipelines = HashSet::new();
+        for key in keys {
+            pipelines.insert((key.0, key.1.clone()));
+            self.calibrations.remove(&key);
+        }
+        let ids: Vec<RunId> = self
+            .runs
+            .iter()
+            .filter(|(_, e)| pipelines.contains(&(e.run().org_id, e.run().pipeline_name.clone())))
+            .map(|(id, _)| *id)
+            .collect();
+        for run_id in ids {
+            if let Some(mut execution) = self.runs.remove(&run_id) {
+                self.load_thresholds(&mut execution).await;
+                self.runs.insert(run_id, execution);
+            }
+        }
     }
 }
 

@@ -339,6 +339,7 @@ impl Attempt {
                             work_dir: work_dir.clone(),
                             artifacts: self.artifacts.clone(),
                             logs: log.clone(),
+                            review_comment: a.review_comment.clone(),
                         };
                         let execution = AssertUnwindSafe(tool.execute(context, a.inputs.clone()))
                             .catch_unwind();

@@ -30,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "engine/queue.rs"]
 mod queue;
+#[path = "engine/reviews.rs"]
+mod reviews;
 
 // ---------------------------------------------------------------------------------------
 // Helpers

@@ -64,6 +64,23 @@ struct ScopeLabels {
     scope: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TaskLabels {
+    org: String,
+    pipeline: String,
+    task: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShareLabels {
+    org: String,
+    pipeline: String,
+    task: String,
+    thresholds: &'static str,
+}
+
+type RatioGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
 type HistogramFamily = Family<HttpLabels, Histogram, fn() -> Histogram>;
 
 fn http_duration_histogram() -> Histogram {
@@ -83,6 +100,9 @@ struct Inner {
     audit_events: Family<OutcomeLabels, Counter>,
     rate_limited: Family<ScopeLabels, Counter>,
     http_tool_breaker: Family<HostLabels, Gauge>,
+    review_decisions: Family<StateLabels, Counter>,
+    review_queue_share: Family<ShareLabels, RatioGauge>,
+    review_precision: Family<TaskLabels, RatioGauge>,
 }
 
 /// The server's metrics. Cheap to clone (an `Arc` inside); all clones share one registry.
@@ -101,6 +121,9 @@ struct Inner {
 /// | `arches_audit_events_total` | counter | outcome |
 /// | `arches_rate_limited_total` | counter | scope |
 /// | `arches_http_tool_breaker_state` | gauge (0 closed, 1 open, 2 half-open) | host |
+/// | `arches_review_decisions_total` | counter | state (approved, rejected, …) |
+/// | `arches_review_queue_share` | gauge (0 to 1) | org, pipeline, task, thresholds (current, fixed) |
+/// | `arches_review_precision` | gauge (0 to 1) | org, pipeline, task |
 #[derive(Clone, Debug)]
 pub struct Metrics {
     inner: Arc<Inner>,
@@ -132,6 +155,9 @@ impl Metrics {
         let audit_events = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<ScopeLabels, Counter>::default();
         let http_tool_breaker = Family::<HostLabels, Gauge>::default();
+        let review_decisions = Family::<StateLabels, Counter>::default();
+        let review_queue_share = Family::<ShareLabels, RatioGauge>::default();
+        let review_precision = Family::<TaskLabels, RatioGauge>::default();
 
         registry.register(
             "arches_http_requests",
@@ -184,6 +210,24 @@ impl Metrics {
             "Circuit breaker of the http tool per host: 0 closed, 1 open, 2 half-open",
             http_tool_breaker.clone(),
         );
+        registry.register(
+            "arches_review_decisions",
+            "Decisions on validation-queue items, by the state they left the item in",
+            review_decisions.clone(),
+        );
+        registry.register(
+            "arches_review_queue_share",
+            "Estimated share of a routed task's results that wait for a reviewer, under its \
+             current thresholds (calibrated once there is enough feedback) and its fixed ones, \
+             from the reviewers' feedback",
+            review_queue_share.clone(),
+        );
+        registry.register(
+            "arches_review_precision",
+            "Estimated precision of a routed task's auto-applied results, from the reviewers' \
+             feedback",
+            review_precision.clone(),
+        );
 
         Metrics {
             inner: Arc::new(Inner {
@@ -198,6 +242,9 @@ impl Metrics {
                 audit_events,
                 rate_limited,
                 http_tool_breaker,
+                review_decisions,
+                review_queue_share,
+                review_precision,
             }),
         }
     }
@@ -249,6 +296,57 @@ impl Metrics {
                 host: host.to_owned(),
             })
             .set(value);
+    }
+
+    /// Adds one to `arches_review_decisions_total{state}`.
+    pub fn inc_review_decisions(&self, state: &str) {
+        self.inner
+            .review_decisions
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Sets a routed task's calibration gauges: `arches_review_queue_share` under the
+    /// current and the fixed thresholds, and `arches_review_precision` (each when known).
+    pub fn set_review_calibration(
+        &self,
+        org: &str,
+        pipeline: &str,
+        task: &str,
+        queue_share: Option<f64>,
+        fixed_queue_share: Option<f64>,
+        precision: Option<f64>,
+    ) {
+        let share = |thresholds: &'static str| ShareLabels {
+            org: org.to_owned(),
+            pipeline: pipeline.to_owned(),
+            task: task.to_owned(),
+            thresholds,
+        };
+        if let Some(v) = queue_share {
+            self.inner
+                .review_queue_share
+                .get_or_create(&share("current"))
+                .set(v);
+        }
+        if let Some(v) = fixed_queue_share {
+            self.inner
+                .review_queue_share
+                .get_or_create(&share("fixed"))
+                .set(v);
+        }
+        if let Some(v) = precision {
+            self.inner
+                .review_precision
+                .get_or_create(&TaskLabels {
+                    org: org.to_owned(),
+                    pipeline: pipeline.to_owned(),
+                    task: task.to_owned(),
+                })
+                .set(v);
+        }
     }
 
     /// Sets `arches_queue_depth` to `count` task runs.

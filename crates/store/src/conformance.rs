@@ -85,6 +85,7 @@ macro_rules! conformance_tests {
             state_counts_count_runs_task_runs_and_attempts_by_state,
             tools_get_versions_per_name_and_identical_manifests_return_the_stored_version,
             secrets_are_set_replaced_resealed_listed_and_deleted_per_org,
+            review_items_are_listed_claimed_decided_once_and_read_as_feedback,
         );
     };
 }
@@ -1596,4 +1597,336 @@ pub async fn secrets_are_set_replaced_resealed_listed_and_deleted_per_org(store:
     };
     assert!(!store.reseal_secret(&late).await.unwrap());
     assert_eq!(store.secret(org, "GEO_KEY").await.unwrap(), Some(reborn));
+}
+
+fn review_item(
+    run: &RunRecord,
+    task_run: &TaskRunRecord,
+    kind: arches_core::review::ReviewKind,
+    confidence: Option<f64>,
+    created_at: i64,
+) -> arches_core::review::ReviewItem {
+    arches_core::review::ReviewItem {
+        id: arches_core::ReviewId::new(),
+        org_id: run.org_id,
+        run_id: run.id,
+        task_run_id: task_run.id,
+        task_id: task_run.task_id.clone(),
+        index: None,
+        pipeline_name: run.pipeline_name.clone(),
+        tool: "llm".to_owned(),
+        kind,
+        state: arches_core::review::ReviewState::Open,
+        attempt: 1,
+        inputs: json!({"prompt": "ünïcode ✓ \"quoted\""}),
+        proposed: json!({"answer": "cat", "confidence": confidence}),
+        confidence,
+        rationale: Some("whiskers".to_owned()),
+        thresholds: Some(arches_core::review::Thresholds {
+            low: 0.7,
+            high: 0.9,
+            calibrated: false,
+        }),
+        sample_rate: 1.0,
+        assignees: vec!["ana@example.org".to_owned()],
+        quorum: 1,
+        message: None,
+        expires_at: Some(Timestamp(created_at + 3_600_000_000)),
+        on_expiry: Some(arches_core::review::Verdict::Reject),
+        votes: Vec::new(),
+        created_at: Timestamp(created_at),
+        decided_at: None,
+        claimed_by: None,
+        claim_expires_at: None,
+    }
+}
+
+/// Items written by commits round-trip and are listed oldest first with filters and a
+/// cursor; a claim holds against other reviewers until it expires; a decided item is never
+/// overwritten (neither by a later commit nor by a second notice decision); decided
+/// confidence results are read back as weighted feedback, most recent first.
+pub async fn review_items_are_listed_claimed_decided_once_and_read_as_feedback(
+    store: Arc<dyn Store>,
+) {
+    use arches_core::records::{ClaimOutcome, ReviewFilter};
+    use arches_core::review::{ReviewKind, ReviewState, Verdict, Vote};
+    let r = run("classify", RunState::Running, 1_700_000_000_000_000);
+    let t = task_run(&r, "label", 1, 1_700_000_000_000_000);
+    let blocking = review_item(
+        &r,
+        &t,
+        ReviewKind::Confidence,
+        Some(0.42),
+        1_700_000_000_000_001,
+    );
+    let notice = review_item(&r, &t, ReviewKind::Notice, Some(0.8), 1_700_000_000_000_002);
+    let mut audit = review_item(
+        &r,
+        &t,
+        ReviewKind::Notice,
+        Some(0.97),
+        1_700_000_000_000_003,
+    );
+    audit.sample_rate = 0.25;
+    let mut other_org = run("classify", RunState::Running, 1_700_000_000_000_000);
+    other_org.org_id = OrgId::new();
+    let other_task_run = task_run(&other_org, "label", 1, 1_700_000_000_000_000);
+    let foreign = review_item(
+        &other_org,
+        &other_task_run,
+        ReviewKind::Confidence,
+        None,
+        1_700_000_000_000_004,
+    );
+    commit(
+        store.as_ref(),
+        WriteBatch {
+            runs: vec![r.clone(), other_org.clone()],
+            task_runs: vec![t.clone(), other_task_run.clone()],
+            reviews: vec![
+                blocking.clone(),
+                notice.clone(),
+                audit.clone(),
+                foreign.clone(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+
+    // Round trip and listing.
+    let read = store
+        .review_item(blocking.id)
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!(read, blocking);
+    let ours = |filter: ReviewFilter| ReviewFilter {
+        org_id: Some(OrgId::DEFAULT),
+        ..filter
+    };
+    let all = store
+        .review_items(&ours(ReviewFilter::default()))
+        .await
+        .unwrap();
+    assert_eq!(
+        all.iter().map(|i| i.id).collect::<Vec<_>>(),
+        [blocking.id, notice.id, audit.id],
+        "oldest first, the other org's item left out"
+    );
+    let page = store
+        .review_items(&ours(ReviewFilter {
+            after: Some(blocking.id),
+            limit: 1,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(page.iter().map(|i| i.id).collect::<Vec<_>>(), [notice.id]);
+    let filtered = store
+        .review_items(&ours(ReviewFilter {
+            kind: Some(ReviewKind::Notice),
+            min_confidence: Some(0.9),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        filtered.iter().map(|i| i.id).collect::<Vec<_>>(),
+        [audit.id]
+    );
+    let old = store
+        .review_items(&ours(ReviewFilter {
+            created_before: Some(Timestamp(1_700_000_000_000_002)),
+            max_confidence: Some(0.5),
+            pipeline_name: Some("classify".into()),
+            task_id: Some("label".into()),
+            tool: Some("llm".into()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    assert_eq!(old.iter().map(|i| i.id).collect::<Vec<_>>(), [blocking.id]);
+
+    // Claims: one reviewer at a time until the claim expires; renewing one's own is fine.
+    let now = Timestamp(1_700_000_000_100_000);
+    let until = Timestamp(1_700_000_000_200_000);
+    match store
+        .claim_review(blocking.id, "ana", until, now)
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Claimed(item) => {
+            assert_eq!(item.claimed_by.as_deref(), Some("ana"));
+            assert_eq!(item.claim_expires_at, Some(until));
+        }
+        other => panic!("the claim takes: {other:?}"),
+    }
+    assert_eq!(
+        store
+            .claim_review(blocking.id, "bo", until, now)
+            .await
+            .unwrap(),
+        ClaimOutcome::Held {
+            by: "ana".into(),
+            until
+        }
+    );
+    assert!(matches!(
+        store
+            .claim_review(blocking.id, "ana", Timestamp(until.0 + 1), now)
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    assert!(matches!(
+        store
+            .claim_review(
+                blocking.id,
+                "bo",
+                Timestamp(until.0 + 100),
+                Timestamp(until.0 + 1)
+            )
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    assert_eq!(
+        store
+            .claim_review(arches_core::ReviewId::new(), "bo", until, now)
+            .await
+            .unwrap(),
+        ClaimOutcome::NotFound
+    );
+
+    // A commit that decides the item keeps the claim columns; a later commit of the open
+    // item does not undo the decision.
+    let mut decided = blocking.clone();
+    decided.state = ReviewState::Approved;
+    decided.decided_at = Some(Timestamp(1_700_000_000_300_000));
+    decided.votes.push(Vote {
+        reviewer: "bo".into(),
+        email: None,
+        verdict: Verdict::Approve,
+        edited: None,
+        comment: Some("fine".into()),
+        at: Timestamp(1_700_000_000_300_000),
+    });
+    for item in [decided.clone(), blocking.clone()] {
+        commit(
+            store.as_ref(),
+            WriteBatch {
+                reviews: vec![item],
+                ..Default::default()
+            },
+        )
+        .await;
+    }
+    let read = store.review_item(blocking.id).await.unwrap().unwrap();
+    assert_eq!(read.state, ReviewState::Approved);
+    assert_eq!(read.votes, decided.votes);
+    assert_eq!(read.claimed_by.as_deref(), Some("bo"));
+    assert_eq!(
+        store
+            .claim_review(blocking.id, "cy", until, Timestamp(until.0 + 1_000_000))
+            .await
+            .unwrap(),
+        ClaimOutcome::Decided(ReviewState::Approved)
+    );
+
+    // A notice is decided once; a second decision (or one on a blocking item) is refused.
+    let mut rejected = notice.clone();
+    rejected.state = ReviewState::Rejected;
+    rejected.decided_at = Some(Timestamp(1_700_000_000_400_000));
+    rejected.votes.push(Vote {
+        reviewer: "ana".into(),
+        email: None,
+        verdict: Verdict::Reject,
+        edited: None,
+        comment: None,
+        at: Timestamp(1_700_000_000_400_000),
+    });
+    assert!(store
+        .decide_notice(&rejected, "ana", Timestamp(1_700_000_000_400_000))
+        .await
+        .unwrap());
+    let mut again = notice.clone();
+    again.state = ReviewState::Approved;
+    again.decided_at = Some(Timestamp(1_700_000_000_500_000));
+    assert!(!store
+        .decide_notice(&again, "bo", Timestamp(1_700_000_000_500_000))
+        .await
+        .unwrap());
+    assert_eq!(
+        store.review_item(notice.id).await.unwrap().unwrap().state,
+        ReviewState::Rejected
+    );
+    let mut not_a_notice = foreign.clone();
+    not_a_notice.state = ReviewState::Approved;
+    assert!(!store
+        .decide_notice(&not_a_notice, "ana", Timestamp(1_700_000_000_500_000))
+        .await
+        .unwrap());
+
+    // A notice another reviewer holds is not decided by someone else.
+    assert!(matches!(
+        store
+            .claim_review(
+                audit.id,
+                "cy",
+                Timestamp(1_700_000_001_000_000),
+                Timestamp(1_700_000_000_550_000)
+            )
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let mut sniped = audit.clone();
+    sniped.state = ReviewState::Rejected;
+    assert!(!store
+        .decide_notice(&sniped, "ana", Timestamp(1_700_000_000_560_000))
+        .await
+        .unwrap());
+
+    // Feedback: decided confidence results, most recent first, audits weighted.
+    let mut approved_audit = audit.clone();
+    approved_audit.state = ReviewState::Approved;
+    approved_audit.decided_at = Some(Timestamp(1_700_000_000_600_000));
+    approved_audit.votes.push(Vote {
+        reviewer: "ana".into(),
+        email: None,
+        verdict: Verdict::Approve,
+        edited: None,
+        comment: None,
+        at: Timestamp(1_700_000_000_600_000),
+    });
+    assert!(store
+        .decide_notice(&approved_audit, "cy", Timestamp(1_700_000_000_600_000))
+        .await
+        .unwrap());
+    let feedback = store
+        .review_feedback(OrgId::DEFAULT, "classify", &task("label"), 10)
+        .await
+        .unwrap();
+    let points: Vec<(f64, bool, f64)> = feedback
+        .iter()
+        .map(|p| (p.confidence, p.approved, p.weight))
+        .collect();
+    assert_eq!(
+        points,
+        [(0.97, true, 4.0), (0.8, false, 1.0), (0.42, true, 1.0)]
+    );
+    assert_eq!(
+        store
+            .review_feedback(OrgId::DEFAULT, "classify", &task("label"), 1)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store
+        .review_feedback(other_org.org_id, "classify", &task("label"), 10)
+        .await
+        .unwrap()
+        .is_empty());
 }

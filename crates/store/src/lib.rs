@@ -17,6 +17,7 @@ pub mod conformance_identity;
 mod decode;
 mod error;
 pub mod postgres;
+mod reviews;
 mod sqlite;
 
 pub use artifacts::LocalArtifactStore;

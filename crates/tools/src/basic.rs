@@ -135,3 +135,59 @@ impl Tool for EchoTool {
         Ok(outputs)
     }
 }
+
+/// The `approval` tool: a human gate. It checks its inputs and describes the gate; the
+/// engine then parks the task run in the validation queue (state `awaiting_review`) until
+/// `quorum` assignees approve, one rejects (the task run fails), or it expires (see
+/// [`arches_core::review`]). Its outputs once approved: `approved` (true), `approvers`,
+/// `comments`, `expired`.
+///
+/// Inputs: `message` (text shown to the approvers), `assignees` (user ids or emails; anyone
+/// allowed to decide when absent), `quorum` (approvals needed, default 1), `expires_in`
+/// (`"24h"` or seconds), `on_expiry` (`approve` | `reject`, default `reject`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ApprovalTool;
+
+impl ApprovalTool {
+    /// The tool.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+#[async_trait]
+impl Tool for ApprovalTool {
+    fn name(&self) -> &str {
+        arches_core::review::APPROVAL_TOOL
+    }
+
+    fn description(&self) -> &str {
+        "wait for human approval in the validation queue (assignees, quorum, expiry)"
+    }
+
+    fn needs_work_dir(&self) -> bool {
+        false
+    }
+
+    fn input_schema(&self) -> Value {
+        json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": {
+                "message": {"type": "string", "description": "what the approvers are asked"},
+                "assignees": {"type": "array", "items": {"type": "string"}, "maxItems": arches_core::review::ASSIGNEES_MAX,
+                              "description": "user ids or emails allowed to vote; anyone allowed to decide when absent"},
+                "quorum": {"type": "integer", "minimum": 1, "maximum": arches_core::review::ASSIGNEES_MAX,
+                           "description": "approvals needed (default 1)"},
+                "expires_in": {"type": ["string", "number"], "description": "how long the gate stays open, e.g. \"24h\""},
+                "on_expiry": {"enum": ["approve", "reject"], "description": "what an expiry does (default reject)"}
+            }
+        })
+    }
+
+    async fn execute(&self, _context: ToolContext, inputs: Value) -> Result<Value, ToolError> {
+        let request = arches_core::review::ApprovalRequest::from_inputs(&inputs)
+            .map_err(ToolError::permanent)?;
+        serde_json::to_value(request).map_err(|e| ToolError::permanent(format!("approval: {e}")))
+    }
+}

@@ -34,7 +34,7 @@ use std::sync::Arc;
 
 use arches_core::ports::ToolRegistry;
 
-pub use basic::{EchoTool, NoopTool};
+pub use basic::{ApprovalTool, EchoTool, NoopTool};
 pub use file::FileTool;
 pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
 pub use llm::{ApiKey, LlmPolicy, LlmTool, ModelPrice};
@@ -69,6 +69,7 @@ pub fn builtin_registry() -> ToolRegistry {
 /// report its circuit breakers, and runs its org's registered tools on the same executors.
 pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     let mut registry = ToolRegistry::new();
+    registry.register(Arc::new(ApprovalTool::new()));
     registry.register(Arc::new(EchoTool::new()));
     registry.register(Arc::new(FileTool::new()));
     registry.register(executors.http.clone());

@@ -15,6 +15,8 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+#[path = "tools/embeddings.rs"]
+mod embeddings;
 #[path = "tools/llm.rs"]
 mod llm;
 #[path = "tools/wasm.rs"]
@@ -82,6 +84,7 @@ impl Harness {
             work_dir,
             artifacts: self.artifacts.clone(),
             logs: self.logs.clone(),
+            review_comment: None,
         }
     }
 

@@ -8,6 +8,7 @@ mod remote;
 mod resume;
 mod scale_out;
 mod serve;
+mod triage;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::ids::{PipelineName, TaskId};
 use crate::retry::RetryPolicy;
+use crate::review::ReviewPolicy;
 
 /// A pipeline: a named DAG of tasks with typed params.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -171,6 +172,24 @@ pub struct TaskDef {
     /// [`is_valid_worker_tag`] shape.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub worker_tags: Vec<String>,
+    /// Confidence routing of the tool's results (see [`crate::review`]): AI tools
+    /// ([`crate::review::AI_TOOLS`]) are routed with [`ReviewPolicy::default`] when it is
+    /// absent; any other tool is routed only when it is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewPolicy>,
+}
+
+impl TaskDef {
+    /// The routing policy of the task's results, if they are routed.
+    pub fn review_policy(&self) -> Option<ReviewPolicy> {
+        match &self.review {
+            Some(policy) => Some(policy.clone()),
+            None if crate::review::AI_TOOLS.contains(&self.tool.as_str()) => {
+                Some(ReviewPolicy::default())
+            }
+            None => None,
+        }
+    }
 }
 
 /// Most `worker_tags` per task (and tags per worker).

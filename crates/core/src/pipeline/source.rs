@@ -43,6 +43,8 @@ const TASK_FIELDS: &[&str] = &[
     "for_each",
     "compensate",
     "sandbox",
+    "worker_tags",
+    "review",
 ];
 
 /// Where the values of a document are: JSON Pointers to 1-based `(line, column)` positions.

@@ -696,6 +696,35 @@ impl Context<'_> {
         }
         self.check_sandbox(task, pointer, out);
         self.check_worker_tags(task, pointer, out);
+        self.check_review(task, pointer, out);
+    }
+
+    /// Checks a task's `review:` policy: thresholds in range and ordered, and not on an
+    /// `approval` task (which always waits for its approvers).
+    fn check_review(&self, task: &TaskDef, pointer: &str, out: &mut Vec<Diagnostic>) {
+        let Some(policy) = &task.review else {
+            return;
+        };
+        if task.tool == crate::review::APPROVAL_TOOL {
+            out.push(self.diagnostic(
+                "review_on_approval",
+                format!(
+                    "task `{}` is an approval gate, which always waits for its approvers; \
+                     `review` routes the results of other tools",
+                    task.id
+                ),
+                &format!("{pointer}/review"),
+                Some("remove `review`, and set `quorum`, `assignees` and `expires_in` under `with`".to_owned()),
+            ));
+        }
+        for (field, message) in policy.problems() {
+            out.push(self.diagnostic(
+                "review_policy_invalid",
+                format!("`review.{field}` of task `{}` {message}", task.id),
+                &format!("{pointer}/review/{field}"),
+                None,
+            ));
+        }
     }
 
     /// Checks a task's `worker_tags`: well-formed, at most

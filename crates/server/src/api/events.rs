@@ -27,7 +27,7 @@ use crate::state::AppState;
 pub struct EventsQuery {
     /// Only this run's events.
     pub run_id: Option<String>,
-    /// Comma-separated kinds among `run`, `task_run` and `log` (default: all).
+    /// Comma-separated kinds among `run`, `task_run`, `review` and `log` (default: all).
     pub kinds: Option<String>,
     /// Resume after this event id (the `Last-Event-ID` header wins when both are given).
     pub last_event_id: Option<String>,
@@ -53,10 +53,10 @@ pub async fn stream_events(
             let kinds: BTreeSet<String> = text.split(',').map(|k| k.trim().to_owned()).collect();
             if let Some(bad) = kinds
                 .iter()
-                .find(|k| !matches!(k.as_str(), "run" | "task_run" | "log"))
+                .find(|k| !matches!(k.as_str(), "run" | "task_run" | "review" | "log"))
             {
                 return Err(ApiError::bad_request(format!(
-                    "unknown event kind {bad:?}; use run, task_run or log"
+                    "unknown event kind {bad:?}; use run, task_run, review or log"
                 ))
                 .with_detail("parameter", "kinds"));
             }

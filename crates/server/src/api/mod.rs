@@ -13,6 +13,7 @@ pub mod auth;
 pub mod events;
 pub mod orgs;
 pub mod pipelines;
+pub mod reviews;
 pub mod runs;
 pub mod tools;
 
@@ -299,7 +300,7 @@ impl Modify for SecuritySchemes {
     security(("bearer" = []), ("api_key" = [])),
     tags(
         (name = "pipelines"), (name = "runs"), (name = "artifacts"), (name = "events"),
-        (name = "tools"), (name = "secrets"),
+        (name = "tools"), (name = "secrets"), (name = "reviews"),
         (name = "auth"), (name = "account"), (name = "orgs"), (name = "audit"), (name = "health"),
     )
 )]
@@ -314,6 +315,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(orgs::OrgsApi::openapi());
     doc.merge(audit_log::AuditApi::openapi());
     doc.merge(tools::ToolsApi::openapi());
+    doc.merge(reviews::ReviewsApi::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     add_default_error_responses(&mut doc);
     doc
@@ -430,6 +432,7 @@ pub fn router() -> Router<AppState> {
         .merge(orgs::routes())
         .merge(audit_log::routes())
         .merge(tools::routes())
+        .merge(reviews::routes())
 }
 
 /// 204 No Content, for handlers that return nothing.

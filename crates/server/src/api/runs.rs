@@ -217,7 +217,7 @@ impl From<LogLine> for LogLineView {
     }
 }
 
-fn engine(state: &AppState) -> Result<SchedulerHandle, ApiError> {
+pub(crate) fn engine(state: &AppState) -> Result<SchedulerHandle, ApiError> {
     state
         .engine
         .as_ref()
@@ -245,7 +245,7 @@ pub(crate) async fn org_run(
         .ok_or_else(|| ApiError::not_found("run", id))
 }
 
-async fn stored_pipeline(
+pub(crate) async fn stored_pipeline(
     state: &AppState,
     principal: &Principal,
     name: &str,
@@ -271,7 +271,7 @@ async fn stored_pipeline(
     })
 }
 
-fn build_pipeline(stored: &StoredPipeline) -> Result<Pipeline, ApiError> {
+pub(crate) fn build_pipeline(stored: &StoredPipeline) -> Result<Pipeline, ApiError> {
     let def: PipelineDef = serde_json::from_value(stored.definition.clone()).map_err(|e| {
         ApiError::internal(format!(
             "stored pipeline {} is unreadable: {e}",

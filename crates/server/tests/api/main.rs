@@ -5,5 +5,6 @@ mod auth;
 mod common;
 mod core_api;
 mod identity_cache;
+mod reviews;
 mod security;
 mod tools;

@@ -720,6 +720,8 @@ struct OrgB {
     invitation_token: String,
     session_id: String,
     first_event_id: String,
+    /// An open item of B's validation queue.
+    review_id: String,
     /// Every value that belongs to B: none may reach A unless A sent it.
     secrets: Vec<String>,
 }
@@ -962,7 +964,22 @@ async fn make_org_b(server: &TestServer) -> OrgB {
         "bsecret-value-0042".to_owned(),
     ]);
 
+    // An open notice on B's run, written as the engine writes items.
+    let review = b_review_item(&org_id, &run_id, server.state.clock.now());
+    server
+        .state
+        .store
+        .commit(&arches_core::records::WriteBatch {
+            reviews: vec![review.clone()],
+            ..Default::default()
+        })
+        .await
+        .expect("B's review item is stored");
+    let review_id = review.id.to_string();
+    secrets.push(review_id.clone());
+
     OrgB {
+        review_id,
         owner_token: b,
         org_id,
         user_id,
@@ -976,6 +993,44 @@ async fn make_org_b(server: &TestServer) -> OrgB {
         session_id,
         first_event_id,
         secrets,
+    }
+}
+
+/// An open notice on B's run (task `bsecret_write`).
+fn b_review_item(
+    org_id: &str,
+    run_id: &str,
+    now: arches_core::Timestamp,
+) -> arches_core::review::ReviewItem {
+    use arches_core::review::{ReviewItem, ReviewKind, ReviewState};
+    ReviewItem {
+        id: arches_core::ReviewId::new(),
+        org_id: org_id.parse().unwrap(),
+        run_id: run_id.parse().unwrap(),
+        task_run_id: arches_core::TaskRunId::new(),
+        task_id: arches_core::TaskId::parse("bsecret_write").unwrap(),
+        index: None,
+        pipeline_name: "bsecret_pipeline".into(),
+        tool: "shell".into(),
+        kind: ReviewKind::Notice,
+        state: ReviewState::Open,
+        attempt: 1,
+        inputs: json!({"bsecret": "bsecret-review-input"}),
+        proposed: json!({"bsecret": "bsecret-review-output"}),
+        confidence: Some(0.8),
+        rationale: None,
+        thresholds: None,
+        sample_rate: 1.0,
+        assignees: Vec::new(),
+        quorum: 1,
+        message: None,
+        expires_at: None,
+        on_expiry: None,
+        votes: Vec::new(),
+        created_at: now,
+        decided_at: None,
+        claimed_by: None,
+        claim_expires_at: None,
     }
 }
 
@@ -1085,6 +1140,7 @@ fn path_values(path: &str, param: &str, b: &OrgB) -> Option<(String, String)> {
         ("user_id", p) if p.starts_with("/api/v1/orgs/current/members/") => {
             (b.user_id.clone(), uuid())
         }
+        ("id", p) if p.starts_with("/api/v1/reviews/") => (b.review_id.clone(), uuid()),
         _ => return None,
     })
 }
@@ -1120,6 +1176,7 @@ fn body_for(method: &str, path: &str, b: &OrgB) -> Payload {
         }
         ("put", "/api/v1/pipelines/{name}") => Payload::Yaml(B_PIPELINE.to_owned()),
         ("put", "/api/v1/secrets/{name}") => Payload::Json(json!({"value": "alice-own-value"})),
+        ("post", "/api/v1/reviews/{id}/decision") => Payload::Json(json!({"verdict": "approve"})),
         _ => Payload::Json(json!({})),
     }
 }
@@ -1433,6 +1490,18 @@ async fn an_owner_of_one_org_can_neither_read_nor_change_anything_of_another_org
 
     // Nothing of B changed.
     let after = snapshot(&server, &b).await;
+    let review = server
+        .state
+        .store
+        .review_item(b.review_id.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("B's item is still there");
+    assert_eq!(
+        (review.state, review.claimed_by),
+        (arches_core::review::ReviewState::Open, None),
+        "A neither decided nor claimed B's item"
+    );
     for ((path, before), (_, after)) in before.iter().zip(&after) {
         assert_eq!(before, after, "B's {path} changed");
     }

@@ -23,6 +23,7 @@
 mod identity;
 mod queue;
 mod registry;
+mod reviews;
 mod rows;
 
 pub use queue::{
@@ -34,7 +35,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskRunId, ToolName};
+use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
@@ -686,6 +687,13 @@ impl Store for PgStore {
         if batch.uses_task_queue() {
             queue::write_queue_parts(&mut tx, batch).await?;
         }
+        if !batch.reviews.is_empty() {
+            sqlx::query(reviews::UPSERT_REVIEWS)
+                .bind(reviews::encode(&batch.reviews)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
         tx.commit().await.map_err(db)?;
 
         // Reported as the SQLite store does: every write below the token stored before the
@@ -1020,6 +1028,49 @@ impl Store for PgStore {
 
     async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool> {
         self.delete_secret_impl(org, name).await
+    }
+
+    async fn review_items(
+        &self,
+        filter: &ReviewFilter,
+    ) -> StoreResult<Vec<arches_core::review::ReviewItem>> {
+        self.review_items_impl(filter).await
+    }
+
+    async fn review_item(
+        &self,
+        id: arches_core::ReviewId,
+    ) -> StoreResult<Option<arches_core::review::ReviewItem>> {
+        self.review_item_impl(id).await
+    }
+
+    async fn claim_review(
+        &self,
+        id: arches_core::ReviewId,
+        reviewer: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> StoreResult<ClaimOutcome> {
+        self.claim_review_impl(id, reviewer, until, now).await
+    }
+
+    async fn decide_notice(
+        &self,
+        item: &arches_core::review::ReviewItem,
+        reviewer: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        self.decide_notice_impl(item, reviewer, now).await
+    }
+
+    async fn review_feedback(
+        &self,
+        org: OrgId,
+        pipeline: &str,
+        task: &TaskId,
+        limit: usize,
+    ) -> StoreResult<Vec<arches_core::review::FeedbackPoint>> {
+        self.review_feedback_impl(org, pipeline, task, limit).await
     }
 }
 

@@ -13,6 +13,7 @@
 
 mod identity;
 mod registry;
+mod reviews;
 mod rows;
 mod writer;
 
@@ -23,7 +24,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskRunId, ToolName};
+use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
@@ -638,7 +639,8 @@ impl Store for SqliteStore {
                     .into(),
             ));
         }
-        let rows = batch.runs.len() + batch.task_runs.len() + batch.attempts.len();
+        let rows =
+            batch.runs.len() + batch.task_runs.len() + batch.attempts.len() + batch.reviews.len();
         // A part that is empty contributes no statement. Only the stale-token check returns
         // rows, and it runs before the task-run upsert in the same transaction.
         let (statements, args) = cpu_work(rows, || {
@@ -675,6 +677,10 @@ impl Store for SqliteStore {
                     .map(Cow::Owned),
                 );
                 bind_attempts(&mut args, &batch.attempts)?;
+            }
+            if !batch.reviews.is_empty() {
+                statements.push(Cow::Borrowed(reviews::UPSERT_REVIEWS));
+                bind_text(&mut args, reviews::encode(&batch.reviews)?)?;
             }
             StoreResult::Ok((statements, args))
         })?;
@@ -1002,6 +1008,49 @@ impl Store for SqliteStore {
 
     async fn delete_secret(&self, org: OrgId, name: &str) -> StoreResult<bool> {
         self.delete_secret_impl(org, name).await
+    }
+
+    async fn review_items(
+        &self,
+        filter: &ReviewFilter,
+    ) -> StoreResult<Vec<arches_core::review::ReviewItem>> {
+        self.review_items_impl(filter).await
+    }
+
+    async fn review_item(
+        &self,
+        id: arches_core::ReviewId,
+    ) -> StoreResult<Option<arches_core::review::ReviewItem>> {
+        self.review_item_impl(id).await
+    }
+
+    async fn claim_review(
+        &self,
+        id: arches_core::ReviewId,
+        reviewer: &str,
+        until: Timestamp,
+        now: Timestamp,
+    ) -> StoreResult<ClaimOutcome> {
+        self.claim_review_impl(id, reviewer, until, now).await
+    }
+
+    async fn decide_notice(
+        &self,
+        item: &arches_core::review::ReviewItem,
+        reviewer: &str,
+        now: Timestamp,
+    ) -> StoreResult<bool> {
+        self.decide_notice_impl(item, reviewer, now).await
+    }
+
+    async fn review_feedback(
+        &self,
+        org: OrgId,
+        pipeline: &str,
+        task: &TaskId,
+        limit: usize,
+    ) -> StoreResult<Vec<arches_core::review::FeedbackPoint>> {
+        self.review_feedback_impl(org, pipeline, task, limit).await
     }
 }
 

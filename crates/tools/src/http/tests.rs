@@ -221,6 +221,7 @@ fn context(logs: Arc<MemoryLogs>) -> ToolContext {
         work_dir: PathBuf::from("/nonexistent"),
         artifacts: Arc::new(NoArtifacts),
         logs,
+        review_comment: None,
     }
 }
 

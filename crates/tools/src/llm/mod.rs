@@ -31,6 +31,7 @@
 //! invalid) is permanent. No message or output holds the API key.
 
 pub mod confidence;
+pub mod embeddings;
 pub mod openai;
 
 use std::collections::BTreeMap;
@@ -52,6 +53,8 @@ use serde_json::{json, Map, Value};
 use crate::common::parse_inputs;
 use crate::http::HttpTool;
 use openai::{OpenAiProvider, OpenAiSettings};
+
+pub use embeddings::{EmbeddingSettings, OpenAiEmbeddings};
 
 /// The base URL when neither the policy nor the environment names one: Ollama's
 /// OpenAI-compatible API on this machine.
@@ -548,7 +551,15 @@ impl Tool for LlmTool {
         if !system.is_empty() {
             messages.push(ChatMessage::new(ChatRole::System, system));
         }
-        messages.push(ChatMessage::new(ChatRole::User, inputs.prompt.clone()));
+        let mut prompt = inputs.prompt.clone();
+        if let Some(comment) = &context.review_comment {
+            // A reviewer rejected the previous answer and asked for another attempt.
+            prompt.push_str(&format!(
+                "\n\nA reviewer rejected an earlier answer to this request with this comment; \
+                 take it into account:\n{comment}"
+            ));
+        }
+        messages.push(ChatMessage::new(ChatRole::User, prompt));
         let request = ChatRequest {
             model: model.clone(),
             messages,
