@@ -818,9 +818,9 @@ fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
     let registry = builtin_registry();
     assert_eq!(
         registry.names().collect::<Vec<_>>(),
-        vec!["echo", "file", "http", "llm", "noop", "shell", "sql", "wasm"]
+        vec!["approval", "echo", "file", "http", "llm", "noop", "shell", "sql", "wasm"]
     );
-    for name in ["sql", "shell", "http", "llm", "wasm"] {
+    for name in ["approval", "sql", "shell", "http", "llm", "wasm"] {
         let schema = registry.get(name).unwrap().input_schema();
         assert_eq!(schema["additionalProperties"], json!(false), "{name}");
     }
