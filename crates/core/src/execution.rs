@@ -1111,9 +1111,14 @@ impl RunExecution {
         vote: Vote,
         now: Timestamp,
     ) -> Result<ReviewItem, ReviewRefusal> {
-        let Some((&i, item)) = self.reviews.iter().find(|(_, item)| item.id == id) else {
+        let Some(i) = self
+            .reviews
+            .iter()
+            .find_map(|(i, item)| (item.id == id).then_some(*i))
+        else {
             return Err(ReviewRefusal::Unknown(id));
         };
+        let item = &self.reviews[&i];
         if item.state != ReviewState::Open {
             return Err(ReviewRefusal::Decided {
                 id,
@@ -1176,7 +1181,9 @@ impl RunExecution {
                 });
             }
         }
-        let mut item = self.reviews.remove(&i).expect("found above");
+        let Some(mut item) = self.reviews.remove(&i) else {
+            return Err(ReviewRefusal::Unknown(id));
+        };
         let verdict = vote.verdict;
         item.votes.push(vote);
         let decided = match (item.kind, verdict) {
@@ -1198,14 +1205,18 @@ impl RunExecution {
         let Some(&i) = self.by_id.get(&task_run_id) else {
             return false;
         };
-        let Some(item) = self.reviews.get(&i) else {
-            return false;
-        };
-        if item.expires_at.is_none_or(|at| at > now) {
+        let due = self
+            .reviews
+            .get(&i)
+            .and_then(|item| item.expires_at)
+            .is_some_and(|at| at <= now);
+        if !due {
             return false;
         }
+        let Some(mut item) = self.reviews.remove(&i) else {
+            return false;
+        };
         let verdict = item.on_expiry.unwrap_or(Verdict::Reject);
-        let mut item = self.reviews.remove(&i).expect("found above");
         item.votes.push(Vote {
             reviewer: "system".into(),
             email: None,
@@ -1314,14 +1325,25 @@ impl RunExecution {
     /// task's result is applied, applied with a notice, or held for review; anything else
     /// succeeds.
     fn apply_result(&mut self, i: usize, outputs: Value, now: Timestamp) {
-        let task = self.pipeline.task(&self.task_runs[i].task_id).cloned();
-        let Some(task) = task else {
-            // A compensation.
+        // Only what routing needs is taken from the task (this runs on every success).
+        let routing = self
+            .pipeline
+            .task(&self.task_runs[i].task_id)
+            .and_then(|task| {
+                if task.tool == review::APPROVAL_TOOL {
+                    Some((task.tool.clone(), None))
+                } else {
+                    task.review_policy()
+                        .map(|policy| (task.tool.clone(), Some(policy)))
+                }
+            });
+        let Some((tool, policy)) = routing else {
+            // Neither routed nor a gate (or a compensation): the task run succeeds.
             self.task_runs[i].outputs = Some(outputs);
             self.finish(i, TaskRunState::Succeeded, None, now);
             return;
         };
-        if task.tool == review::APPROVAL_TOOL {
+        let Some(policy) = policy else {
             let request = match serde_json::from_value::<ApprovalRequest>(outputs.clone()) {
                 Ok(request) => request,
                 Err(err) => {
@@ -1331,7 +1353,7 @@ impl RunExecution {
                     return;
                 }
             };
-            let mut item = self.new_review(i, &task, ReviewKind::Approval, Value::Null, now);
+            let mut item = self.new_review(i, tool, ReviewKind::Approval, Value::Null, now);
             item.assignees = request.assignees;
             item.quorum = request.quorum.max(1);
             item.message = request.message;
@@ -1339,16 +1361,11 @@ impl RunExecution {
             item.on_expiry = Some(request.on_expiry);
             self.hold_for_review(i, item, now);
             return;
-        }
-        let Some(policy) = task.review_policy() else {
-            self.task_runs[i].outputs = Some(outputs);
-            self.finish(i, TaskRunState::Succeeded, None, now);
-            return;
         };
         let confidence = review::confidence_of(&outputs, &policy.confidence);
         let thresholds = self
             .thresholds
-            .get(&task.id)
+            .get(&self.task_runs[i].task_id)
             .copied()
             .unwrap_or_else(|| policy.fixed());
         let routed = review::route(confidence, &thresholds);
@@ -1365,7 +1382,7 @@ impl RunExecution {
             self.finish(i, TaskRunState::Succeeded, None, now);
             return;
         };
-        let mut item = self.new_review(i, &task, kind, outputs.clone(), now);
+        let mut item = self.new_review(i, tool, kind, outputs.clone(), now);
         item.confidence = confidence;
         item.thresholds = Some(thresholds);
         item.sample_rate = sample_rate;
@@ -1392,7 +1409,7 @@ impl RunExecution {
     fn new_review(
         &self,
         i: usize,
-        task: &TaskDef,
+        tool: String,
         kind: ReviewKind,
         proposed: Value,
         now: Timestamp,
@@ -1406,7 +1423,7 @@ impl RunExecution {
             task_id: task_run.task_id.clone(),
             index: task_run.index,
             pipeline_name: self.run.pipeline_name.clone(),
-            tool: task.tool.clone(),
+            tool,
             kind,
             state: ReviewState::Open,
             attempt: task_run.attempt,

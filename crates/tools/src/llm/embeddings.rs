@@ -33,6 +33,7 @@ use reqwest::header::{HeaderMap, HeaderValue, AUTHORIZATION};
 use reqwest::Url;
 use serde_json::{json, Value};
 
+use super::openai::{error_message, quote};
 use super::ApiKey;
 use crate::http::{HttpTool, JsonPost};
 
@@ -44,8 +45,6 @@ pub const DEFAULT_EMBEDDING_MAX_BATCH: usize = 256;
 pub const DEFAULT_EMBEDDING_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 /// Default [`EmbeddingSettings::timeout`] of one request: 60 s.
 pub const DEFAULT_EMBEDDING_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bytes of an error body quoted in an error message.
-const ERROR_QUOTE_BYTES: usize = 512;
 
 /// Settings of one [`OpenAiEmbeddings`] provider.
 #[derive(Clone, Debug)]
@@ -368,37 +367,6 @@ pub(crate) fn endpoint(base_url: &str) -> Result<Url, EmbeddingError> {
         .to_owned();
     url.set_path(&format!("{base}/embeddings"));
     Ok(url)
-}
-
-/// The server's explanation in an error document: `error.message`, `error` as text, or
-/// `message`.
-fn error_message(value: &Value) -> Option<String> {
-    match value.get("error") {
-        Some(Value::Object(error)) => error
-            .get("message")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .or_else(|| Some(Value::Object(error.clone()).to_string())),
-        Some(Value::String(text)) => Some(text.clone()),
-        _ => value
-            .get("message")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-    }
-}
-
-/// The first bytes of a body, as text.
-fn quote(body: &[u8]) -> String {
-    let end = body.len().min(ERROR_QUOTE_BYTES);
-    let mut text = String::from_utf8_lossy(&body[..end]).trim().to_owned();
-    if body.len() > ERROR_QUOTE_BYTES {
-        text.push_str(" …");
-    }
-    if text.is_empty() {
-        "(empty body)".to_owned()
-    } else {
-        text
-    }
 }
 
 #[cfg(test)]

@@ -303,7 +303,7 @@ pub(crate) fn endpoint(base_url: &str) -> Result<Url, LlmError> {
 
 /// The server's explanation in an error document: `error.message`, `error` as text, or
 /// `message`.
-fn error_message(value: &Value) -> Option<String> {
+pub(super) fn error_message(value: &Value) -> Option<String> {
     match value.get("error") {
         Some(Value::Object(error)) => error
             .get("message")
@@ -319,7 +319,7 @@ fn error_message(value: &Value) -> Option<String> {
 }
 
 /// The first bytes of a body, as text.
-fn quote(body: &[u8]) -> String {
+pub(super) fn quote(body: &[u8]) -> String {
     let end = body.len().min(ERROR_QUOTE_BYTES);
     let mut text = String::from_utf8_lossy(&body[..end]).trim().to_owned();
     if body.len() > ERROR_QUOTE_BYTES {
