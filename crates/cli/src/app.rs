@@ -99,9 +99,42 @@ impl Home {
     }
 }
 
-/// The tools this binary knows.
+/// The tools this binary knows, for validation and listings: the search tools point at
+/// the default home, which nothing here opens (they open their indexes on first use).
 pub fn registry() -> ToolRegistry {
-    arches_tools::builtin_registry()
+    registry_at(Path::new(".arches"), None)
+}
+
+/// The tools of a local run in `root`: the built-in ones (the `llm` tool from
+/// `ARCHES_LLM_*`), with the search tools over the home's indexes (`<root>/search`) and the
+/// local embedding model, opened on first use.
+pub fn registry_at(root: &Path, database_url: Option<&str>) -> ToolRegistry {
+    let mut executors = arches_tools::Executors::new(
+        arches_tools::HttpPolicy::allow_all(),
+        arches_tools::WasmPolicy::allow_all(),
+    )
+    .with_llm(arches_tools::LlmPolicy::from_env());
+    match search_services(root, database_url, executors.http.clone()) {
+        Ok(Some(services)) => executors = executors.with_search(services),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(error = %error, "the search tools are unavailable"),
+    }
+    arches_tools::builtin_registry_with(&executors)
+}
+
+/// The search services of a local home (see `arches_server::search::services`).
+pub fn search_services(
+    root: &Path,
+    database_url: Option<&str>,
+    http: Arc<arches_tools::HttpTool>,
+) -> anyhow::Result<Option<Arc<arches_tools::search::SearchServices>>> {
+    let mut config = arches_server::config::ServerConfig {
+        home: root.to_path_buf(),
+        ..Default::default()
+    };
+    config.store.database_url =
+        database_url.map(|url| arches_server::config::Secret::new(url.to_owned()));
+    Ok(arches_server::search::services(&config, root, http)?)
 }
 
 /// Reads a pipeline file with a size bound.

@@ -42,6 +42,7 @@ mod progress;
 mod remote;
 mod reviews;
 mod run;
+mod search;
 mod serve;
 mod tools;
 mod worker;
@@ -136,6 +137,9 @@ enum Command {
     /// reject; and the calibration of routed tasks.
     #[command(subcommand)]
     Reviews(reviews::ReviewsCommand),
+    /// Search a collection the `embed` tool indexed: hybrid (vector and full text), vector
+    /// or full-text; on a server, or in the local home.
+    Search(search::SearchArgs),
     /// Log in to a server and save the session (in the config directory, mode 0600) as the
     /// default server of the commands that follow.
     Login(remote::LoginArgs),
@@ -254,6 +258,10 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         Command::Reviews(command) => {
             let remote = remote::connect_required(&connection, "arches reviews").await?;
             reviews::reviews(&remote, command).await
+        }
+        Command::Search(args) => {
+            let remote = remote::connect(&connection).await?;
+            search::search(&home, remote.as_ref(), args).await
         }
         Command::Login(args) => remote::login(&connection, args).await,
         Command::Logout => remote::logout(&connection).await,

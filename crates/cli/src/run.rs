@@ -256,7 +256,7 @@ async fn drive(
             options,
             opened.store.clone(),
             opened.artifacts.clone(),
-            app::registry(),
+            app::registry_at(&home.root, home.database_url.as_deref()),
             clock,
         ),
     };

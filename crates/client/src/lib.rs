@@ -548,6 +548,16 @@ impl Client {
         self.get(&url).await
     }
 
+    /// Searches a collection of the caller's org (`GET /api/v1/search`).
+    ///
+    /// # Errors
+    /// [`Error::Api`] `bad_request` (400) for a bad collection name, mode, `k` or filter;
+    /// `unavailable` (503) when the server has search turned off.
+    pub async fn search(&self, query: &SearchQuery) -> Result<SearchResults, Error> {
+        let url = self.url_with(&["api", "v1", "search"], query)?;
+        self.get(&url).await
+    }
+
     /// One item with its preview and votes.
     ///
     /// # Errors

@@ -617,3 +617,56 @@ pub struct Calibration {
     /// The isotonic fit's blocks.
     pub blocks: Vec<[f64; 3]>,
 }
+
+/// What [`crate::Client::search`] looks for.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SearchQuery {
+    /// The collection.
+    pub collection: String,
+    /// The query text.
+    pub q: String,
+    /// Hits wanted (the server's default: 10; at most 100).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub k: Option<usize>,
+    /// `hybrid` (the server's default), `vector` or `text`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// A metadata filter as JSON text, e.g. `{"species":"Adelie"}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+}
+
+/// One hit of a search.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct SearchHit {
+    /// The passage's id.
+    pub id: String,
+    /// The ranking score, higher is better.
+    pub score: f64,
+    /// The passage's text.
+    #[serde(default)]
+    pub text: Option<String>,
+    /// Its metadata.
+    #[serde(default)]
+    pub metadata: Value,
+    /// Cosine similarity to the query, when the vector ranking holds it.
+    #[serde(default)]
+    pub similarity: Option<f32>,
+    /// A text excerpt with the matched words between « and ».
+    #[serde(default)]
+    pub snippet: Option<String>,
+}
+
+/// The answer of [`crate::Client::search`].
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct SearchResults {
+    /// The collection searched.
+    pub collection: String,
+    /// The mode used.
+    pub mode: String,
+    /// The embedding model.
+    #[serde(default)]
+    pub model: String,
+    /// Best first.
+    pub hits: Vec<SearchHit>,
+}

@@ -244,6 +244,9 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
     if let Some(llm) = config.llm_tool_policy() {
         executors = executors.with_llm(llm);
     }
+    if let Some(search) = crate::search::services(&config, &home, executors.http.clone())? {
+        executors = executors.with_search(search);
+    }
     let http_tool = executors.http.clone();
     let keyring = config
         .secrets

@@ -226,6 +226,50 @@ pub struct ServerConfig {
     pub tools: ToolsConfig,
     /// The master keys that seal org secrets at rest.
     pub secrets: SecretsConfig,
+    /// Embeddings and the vector and full-text indexes of the search tools and
+    /// `/api/v1/search`.
+    pub search: SearchConfig,
+}
+
+/// Embeddings and search indexes (`[search]`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// Whether the `embed`, `search`, `dedup`, `classify` and `memory` tools and
+    /// `/api/v1/search` are offered. Default `true`.
+    pub enabled: bool,
+    /// The local embedding model's directory (all-MiniLM-L6-v2, as `scripts/fetch-model`
+    /// installs it). Default `$ARCHES_MODEL_DIR/all-MiniLM-L6-v2`, else
+    /// `~/.cache/arches/models/all-MiniLM-L6-v2`. Loaded on first use; a missing model
+    /// fails the task naming the file. Ignored with `embedding_base_url`.
+    pub model_dir: Option<PathBuf>,
+    /// An OpenAI-compatible embeddings API instead of the local model (for example
+    /// `http://127.0.0.1:11434/v1`); its host must be in `[tools.http] allowed_hosts`.
+    pub embedding_base_url: Option<String>,
+    /// The model at `embedding_base_url`.
+    pub embedding_model: Option<String>,
+    /// Components of that model's vectors (for example 768).
+    pub embedding_dimension: Option<usize>,
+    /// The key of `embedding_base_url` (`ARCHES_SEARCH__EMBEDDING_API_KEY`).
+    pub embedding_api_key: Option<Secret>,
+    /// The vector index's directory. Default `<home>/search/vectors`. The embedded index
+    /// belongs to one process: on PostgreSQL with standalone workers, the tools index on the
+    /// worker that runs them (see the README).
+    pub index_dir: Option<PathBuf>,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig {
+            enabled: true,
+            model_dir: None,
+            embedding_base_url: None,
+            embedding_model: None,
+            embedding_dimension: None,
+            embedding_api_key: None,
+            index_dir: None,
+        }
+    }
 }
 
 /// The master keys of org secrets (`[secrets]`).
@@ -274,6 +318,7 @@ impl Default for ServerConfig {
             log: LogConfig::default(),
             tools: ToolsConfig::default(),
             secrets: SecretsConfig::default(),
+            search: SearchConfig::default(),
         }
     }
 }
@@ -1466,6 +1511,20 @@ timeout_secs = 120
 # bytes, e.g. from `arches secrets keygen`; better from ARCHES_SECRETS__KEYS. The first
 # seals, all open (rotation: new key first, `arches secrets rotate`, drop the old one).
 # Without keys, secrets cannot be set. The form: keys set to "k2:<base64>,k1:<base64>".
+
+[search]
+# The embed, search, dedup, classify and memory tools and /api/v1/search.
+enabled = true
+# The local embedding model (scripts/fetch-model installs it); default
+# $ARCHES_MODEL_DIR/all-MiniLM-L6-v2, else ~/.cache/arches/models/all-MiniLM-L6-v2.
+# model_dir = "/var/lib/arches/models/all-MiniLM-L6-v2"
+# Or an OpenAI-compatible embeddings API (its host in [tools.http] allowed_hosts):
+# embedding_base_url = "http://127.0.0.1:11434/v1"
+# embedding_model = "nomic-embed-text"
+# embedding_dimension = 768
+# Prefer ARCHES_SEARCH__EMBEDDING_API_KEY for its key.
+# The vector index's directory; default <home>/search/vectors.
+# index_dir = "/var/lib/arches/search/vectors"
 "#;
 
 #[cfg(test)]

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod principal;
 pub mod ratelimit;
 pub mod registry;
+pub mod search;
 pub mod state;
 pub mod supervisor;
 pub mod telemetry;

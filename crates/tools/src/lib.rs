@@ -6,7 +6,9 @@
 //! retries, a circuit breaker and a rate limit per host), `wasm` (WASI modules on wasmtime
 //! with nothing granted by default, CPU, memory and time bounded), `llm` (an
 //! OpenAI-compatible chat model, the answer checked against a JSON Schema, with a
-//! confidence), `noop` and `echo`.
+//! confidence), `embed`, `search`, `dedup`, `classify` and `memory` (embeddings, vector and
+//! full-text search, when [`Executors::with_search`] gives them their services), `noop` and
+//! `echo`.
 //!
 //! Every tool implements [`arches_core::ports::Tool`] and reaches the outside world only
 //! through its [`arches_core::ports::ToolContext`]: the attempt's working directory, the
@@ -26,6 +28,7 @@ pub mod http;
 pub mod llm;
 pub mod media_type;
 pub mod registered;
+pub mod search;
 pub mod shell;
 pub mod sql;
 pub mod wasm;
@@ -46,9 +49,9 @@ pub use wasm::{WasmPolicy, WasmTool};
 /// The names of built-in tools, present and planned (`llm`, `agent`, `embed`, `search`,
 /// `approval`, `pipeline`): an org cannot register a tool under one of them, whatever this
 /// build registers.
-pub const RESERVED_TOOL_NAMES: [&str; 13] = [
-    "agent", "approval", "echo", "embed", "file", "http", "llm", "noop", "pipeline", "search",
-    "shell", "sql", "wasm",
+pub const RESERVED_TOOL_NAMES: [&str; 16] = [
+    "agent", "approval", "classify", "dedup", "echo", "embed", "file", "http", "llm", "memory",
+    "noop", "pipeline", "search", "shell", "sql", "wasm",
 ];
 
 /// A registry holding every built-in tool: `echo`, `file`, `http`, `llm`, `noop`, `shell`,
@@ -82,6 +85,13 @@ pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     if let Some(llm) = &executors.llm {
         registry.register(llm.clone());
     }
+    if let Some(services) = &executors.search {
+        registry.register(Arc::new(search::EmbedTool::new(services.clone())));
+        registry.register(Arc::new(search::SearchTool::new(services.clone())));
+        registry.register(Arc::new(search::DedupTool::new(services.clone())));
+        registry.register(Arc::new(search::ClassifyTool::new(services.clone())));
+        registry.register(Arc::new(search::MemoryTool::new(services.clone())));
+    }
     registry
 }
 
@@ -100,7 +110,15 @@ impl Executors {
             wasm,
             http: Arc::new(HttpTool::new(http)),
             llm: None,
+            search: None,
         }
+    }
+
+    /// These executors with the search tools (`embed`, `search`, `dedup`, `classify`,
+    /// `memory`) over `services`.
+    pub fn with_search(mut self, services: Arc<search::SearchServices>) -> Self {
+        self.search = Some(services);
+        self
     }
 
     /// These executors with the `llm` tool under `policy`, sending through their `http` tool

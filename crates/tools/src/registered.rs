@@ -52,6 +52,9 @@ pub struct Executors {
     /// The `llm` tool, sending through `http`; `None` (not registered) unless set with
     /// [`Executors::with_llm`].
     pub llm: Option<Arc<crate::llm::LlmTool>>,
+    /// The embedding provider and indexes of the search tools; `None` (not registered)
+    /// unless set with [`Executors::with_search`].
+    pub search: Option<Arc<crate::search::SearchServices>>,
 }
 
 /// A problem of a manifest: where (a JSON pointer into the manifest) and what.

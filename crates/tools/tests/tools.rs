@@ -19,6 +19,8 @@ use tempfile::TempDir;
 mod embeddings;
 #[path = "tools/llm.rs"]
 mod llm;
+#[path = "tools/search.rs"]
+mod search;
 #[path = "tools/wasm.rs"]
 mod wasm;
 

@@ -15,6 +15,7 @@ pub mod orgs;
 pub mod pipelines;
 pub mod reviews;
 pub mod runs;
+pub mod search;
 pub mod tools;
 
 use arches_core::identity::Permission;
@@ -300,7 +301,7 @@ impl Modify for SecuritySchemes {
     security(("bearer" = []), ("api_key" = [])),
     tags(
         (name = "pipelines"), (name = "runs"), (name = "artifacts"), (name = "events"),
-        (name = "tools"), (name = "secrets"), (name = "reviews"),
+        (name = "tools"), (name = "secrets"), (name = "reviews"), (name = "search"),
         (name = "auth"), (name = "account"), (name = "orgs"), (name = "audit"), (name = "health"),
     )
 )]
@@ -316,6 +317,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(audit_log::AuditApi::openapi());
     doc.merge(tools::ToolsApi::openapi());
     doc.merge(reviews::ReviewsApi::openapi());
+    doc.merge(search::SearchApi::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     add_default_error_responses(&mut doc);
     doc
@@ -433,6 +435,7 @@ pub fn router() -> Router<AppState> {
         .merge(audit_log::routes())
         .merge(tools::routes())
         .merge(reviews::routes())
+        .merge(search::routes())
 }
 
 /// 204 No Content, for handlers that return nothing.

@@ -6,5 +6,6 @@ mod common;
 mod core_api;
 mod identity_cache;
 mod reviews;
+mod search;
 mod security;
 mod tools;
