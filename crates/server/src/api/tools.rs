@@ -111,7 +111,7 @@ impl ToolView {
         let manifest = stored.decode().map_err(ApiError::internal)?;
         let sandboxes = match manifest.implementation {
             ToolImplementation::Wasm { .. } => vec!["wasm".to_owned()],
-            ToolImplementation::Http { .. } => Vec::new(),
+            ToolImplementation::Http { .. } | ToolImplementation::Mcp { .. } => Vec::new(),
         };
         Ok(Self {
             name: stored.name.clone(),
