@@ -70,9 +70,8 @@ async fn connect(
 ) -> Result<Client, ToolError> {
     let mut custom = HashMap::new();
     for (name, value) in headers {
-        let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-            ToolError::permanent(format!("{name:?} is not a valid header name"))
-        })?;
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| ToolError::permanent(format!("{name:?} is not a valid header name")))?;
         let mut value = HeaderValue::from_str(value).map_err(|_| {
             ToolError::permanent(format!(
                 "the value of header {name} holds characters a header cannot carry"

@@ -7,8 +7,9 @@
 //! 1. checks the inputs against its input schema (fields named by JSON pointer);
 //! 2. reads the clear values of the secrets its capabilities name, and nothing else;
 //! 3. runs: a module with exactly the capabilities' grants (directories, the secrets as
-//!    environment variables, CPU, memory and time), or a request to its URL with the header
-//!    templates rendered over the secrets, only to the capabilities' hosts (redirects too);
+//!    environment variables, CPU, memory and time), a request to its URL with the header
+//!    templates rendered over the secrets, only to the capabilities' hosts (redirects too),
+//!    or an MCP `tools/call` to its URL with those headers (no redirects);
 //! 4. checks the result against its output schema;
 //! 5. masks every secret value in its log lines, its outputs and its error messages.
 

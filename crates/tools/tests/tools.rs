@@ -21,6 +21,8 @@ mod agent;
 mod embeddings;
 #[path = "tools/llm.rs"]
 mod llm;
+#[path = "tools/mcp.rs"]
+mod mcp;
 #[path = "tools/wasm.rs"]
 mod wasm;
 

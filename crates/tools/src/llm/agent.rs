@@ -69,8 +69,8 @@ use serde_json::{json, Map, Value};
 
 use super::openai::OpenAiProvider;
 use super::{
-    confidence, excerpt, tool_error, Checker, LlmTool, Rejection, DEFAULT_SAMPLES,
-    SAMPLE_TEMPERATURE, SAMPLES_MAX,
+    confidence, excerpt, tool_error, Checker, LlmTool, Rejection, DEFAULT_SAMPLES, SAMPLES_MAX,
+    SAMPLE_TEMPERATURE,
 };
 use crate::common::parse_inputs;
 
@@ -109,9 +109,7 @@ pub struct AgentTool {
 
 impl std::fmt::Debug for AgentTool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentTool")
-            .field("llm", &self.llm)
-            .finish()
+        f.debug_struct("AgentTool").field("llm", &self.llm).finish()
     }
 }
 
@@ -196,7 +194,8 @@ impl Transcript {
     /// Writes `entry` to the log and keeps it while the bound allows.
     async fn record(&mut self, entry: Value, logs: &dyn LogSink) {
         let text = entry.to_string();
-        logs.write(LogStream::System, &format!("agent: {text}")).await;
+        logs.write(LogStream::System, &format!("agent: {text}"))
+            .await;
         if self.dropped == 0 && self.bytes + text.len() <= TRANSCRIPT_BYTES_MAX {
             self.bytes += text.len();
             self.entries.push(entry);
@@ -262,7 +261,9 @@ fn estimate(request: &ChatRequest, response: &ChatResponse) -> u64 {
         + request
             .tools
             .iter()
-            .map(|tool| tool.name.len() + tool.description.len() + tool.parameters.to_string().len())
+            .map(|tool| {
+                tool.name.len() + tool.description.len() + tool.parameters.to_string().len()
+            })
             .sum::<usize>();
     let received = response.content.len()
         + response

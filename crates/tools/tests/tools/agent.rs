@@ -63,7 +63,7 @@ fn agent(base: &str) -> AgentTool {
 }
 
 /// An answer calling tools: `(id, name, arguments)` each, with usage when given.
-fn calls(calls: &[(&str, &str, &str)], usage: Option<(u64, u64)>) -> Reply {
+pub(crate) fn calls(calls: &[(&str, &str, &str)], usage: Option<(u64, u64)>) -> Reply {
     let calls: Vec<Value> = calls
         .iter()
         .map(|(id, name, arguments)| {
@@ -127,7 +127,10 @@ async fn an_agent_calls_a_tool_and_answers_with_its_transcript_in_outputs_and_lo
     assert_eq!(outputs["requests"], 2);
     assert_eq!(outputs["model"], "test-model-2024");
     assert_eq!(outputs["confidence_method"], "logprobs");
-    assert!(close(outputs["confidence"].as_f64().unwrap(), 0.9f64.sqrt()));
+    assert!(close(
+        outputs["confidence"].as_f64().unwrap(),
+        0.9f64.sqrt()
+    ));
     assert_eq!(
         outputs["usage"],
         json!({"prompt_tokens": 250, "completion_tokens": 25, "total_tokens": 275})
@@ -170,7 +173,10 @@ async fn an_agent_calls_a_tool_and_answers_with_its_transcript_in_outputs_and_lo
         .collect();
     assert_eq!(functions, ["add", "echo"]);
     assert_eq!(first["tools"][0]["type"], "function");
-    assert_eq!(first["tools"][0]["function"]["description"], "adds two integers");
+    assert_eq!(
+        first["tools"][0]["function"]["description"],
+        "adds two integers"
+    );
     assert_eq!(
         first["tools"][0]["function"]["parameters"]["required"],
         json!(["a", "b"])
@@ -200,7 +206,8 @@ async fn arguments_that_break_the_schema_go_back_to_the_model_and_it_recovers() 
         completion("4", Some(&[-0.1]), None),
     ])
     .await;
-    let (result, _harness) = run(&agent(&base), json!({"prompt": "2 + 2?", "tools": ["add"]})).await;
+    let (result, _harness) =
+        run(&agent(&base), json!({"prompt": "2 + 2?", "tools": ["add"]})).await;
     let outputs = result.unwrap();
     assert_eq!(outputs["answer"], "4");
     assert_eq!(outputs["steps"], 3);
@@ -210,7 +217,7 @@ async fn arguments_that_break_the_schema_go_back_to_the_model_and_it_recovers() 
     assert!(refused.contains("/arguments/a"), "{refused}");
     assert_eq!(transcript[3]["ok"], true);
     // The model saw the violation as the call's result.
-    let seen = &script.requests()[1]["messages"][3];
+    let seen = &script.requests()[1]["messages"][2];
     assert_eq!(seen["tool_call_id"], "c1");
     assert!(
         seen["content"].as_str().unwrap().contains("breaks"),
@@ -228,7 +235,8 @@ async fn malformed_tool_call_arguments_go_back_to_the_model() {
         completion("I could not add.", Some(&[-0.1]), None),
     ])
     .await;
-    let (result, _harness) = run(&agent(&base), json!({"prompt": "2 + 2?", "tools": ["add"]})).await;
+    let (result, _harness) =
+        run(&agent(&base), json!({"prompt": "2 + 2?", "tools": ["add"]})).await;
     let outputs = result.unwrap();
     assert_eq!(outputs["answer"], "I could not add.");
     let seen = script.requests()[1]["messages"][2]["content"]
@@ -325,7 +333,13 @@ async fn the_token_budget_ends_the_loop_naming_it() {
         "{}",
         error.message
     );
-    assert!(error.message.contains("1200 tokens used of max_tokens 1000"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("1200 tokens used of max_tokens 1000"),
+        "{}",
+        error.message
+    );
     assert_eq!(script.hits(), 2);
 }
 
@@ -384,7 +398,10 @@ async fn streamed_tool_call_deltas_are_assembled() {
     let outputs = result.unwrap();
     assert_eq!(outputs["answer"], "42");
     assert_eq!(outputs["tool_calls"], 2);
-    assert!(close(outputs["confidence"].as_f64().unwrap(), (-0.05f64).exp()));
+    assert!(close(
+        outputs["confidence"].as_f64().unwrap(),
+        (-0.05f64).exp()
+    ));
     let messages = script.requests()[1]["messages"].as_array().unwrap().clone();
     assert_eq!(
         messages[1]["tool_calls"][0]["function"],
@@ -416,7 +433,10 @@ async fn the_final_answer_is_checked_against_output_schema_and_repaired_once() {
     assert_eq!(outputs["answer"], json!({"sum": 2}));
     assert_eq!(outputs["repaired"], true);
     assert_eq!(outputs["requests"], 3);
-    assert!(close(outputs["confidence"].as_f64().unwrap(), (-0.2f64).exp()));
+    assert!(close(
+        outputs["confidence"].as_f64().unwrap(),
+        (-0.2f64).exp()
+    ));
     let requests = script.requests();
     let system = requests[0]["messages"][0]["content"].as_str().unwrap();
     assert!(system.contains("JSON Schema"), "{system}");

@@ -166,7 +166,11 @@ fn tool(base_url: &str) -> LlmTool {
 }
 
 /// A chat completion answering `content`, with token log-probabilities and usage when given.
-pub(crate) fn completion(content: &str, logprobs: Option<&[f64]>, usage: Option<(u64, u64)>) -> Reply {
+pub(crate) fn completion(
+    content: &str,
+    logprobs: Option<&[f64]>,
+    usage: Option<(u64, u64)>,
+) -> Reply {
     let mut choice = json!({
         "index": 0,
         "message": {"role": "assistant", "content": content},
