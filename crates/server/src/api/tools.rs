@@ -77,7 +77,7 @@ pub fn routes() -> Router<AppState> {
 pub struct ToolView {
     /// The name pipelines use.
     pub name: String,
-    /// `builtin`, `wasm` or `http`.
+    /// `builtin`, `wasm`, `http` or `mcp`.
     pub kind: String,
     /// The registered version (absent for built-in tools).
     pub version: Option<u32>,
