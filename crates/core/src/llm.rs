@@ -1,7 +1,12 @@
 //! The LLM provider port: one chat completion, asked in the shape of the OpenAI-compatible
 //! chat API (the lingua franca of OpenAI, vLLM, llama.cpp's server and Ollama) but with no
 //! wire format here. Adapters (the OpenAI-compatible HTTP adapter in `arches-tools`) do the
-//! I/O; tools such as `llm` and, later, `agent` use only this trait.
+//! I/O; tools such as `llm` and `agent` use only this trait.
+//!
+//! Function calling: a request may offer the model [`ToolDefinition`]s (a name, a
+//! description and a JSON Schema of the arguments) and a [`ToolChoice`]; the model may answer
+//! with [`ToolCall`]s instead of (or besides) text; the caller answers each call with a
+//! [`ChatRole::Tool`] message naming the call's id, and asks again.
 //!
 //! What a provider may not give: token usage and token log-probabilities are optional in
 //! every server's answer, so they are `Option`s here, and callers treat their absence as
@@ -21,17 +26,22 @@ pub enum ChatRole {
     System,
     /// The user's turn: the prompt.
     User,
-    /// The model's turn: an earlier answer (for a repair request, for example).
+    /// The model's turn: an earlier answer (for a repair request, for example), possibly
+    /// with the tool calls it asked for.
     Assistant,
+    /// The result of one tool call, answering the call named by
+    /// [`ChatMessage::tool_call_id`].
+    Tool,
 }
 
 impl ChatRole {
-    /// The role's name on the wire: `system`, `user` or `assistant`.
+    /// The role's name on the wire: `system`, `user`, `assistant` or `tool`.
     pub fn as_str(self) -> &'static str {
         match self {
             ChatRole::System => "system",
             ChatRole::User => "user",
             ChatRole::Assistant => "assistant",
+            ChatRole::Tool => "tool",
         }
     }
 }
@@ -41,8 +51,16 @@ impl ChatRole {
 pub struct ChatMessage {
     /// Who speaks.
     pub role: ChatRole,
-    /// What is said, as plain text.
+    /// What is said, as plain text (may be empty for an assistant message that only calls
+    /// tools).
     pub content: String,
+    /// For an assistant message: the tool calls the model asked for, in order; empty
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a [`ChatRole::Tool`] message: the id of the call it answers; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl ChatMessage {
@@ -51,8 +69,67 @@ impl ChatMessage {
         Self {
             role,
             content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
         }
     }
+
+    /// The model's turn as it was answered: `content` and the `tool_calls` it asked for
+    /// (sent back as the conversation goes on).
+    pub fn assistant(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
+        Self {
+            role: ChatRole::Assistant,
+            content: content.into(),
+            tool_calls,
+            tool_call_id: None,
+        }
+    }
+
+    /// The result of the tool call `call_id`, as text (usually JSON).
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: ChatRole::Tool,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(call_id.into()),
+        }
+    }
+}
+
+/// A function the model may call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolDefinition {
+    /// The function's name as the model sees it (OpenAI requires `^[a-zA-Z0-9_-]{1,64}$`).
+    pub name: String,
+    /// What the function does, for the model to choose it.
+    pub description: String,
+    /// JSON Schema of the arguments (an object schema).
+    pub parameters: Value,
+}
+
+/// Whether and which functions the model may call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides (the default of servers when functions are offered).
+    Auto,
+    /// The model must not call functions: it answers with text.
+    None,
+    /// The model must call at least one function.
+    Required,
+    /// The model must call this function.
+    Function(String),
+}
+
+/// One call of a function, as the model asked for it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The call's id, which the [`ChatRole::Tool`] message answering it names.
+    pub id: String,
+    /// The function's name (one of the request's [`ToolDefinition`]s, if the model obeyed).
+    pub name: String,
+    /// The arguments as the model wrote them: JSON text, which may be malformed; callers
+    /// parse it and tell the model when it is not JSON.
+    pub arguments: String,
 }
 
 /// The form the answer must take.
@@ -108,6 +185,11 @@ pub struct ChatRequest {
     /// Ask the server to stream the answer; the provider collects it, so the response is the
     /// same either way.
     pub stream: bool,
+    /// Functions the model may call; none when empty (then nothing about tools is sent).
+    pub tools: Vec<ToolDefinition>,
+    /// Whether and which functions the model may call; `None`: the server's default (only
+    /// sent with `tools`).
+    pub tool_choice: Option<ToolChoice>,
 }
 
 impl ChatRequest {
@@ -123,6 +205,8 @@ impl ChatRequest {
             logprobs: false,
             top_logprobs: None,
             stream: false,
+            tools: Vec::new(),
+            tool_choice: None,
         }
     }
 }
@@ -173,8 +257,11 @@ pub struct ChatResponse {
     pub usage: Option<TokenUsage>,
     /// The log-probability of each answer token, in order, when asked for and given.
     pub logprobs: Option<Vec<TokenLogprob>>,
-    /// Why the model stopped (`stop`, `length`, …), when the server said.
+    /// Why the model stopped (`stop`, `length`, `tool_calls`, …), when the server said.
     pub finish_reason: Option<String>,
+    /// The tool calls the model asked for, in order (streamed calls assembled); empty when
+    /// it answered with text only.
+    pub tool_calls: Vec<ToolCall>,
     /// The response format the server was finally asked for: the request's, or
     /// `json_object` when the server refused a schema and the provider fell back.
     pub format_used: &'static str,

@@ -315,6 +315,11 @@ pub struct ToolContext {
     /// When a reviewer rejected the previous result and asked for another attempt: their
     /// comment (the `llm` tool adds it to the conversation).
     pub review_comment: Option<String>,
+    /// The tools of the engine executing the attempt (built-in ones and, through its
+    /// resolver, the org's registered ones): what the `agent` tool looks up the tools it may
+    /// call in. Shared, so a context costs one reference count; an empty registry where no
+    /// engine runs the tool (tests).
+    pub tools: Arc<ToolRegistry>,
 }
 
 impl ToolContext {

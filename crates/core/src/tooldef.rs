@@ -1,4 +1,5 @@
-//! Tools an org registers: a WASM module or an HTTP endpoint, with JSON Schemas of its inputs
+//! Tools an org registers: a WASM module, an HTTP endpoint or a tool of an MCP server, with
+//! JSON Schemas of its inputs
 //! and outputs and the capabilities it is granted (hosts, paths, secrets, memory and time).
 //!
 //! A registered tool is versioned like a pipeline: registering a manifest under a name stores
@@ -97,6 +98,20 @@ pub enum ToolImplementation {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         headers: BTreeMap<String, String>,
     },
+    /// One tool of a Model Context Protocol server, called over the streamable HTTP
+    /// transport (`initialize`, then `tools/call`): the inputs are the call's arguments, the
+    /// outputs its structured content (or its text content). Header values are templates over
+    /// `secrets`, as for `http`.
+    Mcp {
+        /// The server's MCP endpoint, `http://host[:port]/path` (often `/mcp`); its host must
+        /// be among the capabilities' hosts.
+        url: String,
+        /// The tool's name on that server.
+        tool: String,
+        /// Request headers (for example `Authorization`).
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        headers: BTreeMap<String, String>,
+    },
 }
 
 fn default_method() -> String {
@@ -104,11 +119,12 @@ fn default_method() -> String {
 }
 
 impl ToolImplementation {
-    /// `wasm` or `http`.
+    /// `wasm`, `http` or `mcp`.
     pub fn kind(&self) -> &'static str {
         match self {
             ToolImplementation::Wasm { .. } => "wasm",
             ToolImplementation::Http { .. } => "http",
+            ToolImplementation::Mcp { .. } => "mcp",
         }
     }
 }
@@ -117,7 +133,8 @@ impl ToolImplementation {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Capabilities {
-    /// Hosts the tool may reach (`host`, `host:port`, `*.suffix`, `*`); for an `http` tool.
+    /// Hosts the tool may reach (`host`, `host:port`, `*.suffix`, `*`); for an `http` or
+    /// `mcp` tool.
     /// The server's `[tools.http]` allow-list still applies on top.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<String>,

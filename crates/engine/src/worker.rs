@@ -340,6 +340,7 @@ impl Attempt {
                             artifacts: self.artifacts.clone(),
                             logs: log.clone(),
                             review_comment: a.review_comment.clone(),
+                            tools: self.tools.clone(),
                         };
                         let execution = AssertUnwindSafe(tool.execute(context, a.inputs.clone()))
                             .catch_unwind();

@@ -1733,6 +1733,9 @@ enum Behaviour {
     Sleep,
     /// Panics.
     Panic,
+    /// Looks `inputs.tool` up in the context's registry and executes it with `inputs.with`,
+    /// as the `agent` tool does with the tools it calls.
+    Delegate,
 }
 
 struct TestTool {
@@ -1774,6 +1777,17 @@ impl Tool for TestTool {
                 Ok(inputs)
             }
             Behaviour::Panic => panic!("the test tool panics on purpose"),
+            Behaviour::Delegate => {
+                let name = inputs["tool"].as_str().unwrap_or_default();
+                let tool = context
+                    .tools
+                    .resolve(context.org_id, name)
+                    .await?
+                    .ok_or_else(|| ToolError::permanent(format!("unknown tool {name:?}")))?;
+                let with = inputs["with"].clone();
+                let outputs = tool.execute(context, with).await?;
+                Ok(json!({ "delegated": outputs }))
+            }
         }
     }
 }
@@ -1811,6 +1825,7 @@ impl LiveEngine {
             ("echo", Behaviour::Echo),
             ("sleep", Behaviour::Sleep),
             ("panic", Behaviour::Panic),
+            ("delegate", Behaviour::Delegate),
         ] {
             tools.register(Arc::new(TestTool {
                 name,
@@ -1914,6 +1929,23 @@ async fn the_engine_runs_a_chain_of_real_tools_to_success() {
     }
     // Every execution has ended (its future dropped) by the time the run is over.
     assert_eq!(*engine.probe.live.borrow(), 0);
+    engine.stop().await;
+}
+
+#[tokio::test]
+async fn a_tool_finds_the_engine_registry_in_its_context_and_calls_another_tool() {
+    // What the `agent` tool relies on: the worker pool puts its registry into every context.
+    let engine = LiveEngine::start(|_| {}).await;
+    let p = pipeline(json!({
+        "name": "delegation",
+        "tasks": [
+            {"id": "a", "tool": "delegate", "with": {"tool": "echo", "with": {"value": 7}}},
+        ]
+    }));
+    let run = engine.run_to_end(&p).await;
+    assert_eq!(run.state, RunState::Succeeded, "{:?}", run.error);
+    let a = engine.task(run.id, "a").await;
+    assert_eq!(a.outputs, Some(json!({"delegated": {"value": 7}})));
     engine.stop().await;
 }
 

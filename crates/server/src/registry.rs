@@ -312,7 +312,7 @@ impl ToolCatalog for OrgCatalog<'_> {
         match self.registered.get(tool) {
             Some((_, manifest)) => match manifest.implementation {
                 ToolImplementation::Wasm { .. } => vec![Sandbox::Wasm],
-                ToolImplementation::Http { .. } => Vec::new(),
+                ToolImplementation::Http { .. } | ToolImplementation::Mcp { .. } => Vec::new(),
             },
             None => Vec::new(),
         }

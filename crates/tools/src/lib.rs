@@ -6,7 +6,8 @@
 //! retries, a circuit breaker and a rate limit per host), `wasm` (WASI modules on wasmtime
 //! with nothing granted by default, CPU, memory and time bounded), `llm` (an
 //! OpenAI-compatible chat model, the answer checked against a JSON Schema, with a
-//! confidence), `embed`, `search`, `dedup`, `classify` and `memory` (embeddings, vector and
+//! confidence), `agent` (that model calling the tools a task lists, within a step and token
+//! budget), `embed`, `search`, `dedup`, `classify` and `memory` (embeddings, vector and
 //! full-text search, when [`Executors::with_search`] gives them their services), `noop` and
 //! `echo`.
 //!
@@ -26,6 +27,7 @@ mod common;
 pub mod file;
 pub mod http;
 pub mod llm;
+pub mod mcp;
 pub mod media_type;
 pub mod registered;
 pub mod search;
@@ -40,6 +42,7 @@ use arches_core::ports::ToolRegistry;
 pub use basic::{ApprovalTool, EchoTool, NoopTool};
 pub use file::FileTool;
 pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
+pub use llm::agent::AgentTool;
 pub use llm::{ApiKey, LlmPolicy, LlmTool, ModelPrice};
 pub use registered::{check_manifest, Executors, ManifestProblem, RegisteredTool};
 pub use shell::ShellTool;
@@ -54,8 +57,8 @@ pub const RESERVED_TOOL_NAMES: [&str; 16] = [
     "noop", "pipeline", "search", "shell", "sql", "wasm",
 ];
 
-/// A registry holding every built-in tool: `echo`, `file`, `http`, `llm`, `noop`, `shell`,
-/// `sql` and `wasm`, with the `http` tool allowed to reach any host
+/// A registry holding every built-in tool: `agent`, `approval`, `echo`, `file`, `http`,
+/// `llm`, `noop`, `shell`, `sql` and `wasm`, with the `http` tool allowed to reach any host
 /// ([`HttpPolicy::allow_all`]), the `wasm` tool allowed any grant ([`WasmPolicy::allow_all`])
 /// and the `llm` tool configured from `ARCHES_LLM_BASE_URL`, `ARCHES_LLM_MODEL` and
 /// `ARCHES_LLM_API_KEY` ([`LlmPolicy::from_env`]): for local runs, where pipelines already
@@ -68,7 +71,7 @@ pub fn builtin_registry() -> ToolRegistry {
 }
 
 /// Every built-in tool, with `executors`' `http`, `wasm` and `llm` tools (the last two when
-/// present): a server passes those it built from its configuration, keeps the `http` tool to
+/// present; the `agent` tool comes with the `llm` tool, on its policy): a server passes those it built from its configuration, keeps the `http` tool to
 /// report its circuit breakers, and runs its org's registered tools on the same executors.
 pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     let mut registry = ToolRegistry::new();
@@ -84,6 +87,7 @@ pub fn builtin_registry_with(executors: &Executors) -> ToolRegistry {
     }
     if let Some(llm) = &executors.llm {
         registry.register(llm.clone());
+        registry.register(Arc::new(AgentTool::new(llm.clone())));
     }
     if let Some(services) = &executors.search {
         registry.register(Arc::new(search::EmbedTool::new(services.clone())));

@@ -1,13 +1,15 @@
 //! The executor of an org's registered tools ([`arches_core::tooldef`]): a WASM module run
-//! by the `wasm` tool's runtime, or an HTTP endpoint called through the `http` tool, each
-//! confined to the capabilities of its registration.
+//! by the `wasm` tool's runtime, an HTTP endpoint called through the `http` tool, or a tool
+//! of an MCP server called with the MCP client ([`crate::mcp`]), each confined to the
+//! capabilities of its registration.
 //!
 //! What a registered tool does on every attempt:
 //! 1. checks the inputs against its input schema (fields named by JSON pointer);
 //! 2. reads the clear values of the secrets its capabilities name, and nothing else;
 //! 3. runs: a module with exactly the capabilities' grants (directories, the secrets as
-//!    environment variables, CPU, memory and time), or a request to its URL with the header
-//!    templates rendered over the secrets, only to the capabilities' hosts (redirects too);
+//!    environment variables, CPU, memory and time), a request to its URL with the header
+//!    templates rendered over the secrets, only to the capabilities' hosts (redirects too),
+//!    or an MCP `tools/call` to its URL with those headers (no redirects);
 //! 4. checks the result against its output schema;
 //! 5. masks every secret value in its log lines, its outputs and its error messages.
 
@@ -197,18 +199,8 @@ pub fn check_manifest(
             method,
             headers,
         } => {
-            for (field, present) in [
-                ("read_paths", !caps.read_paths.is_empty()),
-                ("write_paths", !caps.write_paths.is_empty()),
-                ("memory_mb", caps.memory_mb.is_some()),
-                ("cpu_ms", caps.cpu_ms.is_some()),
-            ] {
-                if present {
-                    problem(
-                        &format!("/capabilities/{field}"),
-                        "applies to wasm tools only; an http tool runs no code here".to_owned(),
-                    );
-                }
+            for (pointer, message) in wasm_only_problems("http", caps) {
+                problem(&pointer, message);
             }
             if !METHODS.contains(&method.as_str()) {
                 problem(
@@ -219,65 +211,113 @@ pub fn check_manifest(
                     ),
                 );
             }
-            match reqwest::Url::parse(url) {
-                Err(error) => problem(
-                    "/implementation/http/url",
-                    format!("{url:?} is not a valid URL: {error}"),
-                ),
-                Ok(parsed) if parsed.scheme() != "http" => problem(
-                    "/implementation/http/url",
+            for (pointer, message) in endpoint_problems("http", url, headers, caps, executors) {
+                problem(&pointer, message);
+            }
+        }
+        ToolImplementation::Mcp { url, tool, headers } => {
+            for (pointer, message) in wasm_only_problems("mcp", caps) {
+                problem(&pointer, message);
+            }
+            if tool.trim().is_empty() || tool.len() > 128 {
+                problem(
+                    "/implementation/mcp/tool",
+                    "must name the server's tool (1 to 128 bytes)".to_owned(),
+                );
+            }
+            for (pointer, message) in endpoint_problems("mcp", url, headers, caps, executors) {
+                problem(&pointer, message);
+            }
+        }
+    }
+    problems
+}
+
+/// Capabilities that apply to wasm tools only, given to an `http` or `mcp` tool (`kind`), as
+/// `(pointer, message)`.
+fn wasm_only_problems(kind: &str, caps: &Capabilities) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    for (field, present) in [
+        ("read_paths", !caps.read_paths.is_empty()),
+        ("write_paths", !caps.write_paths.is_empty()),
+        ("memory_mb", caps.memory_mb.is_some()),
+        ("cpu_ms", caps.cpu_ms.is_some()),
+    ] {
+        if present {
+            problems.push((
+                format!("/capabilities/{field}"),
+                format!("applies to wasm tools only; an {kind} tool runs no code here"),
+            ));
+        }
+    }
+    problems
+}
+
+/// Problems of the endpoint of an `http` or `mcp` tool (`kind`): the URL (http, no
+/// credentials, a host among the capabilities' hosts and the server's allowed hosts) and the
+/// header templates, as `(pointer, message)`.
+fn endpoint_problems(
+    kind: &str,
+    url: &str,
+    headers: &BTreeMap<String, String>,
+    caps: &Capabilities,
+    executors: &Executors,
+) -> Vec<(String, String)> {
+    let mut problems = Vec::new();
+    let mut problem = |pointer: &str, message: String| problems.push((pointer.to_owned(), message));
+    let url_pointer = format!("/implementation/{kind}/url");
+    match reqwest::Url::parse(url) {
+        Err(error) => problem(&url_pointer, format!("{url:?} is not a valid URL: {error}")),
+        Ok(parsed) if parsed.scheme() != "http" => problem(
+            &url_pointer,
+            format!(
+                "scheme {:?} is not supported; use http (this build has no TLS)",
+                parsed.scheme()
+            ),
+        ),
+        Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => problem(
+            &url_pointer,
+            "must not hold credentials (user:password@); send them in a header templated \
+             from a secret"
+                .to_owned(),
+        ),
+        Ok(parsed) => {
+            if parsed.host_str().is_none() {
+                problem(&url_pointer, format!("{url:?} has no host"));
+            } else if !crate::http::hosts_allow(&caps.hosts, &parsed) {
+                problem(
+                    "/capabilities/hosts",
                     format!(
-                        "scheme {:?} is not supported; use http (this build has no TLS)",
-                        parsed.scheme()
+                        "the url's host {} is not among the capabilities' hosts",
+                        parsed.host_str().unwrap_or_default()
                     ),
-                ),
-                Ok(parsed) if !parsed.username().is_empty() || parsed.password().is_some() => {
-                    problem(
-                        "/implementation/http/url",
-                        "must not hold credentials (user:password@); send them in a header \
-                         templated from a secret"
-                            .to_owned(),
-                    )
-                }
-                Ok(parsed) => {
-                    if parsed.host_str().is_none() {
-                        problem("/implementation/http/url", format!("{url:?} has no host"));
-                    } else if !crate::http::hosts_allow(&caps.hosts, &parsed) {
-                        problem(
-                            "/capabilities/hosts",
-                            format!(
-                                "the url's host {} is not among the capabilities' hosts",
-                                parsed.host_str().unwrap_or_default()
-                            ),
-                        );
-                    } else if !executors.http.allows(&parsed) {
-                        problem(
-                            "/implementation/http/url",
-                            format!(
-                                "host {} is not in this server's allowed hosts ([tools.http] \
-                                 allowed_hosts)",
-                                parsed.host_str().unwrap_or_default()
-                            ),
-                        );
-                    }
-                }
+                );
+            } else if !executors.http.allows(&parsed) {
+                problem(
+                    &url_pointer,
+                    format!(
+                        "host {} is not in this server's allowed hosts ([tools.http] \
+                         allowed_hosts)",
+                        parsed.host_str().unwrap_or_default()
+                    ),
+                );
             }
-            let secrets: BTreeMap<&str, &str> = caps
-                .secrets
-                .iter()
-                .map(|name| (name.as_str(), "xxxx"))
-                .collect();
-            for (name, template) in headers {
-                let pointer = format!("/implementation/http/headers/{name}");
-                let lower = name.to_ascii_lowercase();
-                if RESERVED_HEADERS.contains(&lower.as_str()) {
-                    problem(&pointer, format!("header {name:?} is set by the tool"));
-                    continue;
-                }
-                if let Err(error) = render_header(template, &secrets) {
-                    problem(&pointer, error);
-                }
-            }
+        }
+    }
+    let secrets: BTreeMap<&str, &str> = caps
+        .secrets
+        .iter()
+        .map(|name| (name.as_str(), "xxxx"))
+        .collect();
+    for (name, template) in headers {
+        let pointer = format!("/implementation/{kind}/headers/{name}");
+        let lower = name.to_ascii_lowercase();
+        if RESERVED_HEADERS.contains(&lower.as_str()) {
+            problem(&pointer, format!("header {name:?} is set by the tool"));
+            continue;
+        }
+        if let Err(error) = render_header(template, &secrets) {
+            problem(&pointer, error);
         }
     }
     problems
@@ -554,6 +594,66 @@ impl RegisteredTool {
     }
 }
 
+impl RegisteredTool {
+    async fn run_mcp(
+        &self,
+        inputs: Value,
+        secrets: BTreeMap<&str, &str>,
+        logs: &dyn LogSink,
+    ) -> Result<Value, ToolError> {
+        let ToolImplementation::Mcp { url, tool, headers } = &self.manifest.implementation else {
+            return Err(ToolError::permanent("not an mcp tool"));
+        };
+        // Checked on registration; checked again here since the server's allowed hosts may
+        // have changed since.
+        let parsed = reqwest::Url::parse(url).map_err(|error| {
+            ToolError::permanent(format!("the url of tool `{}`: {error}", self.reference))
+        })?;
+        if !crate::http::hosts_allow(&self.manifest.capabilities.hosts, &parsed)
+            || !self.executors.http.allows(&parsed)
+        {
+            return Err(ToolError::permanent(format!(
+                "host {} of tool `{}` is not allowed (capabilities' hosts and [tools.http] \
+                 allowed_hosts)",
+                parsed.host_str().unwrap_or_default(),
+                self.reference
+            )));
+        }
+        let mut rendered = Vec::with_capacity(headers.len());
+        for (name, template) in headers {
+            let value = render_header(template, &secrets).map_err(|error| {
+                ToolError::permanent(format!(
+                    "header {name:?} of tool `{}`: {error}",
+                    self.reference
+                ))
+            })?;
+            rendered.push((name.clone(), value));
+        }
+        let call = crate::mcp::McpCall {
+            url: url.clone(),
+            tool: tool.clone(),
+            headers: rendered,
+            timeout: self
+                .manifest
+                .capabilities
+                .timeout
+                .unwrap_or(crate::mcp::DEFAULT_MCP_TIMEOUT),
+        };
+        let started = std::time::Instant::now();
+        let result = crate::mcp::call_tool(&call, inputs).await;
+        logs.write(
+            LogStream::System,
+            &format!(
+                "mcp: tools/call {tool} at {url}: {} in {} ms",
+                if result.is_ok() { "ok" } else { "failed" },
+                started.elapsed().as_millis()
+            ),
+        )
+        .await;
+        result
+    }
+}
+
 #[async_trait]
 impl Tool for RegisteredTool {
     fn name(&self) -> &str {
@@ -575,7 +675,7 @@ impl Tool for RegisteredTool {
     fn sandboxes(&self) -> &'static [Sandbox] {
         match self.manifest.implementation {
             ToolImplementation::Wasm { .. } => &[Sandbox::Wasm],
-            ToolImplementation::Http { .. } => &[],
+            ToolImplementation::Http { .. } | ToolImplementation::Mcp { .. } => &[],
         }
     }
 
@@ -615,6 +715,14 @@ impl Tool for RegisteredTool {
                     .collect();
                 let context = ToolContext { logs, ..context };
                 self.run_http(context, inputs, secrets).await
+            }
+            ToolImplementation::Mcp { .. } => {
+                let secrets = names
+                    .iter()
+                    .map(|name| name.as_str())
+                    .zip(values.iter().map(String::as_str))
+                    .collect();
+                self.run_mcp(inputs, secrets, logs.as_ref()).await
             }
         };
         let document = result.map_err(|error| ToolError {

@@ -15,10 +15,14 @@ use async_trait::async_trait;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
+#[path = "tools/agent.rs"]
+mod agent;
 #[path = "tools/embeddings.rs"]
 mod embeddings;
 #[path = "tools/llm.rs"]
 mod llm;
+#[path = "tools/mcp.rs"]
+mod mcp;
 #[path = "tools/search.rs"]
 mod search;
 #[path = "tools/wasm.rs"]
@@ -87,6 +91,7 @@ impl Harness {
             artifacts: self.artifacts.clone(),
             logs: self.logs.clone(),
             review_comment: None,
+            tools: Arc::new(arches_core::ports::ToolRegistry::new()),
         }
     }
 
@@ -820,9 +825,9 @@ fn the_builtin_registry_holds_every_tool_with_a_strict_schema() {
     let registry = builtin_registry();
     assert_eq!(
         registry.names().collect::<Vec<_>>(),
-        vec!["approval", "echo", "file", "http", "llm", "noop", "shell", "sql", "wasm"]
+        vec!["agent", "approval", "echo", "file", "http", "llm", "noop", "shell", "sql", "wasm"]
     );
-    for name in ["approval", "sql", "shell", "http", "llm", "wasm"] {
+    for name in ["agent", "approval", "sql", "shell", "http", "llm", "wasm"] {
         let schema = registry.get(name).unwrap().input_schema();
         assert_eq!(schema["additionalProperties"], json!(false), "{name}");
     }

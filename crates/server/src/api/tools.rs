@@ -77,7 +77,7 @@ pub fn routes() -> Router<AppState> {
 pub struct ToolView {
     /// The name pipelines use.
     pub name: String,
-    /// `builtin`, `wasm` or `http`.
+    /// `builtin`, `wasm`, `http` or `mcp`.
     pub kind: String,
     /// The registered version (absent for built-in tools).
     pub version: Option<u32>,
@@ -111,7 +111,7 @@ impl ToolView {
         let manifest = stored.decode().map_err(ApiError::internal)?;
         let sandboxes = match manifest.implementation {
             ToolImplementation::Wasm { .. } => vec!["wasm".to_owned()],
-            ToolImplementation::Http { .. } => Vec::new(),
+            ToolImplementation::Http { .. } | ToolImplementation::Mcp { .. } => Vec::new(),
         };
         Ok(Self {
             name: stored.name.clone(),

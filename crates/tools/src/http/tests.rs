@@ -222,6 +222,7 @@ fn context(logs: Arc<MemoryLogs>) -> ToolContext {
         artifacts: Arc::new(NoArtifacts),
         logs,
         review_comment: None,
+        tools: Arc::new(arches_core::ports::ToolRegistry::new()),
     }
 }
 

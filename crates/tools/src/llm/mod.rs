@@ -30,6 +30,7 @@
 //! retryable; everything else (inputs, policy, a refused request, an answer that stays
 //! invalid) is permanent. No message or output holds the API key.
 
+pub mod agent;
 pub mod confidence;
 pub mod embeddings;
 pub mod openai;
@@ -405,6 +406,47 @@ impl LlmTool {
         }
     }
 
+    /// The model and a provider for a task's `model`, `base_url` and `timeout` (each the
+    /// policy's unless given and allowed), the base URL's host checked against the `http`
+    /// tool's allowed hosts: what the `agent` tool asks through.
+    ///
+    /// # Errors
+    /// Permanent: an override the policy refuses, no model, a bad base URL, a zero timeout,
+    /// a host that is not allowed.
+    fn provider_for(
+        &self,
+        model: Option<&String>,
+        base_url: Option<&String>,
+        timeout: Option<Duration>,
+    ) -> Result<(String, OpenAiProvider), ToolError> {
+        let model = self
+            .choose("model", model, self.policy.model.as_ref())?
+            .filter(|model| !model.is_empty())
+            .ok_or_else(|| {
+                ToolError::permanent(
+                    "no model: give `model`, or set the installation's default model \
+                     (ARCHES_LLM_MODEL for local runs)",
+                )
+            })?;
+        let base_url = self
+            .choose("base_url", base_url, Some(&self.policy.base_url))?
+            .unwrap_or_else(|| self.policy.base_url.clone());
+        let timeout = timeout.unwrap_or(self.policy.timeout);
+        if timeout.is_zero() {
+            return Err(ToolError::permanent("timeout must be positive"));
+        }
+        let provider =
+            OpenAiProvider::new(self.http.clone(), self.policy.settings(&base_url, timeout))
+                .map_err(tool_error)?;
+        if !self.http.allows(provider.endpoint()) {
+            return Err(ToolError::permanent(format!(
+                "the host of base_url {} is not in the http tool's allowed hosts",
+                provider.endpoint().host_str().unwrap_or_default()
+            )));
+        }
+        Ok((model, provider))
+    }
+
     /// Answers of `samples` further requests (no repair), for the agreement vote.
     async fn more_samples(
         &self,
@@ -569,6 +611,8 @@ impl Tool for LlmTool {
             logprobs: true,
             top_logprobs: Some(1),
             stream: inputs.stream,
+            tools: Vec::new(),
+            tool_choice: None,
         };
         let mut tally = Tally::default();
         let first = provider.chat(&request, logs).await.map_err(tool_error)?;

@@ -7,7 +7,11 @@
 //! What is sent: `model`, `messages`, `temperature` and `max_tokens` when set, `stream`
 //! (with `stream_options.include_usage` when streaming), `logprobs` and `top_logprobs` when
 //! asked, and `response_format`: `{type: "json_schema", json_schema: {name, schema, strict}}`
-//! or `{type: "json_object"}`.
+//! or `{type: "json_object"}`. With functions offered: `tools` (`[{type: "function",
+//! function: {name, description, parameters}}]`) and `tool_choice` (`auto`, `none`,
+//! `required` or `{type: "function", function: {name}}`); assistant messages carry their
+//! `tool_calls` (`[{id, type: "function", function: {name, arguments}}]`, `content` null
+//! when empty) and tool messages their `tool_call_id`.
 //!
 //! Differences between servers, and how they are handled:
 //! - a server that refuses `json_schema` (400 or 422) is asked again, once, with
@@ -15,6 +19,11 @@
 //!   servers that ignore the format answer free text, which the caller checks;
 //! - `usage` and `logprobs` may be missing or `null`: they come back as `None`;
 //! - a server asked to stream may answer one JSON document instead: both are read;
+//! - tool calls come in `choices[0].message.tool_calls`, their `arguments` as JSON text (an
+//!   object, as some servers send it, is written back as text); a call without an id gets
+//!   `call_<index>`; one without a function name is a malformed answer. Streamed, they come
+//!   as deltas under `delta.tool_calls[]` keyed by `index` (the id and name once, the
+//!   arguments in pieces), assembled here; at most [`TOOL_CALLS_MAX`] calls per answer;
 //! - a stream ends with `data: [DONE]`; one that ends without it but after a
 //!   `finish_reason` is accepted, one that ends before either, or carries an `error`
 //!   chunk, is a transient failure ([`LlmErrorKind::Unavailable`]).
@@ -24,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arches_core::llm::{
-    ChatRequest, ChatResponse, LlmError, LlmErrorKind, LlmProvider, ResponseFormat, TokenLogprob,
-    TokenUsage,
+    ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError, LlmErrorKind, LlmProvider,
+    ResponseFormat, TokenLogprob, TokenUsage, ToolCall, ToolChoice,
 };
 use arches_core::ports::{LogSink, ToolError};
 use arches_core::retry::RetryPolicy;
@@ -40,6 +49,9 @@ use crate::http::{HttpTool, JsonPost};
 
 /// Bytes of an error body quoted in an error message.
 const ERROR_QUOTE_BYTES: usize = 512;
+
+/// Most tool calls read from one answer; an answer with more is malformed.
+pub const TOOL_CALLS_MAX: usize = 64;
 
 /// Settings of one [`OpenAiProvider`].
 #[derive(Clone, Debug)]
@@ -98,11 +110,7 @@ impl OpenAiProvider {
 
     /// The request's JSON body, with `format` as the response format.
     fn body(&self, request: &ChatRequest, format: &ResponseFormat) -> Value {
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .map(|message| json!({"role": message.role.as_str(), "content": message.content}))
-            .collect();
+        let messages: Vec<Value> = request.messages.iter().map(message_json).collect();
         let mut body = Map::new();
         body.insert("model".into(), json!(request.model));
         body.insert("messages".into(), Value::Array(messages));
@@ -120,6 +128,34 @@ impl OpenAiProvider {
             body.insert("logprobs".into(), json!(true));
             if let Some(top) = request.top_logprobs {
                 body.insert("top_logprobs".into(), json!(top));
+            }
+        }
+        if !request.tools.is_empty() {
+            let tools: Vec<Value> = request
+                .tools
+                .iter()
+                .map(|tool| {
+                    json!({
+                        "type": "function",
+                        "function": {
+                            "name": tool.name,
+                            "description": tool.description,
+                            "parameters": tool.parameters,
+                        }
+                    })
+                })
+                .collect();
+            body.insert("tools".into(), Value::Array(tools));
+            if let Some(choice) = &request.tool_choice {
+                let choice = match choice {
+                    ToolChoice::Auto => json!("auto"),
+                    ToolChoice::None => json!("none"),
+                    ToolChoice::Required => json!("required"),
+                    ToolChoice::Function(name) => {
+                        json!({"type": "function", "function": {"name": name}})
+                    }
+                };
+                body.insert("tool_choice".into(), choice);
             }
         }
         match format {
@@ -269,6 +305,38 @@ impl LlmProvider for OpenAiProvider {
     }
 }
 
+/// One message on the wire.
+fn message_json(message: &ChatMessage) -> Value {
+    let mut out = Map::new();
+    out.insert("role".into(), json!(message.role.as_str()));
+    if message.role == ChatRole::Assistant && !message.tool_calls.is_empty() {
+        let calls: Vec<Value> = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                json!({
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments},
+                })
+            })
+            .collect();
+        let content = if message.content.is_empty() {
+            Value::Null
+        } else {
+            json!(message.content)
+        };
+        out.insert("content".into(), content);
+        out.insert("tool_calls".into(), Value::Array(calls));
+    } else {
+        out.insert("content".into(), json!(message.content));
+    }
+    if let Some(id) = &message.tool_call_id {
+        out.insert("tool_call_id".into(), json!(id));
+    }
+    Value::Object(out)
+}
+
 /// `{base_url}/chat/completions`, checked.
 pub(crate) fn endpoint(base_url: &str) -> Result<Url, LlmError> {
     let refuse = |why: &str| {
@@ -366,6 +434,16 @@ fn parse_completion(value: &Value, request: &ChatRequest) -> Result<ChatResponse
     let message = choice
         .get("message")
         .ok_or_else(|| "the answer has no choices[0].message".to_owned())?;
+    let tool_calls = match message.get("tool_calls") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(calls)) => tool_calls_of(calls)?,
+        Some(other) => {
+            return Err(format!(
+                "choices[0].message.tool_calls is not an array: {}",
+                quote(other.to_string().as_bytes())
+            ))
+        }
+    };
     let content = match message.get("content") {
         Some(Value::String(text)) => text.clone(),
         Some(Value::Null) | None => match message.get("refusal").and_then(Value::as_str) {
@@ -375,6 +453,7 @@ fn parse_completion(value: &Value, request: &ChatRequest) -> Result<ChatResponse
         Some(other) => return Err(format!("choices[0].message.content is not text: {other}")),
     };
     Ok(ChatResponse {
+        tool_calls,
         content,
         model: model_of(value, request),
         usage: value.get("usage").and_then(usage_of),
@@ -390,6 +469,125 @@ fn parse_completion(value: &Value, request: &ChatRequest) -> Result<ChatResponse
     })
 }
 
+/// The tool calls of a non-streamed answer.
+fn tool_calls_of(calls: &[Value]) -> Result<Vec<ToolCall>, String> {
+    if calls.len() > TOOL_CALLS_MAX {
+        return Err(format!(
+            "the answer holds {} tool calls, more than {TOOL_CALLS_MAX}",
+            calls.len()
+        ));
+    }
+    calls
+        .iter()
+        .enumerate()
+        .map(|(index, call)| {
+            let where_ = format!("choices[0].message.tool_calls[{index}]");
+            let function = call
+                .get("function")
+                .filter(|function| function.is_object())
+                .ok_or_else(|| format!("{where_} has no function object"))?;
+            let name = function
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|name| !name.is_empty())
+                .ok_or_else(|| format!("{where_}.function has no name"))?;
+            Ok(ToolCall {
+                id: call_id(call.get("id"), index),
+                name: name.to_owned(),
+                arguments: arguments_text(function.get("arguments")),
+            })
+        })
+        .collect()
+}
+
+/// A call's id, or `call_<index>` when the server gave none.
+fn call_id(id: Option<&Value>, index: usize) -> String {
+    id.and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .map_or_else(|| format!("call_{index}"), str::to_owned)
+}
+
+/// A call's arguments as JSON text: the string the server sent, an object written as text,
+/// `{}` when absent.
+fn arguments_text(arguments: Option<&Value>) -> String {
+    match arguments {
+        None | Some(Value::Null) => "{}".to_owned(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// A tool call being assembled from stream deltas.
+#[derive(Default)]
+struct PartialCall {
+    id: Option<String>,
+    name: String,
+    arguments: String,
+}
+
+/// Adds the `delta.tool_calls` of one chunk to `calls` (keyed by each delta's `index`, or
+/// its position when the server sends none).
+fn add_tool_call_deltas(deltas: &[Value], calls: &mut Vec<PartialCall>) -> Result<(), String> {
+    for (position, delta) in deltas.iter().enumerate() {
+        let index = match delta.get("index") {
+            None | Some(Value::Null) => position,
+            Some(index) => index
+                .as_u64()
+                .and_then(|index| usize::try_from(index).ok())
+                .ok_or_else(|| format!("a streamed tool call has a bad index: {index}"))?,
+        };
+        if index >= TOOL_CALLS_MAX {
+            return Err(format!(
+                "a streamed tool call has index {index}; at most {TOOL_CALLS_MAX} calls are read"
+            ));
+        }
+        if calls.len() <= index {
+            calls.resize_with(index + 1, PartialCall::default);
+        }
+        let call = &mut calls[index];
+        if let Some(id) = delta
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| !id.is_empty())
+        {
+            call.id = Some(id.to_owned());
+        }
+        if let Some(function) = delta.get("function") {
+            if let Some(name) = function.get("name").and_then(Value::as_str) {
+                call.name.push_str(name);
+            }
+            match function.get("arguments") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(piece)) => call.arguments.push_str(piece),
+                Some(other) => call.arguments.push_str(&other.to_string()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The assembled calls of a stream.
+fn finish_tool_calls(calls: Vec<PartialCall>) -> Result<Vec<ToolCall>, String> {
+    calls
+        .into_iter()
+        .enumerate()
+        .map(|(index, call)| {
+            if call.name.is_empty() {
+                return Err(format!("streamed tool call {index} has no function name"));
+            }
+            Ok(ToolCall {
+                id: call.id.unwrap_or_else(|| format!("call_{index}")),
+                name: call.name,
+                arguments: if call.arguments.trim().is_empty() {
+                    "{}".to_owned()
+                } else {
+                    call.arguments
+                },
+            })
+        })
+        .collect()
+}
+
 /// A streamed completion: server-sent events whose `data:` are chunks, ending with
 /// `data: [DONE]`.
 fn parse_stream(body: &[u8], request: &ChatRequest) -> Result<ChatResponse, Unread> {
@@ -401,6 +599,7 @@ fn parse_stream(body: &[u8], request: &ChatRequest) -> Result<ChatResponse, Unre
     let mut usage = None;
     let mut logprobs: Option<Vec<TokenLogprob>> = None;
     let mut finish_reason = None;
+    let mut calls: Vec<PartialCall> = Vec::new();
     let mut done = false;
     let mut chunks = 0usize;
     for data in sse_data(text) {
@@ -440,6 +639,13 @@ fn parse_stream(body: &[u8], request: &ChatRequest) -> Result<ChatResponse, Unre
         {
             content.push_str(piece);
         }
+        if let Some(deltas) = choice
+            .get("delta")
+            .and_then(|delta| delta.get("tool_calls"))
+            .and_then(Value::as_array)
+        {
+            add_tool_call_deltas(deltas, &mut calls).map_err(malformed)?;
+        }
         if let Some(tokens) = choice.get("logprobs").and_then(logprobs_of) {
             logprobs.get_or_insert_with(Vec::new).extend(tokens);
         }
@@ -458,7 +664,9 @@ fn parse_stream(body: &[u8], request: &ChatRequest) -> Result<ChatResponse, Unre
             "the stream ended before `data: [DONE]` and without a finish_reason".to_owned(),
         ));
     }
+    let tool_calls = finish_tool_calls(calls).map_err(malformed)?;
     Ok(ChatResponse {
+        tool_calls,
         content,
         model: model.unwrap_or_else(|| request.model.clone()),
         usage,

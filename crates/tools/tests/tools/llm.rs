@@ -28,11 +28,11 @@ use serde_json::{json, Value};
 use super::Harness;
 
 /// A bound on every wait of these tests.
-const WAIT: Duration = Duration::from_secs(20);
+pub(crate) const WAIT: Duration = Duration::from_secs(20);
 
 /// One scripted reply.
 #[derive(Clone)]
-enum Reply {
+pub(crate) enum Reply {
     /// A status and a JSON body.
     Json(u16, Value),
     /// 200 with `text/event-stream`: each string is sent as `data: <string>\n\n`.
@@ -43,15 +43,15 @@ enum Reply {
 
 /// What the server saw and what it will answer.
 #[derive(Default)]
-struct Script {
-    replies: Mutex<VecDeque<Reply>>,
+pub(crate) struct Script {
+    pub(crate) replies: Mutex<VecDeque<Reply>>,
     /// Answered once the scripted replies are spent; 500 when `None`.
-    fallback: Mutex<Option<Reply>>,
+    pub(crate) fallback: Mutex<Option<Reply>>,
     requests: Mutex<Vec<(Value, Option<String>)>>,
 }
 
 impl Script {
-    fn requests(&self) -> Vec<Value> {
+    pub(crate) fn requests(&self) -> Vec<Value> {
         let seen = self.requests.lock().unwrap();
         seen.iter().map(|(body, _)| body.clone()).collect()
     }
@@ -61,7 +61,7 @@ impl Script {
         seen.iter().map(|(_, auth)| auth.clone()).collect()
     }
 
-    fn hits(&self) -> usize {
+    pub(crate) fn hits(&self) -> usize {
         self.requests.lock().unwrap().len()
     }
 }
@@ -101,7 +101,7 @@ async fn completions(
 }
 
 /// A scripted server: its base URL (`http://127.0.0.1:<port>/v1`) and script.
-async fn start(replies: Vec<Reply>) -> (String, Arc<Script>) {
+pub(crate) async fn start(replies: Vec<Reply>) -> (String, Arc<Script>) {
     let script = Arc::new(Script {
         replies: Mutex::new(replies.into()),
         ..Script::default()
@@ -119,7 +119,7 @@ async fn start(replies: Vec<Reply>) -> (String, Arc<Script>) {
 
 /// An http tool allowed to reach 127.0.0.1, without rate limit, its breakers on `clock`
 /// (opening after 2 failures, cooling down for a minute).
-fn http(clock: Arc<ManualClock>) -> Arc<HttpTool> {
+pub(crate) fn http(clock: Arc<ManualClock>) -> Arc<HttpTool> {
     Arc::new(HttpTool::new(HttpPolicy {
         rate_limit: None,
         breaker: BreakerSettings {
@@ -131,13 +131,13 @@ fn http(clock: Arc<ManualClock>) -> Arc<HttpTool> {
     }))
 }
 
-fn clock() -> Arc<ManualClock> {
+pub(crate) fn clock() -> Arc<ManualClock> {
     Arc::new(ManualClock::new(Timestamp(1_700_000_000_000_000)))
 }
 
 /// The policy of these tests: the scripted server, model `test-model`, key `sk-test-key`,
 /// 2 tries per request without delay, a price for `test-model`.
-fn policy(base_url: &str) -> LlmPolicy {
+pub(crate) fn policy(base_url: &str) -> LlmPolicy {
     LlmPolicy {
         base_url: base_url.to_owned(),
         model: Some("test-model".to_owned()),
@@ -166,7 +166,11 @@ fn tool(base_url: &str) -> LlmTool {
 }
 
 /// A chat completion answering `content`, with token log-probabilities and usage when given.
-fn completion(content: &str, logprobs: Option<&[f64]>, usage: Option<(u64, u64)>) -> Reply {
+pub(crate) fn completion(
+    content: &str,
+    logprobs: Option<&[f64]>,
+    usage: Option<(u64, u64)>,
+) -> Reply {
     let mut choice = json!({
         "index": 0,
         "message": {"role": "assistant", "content": content},
