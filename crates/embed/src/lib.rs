@@ -38,7 +38,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 use tokio::sync::Semaphore;
 
-use bert::{read_json, Bert, BertConfig};
+use bert::{read_json, Bert, BertConfig, Threads};
 
 /// The model's name as this crate reports it ([`Embeddings::model`]) unless
 /// [`MiniLmOptions::model_name`] says otherwise.
@@ -282,7 +282,8 @@ impl MiniLmEmbedder {
         let weights_path = path("model.safetensors");
         let bytes =
             std::fs::read(&weights_path).map_err(|error| load_error(&weights_path, error))?;
-        let bert = Bert::load(bytes, &config).map_err(|error| load_error(&weights_path, error))?;
+        let bert = Bert::load(&bytes, &config).map_err(|error| load_error(&weights_path, error))?;
+        drop(bytes);
 
         Ok(Self {
             inner: Arc::new(Inner {
@@ -338,38 +339,42 @@ impl MiniLmEmbedder {
 
 impl Inner {
     /// Vectors of `texts` in order, and the tokens read.
+    ///
+    /// The texts are sorted by token count (longest first) and cut into passes of
+    /// `inference_batch`; with at least as many passes as rayon has threads, the passes run
+    /// side by side, each on one thread (no synchronisation inside a pass, which is what
+    /// kept the small matrix products of a multi-threaded pass from using every core);
+    /// otherwise they run one after the other, each spread over the pool.
     fn run(&self, texts: &[String]) -> Result<(Vec<Vec<f32>>, u64), EmbeddingError> {
+        use rayon::prelude::*;
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encodings = self
             .tokenizer
             .encode_batch(inputs, true)
             .map_err(permanent)?;
         let tokens: u64 = encodings.iter().map(|e| e.len() as u64).sum();
-        // Longest first, so each pass pads little (and the first, largest, sizes memory).
+        // Longest first: the longest passes start first, so the last ones to finish are short.
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].len()));
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for pass in order.chunks(self.inference_batch) {
-            let len = pass
+        let passes: Vec<&[usize]> = order.chunks(self.inference_batch).collect();
+        let embed_pass = |pass: &&[usize], threads: Threads| {
+            let ids: Vec<&[u32]> = pass.iter().map(|&i| encodings[i].get_ids()).collect();
+            self.bert.embed_pass(&ids, threads).map_err(permanent)
+        };
+        let pooled: Vec<Vec<Vec<f32>>> = if passes.len() >= rayon::current_num_threads().max(2) {
+            passes
+                .par_iter()
+                .with_max_len(1)
+                .map(|pass| embed_pass(pass, Threads::One))
+                .collect::<Result<_, _>>()?
+        } else {
+            passes
                 .iter()
-                .map(|&i| encodings[i].len())
-                .max()
-                .unwrap_or(0)
-                .max(1);
-            let mut ids = Vec::with_capacity(pass.len() * len);
-            let mut mask = Vec::with_capacity(pass.len() * len);
-            for &i in pass {
-                let text_ids = encodings[i].get_ids();
-                ids.extend_from_slice(text_ids);
-                ids.extend(std::iter::repeat_n(0u32, len - text_ids.len()));
-                mask.extend(std::iter::repeat_n(1f32, text_ids.len()));
-                mask.extend(std::iter::repeat_n(0f32, len - text_ids.len()));
-            }
-            let hidden = self
-                .bert
-                .forward(ids, &mask, pass.len(), len)
-                .map_err(permanent)?;
-            let pooled = self.bert.mean_pool(&hidden, mask).map_err(permanent)?;
+                .map(|pass| embed_pass(pass, Threads::Pool))
+                .collect::<Result<_, _>>()?
+        };
+        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for (pass, pooled) in passes.iter().zip(pooled) {
             for (&i, mut vector) in pass.iter().zip(pooled) {
                 if vector.iter().any(|x| !x.is_finite()) {
                     return Err(permanent(format!("text {i} gave a non-finite vector")));
