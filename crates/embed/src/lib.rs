@@ -14,15 +14,18 @@
 //! 3. the mean of the last hidden states over the real (unpadded) tokens;
 //! 4. L2 normalisation.
 //!
-//! Inference library: candle (pure Rust; matrix products by the `gemm` crate, whose AVX-512
-//! kernels are compiled in and chosen at run time, so a generic build runs everywhere). The
-//! model ships as safetensors only; tract and ONNX Runtime need an ONNX export, and Debian
-//! bookworm packages no `libonnxruntime` (see `crates/embed/bench/README.md` for the
-//! measurements against PyTorch).
+//! Inference: our own forward pass on plain `f32` slices (`bert.rs`), matrix products by
+//! `faer` (pure Rust; its AVX-512/AVX2 kernels are chosen at run time, so a generic build runs
+//! everywhere). A pass packs its texts without padding, and attention runs per text. candle
+//! was the first engine: its small products did not keep two cores busy and it reached
+//! 0.3–0.6× of PyTorch on an idle machine (`crates/embed/bench/README.md`). The model ships
+//! as safetensors only; tract and ONNX Runtime need an ONNX export, and Debian bookworm
+//! packages no `libonnxruntime`.
 //!
-//! Threads: candle's CPU kernels run on rayon's global pool, sized by `RAYON_NUM_THREADS`
-//! (default: one per CPU). Inference runs on tokio's blocking pool, at most
-//! [`MiniLmOptions::max_concurrency`] batches at once.
+//! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (default: one per CPU). A call
+//! with at least as many passes as threads runs its passes side by side, one per thread;
+//! otherwise each pass spreads over the pool. Inference runs on tokio's blocking pool, at
+//! most [`MiniLmOptions::max_concurrency`] calls at once.
 
 mod bert;
 
@@ -75,8 +78,8 @@ pub struct MiniLmOptions {
     /// Texts per forward pass; default [`DEFAULT_INFERENCE_BATCH`]. A call's texts are sorted
     /// by token count and cut into passes of this many, each padded to its longest text.
     pub inference_batch: usize,
-    /// Calls whose inference may run at once on the blocking pool; default 1 (each pass uses
-    /// all of rayon's threads for its matrix products already).
+    /// Calls whose inference may run at once on the blocking pool; default 1 (a call's passes
+    /// use all of rayon's threads already).
     pub max_concurrency: usize,
     /// Tokens read per text, `[CLS]` and `[SEP]` included; `None`: the model's
     /// `max_seq_length` from `sentence_bert_config.json` (256 for all-MiniLM-L6-v2). At most
