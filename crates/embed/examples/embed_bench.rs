@@ -11,7 +11,7 @@
 //!     --count 2000 --out /tmp/embed-corpus.jsonl
 //! ```
 //!
-//! Measure (threads: `RAYON_NUM_THREADS`, which sizes candle's thread pool):
+//! Measure (threads: `RAYON_NUM_THREADS`, which sizes the rayon pool the passes run on):
 //!
 //! ```text
 //! RAYON_NUM_THREADS=2 cargo run --release -p arches-embed --example embed_bench -- \
@@ -223,7 +223,7 @@ fn main() -> Result<(), String> {
     }
     rates.sort_by(f64::total_cmp);
     println!(
-        "rust arches-embed (candle), threads {threads}, batch {}, max_seq_length {} ({truncated} texts truncated): median {:.1} texts/s, best {:.1} texts/s",
+        "rust arches-embed (faer), threads {threads}, batch {}, max_seq_length {} ({truncated} texts truncated): median {:.1} texts/s, best {:.1} texts/s",
         args.batch,
         embedder.max_seq_length(),
         rates[rates.len() / 2],

@@ -14,15 +14,18 @@
 //! 3. the mean of the last hidden states over the real (unpadded) tokens;
 //! 4. L2 normalisation.
 //!
-//! Inference library: candle (pure Rust; matrix products by the `gemm` crate, whose AVX-512
-//! kernels are compiled in and chosen at run time, so a generic build runs everywhere). The
-//! model ships as safetensors only; tract and ONNX Runtime need an ONNX export, and Debian
-//! bookworm packages no `libonnxruntime` (see `crates/embed/bench/README.md` for the
-//! measurements against PyTorch).
+//! Inference: our own forward pass on plain `f32` slices (`bert.rs`), matrix products by
+//! `faer` (pure Rust; its AVX-512/AVX2 kernels are chosen at run time, so a generic build runs
+//! everywhere). A pass packs its texts without padding, and attention runs per text. candle
+//! was the first engine: its small products did not keep two cores busy and it reached
+//! 0.3–0.6× of PyTorch on an idle machine (`crates/embed/bench/README.md`). The model ships
+//! as safetensors only; tract and ONNX Runtime need an ONNX export, and Debian bookworm
+//! packages no `libonnxruntime`.
 //!
-//! Threads: candle's CPU kernels run on rayon's global pool, sized by `RAYON_NUM_THREADS`
-//! (default: one per CPU). Inference runs on tokio's blocking pool, at most
-//! [`MiniLmOptions::max_concurrency`] batches at once.
+//! Threads: rayon's global pool, sized by `RAYON_NUM_THREADS` (default: one per CPU). A call
+//! with at least as many passes as threads runs its passes side by side, one per thread;
+//! otherwise each pass spreads over the pool. Inference runs on tokio's blocking pool, at
+//! most [`MiniLmOptions::max_concurrency`] calls at once.
 
 mod bert;
 
@@ -38,7 +41,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 use tokio::sync::Semaphore;
 
-use bert::{read_json, Bert, BertConfig};
+use bert::{read_json, Bert, BertConfig, Threads};
 
 /// The model's name as this crate reports it ([`Embeddings::model`]) unless
 /// [`MiniLmOptions::model_name`] says otherwise.
@@ -75,8 +78,8 @@ pub struct MiniLmOptions {
     /// Texts per forward pass; default [`DEFAULT_INFERENCE_BATCH`]. A call's texts are sorted
     /// by token count and cut into passes of this many, each padded to its longest text.
     pub inference_batch: usize,
-    /// Calls whose inference may run at once on the blocking pool; default 1 (each pass uses
-    /// all of rayon's threads for its matrix products already).
+    /// Calls whose inference may run at once on the blocking pool; default 1 (a call's passes
+    /// use all of rayon's threads already).
     pub max_concurrency: usize,
     /// Tokens read per text, `[CLS]` and `[SEP]` included; `None`: the model's
     /// `max_seq_length` from `sentence_bert_config.json` (256 for all-MiniLM-L6-v2). At most
@@ -282,7 +285,8 @@ impl MiniLmEmbedder {
         let weights_path = path("model.safetensors");
         let bytes =
             std::fs::read(&weights_path).map_err(|error| load_error(&weights_path, error))?;
-        let bert = Bert::load(bytes, &config).map_err(|error| load_error(&weights_path, error))?;
+        let bert = Bert::load(&bytes, &config).map_err(|error| load_error(&weights_path, error))?;
+        drop(bytes);
 
         Ok(Self {
             inner: Arc::new(Inner {
@@ -338,38 +342,42 @@ impl MiniLmEmbedder {
 
 impl Inner {
     /// Vectors of `texts` in order, and the tokens read.
+    ///
+    /// The texts are sorted by token count (longest first) and cut into passes of
+    /// `inference_batch`; with at least as many passes as rayon has threads, the passes run
+    /// side by side, each on one thread (no synchronisation inside a pass, which is what
+    /// kept the small matrix products of a multi-threaded pass from using every core);
+    /// otherwise they run one after the other, each spread over the pool.
     fn run(&self, texts: &[String]) -> Result<(Vec<Vec<f32>>, u64), EmbeddingError> {
+        use rayon::prelude::*;
         let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let encodings = self
             .tokenizer
             .encode_batch(inputs, true)
             .map_err(permanent)?;
         let tokens: u64 = encodings.iter().map(|e| e.len() as u64).sum();
-        // Longest first, so each pass pads little (and the first, largest, sizes memory).
+        // Longest first: the longest passes start first, so the last ones to finish are short.
         let mut order: Vec<usize> = (0..encodings.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].len()));
-        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
-        for pass in order.chunks(self.inference_batch) {
-            let len = pass
+        let passes: Vec<&[usize]> = order.chunks(self.inference_batch).collect();
+        let embed_pass = |pass: &&[usize], threads: Threads| {
+            let ids: Vec<&[u32]> = pass.iter().map(|&i| encodings[i].get_ids()).collect();
+            self.bert.embed_pass(&ids, threads).map_err(permanent)
+        };
+        let pooled: Vec<Vec<Vec<f32>>> = if passes.len() >= rayon::current_num_threads().max(2) {
+            passes
+                .par_iter()
+                .with_max_len(1)
+                .map(|pass| embed_pass(pass, Threads::One))
+                .collect::<Result<_, _>>()?
+        } else {
+            passes
                 .iter()
-                .map(|&i| encodings[i].len())
-                .max()
-                .unwrap_or(0)
-                .max(1);
-            let mut ids = Vec::with_capacity(pass.len() * len);
-            let mut mask = Vec::with_capacity(pass.len() * len);
-            for &i in pass {
-                let text_ids = encodings[i].get_ids();
-                ids.extend_from_slice(text_ids);
-                ids.extend(std::iter::repeat_n(0u32, len - text_ids.len()));
-                mask.extend(std::iter::repeat_n(1f32, text_ids.len()));
-                mask.extend(std::iter::repeat_n(0f32, len - text_ids.len()));
-            }
-            let hidden = self
-                .bert
-                .forward(ids, &mask, pass.len(), len)
-                .map_err(permanent)?;
-            let pooled = self.bert.mean_pool(&hidden, mask).map_err(permanent)?;
+                .map(|pass| embed_pass(pass, Threads::Pool))
+                .collect::<Result<_, _>>()?
+        };
+        let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
+        for (pass, pooled) in passes.iter().zip(pooled) {
             for (&i, mut vector) in pass.iter().zip(pooled) {
                 if vector.iter().any(|x| !x.is_finite()) {
                     return Err(permanent(format!("text {i} gave a non-finite vector")));
