@@ -97,8 +97,8 @@ impl PgStore {
 /// Inserts offers (`$1`–`$8`, one array per column) for task runs stored with the offer's
 /// token (the statement that writes them must come before, or the join names the rows it
 /// wrote instead of `task_runs`), unless that token's completion is stored and not among
-/// those applied with it (`$9`, sequence numbers). A higher token replaces a stored offer and
-/// voids its claim; the same token only re-addresses it.
+/// those applied with it (`$9` sequence numbers, `$10` their task runs). A higher token
+/// replaces a stored offer and voids its claim; the same token only re-addresses it.
 pub(super) const INSERT_OFFERS: &str = "INSERT INTO task_queue (task_run_id, run_id, org_id, fencing_token, owner, \
                  worker_tags, assignment, offered_at) \
              SELECT o.task_run_id, o.run_id, o.org_id, o.fencing_token, o.owner, \
@@ -110,7 +110,9 @@ pub(super) const INSERT_OFFERS: &str = "INSERT INTO task_queue (task_run_id, run
              JOIN task_runs t ON t.id = o.task_run_id AND t.fencing_token = o.fencing_token \
              WHERE NOT EXISTS (SELECT 1 FROM task_completions c \
                  WHERE c.task_run_id = o.task_run_id AND c.fencing_token = o.fencing_token \
-                     AND c.seq <> ALL($9::bigint[])) \
+                     AND NOT EXISTS (SELECT 1 FROM UNNEST($9::bigint[], $10::uuid[]) \
+                         AS d(seq, task_run_id) \
+                         WHERE d.seq = c.seq AND d.task_run_id = c.task_run_id)) \
              ON CONFLICT (task_run_id) DO UPDATE SET \
                  owner = EXCLUDED.owner, \
                  fencing_token = EXCLUDED.fencing_token, \
@@ -187,6 +189,11 @@ pub(super) async fn write_queue_parts(
     batch: &WriteBatch,
 ) -> StoreResult<()> {
     let done_seqs: Vec<i64> = batch.completions_done.iter().map(|c| c.seq).collect();
+    let done_task_runs: Vec<Uuid> = batch
+        .completions_done
+        .iter()
+        .map(|c| c.task_run_id.0)
+        .collect();
     if !batch.offers.is_empty() {
         let offers = OfferColumns::new(&batch.offers)?;
         let task_run_ids = &offers.task_run_id;
@@ -211,6 +218,7 @@ pub(super) async fn write_queue_parts(
             .bind(&offers.offered_at)
             // A completion this same batch applies does not stand in for the offer.
             .bind(&done_seqs)
+            .bind(&done_task_runs)
             .execute(&mut **tx)
             .await
             .map_err(db)?;
@@ -245,11 +253,6 @@ pub(super) async fn write_queue_parts(
             .map_err(db)?;
     }
     if !batch.completions_done.is_empty() {
-        let done_task_runs: Vec<Uuid> = batch
-            .completions_done
-            .iter()
-            .map(|c| c.task_run_id.0)
-            .collect();
         sqlx::query(DELETE_APPLIED_COMPLETIONS)
             .bind(&done_seqs)
             .bind(&done_task_runs)
