@@ -1310,6 +1310,14 @@ mod tests {
     }
 
     #[test]
+    fn shifted_parameters_keep_their_order_and_everything_else() {
+        assert_eq!(
+            shift_parameters("a = $1 AND b = ANY($12::uuid[]) AND c = '$'", 41),
+            "a = $42 AND b = ANY($53::uuid[]) AND c = '$'"
+        );
+    }
+
+    #[test]
     fn the_last_write_of_each_key_wins_in_first_appearance_order() {
         let writes = [(1, "a"), (2, "b"), (1, "c")];
         let chosen = last_write_per_key(&writes, |w| w.0);
