@@ -48,7 +48,11 @@ struct Shown {
 }
 
 /// `arches search` on a server, or locally without one.
-pub async fn search(home: &Home, remote: Option<&Remote>, args: SearchArgs) -> anyhow::Result<ExitCode> {
+pub async fn search(
+    home: &Home,
+    remote: Option<&Remote>,
+    args: SearchArgs,
+) -> anyhow::Result<ExitCode> {
     if !(1..=100).contains(&args.k) {
         anyhow::bail!("--k {} is outside 1..=100", args.k);
     }
@@ -136,7 +140,14 @@ async fn local(home: &Home, args: &SearchArgs) -> anyhow::Result<Vec<Shown>> {
     let services = crate::app::search_services(&home.root, home.database_url.as_deref(), http)?
         .context("search is turned off")?;
     let hits = services
-        .search(OrgId::DEFAULT, &collection, &args.query, args.k, mode, &filter)
+        .search(
+            OrgId::DEFAULT,
+            &collection,
+            &args.query,
+            args.k,
+            mode,
+            &filter,
+        )
         .await?;
     Ok(hits
         .into_iter()

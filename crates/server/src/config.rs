@@ -908,6 +908,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "log",
     "tools",
     "secrets",
+    "search",
 ];
 
 impl Provider for EnvVars {

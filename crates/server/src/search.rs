@@ -15,12 +15,12 @@ use arches_core::search::{
     VectorIndex, VectorItem,
 };
 use arches_core::OrgId;
-use nix::errno::Errno;
-use nix::fcntl::{Flock, FlockArg};
 use arches_embed::{MiniLmEmbedder, MiniLmOptions, MINILM_DIR_NAME, MINILM_MODEL_NAME};
 use arches_search::{HnswIndex, HnswIndexOptions, PgTextIndex, SqliteTextIndex};
 use arches_tools::search::SearchServices;
 use async_trait::async_trait;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use crate::app::BuildError;
 use crate::config::ServerConfig;
@@ -126,8 +126,11 @@ pub fn services(
                         .to_owned(),
                 ));
             };
-            let mut settings =
-                arches_tools::llm::EmbeddingSettings::new(base_url.clone(), model.clone(), dimension);
+            let mut settings = arches_tools::llm::EmbeddingSettings::new(
+                base_url.clone(),
+                model.clone(),
+                dimension,
+            );
             settings.api_key = search
                 .embedding_api_key
                 .as_ref()
@@ -176,7 +179,9 @@ impl LazyVectorIndex {
                 let dir = self.dir.clone();
                 tokio::task::spawn_blocking(move || open_locked(&dir))
                     .await
-                    .map_err(|error| SearchError::Storage(format!("opening the vector index stopped: {error}")))?
+                    .map_err(|error| {
+                        SearchError::Storage(format!("opening the vector index stopped: {error}"))
+                    })?
             })
             .await?;
         Ok(&locked.index)
@@ -285,10 +290,7 @@ impl TextIndex for LazyTextIndex {
         org: OrgId,
         collection: &CollectionName,
     ) -> Result<bool, SearchError> {
-        self.opened()
-            .await?
-            .drop_collection(org, collection)
-            .await
+        self.opened().await?.drop_collection(org, collection).await
     }
 }
 
@@ -342,7 +344,10 @@ impl VectorIndex for LazyVectorIndex {
         k: usize,
         filter: &MetadataFilter,
     ) -> Result<Vec<VectorHit>, SearchError> {
-        self.index().await?.search(org, collection, query, k, filter).await
+        self.index()
+            .await?
+            .search(org, collection, query, k, filter)
+            .await
     }
 
     async fn count(&self, org: OrgId, collection: &CollectionName) -> Result<usize, SearchError> {

@@ -72,8 +72,8 @@ pub async fn run_worker(
     if let Some(llm) = config.llm_tool_policy() {
         executors = executors.with_llm(llm);
     }
-    if let Some(search) = crate::search::services(&config, &config.home, executors.http.clone())
-        .context("search")?
+    if let Some(search) =
+        crate::search::services(&config, &config.home, executors.http.clone()).context("search")?
     {
         executors = executors.with_search(search);
     }

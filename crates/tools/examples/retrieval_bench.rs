@@ -78,9 +78,16 @@ async fn main() -> Result<(), String> {
     );
     for mode in [SearchMode::Text, SearchMode::Vector, SearchMode::Hybrid] {
         let started = Instant::now();
-        let report = evaluate(&services, OrgId::DEFAULT, &collection, &queries, args.k, mode)
-            .await
-            .map_err(|e| e.to_string())?;
+        let report = evaluate(
+            &services,
+            OrgId::DEFAULT,
+            &collection,
+            &queries,
+            args.k,
+            mode,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         let seconds = started.elapsed().as_secs_f64();
         println!(
             "{:>6}: recall@{} {:.3}  MRR {:.3}  {:.1} ms per query (embedding included)",

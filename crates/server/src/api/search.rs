@@ -123,7 +123,9 @@ pub async fn search(
     };
     let k = query.k.unwrap_or(HITS_DEFAULT);
     if !(1..=HITS_MAX).contains(&k) {
-        return Err(ApiError::bad_request(format!("k {k} is outside 1..={HITS_MAX}")));
+        return Err(ApiError::bad_request(format!(
+            "k {k} is outside 1..={HITS_MAX}"
+        )));
     }
     let filter = match query.filter.as_deref() {
         None | Some("") => MetadataFilter::all(),
@@ -141,8 +143,7 @@ pub async fn search(
             if error.is_bad_input() {
                 ApiError::bad_request(error.to_string())
             } else if error.retryable() {
-                ApiError::unavailable(format!("search is unavailable: {error}"))
-                    .with_retry_after(5)
+                ApiError::unavailable(format!("search is unavailable: {error}")).with_retry_after(5)
             } else {
                 // A model that cannot load, a corrupt index: the operator's to fix, and the
                 // message names the file, so it is logged rather than shown.

@@ -58,7 +58,11 @@ async fn an_embed_task_indexes_and_the_search_api_finds_it_in_the_callers_org_on
         .await;
     assert_eq!(status, 201, "{body}");
     let (status, run) = server
-        .post(&editor, "/api/v1/runs", &json!({"pipeline": "index-weather"}))
+        .post(
+            &editor,
+            "/api/v1/runs",
+            &json!({"pipeline": "index-weather"}),
+        )
         .await;
     assert_eq!(status, 201, "{run}");
     let run_id = run["id"].as_str().unwrap();
@@ -78,18 +82,28 @@ async fn an_embed_task_indexes_and_the_search_api_finds_it_in_the_callers_org_on
 
     let viewer = server.token_for(Role::Viewer).await;
     for mode in ["hybrid", "vector", "text"] {
-        let q = if mode == "text" { "sunshine" } else { "a bright and cloudless day" };
+        let q = if mode == "text" {
+            "sunshine"
+        } else {
+            "a bright and cloudless day"
+        };
         let (status, found) = server
             .get(
                 &viewer,
-                &format!("/api/v1/search?collection=weather&q={}&k=2&mode={mode}", urlencode(q)),
+                &format!(
+                    "/api/v1/search?collection=weather&q={}&k=2&mode={mode}",
+                    urlencode(q)
+                ),
             )
             .await;
         assert_eq!(status, 200, "{found}");
         assert_eq!(found["mode"], mode);
         assert_eq!(found["model"], "all-MiniLM-L6-v2");
         assert_eq!(found["hits"][0]["id"], "sun", "{mode}: {found}");
-        assert!(found["hits"][0]["text"].as_str().unwrap().contains("sunshine"));
+        assert!(found["hits"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("sunshine"));
     }
     let filter = urlencode(r#"{"kind":"wet"}"#);
     let (_, found) = server
@@ -98,7 +112,12 @@ async fn an_embed_task_indexes_and_the_search_api_finds_it_in_the_callers_org_on
             &format!("/api/v1/search?collection=weather&q=sunshine&mode=vector&filter={filter}"),
         )
         .await;
-    let ids: Vec<&str> = found["hits"].as_array().unwrap().iter().map(|h| h["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = found["hits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids.len(), 2, "{found}");
     assert!(ids.contains(&"rain") && ids.contains(&"snow"), "{found}");
 
@@ -131,14 +150,24 @@ async fn an_embed_task_indexes_and_the_search_api_finds_it_in_the_callers_org_on
         ("collection=Bad%20Name&q=x", "invalid collection name"),
         ("collection=weather&q=x&mode=fuzzy", "mode \"fuzzy\""),
         ("collection=weather&q=x&k=0", "k 0 is outside"),
-        ("collection=weather&q=x&filter=%7Bnope", "filter is not JSON"),
+        (
+            "collection=weather&q=x&filter=%7Bnope",
+            "filter is not JSON",
+        ),
         ("collection=weather&q=%20", "the query is empty"),
     ] {
-        let (status, body) = server.get(&viewer, &format!("/api/v1/search?{query}")).await;
+        let (status, body) = server
+            .get(&viewer, &format!("/api/v1/search?{query}"))
+            .await;
         assert_eq!(status, 400, "{query}: {body}");
-        assert!(body["message"].as_str().unwrap().contains(expected), "{query}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(expected),
+            "{query}: {body}"
+        );
     }
-    let (status, _) = server.get("not-a-token", "/api/v1/search?collection=weather&q=x").await;
+    let (status, _) = server
+        .get("not-a-token", "/api/v1/search?collection=weather&q=x")
+        .await;
     assert_eq!(status, 401);
     server.stop().await;
 }

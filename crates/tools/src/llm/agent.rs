@@ -69,8 +69,7 @@ use serde_json::{json, Map, Value};
 
 use super::openai::OpenAiProvider;
 use super::{
-    confidence, excerpt, tool_error, Checker, LlmTool, Rejection, DEFAULT_SAMPLES, SAMPLES_MAX,
-    SAMPLE_TEMPERATURE,
+    confidence, tool_error, Checker, LlmTool, DEFAULT_SAMPLES, SAMPLES_MAX, SAMPLE_TEMPERATURE,
 };
 use crate::common::parse_inputs;
 
@@ -694,71 +693,57 @@ impl Tool for AgentTool {
         };
 
         // 3. Check the answer, and repair once.
-        let (answer, final_response, final_request, repaired) =
-            match checker.check(&final_response.content) {
-                Ok(answer) => (answer, final_response, request, false),
-                Err(rejection) => {
-                    logs.write(
-                        LogStream::System,
-                        &format!("agent: asking for a repair: {}", rejection.listing()),
+        let (answer, final_response, final_request, repaired) = match checker
+            .check(&final_response.content)
+        {
+            Ok(answer) => (answer, final_response, request, false),
+            Err(rejection) => {
+                logs.write(
+                    LogStream::System,
+                    &format!("agent: asking for a repair: {}", rejection.listing()),
+                )
+                .await;
+                let mut repair = request.clone();
+                repair.messages.push(ChatMessage::new(
+                    ChatRole::Assistant,
+                    final_response.content.clone(),
+                ));
+                repair.messages.push(ChatMessage::new(
+                    ChatRole::User,
+                    format!(
+                        "Your answer does not satisfy the required JSON Schema: {}.\nReply \
+                             with only the corrected JSON value.",
+                        rejection.listing()
+                    ),
+                ));
+                if !repair.tools.is_empty() {
+                    repair.tool_choice = Some(ToolChoice::None);
+                }
+                let second = provider.chat(&repair, logs).await.map_err(tool_error)?;
+                budget.add(&repair, &second);
+                transcript
+                    .record(
+                        json!({
+                            "step": steps + 1,
+                            "type": "repair",
+                            "content": bounded(&second.content, TRANSCRIPT_TEXT_BYTES_MAX),
+                            "usage": usage_json(second.usage),
+                            "tokens_used": budget.used,
+                        }),
+                        logs,
                     )
                     .await;
-                    let mut repair = request.clone();
-                    repair.messages.push(ChatMessage::new(
-                        ChatRole::Assistant,
-                        final_response.content.clone(),
-                    ));
-                    repair.messages.push(ChatMessage::new(
-                        ChatRole::User,
-                        format!(
-                            "Your answer does not satisfy the required JSON Schema: {}.\nReply \
-                             with only the corrected JSON value.",
-                            rejection.listing()
-                        ),
-                    ));
-                    if !repair.tools.is_empty() {
-                        repair.tool_choice = Some(ToolChoice::None);
-                    }
-                    let second = provider.chat(&repair, logs).await.map_err(tool_error)?;
-                    budget.add(&repair, &second);
-                    transcript
-                        .record(
-                            json!({
-                                "step": steps + 1,
-                                "type": "repair",
-                                "content": bounded(&second.content, TRANSCRIPT_TEXT_BYTES_MAX),
-                                "usage": usage_json(second.usage),
-                                "tokens_used": budget.used,
-                            }),
-                            logs,
-                        )
-                        .await;
-                    match checker.check(&second.content) {
-                        Ok(answer) => (answer, second, repair, true),
-                        Err(rejection) => {
-                            let what = match rejection {
-                                Rejection::NotJson(_) => "is not JSON",
-                                Rejection::Violations(_) => "breaks output_schema",
-                            };
-                            return Err(ToolError::permanent(format!(
-                                "the agent's answer {what} after one repair attempt: {}; the \
-                                 answer was: {}",
-                                rejection.listing(),
-                                excerpt(&second.content)
-                            )));
-                        }
+                match checker.check(&second.content) {
+                    Ok(answer) => (answer, second, repair, true),
+                    Err(rejection) => {
+                        return Err(rejection.after_repair("the agent's answer", &second.content))
                     }
                 }
-            };
+            }
+        };
 
         // 4. The confidence.
-        let token_logprobs: Option<Vec<f64>> = final_response
-            .logprobs
-            .as_ref()
-            .map(|tokens| tokens.iter().map(|token| token.logprob).collect());
-        let by_logprobs = token_logprobs
-            .as_deref()
-            .and_then(confidence::from_logprobs);
+        let by_logprobs = super::logprobs_confidence(&final_response);
         let (answer, confidence, method, compared) = match by_logprobs {
             Some(value) => (answer, Some(value), "logprobs", 1),
             None if samples > 1 && budget.used < max_tokens => {

@@ -272,7 +272,33 @@ enum Rejection {
     Violations(Vec<String>),
 }
 
+/// The confidence from a response's token log-probabilities, when the server gave them
+/// ([`confidence::from_logprobs`]).
+pub(crate) fn logprobs_confidence(response: &ChatResponse) -> Option<f64> {
+    let token_logprobs: Vec<f64> = response
+        .logprobs
+        .as_ref()?
+        .iter()
+        .map(|token| token.logprob)
+        .collect();
+    confidence::from_logprobs(&token_logprobs)
+}
+
 impl Rejection {
+    /// The permanent error of an answer (`subject`, e.g. "the model's answer") that still
+    /// fails after the one repair request, quoting the start of `content`.
+    pub(crate) fn after_repair(&self, subject: &str, content: &str) -> ToolError {
+        let what = match self {
+            Rejection::NotJson(_) => "is not JSON",
+            Rejection::Violations(_) => "breaks output_schema",
+        };
+        ToolError::permanent(format!(
+            "{subject} {what} after one repair attempt: {}; the answer was: {}",
+            self.listing(),
+            excerpt(content)
+        ))
+    }
+
     /// The problems, listed for a message.
     fn listing(&self) -> String {
         match self {
@@ -644,29 +670,14 @@ impl Tool for LlmTool {
                 match checker.check(&second.content) {
                     Ok(answer) => (answer, second, true),
                     Err(rejection) => {
-                        let what = match rejection {
-                            Rejection::NotJson(_) => "is not JSON",
-                            Rejection::Violations(_) => "breaks output_schema",
-                        };
-                        return Err(ToolError::permanent(format!(
-                            "the model's answer {what} after one repair attempt: {}; the \
-                             answer was: {}",
-                            rejection.listing(),
-                            excerpt(&second.content)
-                        )));
+                        return Err(rejection.after_repair("the model's answer", &second.content))
                     }
                 }
             }
         };
 
         // 4. The confidence.
-        let token_logprobs: Option<Vec<f64>> = final_response
-            .logprobs
-            .as_ref()
-            .map(|tokens| tokens.iter().map(|token| token.logprob).collect());
-        let by_logprobs = token_logprobs
-            .as_deref()
-            .and_then(confidence::from_logprobs);
+        let by_logprobs = logprobs_confidence(&final_response);
         let (answer, confidence, method, compared) = match by_logprobs {
             Some(value) => (answer, Some(value), "logprobs", 1),
             None if samples > 1 => {

@@ -194,7 +194,14 @@ pub async fn evaluate(
     let mut reciprocal = 0.0f64;
     for query in queries {
         let hits = services
-            .search(org, collection, &query.text, k, mode, &MetadataFilter::all())
+            .search(
+                org,
+                collection,
+                &query.text,
+                k,
+                mode,
+                &MetadataFilter::all(),
+            )
             .await?;
         let rank = hits.iter().position(|hit| {
             hit.metadata.get("section").and_then(Value::as_str) == Some(query.relevant.as_str())

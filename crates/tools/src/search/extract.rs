@@ -164,7 +164,9 @@ fn csv_rows(
     text_field: Option<&str>,
     max_documents: usize,
 ) -> Result<Vec<Document>, String> {
-    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(content);
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(content);
     let headers: Vec<String> = reader
         .headers()
         .map_err(|error| format!("cannot read the CSV header: {error}"))?
@@ -273,10 +275,7 @@ mod tests {
 
     #[test]
     fn formats_are_detected_by_media_type_then_extension() {
-        assert_eq!(
-            TextFormat::detect("text/csv", "x"),
-            Some(TextFormat::Csv)
-        );
+        assert_eq!(TextFormat::detect("text/csv", "x"), Some(TextFormat::Csv));
         assert_eq!(
             TextFormat::detect("text/html; charset=utf-8", "x"),
             Some(TextFormat::Html)
@@ -285,7 +284,10 @@ mod tests {
             TextFormat::detect("application/octet-stream", "notes.md"),
             Some(TextFormat::Markdown)
         );
-        assert_eq!(TextFormat::detect("application/octet-stream", "a.bin"), None);
+        assert_eq!(
+            TextFormat::detect("application/octet-stream", "a.bin"),
+            None
+        );
     }
 
     #[test]

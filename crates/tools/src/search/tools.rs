@@ -35,6 +35,15 @@ fn bad(tool: &str, message: impl std::fmt::Display) -> ToolError {
     ToolError::permanent(format!("invalid {tool} inputs: {message}"))
 }
 
+/// `k` when it is within 1..=[`TOOL_K_MAX`].
+fn k_within(tool: &str, k: usize) -> Result<usize, ToolError> {
+    if (1..=TOOL_K_MAX).contains(&k) {
+        Ok(k)
+    } else {
+        Err(bad(tool, format!("k {k} is outside 1..={TOOL_K_MAX}")))
+    }
+}
+
 fn collection(tool: &str, name: &str) -> Result<CollectionName, ToolError> {
     CollectionName::new(name).map_err(|error| bad(tool, format!("collection: {error}")))
 }
@@ -330,7 +339,9 @@ impl Tool for EmbedTool {
         if !(MIN_CHUNK_CHARS..=MAX_CHUNK_CHARS).contains(&chunk_chars) {
             return Err(bad(
                 "embed",
-                format!("chunk_chars {chunk_chars} is outside {MIN_CHUNK_CHARS}..={MAX_CHUNK_CHARS}"),
+                format!(
+                    "chunk_chars {chunk_chars} is outside {MIN_CHUNK_CHARS}..={MAX_CHUNK_CHARS}"
+                ),
             ));
         }
         let overlap_chars = inputs
@@ -481,10 +492,7 @@ impl Tool for SearchTool {
         let inputs: SearchInputs = parse_inputs("search", inputs)?;
         let collection = collection("search", &inputs.collection)?;
         let filter = filter("search", inputs.filter.as_ref())?;
-        let k = inputs.k.unwrap_or(5);
-        if !(1..=TOOL_K_MAX).contains(&k) {
-            return Err(bad("search", format!("k {k} is outside 1..={TOOL_K_MAX}")));
-        }
+        let k = k_within("search", inputs.k.unwrap_or(5))?;
         let hits = self
             .services
             .search(
@@ -594,12 +602,18 @@ impl Tool for DedupTool {
         let inputs: DedupInputs = parse_inputs("dedup", inputs)?;
         let threshold = inputs.threshold.unwrap_or(0.95);
         if !(0.0..=1.0).contains(&threshold) {
-            return Err(bad("dedup", format!("threshold {threshold} is outside 0..=1")));
+            return Err(bad(
+                "dedup",
+                format!("threshold {threshold} is outside 0..=1"),
+            ));
         }
         let collection = match &inputs.collection {
             Some(name) => Some(collection("dedup", name)?),
             None if inputs.index => {
-                return Err(bad("dedup", "index needs a collection to add the unique texts to"))
+                return Err(bad(
+                    "dedup",
+                    "index needs a collection to add the unique texts to",
+                ))
             }
             None => None,
         };
@@ -622,7 +636,9 @@ impl Tool for DedupTool {
             )));
         }
         if documents.is_empty() {
-            return Ok(json!({"unique": [], "duplicates": [], "groups": [], "count": 0, "unique_count": 0, "skipped": skipped}));
+            return Ok(
+                json!({"unique": [], "duplicates": [], "groups": [], "count": 0, "unique_count": 0, "skipped": skipped}),
+            );
         }
         let texts: Vec<String> = documents.iter().map(|d| d.text.clone()).collect();
         let (vectors, _) = self
@@ -636,7 +652,13 @@ impl Tool for DedupTool {
             for (slot, vector) in indexed.iter_mut().zip(&vectors) {
                 let nearest = self
                     .services
-                    .nearest(context.org_id, collection, vector, 1, &MetadataFilter::all())
+                    .nearest(
+                        context.org_id,
+                        collection,
+                        vector,
+                        1,
+                        &MetadataFilter::all(),
+                    )
                     .await
                     .map_err(|error| tool_error(&format!("dedup: search {collection}"), error))?;
                 if let Some(hit) = nearest.into_iter().next() {
@@ -647,11 +669,10 @@ impl Tool for DedupTool {
             }
         }
         let ids: Vec<String> = documents.iter().map(|d| d.id.clone()).collect();
-        let outcome = tokio::task::spawn_blocking(move || {
-            greedy_dedup(&vectors, &indexed, threshold as f32)
-        })
-        .await
-        .map_err(|error| ToolError::permanent(format!("dedup failed: {error}")))?;
+        let outcome =
+            tokio::task::spawn_blocking(move || greedy_dedup(&vectors, &indexed, threshold as f32))
+                .await
+                .map_err(|error| ToolError::permanent(format!("dedup failed: {error}")))?;
         let mut unique = Vec::new();
         let mut duplicates = Vec::new();
         let mut groups: BTreeMap<usize, Vec<String>> = BTreeMap::new();
@@ -820,19 +841,24 @@ impl Tool for ClassifyTool {
         let collection = collection("classify", &inputs.collection)?;
         let filter = filter("classify", inputs.filter.as_ref())?;
         let label_field = inputs.label_field.as_deref().unwrap_or("label");
-        let k = inputs.k.unwrap_or(10);
-        if !(1..=TOOL_K_MAX).contains(&k) {
-            return Err(bad("classify", format!("k {k} is outside 1..={TOOL_K_MAX}")));
-        }
+        let k = k_within("classify", inputs.k.unwrap_or(10))?;
         let (texts, single) = match (inputs.text, inputs.texts) {
             (Some(text), None) => (vec![text], true),
             (None, Some(texts)) if !texts.is_empty() => (texts, false),
-            _ => return Err(bad("classify", "give exactly one of text or texts (not empty)")),
+            _ => {
+                return Err(bad(
+                    "classify",
+                    "give exactly one of text or texts (not empty)",
+                ))
+            }
         };
         if texts.len() > CLASSIFY_TEXTS_MAX {
             return Err(bad(
                 "classify",
-                format!("{} texts, over the bound of {CLASSIFY_TEXTS_MAX}", texts.len()),
+                format!(
+                    "{} texts, over the bound of {CLASSIFY_TEXTS_MAX}",
+                    texts.len()
+                ),
             ));
         }
         let (vectors, _) = self
@@ -1075,10 +1101,7 @@ impl Tool for MemoryTool {
             }
             MemoryInputs::Recall { agent, query, k } => {
                 let collection = memory_collection(&agent)?;
-                let k = k.unwrap_or(5);
-                if !(1..=TOOL_K_MAX).contains(&k) {
-                    return Err(bad("memory", format!("k {k} is outside 1..={TOOL_K_MAX}")));
-                }
+                let k = k_within("memory", k.unwrap_or(5))?;
                 let hits = self
                     .services
                     .search(
@@ -1138,7 +1161,8 @@ mod tests {
         let negative = weighted_vote(&[n("a", "x", -0.2), n("b", "y", 0.1)]).unwrap();
         assert_eq!(negative.label, "y");
         assert_eq!(negative.confidence, 1.0);
-        let all_negative = weighted_vote(&[n("a", "x", -0.2), n("b", "y", -0.5), n("c", "y", -0.6)]).unwrap();
+        let all_negative =
+            weighted_vote(&[n("a", "x", -0.2), n("b", "y", -0.5), n("c", "y", -0.6)]).unwrap();
         assert_eq!(all_negative.label, "y");
     }
 
@@ -1148,7 +1172,13 @@ mod tests {
             let norm = (x * x + y * y).sqrt();
             vec![x / norm, y / norm]
         };
-        let vectors = vec![v(1.0, 0.0), v(0.0, 1.0), v(1.0, 0.01), v(0.01, 1.0), v(1.0, 1.0)];
+        let vectors = vec![
+            v(1.0, 0.0),
+            v(0.0, 1.0),
+            v(1.0, 0.01),
+            v(0.01, 1.0),
+            v(1.0, 1.0),
+        ];
         let indexed = vec![None, None, None, None, Some(("old".to_owned(), 0.99))];
         let verdicts = greedy_dedup(&vectors, &indexed, 0.95);
         assert!(matches!(verdicts[0], Verdict::Unique));

@@ -46,7 +46,9 @@ fn embedder() -> Arc<MiniLmEmbedder> {
 /// Services over fresh indexes under the harness's directory.
 async fn services(harness: &Harness) -> Arc<SearchServices> {
     let vectors = HnswIndex::open(harness.path("vectors"), HnswIndexOptions::default()).unwrap();
-    let text = SqliteTextIndex::open(&harness.path("text.db")).await.unwrap();
+    let text = SqliteTextIndex::open(&harness.path("text.db"))
+        .await
+        .unwrap();
     Arc::new(SearchServices::new(
         embedder(),
         Arc::new(vectors),
@@ -112,7 +114,11 @@ async fn embed_indexes_html_markdown_and_inline_texts_and_search_finds_them_in_e
 
     let search = SearchTool::new(services.clone());
     for mode in ["hybrid", "vector", "text"] {
-        let query = if mode == "text" { "dough" } else { "how do I make a loaf of bread" };
+        let query = if mode == "text" {
+            "dough"
+        } else {
+            "how do I make a loaf of bread"
+        };
         let found = search
             .execute(
                 harness.context("find", Default::default()),
@@ -137,7 +143,13 @@ async fn embed_indexes_html_markdown_and_inline_texts_and_search_finds_them_in_e
         )
         .await
         .unwrap();
-    assert!(found["hits"][0]["text"].as_str().unwrap().contains("glacier"), "{found}");
+    assert!(
+        found["hits"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("glacier"),
+        "{found}"
+    );
     assert!(!found["hits"][0]["text"].as_str().unwrap().contains("var x"));
     // A metadata filter, and the inline text's own id.
     let found = search
@@ -158,7 +170,10 @@ async fn embed_indexes_html_markdown_and_inline_texts_and_search_finds_them_in_e
         .unwrap();
     assert_eq!(again["passages"], 1);
     let collection = CollectionName::new("notes").unwrap();
-    assert_eq!(services.count(OrgId::DEFAULT, &collection).await.unwrap(), 3);
+    assert_eq!(
+        services.count(OrgId::DEFAULT, &collection).await.unwrap(),
+        3
+    );
     // Another org sees nothing of this one's collection.
     let other = services
         .search(
@@ -214,7 +229,11 @@ async fn classify_labels_held_out_paragraphs_of_the_rust_book_by_their_chapter()
     let mut examples = Vec::new();
     let mut held_out = Vec::new();
     for (index, section) in sections.iter().enumerate() {
-        let label = if section.id.starts_with("ch04") { "ownership" } else { "concurrency" };
+        let label = if section.id.starts_with("ch04") {
+            "ownership"
+        } else {
+            "concurrency"
+        };
         let text: String = section.text.chars().take(800).collect();
         if index % 4 == 0 {
             held_out.push((text, label));
@@ -222,7 +241,12 @@ async fn classify_labels_held_out_paragraphs_of_the_rust_book_by_their_chapter()
             examples.push(json!({"id": section.id, "text": text, "metadata": {"label": label}}));
         }
     }
-    assert!(examples.len() >= 20 && held_out.len() >= 6, "{} {}", examples.len(), held_out.len());
+    assert!(
+        examples.len() >= 20 && held_out.len() >= 6,
+        "{} {}",
+        examples.len(),
+        held_out.len()
+    );
     EmbedTool::new(services.clone())
         .execute(
             harness.context("examples", Default::default()),
@@ -245,7 +269,11 @@ async fn classify_labels_held_out_paragraphs_of_the_rust_book_by_their_chapter()
         .zip(&held_out)
         .filter(|(result, (_, label))| result["label"] == *label)
         .count();
-    assert!(right * 10 >= held_out.len() * 8, "{right} of {} right: {outputs}", held_out.len());
+    assert!(
+        right * 10 >= held_out.len() * 8,
+        "{right} of {} right: {outputs}",
+        held_out.len()
+    );
     let lowest = results
         .iter()
         .map(|r| r["confidence"].as_f64().unwrap())
@@ -255,7 +283,12 @@ async fn classify_labels_held_out_paragraphs_of_the_rust_book_by_their_chapter()
         let confidence = result["confidence"].as_f64().unwrap();
         assert!((0.0..=1.0).contains(&confidence));
         assert_eq!(result["neighbors"].as_array().unwrap().len(), 5);
-        let share: f64 = result["scores"].as_object().unwrap().values().map(|v| v.as_f64().unwrap()).sum();
+        let share: f64 = result["scores"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
         assert!((share - 1.0).abs() < 1e-9);
     }
     // One text: the single-result shape.
@@ -276,7 +309,13 @@ async fn classify_labels_held_out_paragraphs_of_the_rust_book_by_their_chapter()
         .await
         .unwrap_err();
     assert!(!error.retryable);
-    assert!(error.message.contains("collection empty has no example with a \"label\" field"), "{}", error.message);
+    assert!(
+        error
+            .message
+            .contains("collection empty has no example with a \"label\" field"),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
@@ -320,7 +359,11 @@ async fn dedup_groups_near_duplicates_and_checks_against_an_indexed_collection()
         )
         .await
         .unwrap_err();
-    assert!(error.message.contains("index needs a collection"), "{}", error.message);
+    assert!(
+        error.message.contains("index needs a collection"),
+        "{}",
+        error.message
+    );
 }
 
 #[tokio::test]
@@ -358,7 +401,10 @@ async fn memory_remembers_recalls_and_forgets_per_agent_and_org() {
         )
         .await
         .unwrap();
-    assert_eq!(recalled["memories"][0]["text"], "The user prefers answers in French.");
+    assert_eq!(
+        recalled["memories"][0]["text"],
+        "The user prefers answers in French."
+    );
     // Another agent has its own memory.
     let other = memory
         .execute(
@@ -384,7 +430,10 @@ async fn memory_remembers_recalls_and_forgets_per_agent_and_org() {
         .await
         .unwrap();
     assert_eq!(recalled["memories"].as_array().unwrap().len(), 1);
-    assert_eq!(recalled["memories"][0]["text"], "Invoices go to the finance team.");
+    assert_eq!(
+        recalled["memories"][0]["text"],
+        "Invoices go to the finance team."
+    );
 }
 
 #[tokio::test]
@@ -396,22 +445,50 @@ async fn bad_inputs_are_clear_permanent_errors() {
         .upstream_output("model.bin", "application/octet-stream", b"\x00\x01")
         .await;
     let cases = [
-        (json!({"collection": "Bad Name", "texts": ["x"]}), "invalid collection name"),
+        (
+            json!({"collection": "Bad Name", "texts": ["x"]}),
+            "invalid collection name",
+        ),
         (json!({"collection": "c"}), "give texts or source"),
-        (json!({"collection": "c", "source": "blob"}), "model.bin@1 (application/octet-stream) is of no known text format"),
-        (json!({"collection": "c", "source": "nowhere"}), "neither an upstream task"),
-        (json!({"collection": "c", "texts": ["x"], "chunk_chars": 50}), "chunk_chars 50 is outside 100..=4000"),
-        (json!({"collection": "c", "texts": ["x"], "chunk_chars": 200, "overlap_chars": 100}), "must be below half"),
-        (json!({"collection": "c", "source": "blob", "format": "csv", "text_field": "t"}), "text_field \"t\" is not a column"),
-        (json!({"collection": "c", "texts": ["x"], "colour": "red"}), "unknown field `colour`"),
+        (
+            json!({"collection": "c", "source": "blob"}),
+            "model.bin@1 (application/octet-stream) is of no known text format",
+        ),
+        (
+            json!({"collection": "c", "source": "nowhere"}),
+            "neither an upstream task",
+        ),
+        (
+            json!({"collection": "c", "texts": ["x"], "chunk_chars": 50}),
+            "chunk_chars 50 is outside 100..=4000",
+        ),
+        (
+            json!({"collection": "c", "texts": ["x"], "chunk_chars": 200, "overlap_chars": 100}),
+            "must be below half",
+        ),
+        (
+            json!({"collection": "c", "source": "blob", "format": "csv", "text_field": "t"}),
+            "text_field \"t\" is not a column",
+        ),
+        (
+            json!({"collection": "c", "texts": ["x"], "colour": "red"}),
+            "unknown field `colour`",
+        ),
     ];
     for (inputs, expected) in cases {
         let error = embed
-            .execute(harness.context("index", upstream(&[("blob", blob.clone())])), inputs.clone())
+            .execute(
+                harness.context("index", upstream(&[("blob", blob.clone())])),
+                inputs.clone(),
+            )
             .await
             .unwrap_err();
         assert!(!error.retryable, "{inputs}");
-        assert!(error.message.contains(expected), "{inputs}: {}", error.message);
+        assert!(
+            error.message.contains(expected),
+            "{inputs}: {}",
+            error.message
+        );
     }
     // A text over the model's byte bound names its place.
     let long = "word ".repeat(20_000);
@@ -422,7 +499,11 @@ async fn bad_inputs_are_clear_permanent_errors() {
         )
         .await
         .unwrap_err();
-    assert!(error.message.contains("text 1 of the batch"), "{}", error.message);
+    assert!(
+        error.message.contains("text 1 of the batch"),
+        "{}",
+        error.message
+    );
     // An unknown collection has no hits rather than an error.
     let found = SearchTool::new(services.clone())
         .execute(
@@ -452,7 +533,9 @@ async fn bad_inputs_are_clear_permanent_errors() {
 async fn hybrid_search_finds_rust_book_sections_by_their_headings() {
     let harness = Harness::new().await;
     let services = services(&harness).await;
-    let prefixes = ["ch04-", "ch05-", "ch06-", "ch07-", "ch08-", "ch09-", "ch10-"];
+    let prefixes = [
+        "ch04-", "ch05-", "ch06-", "ch07-", "ch08-", "ch09-", "ch10-",
+    ];
     let sections = book_sections(&book_dir(), &prefixes).unwrap();
     let queries = heading_queries(&sections);
     assert!(queries.len() >= 40, "{} queries", queries.len());
@@ -475,7 +558,9 @@ async fn hybrid_search_finds_rust_book_sections_by_their_headings() {
         );
         recall.insert(mode.as_str(), report.recall);
     }
-    assert!(recall["hybrid"] >= 0.8, "{recall:?}");
-    assert!(recall["vector"] >= 0.7, "{recall:?}");
-    assert!(recall["text"] >= 0.5, "{recall:?}");
+    // Measured: text 0.716, vector 0.862, hybrid 0.881 (109 queries).
+    assert!(recall["hybrid"] >= 0.85, "{recall:?}");
+    assert!(recall["hybrid"] >= recall["vector"], "{recall:?}");
+    assert!(recall["vector"] >= 0.8, "{recall:?}");
+    assert!(recall["text"] >= 0.6, "{recall:?}");
 }
