@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
+use arches_core::ids::{OrgId, RunId, TaskId};
 use arches_core::ports::Store;
-use arches_core::records::{
-    AppliedCompletion, Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch,
-};
+use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch};
 use arches_core::state::RunState;
 use arches_core::time::Timestamp;
 use arches_store::conformance::Fixture;
@@ -371,64 +369,4 @@ async fn concurrent_demotions_of_two_owners_leave_one() {
             .count();
         assert_eq!(owners, 1, "round {round}");
     }
-}
-
-/// Stores a worker's report of `task_run_id` directly (the task queue's completion table)
-/// under the sequence number `seq`.
-async fn store_report(store: &PgStore, seq: i64, task_run_id: Uuid) {
-    sqlx::query(
-        "INSERT INTO task_completions (seq, task_run_id, run_id, owner, fencing_token, worker, \
-             claims, outcome, executed_at, finished_at) \
-         VALUES ($1, $2, $3, 'scheduler', 1, 'worker', 1, '{\"succeeded\": null}', 1, 2)",
-    )
-    .bind(seq)
-    .bind(task_run_id)
-    .bind(Uuid::now_v7())
-    .execute(store.pool())
-    .await
-    .unwrap();
-}
-
-async fn stored_reports(store: &PgStore) -> Vec<(i64, Uuid)> {
-    sqlx::query_as("SELECT seq, task_run_id FROM task_completions ORDER BY seq")
-        .fetch_all(store.pool())
-        .await
-        .unwrap()
-}
-
-#[tokio::test]
-async fn an_applied_completion_is_deleted_only_with_its_own_task_run() {
-    // A database crash may lose a report stored with a relaxed commit, and its sequence
-    // number may then be handed to another report: the scheduler that applies the lost one
-    // from memory must not delete the other.
-    let (_database, store) = open(Durability::Normal).await;
-    let (applied, other) = (TaskRunId::new(), TaskRunId::new());
-    store_report(&store, 7, other.0).await;
-    store_report(&store, 8, applied.0).await;
-    store
-        .commit(&WriteBatch {
-            completions_done: vec![AppliedCompletion {
-                seq: 7,
-                task_run_id: applied,
-            }],
-            ..WriteBatch::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(
-        stored_reports(&store).await,
-        vec![(7, other.0), (8, applied.0)],
-        "a sequence number of another task run is not deleted"
-    );
-    store
-        .commit(&WriteBatch {
-            completions_done: vec![AppliedCompletion {
-                seq: 8,
-                task_run_id: applied,
-            }],
-            ..WriteBatch::default()
-        })
-        .await
-        .unwrap();
-    assert_eq!(stored_reports(&store).await, vec![(7, other.0)]);
 }
