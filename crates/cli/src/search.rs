@@ -121,12 +121,7 @@ pub async fn search(
 
 async fn local(home: &Home, args: &SearchArgs) -> anyhow::Result<Vec<Shown>> {
     let collection = CollectionName::new(&args.collection).context("--collection")?;
-    let mode = match args.mode.as_str() {
-        "hybrid" => SearchMode::Hybrid,
-        "vector" => SearchMode::Vector,
-        "text" => SearchMode::Text,
-        other => anyhow::bail!("--mode {other:?} is not hybrid, vector or text"),
-    };
+    let mode = SearchMode::parse(&args.mode).map_err(|error| anyhow::anyhow!("--{error}"))?;
     let filter = match &args.filter {
         None => MetadataFilter::all(),
         Some(text) => {

@@ -87,11 +87,11 @@ impl EmbeddingProvider for LazyMiniLm {
     }
 
     fn max_batch(&self) -> usize {
-        MiniLmOptions::default().max_batch
+        arches_embed::DEFAULT_MAX_BATCH
     }
 
     fn max_text_bytes(&self) -> usize {
-        MiniLmOptions::default().max_text_bytes
+        arches_core::embedding::DEFAULT_MAX_TEXT_BYTES
     }
 
     async fn embed(&self, texts: &[String]) -> Result<Embeddings, EmbeddingError> {

@@ -112,14 +112,8 @@ pub async fn search(
     let collection = CollectionName::new(&query.collection)
         .map_err(|error| ApiError::bad_request(format!("collection: {error}")))?;
     let mode = match query.mode.as_deref() {
-        None | Some("hybrid") => SearchMode::Hybrid,
-        Some("vector") => SearchMode::Vector,
-        Some("text") => SearchMode::Text,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "mode {other:?} is not hybrid, vector or text"
-            )))
-        }
+        None => SearchMode::Hybrid,
+        Some(name) => SearchMode::parse(name).map_err(ApiError::bad_request)?,
     };
     let k = query.k.unwrap_or(HITS_DEFAULT);
     if !(1..=HITS_MAX).contains(&k) {

@@ -69,7 +69,8 @@ use serde_json::{json, Map, Value};
 
 use super::openai::OpenAiProvider;
 use super::{
-    confidence, tool_error, Checker, LlmTool, DEFAULT_SAMPLES, SAMPLES_MAX, SAMPLE_TEMPERATURE,
+    by_agreement, tool_error, usage_json, Checker, LlmTool, DEFAULT_SAMPLES, SAMPLES_MAX,
+    SAMPLE_TEMPERATURE,
 };
 use crate::common::parse_inputs;
 
@@ -271,16 +272,6 @@ fn estimate(request: &ChatRequest, response: &ChatResponse) -> u64 {
             .map(|call| call.name.len() + call.arguments.len())
             .sum::<usize>();
     ((sent + received) as u64).div_ceil(BYTES_PER_TOKEN_ESTIMATE)
-}
-
-fn usage_json(usage: Option<arches_core::llm::TokenUsage>) -> Value {
-    usage.map_or(Value::Null, |usage| {
-        json!({
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-        })
-    })
 }
 
 /// A log sink that puts a prefix before each line of a called tool.
@@ -759,13 +750,7 @@ impl Tool for AgentTool {
                     )
                     .await?,
                 );
-                match confidence::agreement(&answers) {
-                    Some(vote) => {
-                        let modal = answers.get(vote.modal).cloned().flatten().unwrap_or(answer);
-                        (modal, Some(vote.confidence), "agreement", samples)
-                    }
-                    None => (answer, None, "none", 1),
-                }
+                by_agreement(answer, &answers, samples)
             }
             None => (answer, None, "none", 1),
         };
@@ -784,14 +769,12 @@ impl Tool for AgentTool {
         outputs.insert("model".into(), json!(final_response.model));
         outputs.insert("prompt".into(), json!(inputs.prompt));
         outputs.insert("repaired".into(), json!(repaired));
-        let price = self
+        if let Some(cost) = self
             .llm
             .policy
-            .prices
-            .get(&model)
-            .or_else(|| self.llm.policy.prices.get(&final_response.model));
-        if let (Some(price), Some(usage)) = (price, usage) {
-            outputs.insert("cost_usd".into(), json!(price.cost_usd(&usage)));
+            .cost_usd(&model, &final_response.model, usage)
+        {
+            outputs.insert("cost_usd".into(), json!(cost));
         }
         let confidence_text = confidence.map_or_else(
             || "none".to_owned(),

@@ -166,6 +166,21 @@ impl Default for LlmPolicy {
 }
 
 impl LlmPolicy {
+    /// The cost in dollars of `usage` at the price of the model asked for, else of the model
+    /// the server named; `None` without a price or without usage.
+    pub(crate) fn cost_usd(
+        &self,
+        asked: &str,
+        answered: &str,
+        usage: Option<TokenUsage>,
+    ) -> Option<f64> {
+        let price = self
+            .prices
+            .get(asked)
+            .or_else(|| self.prices.get(answered))?;
+        Some(price.cost_usd(&usage?))
+    }
+
     /// The default policy with `ARCHES_LLM_BASE_URL`, `ARCHES_LLM_MODEL` and
     /// `ARCHES_LLM_API_KEY` from the environment (empty values are ignored): for the local
     /// CLI.
@@ -270,6 +285,36 @@ enum Rejection {
     NotJson(String),
     /// JSON breaking the schema: `pointer: message` lines, pointers under `/answer`.
     Violations(Vec<String>),
+}
+
+/// The answer and confidence by agreement among `answers` (the first is `answer`, the
+/// others the extra samples): the modal answer and its share ([`confidence::agreement`]),
+/// as `(answer, confidence, method, answers compared)`; method `none` when no vote is
+/// possible.
+pub(crate) fn by_agreement(
+    answer: Value,
+    answers: &[Option<Value>],
+    samples: u32,
+) -> (Value, Option<f64>, &'static str, u32) {
+    match confidence::agreement(answers) {
+        Some(vote) => {
+            let modal = answers.get(vote.modal).cloned().flatten().unwrap_or(answer);
+            (modal, Some(vote.confidence), "agreement", samples)
+        }
+        None => (answer, None, "none", 1),
+    }
+}
+
+/// Token usage as output JSON: `{prompt_tokens, completion_tokens, total_tokens}`, or
+/// `null` when the server did not report it.
+pub(crate) fn usage_json(usage: Option<TokenUsage>) -> Value {
+    usage.map_or(Value::Null, |usage| {
+        json!({
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        })
+    })
 }
 
 /// The confidence from a response's token log-probabilities, when the server gave them
@@ -686,13 +731,7 @@ impl Tool for LlmTool {
                     self.more_samples(&provider, &request, samples - 1, &checker, logs, &mut tally)
                         .await?,
                 );
-                match confidence::agreement(&answers) {
-                    Some(vote) => {
-                        let modal = answers.get(vote.modal).cloned().flatten().unwrap_or(answer);
-                        (modal, Some(vote.confidence), "agreement", samples)
-                    }
-                    None => (answer, None, "none", 1),
-                }
+                by_agreement(answer, &answers, samples)
             }
             None => (answer, None, "none", 1),
         };
@@ -703,28 +742,14 @@ impl Tool for LlmTool {
         outputs.insert("confidence".into(), json!(confidence));
         outputs.insert("confidence_method".into(), json!(method));
         outputs.insert("samples".into(), json!(compared));
-        outputs.insert(
-            "usage".into(),
-            usage.map_or(Value::Null, |usage| {
-                json!({
-                    "prompt_tokens": usage.prompt_tokens,
-                    "completion_tokens": usage.completion_tokens,
-                    "total_tokens": usage.total_tokens,
-                })
-            }),
-        );
+        outputs.insert("usage".into(), usage_json(usage));
         outputs.insert("requests".into(), json!(tally.requests));
         outputs.insert("model".into(), json!(final_response.model));
         outputs.insert("prompt".into(), json!(inputs.prompt));
         outputs.insert("system".into(), json!(inputs.system));
         outputs.insert("repaired".into(), json!(repaired));
-        let price = self
-            .policy
-            .prices
-            .get(&model)
-            .or_else(|| self.policy.prices.get(&final_response.model));
-        if let (Some(price), Some(usage)) = (price, usage) {
-            outputs.insert("cost_usd".into(), json!(price.cost_usd(&usage)));
+        if let Some(cost) = self.policy.cost_usd(&model, &final_response.model, usage) {
+            outputs.insert("cost_usd".into(), json!(cost));
         }
         let tokens = usage.map_or_else(
             || "usage not reported".to_owned(),

@@ -108,6 +108,19 @@ pub enum SearchMode {
 }
 
 impl SearchMode {
+    /// The mode named `name` (`hybrid`, `vector` or `text`).
+    ///
+    /// # Errors
+    /// A message naming the unknown mode.
+    pub fn parse(name: &str) -> Result<Self, String> {
+        match name {
+            "hybrid" => Ok(SearchMode::Hybrid),
+            "vector" => Ok(SearchMode::Vector),
+            "text" => Ok(SearchMode::Text),
+            other => Err(format!("mode {other:?} is not hybrid, vector or text")),
+        }
+    }
+
     /// The mode's name: `hybrid`, `vector` or `text`.
     pub fn as_str(self) -> &'static str {
         match self {
