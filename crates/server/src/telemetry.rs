@@ -73,7 +73,11 @@ pub fn init_tracing(config: &LogConfig) -> Result<bool, TelemetryError> {
             filter: filter_text.clone(),
             message: error.to_string(),
         })?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: a log redirected to a file or a collector stays plain text
+    // that `grep ' ERROR '` finds.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let installed = match config.format {
         LogFormat::Json => builder
             .json()
