@@ -37,6 +37,7 @@ mod bench;
 mod bench_api;
 mod credentials;
 mod inspect;
+mod logs;
 mod owner;
 mod progress;
 mod remote;
@@ -140,6 +141,9 @@ enum Command {
     /// Search a collection the `embed` tool indexed: hybrid (vector and full text), vector
     /// or full-text; on a server, or in the local home.
     Search(search::SearchArgs),
+    /// Search the task log lines of runs by full text: every word or "quoted phrase" must
+    /// be in the line; best matches first. On a server (the org's runs), or in the local home.
+    SearchLogs(logs::SearchLogsArgs),
     /// Log in to a server and save the session (in the config directory, mode 0600) as the
     /// default server of the commands that follow.
     Login(remote::LoginArgs),
@@ -262,6 +266,10 @@ async fn dispatch(cli: Cli, home_given: bool) -> anyhow::Result<ExitCode> {
         Command::Search(args) => {
             let remote = remote::connect(&connection).await?;
             search::search(&home, remote.as_ref(), args).await
+        }
+        Command::SearchLogs(args) => {
+            let remote = remote::connect(&connection).await?;
+            logs::search_logs(&home, remote.as_ref(), args).await
         }
         Command::Login(args) => remote::login(&connection, args).await,
         Command::Logout => remote::logout(&connection).await,

@@ -270,6 +270,52 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// What [`crate::Client::search_logs`] looks for, and where. The query syntax: every term
+/// must be in the line; a term is a word or a double-quoted phrase; words are letters and
+/// digits, matched whole and case-insensitively; there are no operators.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LogSearchParams {
+    /// The query text (at most 1,000 characters and 32 words).
+    pub q: String,
+    /// Only lines of this run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<RunId>,
+    /// Only lines of this task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskId>,
+    /// Only lines of this stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<LogStream>,
+    /// Only lines written at or after this RFC 3339 time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Only lines written before this RFC 3339 time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub until: Option<String>,
+    /// Hits wanted: 1 to 1,000 (the server's default is 100).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+}
+
+/// A log line that matched a search.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct LogHit {
+    /// Relevance, higher is better; comparable only within one search.
+    pub score: f64,
+    /// The run.
+    pub run_id: RunId,
+    /// The line.
+    #[serde(flatten)]
+    pub line: LogLine,
+}
+
+/// The answer of [`crate::Client::search_logs`].
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct LogSearchResults {
+    /// Best first; lines of equal relevance newest first.
+    pub hits: Vec<LogHit>,
+}
+
 /// What [`crate::Client::follow_logs`] yields.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FollowedLog {

@@ -14,6 +14,7 @@ pub mod execution;
 pub mod identity;
 pub mod ids;
 pub mod llm;
+pub mod log_search;
 pub mod pipeline;
 pub mod ports;
 pub mod records;

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::ids::{ArtifactId, OrgId, ReviewId, RunId, SecretName, TaskId, TaskRunId, ToolName};
+use crate::log_search::{LogHit, LogSearch};
 use crate::pipeline::PipelineDef;
 use crate::records::*;
 use crate::review::{FeedbackPoint, ReviewItem};
@@ -114,6 +115,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Reads log lines in order.
     async fn logs(&self, query: &LogQuery) -> StoreResult<Vec<LogLine>>;
+
+    /// Searches an org's log lines by full text (the syntax of
+    /// [`LogSearchQuery`](crate::log_search::LogSearchQuery)): every
+    /// term must match; hits by relevance, the best first, then the newest first; at most
+    /// `search.limit` hits (see [`LogSearch::limit`]). Lines are indexed in the transaction
+    /// that appends them, so a search sees every line [`Store::logs`] would.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] or [`StoreError::Backend`] when the store fails; never
+    /// an error caused by the query's text.
+    async fn search_logs(&self, search: &LogSearch) -> StoreResult<Vec<LogHit>>;
 
     /// Stores artifact metadata for content already in the blob store, assigning the next
     /// version of its name.
@@ -433,7 +445,34 @@ pub trait SecretReader: Send + Sync + 'static {
     /// # Errors
     /// A secret that is not set (permanent, naming it), one that no configured master key
     /// opens (permanent), or a store failure (retryable).
-    async fn reveal(&self, org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError>;
+    async fn reveal(&self, org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError> {
+        let values = self.reveal_set(org, names).await?;
+        names
+            .iter()
+            .zip(values)
+            .map(|(name, value)| {
+                value.ok_or_else(|| {
+                    ToolError::permanent(format!(
+                        "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The values of those of `names` that are set in `org`, in the same order (`None` for
+    /// one that is not): for settings an org may give or leave to the installation, such as
+    /// its own LLM provider. No secret is set anywhere when the installation has no master
+    /// key.
+    ///
+    /// # Errors
+    /// A secret that is set but no configured master key opens (permanent), or a store
+    /// failure (retryable).
+    async fn reveal_set(
+        &self,
+        org: OrgId,
+        names: &[SecretName],
+    ) -> Result<Vec<Option<String>>, ToolError>;
 }
 
 /// The tools known to an engine, by name, and the resolver of org tools.

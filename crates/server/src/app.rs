@@ -189,14 +189,22 @@ pub fn tool_registry(
     if !config.tools.shell.enabled {
         tools.unregister("shell");
     }
-    let secrets: Arc<dyn arches_core::ports::SecretReader> =
-        Arc::new(crate::registry::SealedSecrets::new(store.clone(), keyring));
+    let secrets = org_secrets(store.clone(), keyring);
     tools.set_resolver(Arc::new(crate::registry::OrgTools::new(
         store,
         executors.clone(),
         secrets,
     )));
     tools
+}
+
+/// The orgs' secrets in `store`, opened by `keyring` (`None`: no master key, so no org has
+/// any): what registered tools and the `llm` tool's org settings read.
+pub fn org_secrets(
+    store: Arc<dyn Store>,
+    keyring: Option<Arc<arches_auth::sealing::Keyring>>,
+) -> Arc<dyn arches_core::ports::SecretReader> {
+    Arc::new(crate::registry::SealedSecrets::new(store, keyring))
 }
 
 /// Errors of assembly.
@@ -239,20 +247,21 @@ pub async fn build(config: ServerConfig, options: BuildOptions) -> Result<Built,
             .map_err(BuildError::Store)?,
     );
     let bus = event_bus(&config, clock.as_ref()).await?;
-    let mut executors =
-        arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
-    if let Some(llm) = config.llm_tool_policy() {
-        executors = executors.with_llm(llm);
-    }
-    if let Some(search) = crate::search::services(&config, &home, executors.http.clone())? {
-        executors = executors.with_search(search);
-    }
-    let http_tool = executors.http.clone();
     let keyring = config
         .secrets
         .keyring()
         .map_err(|e| BuildError::Config(format!("secrets.keys: {e}")))?
         .map(Arc::new);
+    let mut executors =
+        arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
+    executors = executors.with_org_llm(
+        config.llm_tool_policy(),
+        org_secrets(store.clone(), keyring.clone()),
+    );
+    if let Some(search) = crate::search::services(&config, &home, executors.http.clone())? {
+        executors = executors.with_search(search);
+    }
+    let http_tool = executors.http.clone();
     let tools = tool_registry(&config, store.clone(), &executors, keyring.clone());
 
     // With workers: the engine runs task runs here. Without, on PostgreSQL: the scheduler

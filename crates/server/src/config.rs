@@ -337,8 +337,11 @@ pub struct ToolsConfig {
     pub llm: LlmToolConfig,
 }
 
-/// The `llm` tool (`[tools.llm]`): an OpenAI-compatible provider (Ollama, vLLM, llama.cpp's
-/// server, or a gateway to a hosted one). Without `base_url` the tool is not offered.
+/// The `llm` tool (`[tools.llm]`): the installation's OpenAI-compatible provider (Ollama,
+/// vLLM, llama.cpp's server, or a gateway to a hosted one). An org may name its own provider,
+/// default model and key in its secrets `LLM_BASE_URL`, `LLM_MODEL` and `LLM_API_KEY`
+/// (its base URL's host must be in `[tools.http] allowed_hosts` too); without `base_url` here
+/// only orgs that did so can use the `llm` and `agent` tools.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LlmToolConfig {
@@ -433,6 +436,10 @@ pub struct HttpToolConfig {
     pub timeout_secs: u64,
     /// Largest response body read, bytes. Default 16 MiB.
     pub body_limit_bytes: u64,
+    /// A PEM file of certificate authorities trusted for `https` besides the built-in
+    /// Mozilla roots and the system's (the `http`, `llm` and `agent` tools and registered
+    /// HTTP tools). Default none.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for HttpToolConfig {
@@ -445,6 +452,7 @@ impl Default for HttpToolConfig {
             breaker_cool_down_secs: 30,
             timeout_secs: 30,
             body_limit_bytes: 16 * 1024 * 1024,
+            ca_file: None,
         }
     }
 }
@@ -1102,11 +1110,16 @@ impl ServerConfig {
             "events.subject_prefix",
             "must be a NATS subject without wildcards or spaces",
         );
-        for problem in self
-            .llm_tool_policy()
-            .map(|policy| policy.problems())
-            .unwrap_or_default()
-        {
+        if let Some(path) = &self.tools.http.ca_file {
+            if let Err(error) = std::fs::read(path) {
+                check(
+                    false,
+                    "tools.http.ca_file",
+                    &format!("cannot read {}: {error}", path.display()),
+                );
+            }
+        }
+        for problem in self.llm_tool_policy().problems() {
             check(false, "tools.llm", &problem);
         }
         check(
@@ -1250,7 +1263,12 @@ impl ServerConfig {
             "must be > 0",
         );
         for problem in self.http_tool_policy().problems() {
-            check(false, "tools.http.allowed_hosts", &problem);
+            let key = if problem.starts_with("root certificate") {
+                "tools.http.ca_file"
+            } else {
+                "tools.http.allowed_hosts"
+            };
+            check(false, key, &problem);
         }
         for problem in self.wasm_tool_policy().problems() {
             check(false, "tools.wasm", &problem);
@@ -1272,12 +1290,12 @@ impl ServerConfig {
         }
     }
 
-    /// The `llm` tool's policy, `None` without `[tools.llm] base_url`.
-    pub fn llm_tool_policy(&self) -> Option<arches_tools::LlmPolicy> {
+    /// The `llm` tool's policy: the installation's provider from `[tools.llm]` (none without
+    /// `base_url`; orgs may then name their own in their secrets).
+    pub fn llm_tool_policy(&self) -> arches_tools::LlmPolicy {
         let llm = &self.tools.llm;
-        let base_url = llm.base_url.clone()?;
         let mut policy = arches_tools::LlmPolicy {
-            base_url,
+            base_url: llm.base_url.clone(),
             model: llm.model.clone(),
             api_key: llm
                 .api_key
@@ -1287,7 +1305,7 @@ impl ServerConfig {
             ..arches_tools::LlmPolicy::default()
         };
         policy.timeout = std::time::Duration::from_secs(llm.timeout_secs.max(1));
-        Some(policy)
+        policy
     }
 
     /// The `http` tool's policy from `[tools.http]`.
@@ -1307,6 +1325,13 @@ impl ServerConfig {
         };
         policy.default_timeout = std::time::Duration::from_secs(http.timeout_secs.max(1));
         policy.max_body_bytes = http.body_limit_bytes.max(1);
+        // An unreadable file is reported by `validate`.
+        policy.root_certificates = http
+            .ca_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok())
+            .into_iter()
+            .collect();
         policy
     }
 
@@ -1479,6 +1504,9 @@ breaker_cool_down_secs = 30
 timeout_secs = 30
 # Largest response body read, bytes (16 MiB).
 body_limit_bytes = 16777216
+# A PEM file of extra certificate authorities for https (besides the built-in Mozilla roots
+# and the system's), e.g. an internal CA in front of a self-hosted model.
+# ca_file = "/etc/arches/internal-ca.pem"
 
 [tools.wasm]
 # What tasks and registered tools may grant WASM modules; nothing by default. Absolute
@@ -1497,8 +1525,9 @@ module_dirs = []
 enabled = true
 
 [tools.llm]
-# An OpenAI-compatible provider for the `llm` tool; unset: no `llm` tool. Its host must be
-# in [tools.http] allowed_hosts.
+# The installation's OpenAI-compatible provider for the `llm` and `agent` tools; its host
+# must be in [tools.http] allowed_hosts. An org may use its own instead, named in its
+# secrets LLM_BASE_URL, LLM_MODEL and LLM_API_KEY; unset here, only such orgs have one.
 # base_url = "http://127.0.0.1:11434/v1"
 # model = "llama3.2"
 # Prefer ARCHES_TOOLS__LLM__API_KEY for the key.
@@ -1577,8 +1606,10 @@ mod tests {
         let uncommented = ServerConfig::documented_example()
             .lines()
             .map(|line| {
+                // `ca_file` names a file that must exist, which a test machine lacks.
                 line.strip_prefix("# ")
                     .filter(|rest| rest.starts_with('[') || rest.contains(" = "))
+                    .filter(|rest| !rest.starts_with("ca_file"))
                     .unwrap_or(line)
             })
             .collect::<Vec<_>>()

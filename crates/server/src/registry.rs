@@ -97,10 +97,33 @@ fn tool_store_error(what: &str, error: StoreError) -> ToolError {
 #[async_trait]
 impl SecretReader for SealedSecrets {
     async fn reveal(&self, org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError> {
-        let Some(keyring) = &self.keyring else {
+        if self.keyring.is_none() {
             return Err(ToolError::permanent(
                 "this server has no master key for secrets ([secrets] keys), so none can be read",
             ));
+        }
+        let values = self.reveal_set(org, names).await?;
+        names
+            .iter()
+            .zip(values)
+            .map(|(name, value)| {
+                value.ok_or_else(|| {
+                    ToolError::permanent(format!(
+                        "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    async fn reveal_set(
+        &self,
+        org: OrgId,
+        names: &[SecretName],
+    ) -> Result<Vec<Option<String>>, ToolError> {
+        // Without a master key no secret could have been stored.
+        let Some(keyring) = &self.keyring else {
+            return Ok(vec![None; names.len()]);
         };
         let mut values = Vec::with_capacity(names.len());
         for name in names {
@@ -108,14 +131,14 @@ impl SecretReader for SealedSecrets {
                 .store
                 .secret(org, name.as_str())
                 .await
-                .map_err(|error| tool_store_error(&format!("cannot read secret {name}"), error))?
-                .ok_or_else(|| {
-                    ToolError::permanent(format!(
-                        "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
-                    ))
-                })?;
-            let value = open_secret(keyring, &secret)
-                .map_err(|error| ToolError::permanent(format!("secret {name}: {error}")))?;
+                .map_err(|error| tool_store_error(&format!("cannot read secret {name}"), error))?;
+            let value = match secret {
+                Some(secret) => Some(
+                    open_secret(keyring, &secret)
+                        .map_err(|error| ToolError::permanent(format!("secret {name}: {error}")))?,
+                ),
+                None => None,
+            };
             values.push(value);
         }
         Ok(values)

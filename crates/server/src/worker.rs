@@ -67,21 +67,22 @@ pub async fn run_worker(
         LocalArtifactStore::new(&config.home.join("artifacts"), store.clone())
             .context("cannot open the artifact store")?,
     );
-    let mut executors =
-        arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
-    if let Some(llm) = config.llm_tool_policy() {
-        executors = executors.with_llm(llm);
-    }
-    if let Some(search) =
-        crate::search::services(&config, &config.home, executors.http.clone()).context("search")?
-    {
-        executors = executors.with_search(search);
-    }
     let keyring = config
         .secrets
         .keyring()
         .map_err(|e| anyhow::anyhow!("secrets.keys: {e}"))?
         .map(Arc::new);
+    let mut executors =
+        arches_tools::Executors::new(config.http_tool_policy(), config.wasm_tool_policy());
+    executors = executors.with_org_llm(
+        config.llm_tool_policy(),
+        crate::app::org_secrets(store.clone(), keyring.clone()),
+    );
+    if let Some(search) =
+        crate::search::services(&config, &config.home, executors.http.clone()).context("search")?
+    {
+        executors = executors.with_search(search);
+    }
     let tools = tool_registry(&config, store.clone(), &executors, keyring);
 
     let mut engine = EngineOptions::new(config.home.join("work"));

@@ -26,6 +26,7 @@ use std::any::Any;
 use std::sync::Arc;
 
 use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
+use arches_core::log_search::{LogSearch, LogSearchQuery};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError};
 use arches_core::records::*;
@@ -78,6 +79,9 @@ macro_rules! conformance_tests {
             writes_of_one_task_run_within_a_batch_apply_in_order,
             runs_are_listed_newest_first_with_filters_and_a_cursor,
             logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit,
+            log_search_matches_every_word_and_phrase_best_first_then_newest,
+            log_search_is_scoped_by_org_and_filters_by_run_task_stream_and_time,
+            log_search_takes_any_text_and_bounds_its_limit,
             artifacts_get_versions_per_name_and_are_found_by_id_name_and_filter,
             a_batch_of_ten_thousand_task_runs_round_trips,
             pipelines_are_named_per_org_listed_by_latest_version_and_archived,
@@ -861,6 +865,356 @@ pub async fn logs_are_read_in_order_after_a_cursor_by_task_and_up_to_a_limit(
         "a line of a task run not stored has no task id"
     );
     assert_eq!(tail[0].line, unknown_task_run);
+}
+
+/// Two runs of one org (the second with a `load` task) and one run of another org, each
+/// with task runs, for the log search tests; returns the task runs `extract` and `load` of
+/// the first run, `extract` of the second and `extract` of the other org's run.
+async fn log_search_fixture(
+    store: &dyn Store,
+) -> (TaskRunRecord, TaskRunRecord, TaskRunRecord, TaskRunRecord) {
+    let first = run("daily", RunState::Running, 1);
+    let second = run("daily", RunState::Running, 2);
+    let foreign = RunRecord {
+        org_id: OrgId::new(),
+        ..run("daily", RunState::Running, 3)
+    };
+    let extract = task_run(&first, "extract", 0, 4);
+    let load = task_run(&first, "load", 0, 5);
+    let second_extract = task_run(&second, "extract", 0, 6);
+    let foreign_extract = task_run(&foreign, "extract", 0, 7);
+    commit(
+        store,
+        WriteBatch {
+            runs: vec![first, second, foreign],
+            task_runs: vec![
+                extract.clone(),
+                load.clone(),
+                second_extract.clone(),
+                foreign_extract.clone(),
+            ],
+            ..WriteBatch::default()
+        },
+    )
+    .await;
+    (extract, load, second_extract, foreign_extract)
+}
+
+fn log_line(task_run: &TaskRunRecord, stream: LogStream, at: i64, text: &str) -> NewLogLine {
+    NewLogLine {
+        run_id: task_run.run_id,
+        task_run_id: task_run.id,
+        attempt: 1,
+        stream,
+        at: Timestamp(at),
+        text: text.to_owned(),
+    }
+}
+
+fn log_search(org_id: OrgId, query: &str) -> LogSearch {
+    LogSearch {
+        org_id,
+        query: LogSearchQuery::parse(query).expect("the test query parses"),
+        run_id: None,
+        task_id: None,
+        stream: None,
+        since: None,
+        until: None,
+        limit: 0,
+    }
+}
+
+async fn search_texts(store: &dyn Store, search: &LogSearch) -> Vec<String> {
+    store
+        .search_logs(search)
+        .await
+        .expect("the search succeeds")
+        .into_iter()
+        .map(|hit| hit.line.line.text)
+        .collect()
+}
+
+/// A search matches lines holding every term, words case-insensitively and quoted phrases
+/// as adjacent words, wherever punctuation splits them; hits come best first (higher score),
+/// and lines of equal relevance newest first. Each hit carries the whole stored line.
+pub async fn log_search_matches_every_word_and_phrase_best_first_then_newest(
+    store: Arc<dyn Store>,
+) {
+    let (extract, load, _, _) = log_search_fixture(&*store).await;
+    let lines = [
+        log_line(
+            &extract,
+            LogStream::Stdout,
+            10,
+            "reading 3 files from s3://bucket/in",
+        ),
+        log_line(
+            &extract,
+            LogStream::Stderr,
+            11,
+            "ERROR: Connection_Refused by host-1.example.com",
+        ),
+        log_line(
+            &load,
+            LogStream::Stderr,
+            12,
+            "error: connection was refused, retrying",
+        ),
+        log_line(&load, LogStream::Stdout, 13, "timeout timeout timeout"),
+        log_line(
+            &load,
+            LogStream::Stdout,
+            14,
+            "a much longer line that mentions one timeout among many other words of no interest",
+        ),
+        log_line(&extract, LogStream::System, 15, "attempt ended"),
+        log_line(&load, LogStream::System, 16, "attempt ended"),
+    ];
+    store.append_logs(&lines[..3]).await.unwrap();
+    store.append_logs(&lines[3..]).await.unwrap();
+    let org = OrgId::DEFAULT;
+
+    assert_eq!(
+        search_texts(&*store, &log_search(org, "error refused"))
+            .await
+            .len(),
+        2,
+        "every word, in any order, case-insensitively"
+    );
+    assert_eq!(
+        search_texts(&*store, &log_search(org, "\"connection refused\"")).await,
+        vec!["ERROR: Connection_Refused by host-1.example.com"],
+        "a phrase needs its words side by side"
+    );
+    assert_eq!(
+        search_texts(&*store, &log_search(org, "connection_refused")).await,
+        vec!["ERROR: Connection_Refused by host-1.example.com"],
+        "punctuation inside a word makes a phrase"
+    );
+    assert_eq!(
+        search_texts(&*store, &log_search(org, "example host")).await,
+        vec!["ERROR: Connection_Refused by host-1.example.com"],
+        "a host name is split into its words"
+    );
+    assert_eq!(
+        search_texts(&*store, &log_search(org, "s3 bucket")).await,
+        vec!["reading 3 files from s3://bucket/in"]
+    );
+    assert!(search_texts(&*store, &log_search(org, "error nothing"))
+        .await
+        .is_empty());
+    assert!(
+        search_texts(&*store, &log_search(org, "time"))
+            .await
+            .is_empty(),
+        "whole words"
+    );
+
+    let hits = store
+        .search_logs(&log_search(org, "timeout"))
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    assert_eq!(hits[0].line.line, lines[3], "the better match first");
+    assert_eq!(hits[1].line.line, lines[4]);
+    assert!(hits[0].score > hits[1].score, "scores: {hits:?}");
+    assert_eq!(hits[0].line.task_id, Some(task("load")));
+    assert!(hits[0].line.seq > 0);
+
+    let ties = store
+        .search_logs(&log_search(org, "attempt ended"))
+        .await
+        .unwrap();
+    assert_eq!(ties.len(), 2);
+    assert_eq!(
+        ties[0].line.line, lines[6],
+        "equal relevance: the newest first"
+    );
+    assert_eq!(ties[1].line.line, lines[5]);
+    assert!(ties[0].line.seq > ties[1].line.seq);
+}
+
+/// A search returns only lines of the org's runs, and narrows to a run, a task, a stream and
+/// a time range `[since, until)`.
+pub async fn log_search_is_scoped_by_org_and_filters_by_run_task_stream_and_time(
+    store: Arc<dyn Store>,
+) {
+    let (extract, load, second_extract, foreign_extract) = log_search_fixture(&*store).await;
+    store
+        .append_logs(&[
+            log_line(&extract, LogStream::Stdout, 10, "needle extract stdout"),
+            log_line(&load, LogStream::Stderr, 11, "needle load stderr"),
+            log_line(&second_extract, LogStream::Stdout, 12, "needle second run"),
+            log_line(&foreign_extract, LogStream::Stdout, 13, "needle other org"),
+        ])
+        .await
+        .unwrap();
+    let org = OrgId::DEFAULT;
+    let mut all = search_texts(&*store, &log_search(org, "needle")).await;
+    all.sort();
+    assert_eq!(
+        all,
+        vec![
+            "needle extract stdout",
+            "needle load stderr",
+            "needle second run"
+        ],
+        "another org's lines are never returned"
+    );
+    let foreign_org = store
+        .run(foreign_extract.run_id)
+        .await
+        .unwrap()
+        .unwrap()
+        .org_id;
+    assert_eq!(
+        search_texts(&*store, &log_search(foreign_org, "needle")).await,
+        vec!["needle other org"]
+    );
+    assert!(search_texts(&*store, &log_search(OrgId::new(), "needle"))
+        .await
+        .is_empty());
+    assert!(
+        search_texts(
+            &*store,
+            &LogSearch {
+                run_id: Some(foreign_extract.run_id),
+                ..log_search(org, "needle")
+            }
+        )
+        .await
+        .is_empty(),
+        "a run of another org is not searched even when named"
+    );
+
+    let by_run = LogSearch {
+        run_id: Some(extract.run_id),
+        ..log_search(org, "needle")
+    };
+    let mut texts = search_texts(&*store, &by_run).await;
+    texts.sort();
+    assert_eq!(texts, vec!["needle extract stdout", "needle load stderr"]);
+    let by_task = LogSearch {
+        task_id: Some(task("extract")),
+        ..log_search(org, "needle")
+    };
+    let mut texts = search_texts(&*store, &by_task).await;
+    texts.sort();
+    assert_eq!(texts, vec!["needle extract stdout", "needle second run"]);
+    let by_run_and_task = LogSearch {
+        run_id: Some(extract.run_id),
+        ..by_task.clone()
+    };
+    assert_eq!(
+        search_texts(&*store, &by_run_and_task).await,
+        vec!["needle extract stdout"]
+    );
+    let by_stream = LogSearch {
+        stream: Some(LogStream::Stderr),
+        ..log_search(org, "needle")
+    };
+    assert_eq!(
+        search_texts(&*store, &by_stream).await,
+        vec!["needle load stderr"]
+    );
+    let by_time = LogSearch {
+        since: Some(Timestamp(11)),
+        until: Some(Timestamp(12)),
+        ..log_search(org, "needle")
+    };
+    assert_eq!(
+        search_texts(&*store, &by_time).await,
+        vec!["needle load stderr"],
+        "since is inclusive, until exclusive"
+    );
+}
+
+/// Query text is parsed before it reaches a store, and whatever it holds (quotes, FTS5 or
+/// tsquery operators, backslashes) the search either answers or the parser refuses it with
+/// a reason; the store never fails on it. The limit is 100 by default, 1,000 at most.
+pub async fn log_search_takes_any_text_and_bounds_its_limit(store: Arc<dyn Store>) {
+    let (extract, _, _, _) = log_search_fixture(&*store).await;
+    let hostile =
+        "a \"quoted\" OR NEAR(x, y) -minus * star 'apostrophe' back\\slash AND NOT : ^ {col} !";
+    store
+        .append_logs(&[log_line(&extract, LogStream::Stdout, 10, hostile)])
+        .await
+        .unwrap();
+    for text in [
+        "\"",
+        "\"unbalanced",
+        "*",
+        "NEAR(",
+        "NEAR(x, y)",
+        "OR",
+        "a OR",
+        "-",
+        "-minus",
+        "'",
+        "'apostrophe'",
+        "\\",
+        "back\\slash",
+        "star*",
+        "col:star",
+        "{col}",
+        "AND NOT",
+        "!",
+        "^a",
+        "a & b | !c <-> d",
+        "\u{0}",
+        hostile,
+    ] {
+        match LogSearchQuery::parse(text) {
+            Ok(query) => {
+                let search = LogSearch {
+                    query,
+                    ..log_search(OrgId::DEFAULT, "x")
+                };
+                if let Err(error) = store.search_logs(&search).await {
+                    panic!("{text:?}: the store failed: {error}");
+                }
+            }
+            Err(error) => assert!(!error.to_string().is_empty(), "{text:?}"),
+        }
+    }
+    assert_eq!(
+        search_texts(&*store, &log_search(OrgId::DEFAULT, hostile)).await,
+        vec![hostile],
+        "a line matches a query of its own text"
+    );
+    assert_eq!(
+        search_texts(&*store, &log_search(OrgId::DEFAULT, "OR NEAR not")).await,
+        vec![hostile],
+        "operators are words"
+    );
+
+    let lines: Vec<NewLogLine> = (0..1_005)
+        .map(|i| {
+            log_line(
+                &extract,
+                LogStream::Stdout,
+                100 + i,
+                &format!("many line {i}"),
+            )
+        })
+        .collect();
+    store.append_logs(&lines).await.unwrap();
+    let count = |limit: u32| {
+        let store = Arc::clone(&store);
+        async move {
+            store
+                .search_logs(&LogSearch {
+                    limit,
+                    ..log_search(OrgId::DEFAULT, "many")
+                })
+                .await
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(count(0).await, 100, "the default limit");
+    assert_eq!(count(7).await, 7);
+    assert_eq!(count(5_000).await, 1_000, "the largest limit");
 }
 
 /// Artifacts get versions 1, 2, 3… per name and are found by id, by name (a version or the

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arches_core::ids::{ArtifactId, OrgId, RunId, TaskId, TaskRunId};
+use arches_core::log_search::{LogSearch, LogSearchQuery};
 use arches_core::ports::{ArtifactStore, Store, StoreError};
 use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch};
 use arches_core::state::{RunState, TaskRunState};
@@ -118,6 +119,81 @@ async fn reopening_a_database_keeps_its_data_and_applies_migrations_once() {
         .await
         .unwrap();
     assert_eq!(after, migrations, "no migration ran twice");
+}
+
+/// A database whose log lines were written before the log search migration finds them once
+/// it is applied: the migration indexes the stored lines (FTS5 `rebuild`).
+#[tokio::test]
+async fn the_log_search_migration_indexes_lines_stored_before_it() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("arches.db");
+    let run = RunRecord {
+        org_id: OrgId::DEFAULT,
+        id: RunId::new(),
+        pipeline_name: "daily".into(),
+        pipeline_version: 1,
+        params: serde_json::json!({}),
+        state: RunState::Running,
+        error: None,
+        owner: None,
+        created_at: Timestamp(1),
+        started_at: None,
+        finished_at: None,
+    };
+    let store = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+    store
+        .commit(&WriteBatch {
+            runs: vec![run.clone()],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
+    store.close().await;
+
+    // Take the database back to before the migration, then store a line there.
+    let mut connection =
+        SqliteConnection::connect_with(&SqliteConnectOptions::new().filename(&path))
+            .await
+            .unwrap();
+    for statement in [
+        "DROP TRIGGER logs_fts_insert",
+        "DROP TRIGGER logs_fts_delete",
+        "DROP TRIGGER logs_fts_update",
+        "DROP TABLE logs_fts",
+        "DELETE FROM _sqlx_migrations WHERE description = 'log search'",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut connection)
+            .await
+            .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO logs (run_id, task_run_id, task_id, attempt, stream, at, text)
+         VALUES (?1, ?2, 'extract', 1, 'stdout', 5, 'written before the index existed')",
+    )
+    .bind(run.id.to_string())
+    .bind(TaskRunId::new().to_string())
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    connection.close().await.unwrap();
+
+    let reopened = SqliteStore::open(&path, Durability::Normal).await.unwrap();
+    let hits = reopened
+        .search_logs(&LogSearch {
+            org_id: OrgId::DEFAULT,
+            query: LogSearchQuery::parse("index existed").unwrap(),
+            run_id: None,
+            task_id: None,
+            stream: None,
+            since: None,
+            until: None,
+            limit: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0].line.line.text, "written before the index existed");
 }
 
 #[tokio::test]

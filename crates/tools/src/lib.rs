@@ -37,13 +37,16 @@ pub mod wasm;
 
 use std::sync::Arc;
 
-use arches_core::ports::ToolRegistry;
+use arches_core::ports::{SecretReader, ToolRegistry};
 
 pub use basic::{ApprovalTool, EchoTool, NoopTool};
 pub use file::FileTool;
 pub use http::{BreakerSettings, BreakerState, HttpPolicy, HttpTool, RateLimit};
 pub use llm::agent::AgentTool;
-pub use llm::{ApiKey, LlmPolicy, LlmTool, ModelPrice};
+pub use llm::{
+    ApiKey, LlmPolicy, LlmTool, ModelPrice, ORG_API_KEY_SECRET, ORG_BASE_URL_SECRET,
+    ORG_MODEL_SECRET,
+};
 pub use registered::{check_manifest, Executors, ManifestProblem, RegisteredTool};
 pub use shell::ShellTool;
 pub use sql::SqlTool;
@@ -129,6 +132,17 @@ impl Executors {
     /// (its allowed hosts, breakers and rate limits).
     pub fn with_llm(mut self, policy: LlmPolicy) -> Self {
         self.llm = Some(Arc::new(LlmTool::new(policy, self.http.clone())));
+        self
+    }
+
+    /// These executors with the `llm` tool under `policy`, each org choosing its own
+    /// provider, default model and API key in its secrets (`LLM_BASE_URL`, `LLM_MODEL`,
+    /// `LLM_API_KEY`, read from `secrets`; see [`LlmTool::with_org_secrets`]); the `agent`
+    /// tool asks through the same settings.
+    pub fn with_org_llm(mut self, policy: LlmPolicy, secrets: Arc<dyn SecretReader>) -> Self {
+        self.llm = Some(Arc::new(
+            LlmTool::new(policy, self.http.clone()).with_org_secrets(secrets),
+        ));
         self
     }
 }

@@ -268,10 +268,18 @@ fn endpoint_problems(
     let url_pointer = format!("/implementation/{kind}/url");
     match reqwest::Url::parse(url) {
         Err(error) => problem(&url_pointer, format!("{url:?} is not a valid URL: {error}")),
-        Ok(parsed) if parsed.scheme() != "http" => problem(
+        // MCP's client speaks plain http only (its HTTP stack is built without TLS).
+        Ok(parsed) if kind == "mcp" && parsed.scheme() != "http" => problem(
             &url_pointer,
             format!(
-                "scheme {:?} is not supported; use http (this build has no TLS)",
+                "scheme {:?} is not supported for MCP servers; use http",
+                parsed.scheme()
+            ),
+        ),
+        Ok(parsed) if !matches!(parsed.scheme(), "http" | "https") => problem(
+            &url_pointer,
+            format!(
+                "scheme {:?} is not supported; use http or https",
                 parsed.scheme()
             ),
         ),

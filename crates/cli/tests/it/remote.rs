@@ -449,7 +449,7 @@ async fn the_cli_registers_a_wasm_tool_runs_it_and_keeps_secrets_out_of_sight() 
     let bad = config.join("bad.tool.yaml");
     std::fs::write(
         &bad,
-        "name: shell\nimplementation:\n  http: {url: \"https://example.test/x\"}\n",
+        "name: shell\nimplementation:\n  http: {url: \"ftp://example.test/x\"}\n",
     )
     .unwrap();
     let refused = arches(config, &["tools", "register", bad.to_str().unwrap()], None).await;

@@ -735,7 +735,10 @@ async fn a_task_whose_claims_keep_expiring_is_failed_by_the_next_worker_instead_
         .unwrap();
     assert_eq!(h.apply_completions().await, 1);
     stop.cancel();
-    worker.await.unwrap();
+    tokio::time::timeout(WAIT, worker)
+        .await
+        .expect("the stopped worker ends")
+        .unwrap();
     let run = h.db.store.run(run_id).await.unwrap().unwrap();
     assert_eq!(run.state, RunState::Failed);
     let task_run = &h.db.store.task_runs(run_id).await.unwrap()[0];

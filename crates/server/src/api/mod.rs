@@ -11,6 +11,7 @@ pub mod artifacts;
 pub mod audit_log;
 pub mod auth;
 pub mod events;
+pub mod logs;
 pub mod orgs;
 pub mod pipelines;
 pub mod reviews;
@@ -318,6 +319,7 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     doc.merge(tools::ToolsApi::openapi());
     doc.merge(reviews::ReviewsApi::openapi());
     doc.merge(search::SearchApi::openapi());
+    doc.merge(logs::LogsApi::openapi());
     doc.info.version = env!("CARGO_PKG_VERSION").to_owned();
     add_default_error_responses(&mut doc);
     doc
@@ -436,6 +438,7 @@ pub fn router() -> Router<AppState> {
         .merge(tools::routes())
         .merge(reviews::routes())
         .merge(search::routes())
+        .merge(logs::routes())
 }
 
 /// 204 No Content, for handlers that return nothing.

@@ -5,6 +5,7 @@ mod auth;
 mod common;
 mod core_api;
 mod identity_cache;
+mod logs;
 mod reviews;
 mod search;
 mod security;

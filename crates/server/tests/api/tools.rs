@@ -1053,3 +1053,105 @@ async fn a_server_without_the_shell_tool_refuses_shell_tasks_at_validation() {
         "{body}"
     );
 }
+
+/// A chat-completions server on 127.0.0.1 answering `hello` with certain log-probabilities;
+/// its base URL and the `(authorization, model)` of every request it received.
+async fn chat_server() -> (String, Arc<Mutex<Vec<(String, String)>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, axum::Json(body): axum::Json<Value>| {
+                let record = record.clone();
+                async move {
+                    let auth = headers
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let model = body["model"].as_str().unwrap_or_default().to_owned();
+                    record.lock().unwrap().push((auth, model.clone()));
+                    axum::Json(json!({
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion",
+                        "created": 1_700_000_000,
+                        "model": model,
+                        "choices": [{
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "hello"},
+                            "logprobs": {"content": [{"token": "hello", "logprob": 0.0, "top_logprobs": []}]},
+                            "finish_reason": "stop"
+                        }],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
+                    }))
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/v1"), seen)
+}
+
+/// With no installation provider, an org that names its own in its secrets runs `llm`
+/// tasks against it with its own key and model; another org has no provider and its task
+/// fails at once naming the secret to set.
+#[tokio::test]
+async fn an_org_runs_llm_tasks_on_the_provider_its_secrets_name() {
+    let (base_url, seen) = chat_server().await;
+    let keys = master_key("k1");
+    let server = TestServer::start_with(|c| configure(c, Some(&keys))).await;
+    let admin = server.token_for(Role::Admin).await;
+    let pipeline = "name: ask\ntasks:\n  - id: ask\n    tool: llm\n    with:\n      prompt: say hello\n      samples: 1\n";
+
+    // Another org, without settings: no provider.
+    let now = server.state.clock.now();
+    let other = arches_core::identity::OrgRecord {
+        id: arches_core::OrgId::new(),
+        slug: "other".into(),
+        name: "Other".into(),
+        created_at: now,
+    };
+    let (_, other_user) = server
+        .token_in(arches_core::OrgId::DEFAULT, Role::Viewer)
+        .await;
+    server
+        .state
+        .identity
+        .create_org(&other, other_user)
+        .await
+        .unwrap();
+    let other_admin = server
+        .session_token(other_user, other.id, Role::Owner)
+        .await;
+    create_pipeline(&server, &other_admin, pipeline).await;
+    let (state, task_runs) = run(&server, &other_admin, "ask").await;
+    assert_eq!(state, "failed", "{task_runs:?}");
+    let error = task_runs[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("LLM_BASE_URL"), "{error}");
+    assert_eq!(task_runs[0]["attempts"].as_array().unwrap().len(), 1);
+
+    for (name, value) in [
+        ("LLM_BASE_URL", base_url.as_str()),
+        ("LLM_MODEL", "org-model"),
+        ("LLM_API_KEY", "sk-org-default"),
+    ] {
+        let (status, body) = put_secret(&server, &admin, name, value).await;
+        assert!(status == 200 || status == 201, "{status} {body}");
+    }
+    create_pipeline(&server, &admin, pipeline).await;
+    let (state, task_runs) = run(&server, &admin, "ask").await;
+    assert_eq!(state, "succeeded", "{task_runs:?}");
+    let outputs = &task_runs[0]["outputs"];
+    assert_eq!(outputs["answer"], "hello", "{outputs}");
+    assert_eq!(outputs["provider"], "org", "{outputs}");
+    assert_eq!(outputs["model"], "org-model", "{outputs}");
+    assert_eq!(
+        seen.lock().unwrap().clone(),
+        vec![("Bearer sk-org-default".to_owned(), "org-model".to_owned())]
+    );
+    // The key is in no output.
+    assert!(!task_runs[0].to_string().contains("sk-org-default"));
+}

@@ -36,6 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
+use arches_core::log_search::{
+    LogHit, LogSearch, LogSearchQuery, LOG_SEARCH_LIMIT_DEFAULT, LOG_SEARCH_LIMIT_MAX,
+};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
@@ -342,6 +345,22 @@ SELECT l.run_id, l.task_run_id,
 FROM UNNEST($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::bigint[], $6::text[])
      WITH ORDINALITY AS l (run_id, task_run_id, attempt, stream, at, text, n)
 ORDER BY l.n";
+
+/// Pushes the tsquery of a log search: one `phraseto_tsquery('simple', …)` per term (a word
+/// is a phrase of one), all joined by `&&`. The terms are bound, never spliced into the text.
+fn push_tsquery(builder: &mut QueryBuilder<'_, Postgres>, query: &LogSearchQuery) {
+    builder.push("(");
+    for (i, phrase) in query.phrases().iter().enumerate() {
+        if i > 0 {
+            builder.push(" && ");
+        }
+        builder
+            .push("phraseto_tsquery('simple'::regconfig, ")
+            .push_bind(phrase.join(" "))
+            .push(")");
+    }
+    builder.push(")");
+}
 
 /// Pipeline versions with their name's archive time.
 const PIPELINE_SELECT: &str = "SELECT p.org_id, p.name, p.version, p.digest, p.definition, \
@@ -838,6 +857,58 @@ impl Store for PgStore {
         ));
         let rows = builder.build().fetch_all(&self.pool).await.map_err(db)?;
         cpu_work(rows.len(), || rows.iter().map(log_from_row).collect())
+    }
+
+    async fn search_logs(&self, search: &LogSearch) -> StoreResult<Vec<LogHit>> {
+        // The words are matched through `arches_log_words`, the expression of the GIN index
+        // (migrations_pg/0006_log_search.sql). `phraseto_tsquery` takes any text without error.
+        let mut builder = QueryBuilder::<Postgres>::new(
+            "SELECT l.seq, l.run_id, l.task_run_id, l.task_id, l.attempt, l.stream, l.at, \
+                    l.text, ts_rank(arches_log_words(l.text), ",
+        );
+        push_tsquery(&mut builder, &search.query);
+        builder.push(
+            ")::float8 AS score \
+             FROM logs AS l JOIN runs AS r ON r.id = l.run_id \
+             WHERE arches_log_words(l.text) @@ ",
+        );
+        push_tsquery(&mut builder, &search.query);
+        builder.push(" AND r.org_id = ").push_bind(search.org_id.0);
+        if let Some(run_id) = search.run_id {
+            builder.push(" AND l.run_id = ").push_bind(run_id.0);
+        }
+        if let Some(task_id) = &search.task_id {
+            builder
+                .push(" AND l.task_id = ")
+                .push_bind(task_id.as_str().to_owned());
+        }
+        if let Some(stream) = search.stream {
+            builder.push(" AND l.stream = ").push_bind(stream.as_str());
+        }
+        if let Some(since) = search.since {
+            builder.push(" AND l.at >= ").push_bind(since.as_micros());
+        }
+        if let Some(until) = search.until {
+            builder.push(" AND l.at < ").push_bind(until.as_micros());
+        }
+        builder
+            .push(" ORDER BY score DESC, l.seq DESC LIMIT ")
+            .push_bind(clamp_limit(
+                search.limit,
+                LOG_SEARCH_LIMIT_DEFAULT,
+                LOG_SEARCH_LIMIT_MAX,
+            ));
+        let rows = builder.build().fetch_all(&self.pool).await.map_err(db)?;
+        cpu_work(rows.len(), || {
+            rows.iter()
+                .map(|row| {
+                    Ok(LogHit {
+                        line: log_from_row(row)?,
+                        score: column(row, "score")?,
+                    })
+                })
+                .collect()
+        })
     }
 
     async fn insert_artifact(

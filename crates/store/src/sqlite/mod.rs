@@ -25,6 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arches_core::ids::{ArtifactId, OrgId, RunId, SecretName, TaskId, TaskRunId, ToolName};
+use arches_core::log_search::{
+    LogHit, LogSearch, LogSearchQuery, LOG_SEARCH_LIMIT_DEFAULT, LOG_SEARCH_LIMIT_MAX,
+};
 use arches_core::pipeline::PipelineDef;
 use arches_core::ports::{Store, StoreError, StoreResult};
 use arches_core::records::*;
@@ -412,6 +415,22 @@ pub(crate) fn cpu_work<T>(rows: usize, work: impl FnOnce() -> T) -> T {
 pub(crate) fn clamp_limit(limit: u32, default: u32, max: u32) -> i64 {
     let limit = if limit == 0 { default } else { limit };
     i64::from(limit.clamp(1, max))
+}
+
+/// The FTS5 query of a log search: each term as a quoted string (a phrase), the terms side by
+/// side (FTS5's implicit AND). Words hold letters and digits only, so no quote needs escaping
+/// and no FTS5 operator can appear.
+fn fts5_query(query: &LogSearchQuery) -> String {
+    let mut text = String::new();
+    for phrase in query.phrases() {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push('"');
+        text.push_str(&phrase.join(" ").replace('"', "\"\""));
+        text.push('"');
+    }
+    text
 }
 
 /// Task runs of the batch written after a write of the same id with a higher token in the same
@@ -815,6 +834,60 @@ impl Store for SqliteStore {
         ));
         let rows = builder.build().fetch_all(&self.reader).await.map_err(db)?;
         cpu_work(rows.len(), || rows.iter().map(log_from_row).collect())
+    }
+
+    async fn search_logs(&self, search: &LogSearch) -> StoreResult<Vec<LogHit>> {
+        // `bm25()` is lower for better matches; the score is its negation so that higher is
+        // better on every backend.
+        let mut builder = QueryBuilder::<Sqlite>::new(
+            "SELECT l.seq, l.run_id, l.task_run_id, l.task_id, l.attempt, l.stream, l.at, \
+                    l.text, -bm25(logs_fts) AS score \
+             FROM logs_fts \
+             JOIN logs AS l ON l.seq = logs_fts.rowid \
+             JOIN runs AS r ON r.id = l.run_id \
+             WHERE logs_fts MATCH ",
+        );
+        builder.push_bind(fts5_query(&search.query));
+        builder
+            .push(" AND r.org_id = ")
+            .push_bind(search.org_id.to_string());
+        if let Some(run_id) = search.run_id {
+            builder
+                .push(" AND l.run_id = ")
+                .push_bind(run_id.to_string());
+        }
+        if let Some(task_id) = &search.task_id {
+            builder
+                .push(" AND l.task_id = ")
+                .push_bind(task_id.as_str().to_owned());
+        }
+        if let Some(stream) = search.stream {
+            builder.push(" AND l.stream = ").push_bind(stream.as_str());
+        }
+        if let Some(since) = search.since {
+            builder.push(" AND l.at >= ").push_bind(since.as_micros());
+        }
+        if let Some(until) = search.until {
+            builder.push(" AND l.at < ").push_bind(until.as_micros());
+        }
+        builder
+            .push(" ORDER BY bm25(logs_fts), l.seq DESC LIMIT ")
+            .push_bind(clamp_limit(
+                search.limit,
+                LOG_SEARCH_LIMIT_DEFAULT,
+                LOG_SEARCH_LIMIT_MAX,
+            ));
+        let rows = builder.build().fetch_all(&self.reader).await.map_err(db)?;
+        cpu_work(rows.len(), || {
+            rows.iter()
+                .map(|row| {
+                    Ok(LogHit {
+                        line: log_from_row(row)?,
+                        score: column(row, "score")?,
+                    })
+                })
+                .collect()
+        })
     }
 
     async fn insert_artifact(

@@ -1,8 +1,9 @@
-//! The `http` tool: one HTTP request (plain `http` only) with bounded retries, a circuit
+//! The `http` tool: one HTTP request (`http` or `https`, TLS by rustls trusting the Mozilla
+//! roots, the system's and [`HttpPolicy::root_certificates`]) with bounded retries, a circuit
 //! breaker and a rate limit per host, and a bounded response body.
 //!
-//! Order of checks for each task attempt: inputs, URL scheme (`https` is refused: this build
-//! has no TLS), allowed hosts; then for each in-tool attempt: the host's circuit breaker
+//! Order of checks for each task attempt: inputs, URL scheme (`http` or `https`), allowed
+//! hosts; then for each in-tool attempt: the host's circuit breaker
 //! (see the `breaker` submodule), the host's rate limit, the request itself. Nothing reaches the network
 //! before the host is known to be allowed.
 //!
@@ -93,6 +94,9 @@ pub struct HttpPolicy {
     /// The clock of the breakers' cool-downs and of the rate limit's buckets. With a manual
     /// clock, a rate-limit wait ends only when the clock is moved (else at the timeout).
     pub clock: Arc<dyn Clock>,
+    /// PEM bundles of certificate authorities trusted for `https` besides the built-in
+    /// Mozilla roots and the system's (an internal CA in front of a self-hosted model, say).
+    pub root_certificates: Vec<Vec<u8>>,
 }
 
 impl std::fmt::Debug for HttpPolicy {
@@ -104,6 +108,7 @@ impl std::fmt::Debug for HttpPolicy {
             .field("default_timeout", &self.default_timeout)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("max_attempts", &self.max_attempts)
+            .field("root_certificates", &self.root_certificates.len())
             .finish_non_exhaustive()
     }
 }
@@ -123,6 +128,7 @@ impl Default for HttpPolicy {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
             clock: Arc::new(SystemClock),
+            root_certificates: Vec::new(),
         }
     }
 }
@@ -164,6 +170,17 @@ impl HttpPolicy {
         }
         if self.max_attempts == 0 {
             out.push("max_attempts must be at least 1".to_owned());
+        }
+        for (index, pem) in self.root_certificates.iter().enumerate() {
+            match reqwest::Certificate::from_pem_bundle(pem) {
+                Ok(certificates) if !certificates.is_empty() => {}
+                Ok(_) => out.push(format!(
+                    "root certificate bundle {index} holds no PEM certificate"
+                )),
+                Err(error) => out.push(format!(
+                    "root certificate bundle {index} is not PEM certificates: {error}"
+                )),
+            }
         }
         out
     }
@@ -316,8 +333,8 @@ const LIMITER_HOSTS_MAX: usize = 10_000;
 /// The `http` tool.
 ///
 /// Inputs:
-/// - `url` (string, required): an `http://` URL. `https` is refused (this build has no TLS);
-///   the host must match the policy's allowed hosts.
+/// - `url` (string, required): an `http://` or `https://` URL; the host must match the
+///   policy's allowed hosts.
 /// - `method` (string): `GET` (default), `POST`, `PUT`, `PATCH`, `DELETE` or `HEAD`.
 /// - `headers` (object, name → string value).
 /// - `query` (object, name → string, number or boolean): appended to the URL's query.
@@ -389,9 +406,21 @@ impl HttpTool {
             if attempt.previous().len() > REDIRECTS_MAX {
                 let error = format!("more than {REDIRECTS_MAX} redirects");
                 attempt.error(error)
-            } else if attempt.url().scheme() != "http" {
+            } else if !matches!(attempt.url().scheme(), "http" | "https") {
                 let error = format!(
-                    "redirect to {} refused: only http is supported",
+                    "redirect to {} refused: only http and https are supported",
+                    display_url(attempt.url())
+                );
+                attempt.error(error)
+            } else if attempt.url().scheme() == "http"
+                && attempt
+                    .previous()
+                    .last()
+                    .is_some_and(|previous| previous.scheme() == "https")
+            {
+                // Headers (keys among them) sent over TLS must not follow in clear text.
+                let error = format!(
+                    "redirect to {} refused: from https down to http",
                     display_url(attempt.url())
                 );
                 attempt.error(error)
@@ -406,12 +435,17 @@ impl HttpTool {
                 attempt.follow()
             }
         });
-        let client = reqwest::Client::builder()
-            .redirect(redirects)
-            .no_proxy()
-            .build()
-            // Building fails only when a TLS backend cannot start; this build has none.
-            .unwrap_or_default();
+        let mut builder = reqwest::Client::builder().redirect(redirects).no_proxy();
+        for pem in &policy.root_certificates {
+            // A bundle that does not parse is reported by `HttpPolicy::problems`.
+            for certificate in reqwest::Certificate::from_pem_bundle(pem).unwrap_or_default() {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let client = builder.build().unwrap_or_else(|error| {
+            tracing::error!(%error, "the http tool's TLS client cannot start; using the defaults");
+            reqwest::Client::default()
+        });
         let limiter_clock = LimiterClock(policy.clock.clone());
         let limiter = policy.rate_limit.map(|limit| {
             HostLimiter::new(
@@ -809,16 +843,10 @@ impl HttpTool {
             ToolError::permanent(format!("url {:?} is not a valid URL: {error}", inputs.url))
         })?;
         match url.scheme() {
-            "http" => {}
-            "https" => {
-                return Err(ToolError::permanent(format!(
-                    "https is not supported by this build (no TLS): {}",
-                    display_url(&url)
-                )))
-            }
+            "http" | "https" => {}
             other => {
                 return Err(ToolError::permanent(format!(
-                    "url scheme {other:?} is not supported; use http"
+                    "url scheme {other:?} is not supported; use http or https"
                 )))
             }
         }
@@ -1034,7 +1062,7 @@ impl Tool for HttpTool {
             "not": {"required": ["body", "body_text"]},
             "properties": {
                 "method": {"type": "string", "enum": METHODS, "default": "GET"},
-                "url": {"type": "string", "minLength": 1, "description": "an http:// URL on an allowed host"},
+                "url": {"type": "string", "minLength": 1, "description": "an http:// or https:// URL on an allowed host"},
                 "headers": {
                     "type": "object",
                     "additionalProperties": {"type": "string"}

@@ -43,7 +43,7 @@ impl HttpTool {
     /// Sends `post`, writing a line per attempt to `logs`.
     ///
     /// # Errors
-    /// Permanent: a URL that is not `http://` or whose host the policy (or the current
+    /// Permanent: a URL that is not `http://` or `https://`, or whose host the policy (or the current
     /// registered tool's capabilities) does not allow, checked before anything is sent; a
     /// body over the limit; a 3xx or 1xx. Transient: retries spent on connection errors,
     /// timeouts, 408, 429 and 5xx, or an open circuit breaker.
@@ -53,9 +53,9 @@ impl HttpTool {
         logs: &dyn LogSink,
     ) -> Result<Reply, ToolError> {
         let url = post.url;
-        if url.scheme() != "http" {
+        if !matches!(url.scheme(), "http" | "https") {
             return Err(ToolError::permanent(format!(
-                "{}: only http:// URLs are supported by this build (no TLS)",
+                "{}: only http:// and https:// URLs are supported",
                 display_url(&url)
             )));
         }

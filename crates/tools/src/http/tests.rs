@@ -482,23 +482,107 @@ fn host_patterns_match_hosts_ports_and_suffixes() {
     assert!(AllowedHosts::new(&["*".to_owned()]).allows(&Url::parse("http://any.where/").unwrap()));
 }
 
+/// A TLS server on 127.0.0.1 with a fresh self-signed certificate for `127.0.0.1`: it
+/// answers every HTTP/1.1 request with `{"tls": true}` and closes. Its `https://` base URL,
+/// its certificate (PEM) and how many requests it answered.
+async fn start_tls_server() -> (String, String, Arc<AtomicU32>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls;
+
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let pem = certified.cert.pem();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let answered = Arc::new(AtomicU32::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let count = count.clone();
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends the handshake.
+                let Ok(mut stream) = acceptor.accept(socket).await else {
+                    return;
+                };
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 65_536 {
+                    match stream.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let body = r#"{"tls": true}"#;
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                count.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(response.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (format!("https://127.0.0.1:{port}"), pem, answered)
+}
+
 #[tokio::test]
-async fn https_is_refused_clearly() {
+async fn https_reaches_a_server_whose_authority_is_trusted_and_no_other() {
+    let (base, pem, answered) = start_tls_server().await;
+    let url = format!("{base}/x");
+
+    // Its certificate is signed by no authority the client trusts: the handshake fails.
+    let untrusting = HttpTool::new(policy(&manual_clock()));
+    let error = call(&untrusting, json!({"url": url, "retry": fast_retry(1)}))
+        .await
+        .unwrap_err();
+    assert!(error.message.contains("127.0.0.1"), "{}", error.message);
+    assert_eq!(answered.load(Ordering::SeqCst), 0);
+
+    // Trusting it as a root, the request goes through over TLS.
+    let trusting = HttpTool::new(HttpPolicy {
+        root_certificates: vec![pem.into_bytes()],
+        ..policy(&manual_clock())
+    });
+    let out = call(&trusting, json!({"url": url})).await.unwrap();
+    assert_eq!(out["status"], 200);
+    assert_eq!(out["body"], json!({"tls": true}));
+    assert_eq!(answered.load(Ordering::SeqCst), 1);
+
+    // A bundle that is not PEM is a problem of the policy, named.
+    let bad = HttpPolicy {
+        root_certificates: vec![b"not a certificate".to_vec()],
+        ..HttpPolicy::default()
+    };
+    assert!(
+        bad.problems()
+            .iter()
+            .any(|problem| problem.contains("root certificate bundle 0")),
+        "{:?}",
+        bad.problems()
+    );
+}
+
+#[tokio::test]
+async fn schemes_other_than_http_and_https_are_refused_clearly() {
     let tool = HttpTool::new(HttpPolicy {
         clock: manual_clock(),
         ..HttpPolicy::allow_all()
     });
-    let error = call(&tool, json!({"url": "https://example.com/x?key=secret"}))
-        .await
-        .unwrap_err();
-    assert!(!error.retryable);
-    assert_eq!(
-        error.message,
-        "https is not supported by this build (no TLS): https://example.com/x"
-    );
     let error = call(&tool, json!({"url": "ftp://example.com/x"}))
         .await
         .unwrap_err();
+    assert!(!error.retryable);
     assert!(error.message.contains("scheme \"ftp\" is not supported"));
 }
 

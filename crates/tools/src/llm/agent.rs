@@ -557,11 +557,15 @@ impl Tool for AgentTool {
                 })?),
             },
         };
-        let (model, provider) = self.llm.provider_for(
-            inputs.model.as_ref(),
-            inputs.base_url.as_ref(),
-            inputs.timeout,
-        )?;
+        let (model, provider, _source) = self
+            .llm
+            .provider_for(
+                context.org_id,
+                inputs.model.as_ref(),
+                inputs.base_url.as_ref(),
+                inputs.timeout,
+            )
+            .await?;
         let (callables, definitions) = self.callables(&context, &inputs.tools).await?;
 
         // 2. The loop.

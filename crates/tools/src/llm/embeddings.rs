@@ -383,7 +383,11 @@ mod tests {
             endpoint("http://tei:8080/").unwrap().as_str(),
             "http://tei:8080/embeddings"
         );
-        assert!(endpoint("https://api.openai.com/v1").is_err());
+        assert_eq!(
+            endpoint("https://api.openai.com/v1").unwrap().as_str(),
+            "https://api.openai.com/v1/embeddings"
+        );
+        assert!(endpoint("ftp://api.openai.com/v1").is_err());
         assert!(endpoint("http://user:pw@host/v1").is_err());
     }
 

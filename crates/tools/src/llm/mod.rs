@@ -1,9 +1,16 @@
 //! The `llm` tool: one prompt to an OpenAI-compatible chat model, an answer checked against
 //! a JSON Schema (with one repair attempt), and a confidence in [0, 1].
 //!
+//! The provider is the org's own where it set one, else the installation's: an org names its
+//! OpenAI-compatible API, its default model and its API key in its secrets
+//! [`ORG_BASE_URL_SECRET`], [`ORG_MODEL_SECRET`] and [`ORG_API_KEY_SECRET`] (read on every
+//! attempt through a [`SecretReader`], so a change applies to the next task run). The
+//! installation's key is never sent to an org's base URL, nor an org's key to another org.
+//!
 //! What one attempt does:
-//! 1. checks the inputs and the policy: the model and base URL (inputs override the policy's
-//!    defaults only where [`LlmPolicy::allow_override`] says so), the base URL's host against
+//! 1. checks the inputs and the policy: the model and base URL (the org's settings, then the
+//!    installation's; inputs override them only where [`LlmPolicy::allow_override`] says
+//!    so), the base URL's host against
 //!    the `http` tool's allowed hosts (nothing is sent otherwise), the output schema compiles;
 //! 2. asks the provider ([`openai::OpenAiProvider`], on the `http` tool's request path:
 //!    breaker, retries, timeouts) for an answer, with token log-probabilities and, given an
@@ -23,8 +30,9 @@
 //! unless by agreement), `usage` (`{prompt_tokens, completion_tokens, total_tokens}` summed
 //! over every request of the attempt, or `null` when the server did not report it for all of
 //! them), `requests` (chat requests sent), `model` (as the server named it), `prompt`,
-//! `system` (as given, or `null`), `repaired`, and `cost_usd` when the policy prices the model
-//! and usage is known.
+//! `system` (as given, or `null`), `repaired`, `provider` (whose settings chose the base URL:
+//! `org`, `installation` or `task`), and `cost_usd` when the policy prices the model and
+//! usage is known.
 //!
 //! Failures: provider unavailable (after the request retries, or an open breaker) is
 //! retryable; everything else (inputs, policy, a refused request, an answer that stays
@@ -39,12 +47,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arches_core::ids::{OrgId, SecretName};
 use arches_core::llm::{
     ChatMessage, ChatRequest, ChatResponse, ChatRole, LlmError, LlmProvider, ResponseFormat,
     TokenUsage,
 };
 use arches_core::pipeline::model::optional_duration;
-use arches_core::ports::{LogSink, Tool, ToolContext, ToolError};
+use arches_core::ports::{LogSink, SecretReader, Tool, ToolContext, ToolError};
 use arches_core::records::LogStream;
 use arches_core::retry::RetryPolicy;
 use async_trait::async_trait;
@@ -60,6 +69,17 @@ pub use embeddings::{EmbeddingSettings, OpenAiEmbeddings};
 /// The base URL when neither the policy nor the environment names one: Ollama's
 /// OpenAI-compatible API on this machine.
 pub const DEFAULT_BASE_URL: &str = "http://127.0.0.1:11434/v1";
+/// The org secret naming the org's own OpenAI-compatible API, up to its version (for example
+/// `https://api.openai.com/v1`); its host must still be among the `http` tool's allowed
+/// hosts. When it is set, the installation's provider, model and key are not used for the
+/// org.
+pub const ORG_BASE_URL_SECRET: &str = "LLM_BASE_URL";
+/// The org secret naming the org's default model (for its own provider, or for the
+/// installation's when it sets no base URL).
+pub const ORG_MODEL_SECRET: &str = "LLM_MODEL";
+/// The org secret holding the org's API key: sent as a bearer token to the org's base URL,
+/// or to the installation's when the org sets none (in place of the installation's key).
+pub const ORG_API_KEY_SECRET: &str = "LLM_API_KEY";
 /// Default timeout of one request to the provider: 120 s (local models are slow).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default bound of a provider's response body: 8 MiB (log-probabilities make answers large).
@@ -120,9 +140,11 @@ impl ModelPrice {
 /// What the `llm` tool may do; set by the operator, not by pipelines.
 #[derive(Clone, Debug)]
 pub struct LlmPolicy {
-    /// The provider's OpenAI-compatible base URL, up to its version (for example
+    /// The installation's OpenAI-compatible base URL, up to its version (for example
     /// `http://127.0.0.1:11434/v1`); its host must be among the `http` tool's allowed hosts.
-    pub base_url: String,
+    /// `None`: no installation provider; an org's tasks then need the org's
+    /// [`ORG_BASE_URL_SECRET`] (or, where overrides are allowed, a `base_url` of their own).
+    pub base_url: Option<String>,
     /// The model when the task names none; `None`: tasks must name one.
     pub model: Option<String>,
     /// Sent as a bearer token; never printed.
@@ -147,7 +169,7 @@ impl Default for LlmPolicy {
     /// backoff doubling to 10 s, jitter 0.5).
     fn default() -> Self {
         Self {
-            base_url: DEFAULT_BASE_URL.to_owned(),
+            base_url: Some(DEFAULT_BASE_URL.to_owned()),
             model: None,
             api_key: None,
             allow_override: true,
@@ -193,7 +215,7 @@ impl LlmPolicy {
         let var = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
         let mut policy = Self::default();
         if let Some(base_url) = var("ARCHES_LLM_BASE_URL") {
-            policy.base_url = base_url.trim().to_owned();
+            policy.base_url = Some(base_url.trim().to_owned());
         }
         policy.model = var("ARCHES_LLM_MODEL").map(|model| model.trim().to_owned());
         policy.api_key = var("ARCHES_LLM_API_KEY").map(|key| ApiKey::new(key.trim()));
@@ -205,7 +227,7 @@ impl LlmPolicy {
     /// bad retry policy.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
-        if let Err(error) = openai::endpoint(&self.base_url) {
+        if let Some(Err(error)) = self.base_url.as_deref().map(openai::endpoint) {
             out.push(error.message);
         }
         if self.timeout.is_zero() {
@@ -227,17 +249,31 @@ impl LlmPolicy {
         }
         out
     }
+}
 
-    fn settings(&self, base_url: &str, timeout: Duration) -> OpenAiSettings {
-        let same_provider = base_url.trim_end_matches('/') == self.base_url.trim_end_matches('/');
-        OpenAiSettings {
-            base_url: base_url.to_owned(),
-            api_key: self.api_key.clone().filter(|_| same_provider),
-            timeout,
-            max_body_bytes: self.max_output_bytes.max(1),
-            retry: self.retry.clone(),
-        }
-    }
+/// Where the settings of one attempt's provider came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The org's secrets.
+    Org,
+    /// The installation's policy.
+    Installation,
+}
+
+/// The provider defaults of an org: its own settings where its secrets give them, else the
+/// installation's.
+struct Defaults {
+    base_url: Option<String>,
+    model: Option<String>,
+    api_key: Option<ApiKey>,
+    source: Source,
+}
+
+/// The org's secrets that choose its provider, in the order [`LlmTool::defaults`] reads them.
+fn org_secret_names() -> [SecretName; 3] {
+    [ORG_BASE_URL_SECRET, ORG_MODEL_SECRET, ORG_API_KEY_SECRET].map(|name| {
+        SecretName::parse(name).unwrap_or_else(|_| unreachable!("{name} is a valid secret name"))
+    })
 }
 
 /// The `llm` tool. Cheap to share; it holds the `http` tool whose breakers, rate limits and
@@ -245,6 +281,7 @@ impl LlmPolicy {
 pub struct LlmTool {
     policy: LlmPolicy,
     http: Arc<HttpTool>,
+    org_secrets: Option<Arc<dyn SecretReader>>,
 }
 
 impl std::fmt::Debug for LlmTool {
@@ -451,7 +488,76 @@ impl LlmTool {
     /// The tool under `policy`, sending through `http` (whose allowed hosts bound the base
     /// URLs). Check the policy with [`LlmPolicy::problems`] first.
     pub fn new(policy: LlmPolicy, http: Arc<HttpTool>) -> Self {
-        Self { policy, http }
+        Self {
+            policy,
+            http,
+            org_secrets: None,
+        }
+    }
+
+    /// This tool, letting each org choose its own provider, default model and API key in
+    /// its secrets ([`ORG_BASE_URL_SECRET`], [`ORG_MODEL_SECRET`], [`ORG_API_KEY_SECRET`])
+    /// read from `secrets` on every attempt.
+    pub fn with_org_secrets(mut self, secrets: Arc<dyn SecretReader>) -> Self {
+        self.org_secrets = Some(secrets);
+        self
+    }
+
+    /// The provider defaults of `org`: with an org base URL, the org's base URL, model and
+    /// key only (the installation's key never goes to the org's host); without one, the
+    /// installation's base URL with the org's model and key where it set them.
+    ///
+    /// # Errors
+    /// The org's secrets cannot be read (a store failure is retryable, a secret no master
+    /// key opens is permanent), or its base URL is not an `http(s)://` URL (permanent).
+    async fn defaults(&self, org: OrgId) -> Result<Defaults, ToolError> {
+        let installation = Defaults {
+            base_url: self.policy.base_url.clone(),
+            model: self.policy.model.clone(),
+            api_key: self.policy.api_key.clone(),
+            source: Source::Installation,
+        };
+        let Some(secrets) = &self.org_secrets else {
+            return Ok(installation);
+        };
+        let values = secrets
+            .reveal_set(org, &org_secret_names())
+            .await
+            .map_err(|error| ToolError {
+                message: format!("cannot read the org's LLM settings: {}", error.message),
+                ..error
+            })?;
+        let mut values = values.into_iter().map(|value| {
+            value
+                .map(|text| text.trim().to_owned())
+                .filter(|text| !text.is_empty())
+        });
+        let (base_url, model, api_key) = (
+            values.next().flatten(),
+            values.next().flatten(),
+            values.next().flatten().map(ApiKey::new),
+        );
+        Ok(match base_url {
+            Some(base_url) => {
+                if let Err(error) = openai::endpoint(&base_url) {
+                    return Err(ToolError::permanent(format!(
+                        "the org's secret {ORG_BASE_URL_SECRET}: {}",
+                        error.message
+                    )));
+                }
+                Defaults {
+                    base_url: Some(base_url),
+                    model,
+                    api_key,
+                    source: Source::Org,
+                }
+            }
+            None => Defaults {
+                model: model.or(installation.model),
+                api_key: api_key.or(installation.api_key),
+                ..installation
+            },
+        })
     }
 
     /// The tool's policy.
@@ -477,45 +583,76 @@ impl LlmTool {
         }
     }
 
-    /// The model and a provider for a task's `model`, `base_url` and `timeout` (each the
-    /// policy's unless given and allowed), the base URL's host checked against the `http`
-    /// tool's allowed hosts: what the `agent` tool asks through.
+    /// The model and a provider for a task's `model`, `base_url` and `timeout` in `org`
+    /// (each the org's or installation's default, [`LlmTool::defaults`], unless given and
+    /// allowed), the base URL's host checked against the `http` tool's allowed hosts, and
+    /// where the base URL came from (`org`, `installation` or `task`): what the `llm` and
+    /// `agent` tools ask through. A task's own base URL gets no key.
     ///
     /// # Errors
-    /// Permanent: an override the policy refuses, no model, a bad base URL, a zero timeout,
-    /// a host that is not allowed.
-    fn provider_for(
+    /// Permanent: an override the policy refuses, no model, no provider, a bad base URL, a
+    /// zero timeout, a host that is not allowed. The org's settings unreadable: see
+    /// [`LlmTool::defaults`].
+    async fn provider_for(
         &self,
+        org: OrgId,
         model: Option<&String>,
         base_url: Option<&String>,
         timeout: Option<Duration>,
-    ) -> Result<(String, OpenAiProvider), ToolError> {
+    ) -> Result<(String, OpenAiProvider, &'static str), ToolError> {
+        let defaults = self.defaults(org).await?;
+        let base_url = self
+            .choose("base_url", base_url, defaults.base_url.as_ref())?
+            .ok_or_else(|| {
+                ToolError::permanent(format!(
+                    "no LLM provider: set the org's secret {ORG_BASE_URL_SECRET} (PUT \
+                     /api/v1/secrets/{ORG_BASE_URL_SECRET}) or the installation's \
+                     [tools.llm] base_url"
+                ))
+            })?;
         let model = self
-            .choose("model", model, self.policy.model.as_ref())?
+            .choose("model", model, defaults.model.as_ref())?
             .filter(|model| !model.is_empty())
             .ok_or_else(|| {
-                ToolError::permanent(
-                    "no model: give `model`, or set the installation's default model \
-                     (ARCHES_LLM_MODEL for local runs)",
-                )
+                ToolError::permanent(format!(
+                    "no model: give `model`, or set the org's secret {ORG_MODEL_SECRET} or the \
+                     installation's default model (ARCHES_LLM_MODEL for local runs)"
+                ))
             })?;
-        let base_url = self
-            .choose("base_url", base_url, Some(&self.policy.base_url))?
-            .unwrap_or_else(|| self.policy.base_url.clone());
+        let same = |default: &Option<String>| {
+            default
+                .as_deref()
+                .map(|url| url.trim().trim_end_matches('/'))
+                == Some(base_url.trim().trim_end_matches('/'))
+        };
+        let (api_key, source) = if same(&defaults.base_url) {
+            let source = match defaults.source {
+                Source::Org => "org",
+                Source::Installation => "installation",
+            };
+            (defaults.api_key, source)
+        } else {
+            (None, "task")
+        };
         let timeout = timeout.unwrap_or(self.policy.timeout);
         if timeout.is_zero() {
             return Err(ToolError::permanent("timeout must be positive"));
         }
-        let provider =
-            OpenAiProvider::new(self.http.clone(), self.policy.settings(&base_url, timeout))
-                .map_err(tool_error)?;
+        let settings = OpenAiSettings {
+            base_url,
+            api_key,
+            timeout,
+            max_body_bytes: self.policy.max_output_bytes.max(1),
+            retry: self.policy.retry.clone(),
+        };
+        let provider = OpenAiProvider::new(self.http.clone(), settings).map_err(tool_error)?;
         if !self.http.allows(provider.endpoint()) {
             return Err(ToolError::permanent(format!(
                 "the host of base_url {} is not in the http tool's allowed hosts",
                 provider.endpoint().host_str().unwrap_or_default()
             )));
         }
-        Ok((model, provider))
+        Ok((model, provider, source))
     }
 
     /// Answers of `samples` further requests (no repair), for the agreement vote.
@@ -588,22 +725,6 @@ impl Tool for LlmTool {
         if inputs.prompt.trim().is_empty() {
             return Err(ToolError::permanent("prompt must not be empty"));
         }
-        let model = self
-            .choose("model", inputs.model.as_ref(), self.policy.model.as_ref())?
-            .filter(|model| !model.is_empty())
-            .ok_or_else(|| {
-                ToolError::permanent(
-                    "no model: give `model`, or set the installation's default model \
-                     (ARCHES_LLM_MODEL for local runs)",
-                )
-            })?;
-        let base_url = self
-            .choose(
-                "base_url",
-                inputs.base_url.as_ref(),
-                Some(&self.policy.base_url),
-            )?
-            .unwrap_or_else(|| self.policy.base_url.clone());
         let samples = inputs.samples.unwrap_or(DEFAULT_SAMPLES);
         if !(1..=SAMPLES_MAX).contains(&samples) {
             return Err(ToolError::permanent(format!(
@@ -617,10 +738,6 @@ impl Tool for LlmTool {
                 )));
             }
         }
-        let timeout = inputs.timeout.unwrap_or(self.policy.timeout);
-        if timeout.is_zero() {
-            return Err(ToolError::permanent("timeout must be positive"));
-        }
         let checker = Checker {
             validator: match &inputs.output_schema {
                 None => None,
@@ -631,15 +748,14 @@ impl Tool for LlmTool {
                 })?),
             },
         };
-        let provider =
-            OpenAiProvider::new(self.http.clone(), self.policy.settings(&base_url, timeout))
-                .map_err(tool_error)?;
-        if !self.http.allows(provider.endpoint()) {
-            return Err(ToolError::permanent(format!(
-                "the host of base_url {} is not in the http tool's allowed hosts",
-                provider.endpoint().host_str().unwrap_or_default()
-            )));
-        }
+        let (model, provider, source) = self
+            .provider_for(
+                context.org_id,
+                inputs.model.as_ref(),
+                inputs.base_url.as_ref(),
+                inputs.timeout,
+            )
+            .await?;
 
         // 2. The first answer.
         let mut messages = Vec::new();
@@ -748,6 +864,7 @@ impl Tool for LlmTool {
         outputs.insert("prompt".into(), json!(inputs.prompt));
         outputs.insert("system".into(), json!(inputs.system));
         outputs.insert("repaired".into(), json!(repaired));
+        outputs.insert("provider".into(), json!(source));
         if let Some(cost) = self.policy.cost_usd(&model, &final_response.model, usage) {
             outputs.insert("cost_usd".into(), json!(cost));
         }
@@ -810,12 +927,12 @@ mod tests {
             _ => None,
         };
         let policy = LlmPolicy::from_vars(vars);
-        assert_eq!(policy.base_url, "http://vllm:8000/v1");
+        assert_eq!(policy.base_url.as_deref(), Some("http://vllm:8000/v1"));
         assert_eq!(policy.model.as_deref(), Some("qwen"));
         assert!(policy.api_key.is_none());
         assert!(policy.problems().is_empty(), "{:?}", policy.problems());
         let bad = LlmPolicy {
-            base_url: "https://api.openai.com/v1".to_owned(),
+            base_url: Some("ftp://api.openai.com/v1".to_owned()),
             ..LlmPolicy::default()
         };
         assert_eq!(bad.problems().len(), 1);

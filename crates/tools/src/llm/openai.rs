@@ -347,10 +347,8 @@ pub(crate) fn endpoint(base_url: &str) -> Result<Url, LlmError> {
     };
     let url =
         Url::parse(base_url.trim()).map_err(|error| refuse(&format!("is not a URL: {error}")))?;
-    if url.scheme() != "http" {
-        return Err(refuse(
-            "must be an http:// URL: this build has no TLS (put an http gateway in front of an https provider)",
-        ));
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(refuse("must be an http:// or https:// URL"));
     }
     if url.host_str().is_none() {
         return Err(refuse("has no host"));
@@ -765,7 +763,11 @@ mod tests {
             endpoint("http://vllm:8000/v1/").unwrap().as_str(),
             "http://vllm:8000/v1/chat/completions"
         );
-        assert!(endpoint("https://api.openai.com/v1").is_err());
+        assert_eq!(
+            endpoint("https://api.openai.com/v1").unwrap().as_str(),
+            "https://api.openai.com/v1/chat/completions"
+        );
+        assert!(endpoint("ftp://api.openai.com/v1").is_err());
         assert!(endpoint("http://user:pw@host/v1").is_err());
         assert!(endpoint("not a url").is_err());
     }

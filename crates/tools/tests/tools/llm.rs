@@ -7,16 +7,18 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arches_core::ids::{OrgId, SecretName};
 use arches_core::llm::{ChatMessage, ChatRequest, ChatRole, LlmErrorKind, LlmProvider};
-use arches_core::ports::{Tool, ToolError};
+use arches_core::ports::{SecretReader, Tool, ToolError};
 use arches_core::records::LogStream;
 use arches_core::retry::RetryPolicy;
 use arches_core::time::{ManualClock, Timestamp};
 use arches_tools::llm::openai::{OpenAiProvider, OpenAiSettings};
 use arches_tools::{
     builtin_registry, ApiKey, BreakerSettings, BreakerState, HttpPolicy, HttpTool, LlmPolicy,
-    LlmTool, ModelPrice,
+    LlmTool, ModelPrice, ORG_API_KEY_SECRET, ORG_BASE_URL_SECRET, ORG_MODEL_SECRET,
 };
+use async_trait::async_trait;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -139,7 +141,7 @@ pub(crate) fn clock() -> Arc<ManualClock> {
 /// 2 tries per request without delay, a price for `test-model`.
 pub(crate) fn policy(base_url: &str) -> LlmPolicy {
     LlmPolicy {
-        base_url: base_url.to_owned(),
+        base_url: Some(base_url.to_owned()),
         model: Some("test-model".to_owned()),
         api_key: Some(ApiKey::new("sk-test-key")),
         prices: BTreeMap::from([(
@@ -682,6 +684,160 @@ async fn overrides_follow_the_policy_and_other_providers_get_no_key() {
     .unwrap();
     assert_eq!(outputs["answer"], "hi");
     assert_eq!(other_script.hits(), 1);
+}
+
+/// Org secrets of these tests: a map from (org, name) to value.
+struct OrgSecrets(BTreeMap<(OrgId, String), String>);
+
+#[async_trait]
+impl SecretReader for OrgSecrets {
+    async fn reveal_set(
+        &self,
+        org: OrgId,
+        names: &[SecretName],
+    ) -> Result<Vec<Option<String>>, ToolError> {
+        Ok(names
+            .iter()
+            .map(|name| self.0.get(&(org, name.as_str().to_owned())).cloned())
+            .collect())
+    }
+}
+
+/// Runs `tool` for a task of `org`.
+async fn run_in(tool: &LlmTool, org: OrgId, inputs: Value) -> Result<Value, ToolError> {
+    let harness = Harness::new().await;
+    let mut context = harness.context("classify", BTreeMap::new());
+    context.org_id = org;
+    tokio::time::timeout(WAIT, tool.execute(context, inputs))
+        .await
+        .expect("the llm tool finished within the bound")
+}
+
+#[tokio::test]
+async fn each_org_uses_its_own_provider_model_and_key_and_no_key_crosses_over() {
+    let (installation, installation_script) = start(vec![]).await;
+    let (own, own_script) = start(vec![]).await;
+    for script in [&installation_script, &own_script] {
+        *script.fallback.lock().unwrap() = Some(completion("fine", None, None));
+    }
+    let (with_provider, with_key, keyless, plain) =
+        (OrgId::new(), OrgId::new(), OrgId::new(), OrgId::new());
+    let secret = |org: OrgId, name: &str, value: &str| ((org, name.to_owned()), value.to_owned());
+    let secrets = OrgSecrets(BTreeMap::from([
+        // Its own provider, model and key.
+        secret(with_provider, ORG_BASE_URL_SECRET, &own),
+        secret(with_provider, ORG_MODEL_SECRET, "org-model"),
+        secret(with_provider, ORG_API_KEY_SECRET, "sk-org-key"),
+        // The installation's provider with the org's own key and model.
+        secret(with_key, ORG_API_KEY_SECRET, "sk-other-org-key"),
+        secret(with_key, ORG_MODEL_SECRET, "their-model"),
+        // Its own provider without a key: the installation's key must not follow.
+        secret(keyless, ORG_BASE_URL_SECRET, &format!("{own}/")),
+    ]));
+    let tool = LlmTool::new(
+        LlmPolicy {
+            allow_override: false,
+            ..policy(&installation)
+        },
+        http(clock()),
+    )
+    .with_org_secrets(Arc::new(secrets));
+    let ask = json!({"prompt": "hi", "samples": 1});
+
+    let outputs = run_in(&tool, with_provider, ask.clone()).await.unwrap();
+    assert_eq!(outputs["provider"], "org");
+    assert_eq!(own_script.requests()[0]["model"], "org-model");
+    assert_eq!(
+        own_script.authorizations(),
+        vec![Some("Bearer sk-org-key".to_owned())]
+    );
+
+    let outputs = run_in(&tool, with_key, ask.clone()).await.unwrap();
+    assert_eq!(outputs["provider"], "installation");
+    assert_eq!(installation_script.requests()[0]["model"], "their-model");
+    assert_eq!(
+        installation_script.authorizations(),
+        vec![Some("Bearer sk-other-org-key".to_owned())]
+    );
+
+    // An org's own base URL with no key of its own and no default model: the task names the
+    // model (overrides are off, so naming the org's default base URL is all it may do).
+    let error = run_in(&tool, keyless, ask.clone()).await.unwrap_err();
+    assert!(!error.retryable);
+    assert!(error.message.contains("LLM_MODEL"), "{}", error.message);
+    let error = run_in(
+        &tool,
+        keyless,
+        json!({"prompt": "hi", "samples": 1, "model": "test-model", "base_url": format!("{own}/")}),
+    )
+    .await
+    .unwrap_err();
+    assert!(error.message.contains("`model`"), "{}", error.message);
+    let keyless_tool =
+        LlmTool::new(policy(&installation), http(clock())).with_org_secrets(Arc::new(OrgSecrets(
+            BTreeMap::from([secret(keyless, ORG_BASE_URL_SECRET, &own)]),
+        )));
+    let outputs = run_in(
+        &keyless_tool,
+        keyless,
+        json!({"prompt": "hi", "samples": 1, "model": "m"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(outputs["provider"], "org");
+    assert_eq!(own_script.authorizations()[1], None);
+
+    // An org that set nothing gets the installation's provider, model and key.
+    let outputs = run_in(&tool, plain, ask.clone()).await.unwrap();
+    assert_eq!(outputs["provider"], "installation");
+    assert_eq!(installation_script.requests()[1]["model"], "test-model");
+    assert_eq!(
+        installation_script.authorizations()[1],
+        Some("Bearer sk-test-key".to_owned())
+    );
+    assert_eq!(own_script.hits(), 2);
+    assert_eq!(installation_script.hits(), 2);
+}
+
+#[tokio::test]
+async fn without_an_installation_provider_an_org_needs_its_own_and_bad_ones_are_named() {
+    let (own, own_script) = start(vec![completion("fine", None, None)]).await;
+    let (org, bare, broken) = (OrgId::new(), OrgId::new(), OrgId::new());
+    let secrets = OrgSecrets(BTreeMap::from([
+        ((org, ORG_BASE_URL_SECRET.to_owned()), own.clone()),
+        ((org, ORG_MODEL_SECRET.to_owned()), "m".to_owned()),
+        (
+            (broken, ORG_BASE_URL_SECRET.to_owned()),
+            "ftp://x/v1".to_owned(),
+        ),
+    ]));
+    let tool = LlmTool::new(
+        LlmPolicy {
+            base_url: None,
+            ..policy("http://127.0.0.1:9/v1")
+        },
+        http(clock()),
+    )
+    .with_org_secrets(Arc::new(secrets));
+    let ask = json!({"prompt": "hi", "samples": 1});
+
+    let error = run_in(&tool, bare, ask.clone()).await.unwrap_err();
+    assert!(!error.retryable);
+    assert!(
+        error.message.contains("no LLM provider") && error.message.contains("LLM_BASE_URL"),
+        "{}",
+        error.message
+    );
+    let error = run_in(&tool, broken, ask.clone()).await.unwrap_err();
+    assert!(
+        error.message.contains("LLM_BASE_URL") && error.message.contains("http://"),
+        "{}",
+        error.message
+    );
+    let outputs = run_in(&tool, org, ask).await.unwrap();
+    assert_eq!(outputs["answer"], "fine");
+    assert_eq!(outputs["provider"], "org");
+    assert_eq!(own_script.hits(), 1);
 }
 
 #[tokio::test]

@@ -104,14 +104,15 @@ struct Secrets;
 
 #[async_trait]
 impl SecretReader for Secrets {
-    async fn reveal(&self, _org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError> {
-        names
+    async fn reveal_set(
+        &self,
+        _org: OrgId,
+        names: &[SecretName],
+    ) -> Result<Vec<Option<String>>, ToolError> {
+        Ok(names
             .iter()
-            .map(|name| match name.as_str() {
-                "MCP_TOKEN" => Ok("mcp-secret-token".to_owned()),
-                other => Err(ToolError::permanent(format!("secret {other} is not set"))),
-            })
-            .collect()
+            .map(|name| (name.as_str() == "MCP_TOKEN").then(|| "mcp-secret-token".to_owned()))
+            .collect())
     }
 }
 
