@@ -96,6 +96,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Applies a batch atomically: all of it or nothing. Task-run writes that carry an older
     /// fencing token than the stored row are skipped and reported.
+    ///
+    /// An error, or a call abandoned by its caller, leaves the batch's outcome unknown:
+    /// nothing of it or all of it may be stored (a database may apply a commit whose reply
+    /// never arrived, or a statement whose client went away), never a part. A caller that
+    /// keeps state in memory must therefore read the store back before acting on it again,
+    /// as the engine does when it is rebuilt after a failed commit.
     async fn commit(&self, batch: &WriteBatch) -> StoreResult<CommitReport>;
 
     /// One run.

@@ -184,8 +184,8 @@ pub struct WriteBatch {
     pub offers: Vec<TaskOffer>,
     /// Offers to take back (the run was cancelled); a worker holding one loses its claim.
     pub withdrawn: Vec<TaskRunId>,
-    /// Completions, by [`QueuedCompletion::seq`], that this batch applies: deleted with it.
-    pub completions_done: Vec<i64>,
+    /// Completions that this batch applies: deleted with it.
+    pub completions_done: Vec<AppliedCompletion>,
     /// Validation-queue items to insert, or to update while the stored one is still open
     /// (a decided item is never overwritten). Claims are kept as stored.
     pub reviews: Vec<crate::review::ReviewItem>,
@@ -288,6 +288,16 @@ pub struct QueuedCompletion {
     pub executed_at: Timestamp,
     /// When it ended.
     pub finished_at: Timestamp,
+}
+
+/// A stored completion ([`QueuedCompletion`]) that a commit applies, and so deletes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppliedCompletion {
+    /// Its position in the completions table ([`QueuedCompletion::seq`]).
+    pub seq: i64,
+    /// Its task run: a row is deleted only if both match, since after a database crash
+    /// that lost the report a sequence number may be handed out again to another one.
+    pub task_run_id: TaskRunId,
 }
 
 /// What a commit did.

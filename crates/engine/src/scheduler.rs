@@ -599,7 +599,12 @@ impl Scheduler {
                     None => self.in_flight = self.in_flight.saturating_sub(1),
                     Some(origin) => {
                         self.offered.remove(&(task_run_id, fencing_token));
-                        self.queue_writes.completions_done.push(origin.seq);
+                        self.queue_writes.completions_done.push(
+                            arches_core::records::AppliedCompletion {
+                                seq: origin.seq,
+                                task_run_id,
+                            },
+                        );
                     }
                 }
                 let Some(execution) = self.runs.get_mut(&run_id) else {

@@ -12,9 +12,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arches_core::ids::{OrgId, RunId, TaskId};
+use arches_core::ids::{OrgId, RunId, TaskId, TaskRunId};
 use arches_core::ports::Store;
-use arches_core::records::{Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch};
+use arches_core::records::{
+    AppliedCompletion, Durability, NewArtifact, RunRecord, TaskRunRecord, WriteBatch,
+};
 use arches_core::state::RunState;
 use arches_core::time::Timestamp;
 use arches_store::conformance::Fixture;
@@ -295,11 +297,25 @@ async fn a_commit_abandoned_by_its_caller_is_all_or_nothing_and_the_next_one_goe
     .expect("the next commit does not wait for the abandoned one")
     .unwrap();
     assert_eq!(store.run(next.id).await.unwrap(), Some(next));
-    let stored_run = store.run(run.id).await.unwrap();
-    let stored_task_runs = store.task_runs(run.id).await.unwrap();
-    let whole = stored_run == Some(run) && stored_task_runs == task_runs;
-    let nothing = stored_run.is_none() && stored_task_runs.is_empty();
-    assert!(whole || nothing, "the abandoned commit was stored in part");
+    // The abandoned commit is one statement that the server may still be applying (its
+    // client went away, not the statement): two reads can straddle the moment it lands. A
+    // read of the run before and after the task runs tells: the same run twice means the
+    // task runs were read in that same state. Once it has landed it stays, so the second
+    // round agrees with itself.
+    for round in 0..2 {
+        let before = store.run(run.id).await.unwrap();
+        let stored_task_runs = store.task_runs(run.id).await.unwrap();
+        let after = store.run(run.id).await.unwrap();
+        if before != after {
+            assert_eq!(round, 0, "the abandoned commit landed twice");
+            continue;
+        }
+        let whole = after.as_ref() == Some(&run) && stored_task_runs == task_runs;
+        let nothing = after.is_none() && stored_task_runs.is_empty();
+        assert!(whole || nothing, "the abandoned commit was stored in part");
+        return;
+    }
+    panic!("the run's row changed in both rounds of reads");
 }
 
 /// Of concurrent demotions of an org's two owners, processes apart, at most one goes through:
@@ -369,4 +385,64 @@ async fn concurrent_demotions_of_two_owners_leave_one() {
             .count();
         assert_eq!(owners, 1, "round {round}");
     }
+}
+
+/// Stores a worker's report of `task_run_id` directly (the task queue's completion table)
+/// under the sequence number `seq`.
+async fn store_report(store: &PgStore, seq: i64, task_run_id: Uuid) {
+    sqlx::query(
+        "INSERT INTO task_completions (seq, task_run_id, run_id, owner, fencing_token, worker, \
+             claims, outcome, executed_at, finished_at) \
+         VALUES ($1, $2, $3, 'scheduler', 1, 'worker', 1, '{\"succeeded\": null}', 1, 2)",
+    )
+    .bind(seq)
+    .bind(task_run_id)
+    .bind(Uuid::now_v7())
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+async fn stored_reports(store: &PgStore) -> Vec<(i64, Uuid)> {
+    sqlx::query_as("SELECT seq, task_run_id FROM task_completions ORDER BY seq")
+        .fetch_all(store.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_applied_completion_is_deleted_only_with_its_own_task_run() {
+    // A database crash may lose a report stored with a relaxed commit, and its sequence
+    // number may then be handed to another report: the scheduler that applies the lost one
+    // from memory must not delete the other.
+    let (_database, store) = open(Durability::Normal).await;
+    let (applied, other) = (TaskRunId::new(), TaskRunId::new());
+    store_report(&store, 7, other.0).await;
+    store_report(&store, 8, applied.0).await;
+    store
+        .commit(&WriteBatch {
+            completions_done: vec![AppliedCompletion {
+                seq: 7,
+                task_run_id: applied,
+            }],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_reports(&store).await,
+        vec![(7, other.0), (8, applied.0)],
+        "a sequence number of another task run is not deleted"
+    );
+    store
+        .commit(&WriteBatch {
+            completions_done: vec![AppliedCompletion {
+                seq: 8,
+                task_run_id: applied,
+            }],
+            ..WriteBatch::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored_reports(&store).await, vec![(7, other.0)]);
 }

@@ -30,7 +30,7 @@ pub use queue::{
     SchedulerNameLock, CLAIM_LIMIT_MAX, COMPLETIONS_CHANNEL, OFFERS_CHANNEL, TAKE_LIMIT_MAX,
 };
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -378,6 +378,101 @@ const ARTIFACT_COLUMNS: &str =
     "id, org_id, name, version, digest, size_bytes, media_type, table_meta, \
      run_id, task_run_id, task_id, attempt, inputs, created_at";
 
+/// A batch's whole commit as one statement, for the common batches (see
+/// [`fits_one_statement`]): one round trip instead of one per table, and an implicit
+/// transaction. Data-modifying `WITH` queries all see the snapshot the statement started
+/// with and run to completion; what each must see of another comes through `RETURNING`:
+/// - the task runs are locked in id order (`locked`) before the upsert writes any of them,
+///   since the upsert's source waits for the whole lock set (`count(*) FROM locked`);
+/// - offers join the task-run rows the upsert returned (written with the offer's token)
+///   instead of the table, which still shows the snapshot; every offer's task run is
+///   written in the batch (the check of [`fits_one_statement`]), and a refused write is
+///   not returned, so this is the rule of [`queue::INSERT_OFFERS`] exactly;
+/// - the offers' `NOTIFY` goes out only if an offer was written, at commit;
+/// - foreign keys are checked at the end of the statement, so a run, its task runs and
+///   their offers may all be new.
+///
+/// Parameters: runs `$1`–`$11`, the task runs to lock `$12`, task runs `$13`–`$32`,
+/// attempts `$33`–`$41`, offers `$42`–`$49`, applied completions `$50`–`$51`, withdrawn
+/// offers `$52`, the offers' channel `$53`. Rows: the locked task runs' stored tokens, then
+/// one row of the wake-up.
+static ONE_STATEMENT_COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let task_runs = UPSERT_TASK_RUNS.replace(
+        "\nON CONFLICT (id) DO UPDATE SET",
+        "\nWHERE (SELECT count(*) FROM locked) >= 0\nON CONFLICT (id) DO UPDATE SET",
+    );
+    debug_assert_ne!(
+        task_runs, UPSERT_TASK_RUNS,
+        "the task-run upsert changed shape"
+    );
+    let offers = queue::INSERT_OFFERS.replace("JOIN task_runs t ON", "JOIN task_runs_written t ON");
+    debug_assert_ne!(
+        offers,
+        queue::INSERT_OFFERS,
+        "the offer insert changed shape"
+    );
+    format!(
+        "WITH runs_written AS ({runs}), \
+         locked AS ({lock}), \
+         task_runs_written AS ({task_runs} RETURNING id, fencing_token), \
+         attempts_written AS ({attempts}), \
+         offered AS ({offers} RETURNING task_run_id), \
+         done AS ({done}), \
+         withdrawn AS ({withdrawn}), \
+         woken AS (SELECT pg_notify($53, '') FROM (SELECT 1 FROM offered LIMIT 1) AS o) \
+         SELECT id, fencing_token, NULL::bigint AS woken FROM locked \
+         UNION ALL SELECT NULL, NULL, (SELECT count(*) FROM woken)",
+        runs = shift_parameters(UPSERT_RUNS, 0),
+        lock = shift_parameters(LOCK_TASK_RUNS, 11),
+        task_runs = shift_parameters(&task_runs, 12),
+        attempts = shift_parameters(UPSERT_ATTEMPTS, 32),
+        offers = shift_parameters(&offers, 41),
+        done = shift_parameters(queue::DELETE_APPLIED_COMPLETIONS, 49),
+        withdrawn = shift_parameters(queue::DELETE_WITHDRAWN, 51),
+    )
+});
+
+/// `sql` with every parameter `$n` renumbered `$(n + by)`. The statements it is used on
+/// hold no `$` but in parameters.
+fn shift_parameters(sql: &str, by: usize) -> String {
+    let mut shifted = String::with_capacity(sql.len() + 16);
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        shifted.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut number = String::new();
+        while let Some(digit) = chars.next_if(char::is_ascii_digit) {
+            number.push(digit);
+        }
+        match number.parse::<usize>() {
+            Ok(n) => shifted.push_str(&(n + by).to_string()),
+            Err(_) => shifted.push_str(&number),
+        }
+    }
+    shifted
+}
+
+/// Whether [`ONE_STATEMENT_COMMIT`] can write `batch`: no review items (a statement of
+/// their own), no offer made again on a resume (those wait for a report being stored, see
+/// [`queue::write_queue_parts`]), no offer withdrawn in the same batch (one statement may
+/// not write a row twice), and every offer's task run written in the batch.
+fn fits_one_statement(batch: &WriteBatch) -> bool {
+    if !batch.reviews.is_empty() || batch.offers.iter().any(|offer| offer.resumed) {
+        return false;
+    }
+    if batch.offers.is_empty() {
+        return true;
+    }
+    let written: HashSet<TaskRunId> = batch.task_runs.iter().map(|t| t.id).collect();
+    let withdrawn: HashSet<&TaskRunId> = batch.withdrawn.iter().collect();
+    batch.offers.iter().all(|offer| {
+        let id = offer.assignment.task_run_id;
+        written.contains(&id) && !withdrawn.contains(&id)
+    })
+}
+
 /// The last write of each key, in the order each key first appears. A multi-row upsert may
 /// not touch a row twice in PostgreSQL, and the last write of a row in a batch wins anyway.
 fn last_write_per_key<T, K: std::hash::Hash + Eq>(writes: &[T], key: impl Fn(&T) -> K) -> Vec<&T> {
@@ -454,6 +549,211 @@ fn encode_batch(batch: &WriteBatch) -> StoreResult<EncodedBatch<'_>> {
         task_runs,
         attempts,
     })
+}
+
+/// The batch's refused task-run writes, reported as the SQLite store does: every write
+/// below the token stored before the batch (`stored_tokens`, read under the rows' locks), in
+/// batch order, then the writes below an earlier write of the same batch.
+fn stale_report(batch: &WriteBatch, stored_tokens: &HashMap<Uuid, i64>) -> CommitReport {
+    let mut stale_task_runs: Vec<TaskRunId> = batch
+        .task_runs
+        .iter()
+        .filter(|task_run| {
+            stored_tokens.get(&task_run.id.0).is_some_and(|&stored| {
+                // Every token was checked to fit an i64 when the batch was encoded.
+                i64::try_from(task_run.fencing_token).is_ok_and(|written| stored > written)
+            })
+        })
+        .map(|task_run| task_run.id)
+        .collect();
+    for id in stale_within_batch(&batch.task_runs) {
+        if !stale_task_runs.contains(&id) {
+            stale_task_runs.push(id);
+        }
+    }
+    if !stale_task_runs.is_empty() {
+        tracing::debug!(
+            count = stale_task_runs.len(),
+            "stale task-run writes refused"
+        );
+    }
+    CommitReport { stale_task_runs }
+}
+
+impl PgStore {
+    /// Commits `batch` as [`ONE_STATEMENT_COMMIT`] (one round trip); returns the stored
+    /// tokens of its task runs as they were before it.
+    async fn commit_in_one_statement(
+        &self,
+        batch: &WriteBatch,
+        encoded: &EncodedBatch<'_>,
+    ) -> StoreResult<HashMap<Uuid, i64>> {
+        let no_runs = RunColumns::default();
+        let runs = encoded.runs.as_ref().unwrap_or(&no_runs);
+        let no_task_runs = (Vec::new(), TaskRunColumns::default());
+        let (ids, task_runs) = encoded.task_runs.as_ref().unwrap_or(&no_task_runs);
+        let no_attempts = AttemptColumns::default();
+        let attempts = encoded.attempts.as_ref().unwrap_or(&no_attempts);
+        let offers = queue::OfferColumns::new(&batch.offers)?;
+        let done_seqs: Vec<i64> = batch.completions_done.iter().map(|c| c.seq).collect();
+        let done_task_runs: Vec<Uuid> = batch
+            .completions_done
+            .iter()
+            .map(|c| c.task_run_id.0)
+            .collect();
+        let withdrawn: Vec<Uuid> = batch.withdrawn.iter().map(|id| id.0).collect();
+        let rows: Vec<(Option<Uuid>, Option<i64>, Option<i64>)> =
+            sqlx::query_as(ONE_STATEMENT_COMMIT.as_str())
+                .bind(&runs.id)
+                .bind(&runs.org_id)
+                .bind(&runs.pipeline_name)
+                .bind(&runs.pipeline_version)
+                .bind(&runs.params)
+                .bind(&runs.state)
+                .bind(&runs.error)
+                .bind(&runs.owner)
+                .bind(&runs.created_at)
+                .bind(&runs.started_at)
+                .bind(&runs.finished_at)
+                .bind(ids)
+                .bind(&task_runs.id)
+                .bind(&task_runs.run_id)
+                .bind(&task_runs.task_id)
+                .bind(&task_runs.item_index)
+                .bind(&task_runs.fan_out)
+                .bind(&task_runs.state)
+                .bind(&task_runs.attempt)
+                .bind(&task_runs.lease_expiries)
+                .bind(&task_runs.fencing_token)
+                .bind(&task_runs.item)
+                .bind(&task_runs.inputs)
+                .bind(&task_runs.outputs)
+                .bind(&task_runs.error)
+                .bind(&task_runs.lease_owner)
+                .bind(&task_runs.lease_expires_at)
+                .bind(&task_runs.ready_at)
+                .bind(&task_runs.created_at)
+                .bind(&task_runs.queued_at)
+                .bind(&task_runs.started_at)
+                .bind(&task_runs.finished_at)
+                .bind(&attempts.task_run_id)
+                .bind(&attempts.attempt)
+                .bind(&attempts.run_id)
+                .bind(&attempts.fencing_token)
+                .bind(&attempts.worker)
+                .bind(&attempts.state)
+                .bind(&attempts.started_at)
+                .bind(&attempts.finished_at)
+                .bind(&attempts.error)
+                .bind(&offers.task_run_id)
+                .bind(&offers.run_id)
+                .bind(&offers.org_id)
+                .bind(&offers.fencing_token)
+                .bind(&offers.owner)
+                .bind(&offers.tags)
+                .bind(&offers.assignment)
+                .bind(&offers.offered_at)
+                .bind(&done_seqs)
+                .bind(&done_task_runs)
+                .bind(&withdrawn)
+                .bind(queue::OFFERS_CHANNEL)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, token, _)| Some((id?, token?)))
+            .collect())
+    }
+
+    /// Commits `batch` as one transaction of a statement per table; returns the stored
+    /// tokens of its task runs as they were before it.
+    async fn commit_in_statements(
+        &self,
+        batch: &WriteBatch,
+        encoded: &EncodedBatch<'_>,
+    ) -> StoreResult<HashMap<Uuid, i64>> {
+        // Dropping the transaction before its commit (an error, or a caller that stops
+        // waiting) rolls it back before the connection is used again.
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if let Some(runs) = &encoded.runs {
+            sqlx::query(UPSERT_RUNS)
+                .bind(&runs.id)
+                .bind(&runs.org_id)
+                .bind(&runs.pipeline_name)
+                .bind(&runs.pipeline_version)
+                .bind(&runs.params)
+                .bind(&runs.state)
+                .bind(&runs.error)
+                .bind(&runs.owner)
+                .bind(&runs.created_at)
+                .bind(&runs.started_at)
+                .bind(&runs.finished_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        let mut stored_tokens: HashMap<Uuid, i64> = HashMap::new();
+        if let Some((ids, task_runs)) = &encoded.task_runs {
+            let locked: Vec<(Uuid, i64)> = sqlx::query_as(LOCK_TASK_RUNS)
+                .bind(ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(db)?;
+            stored_tokens.extend(locked);
+            sqlx::query(UPSERT_TASK_RUNS)
+                .bind(&task_runs.id)
+                .bind(&task_runs.run_id)
+                .bind(&task_runs.task_id)
+                .bind(&task_runs.item_index)
+                .bind(&task_runs.fan_out)
+                .bind(&task_runs.state)
+                .bind(&task_runs.attempt)
+                .bind(&task_runs.lease_expiries)
+                .bind(&task_runs.fencing_token)
+                .bind(&task_runs.item)
+                .bind(&task_runs.inputs)
+                .bind(&task_runs.outputs)
+                .bind(&task_runs.error)
+                .bind(&task_runs.lease_owner)
+                .bind(&task_runs.lease_expires_at)
+                .bind(&task_runs.ready_at)
+                .bind(&task_runs.created_at)
+                .bind(&task_runs.queued_at)
+                .bind(&task_runs.started_at)
+                .bind(&task_runs.finished_at)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if let Some(attempts) = &encoded.attempts {
+            sqlx::query(UPSERT_ATTEMPTS)
+                .bind(&attempts.task_run_id)
+                .bind(&attempts.attempt)
+                .bind(&attempts.run_id)
+                .bind(&attempts.fencing_token)
+                .bind(&attempts.worker)
+                .bind(&attempts.state)
+                .bind(&attempts.started_at)
+                .bind(&attempts.finished_at)
+                .bind(&attempts.error)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        if batch.uses_task_queue() {
+            queue::write_queue_parts(&mut tx, batch).await?;
+        }
+        if !batch.reviews.is_empty() {
+            sqlx::query(reviews::UPSERT_REVIEWS)
+                .bind(reviews::encode(&batch.reviews)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(stored_tokens)
+    }
 }
 
 #[async_trait]
@@ -635,111 +935,12 @@ impl Store for PgStore {
         let rows = batch.runs.len() + batch.task_runs.len() + batch.attempts.len();
         let encoded = cpu_work(rows, || encode_batch(batch))?;
 
-        // Dropping the transaction before its commit (an error, or a caller that stops
-        // waiting) rolls it back before the connection is used again.
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        if let Some(runs) = &encoded.runs {
-            sqlx::query(UPSERT_RUNS)
-                .bind(&runs.id)
-                .bind(&runs.org_id)
-                .bind(&runs.pipeline_name)
-                .bind(&runs.pipeline_version)
-                .bind(&runs.params)
-                .bind(&runs.state)
-                .bind(&runs.error)
-                .bind(&runs.owner)
-                .bind(&runs.created_at)
-                .bind(&runs.started_at)
-                .bind(&runs.finished_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        let mut stored_tokens: HashMap<Uuid, i64> = HashMap::new();
-        if let Some((ids, task_runs)) = &encoded.task_runs {
-            let locked: Vec<(Uuid, i64)> = sqlx::query_as(LOCK_TASK_RUNS)
-                .bind(ids)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(db)?;
-            stored_tokens.extend(locked);
-            sqlx::query(UPSERT_TASK_RUNS)
-                .bind(&task_runs.id)
-                .bind(&task_runs.run_id)
-                .bind(&task_runs.task_id)
-                .bind(&task_runs.item_index)
-                .bind(&task_runs.fan_out)
-                .bind(&task_runs.state)
-                .bind(&task_runs.attempt)
-                .bind(&task_runs.lease_expiries)
-                .bind(&task_runs.fencing_token)
-                .bind(&task_runs.item)
-                .bind(&task_runs.inputs)
-                .bind(&task_runs.outputs)
-                .bind(&task_runs.error)
-                .bind(&task_runs.lease_owner)
-                .bind(&task_runs.lease_expires_at)
-                .bind(&task_runs.ready_at)
-                .bind(&task_runs.created_at)
-                .bind(&task_runs.queued_at)
-                .bind(&task_runs.started_at)
-                .bind(&task_runs.finished_at)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        if let Some(attempts) = &encoded.attempts {
-            sqlx::query(UPSERT_ATTEMPTS)
-                .bind(&attempts.task_run_id)
-                .bind(&attempts.attempt)
-                .bind(&attempts.run_id)
-                .bind(&attempts.fencing_token)
-                .bind(&attempts.worker)
-                .bind(&attempts.state)
-                .bind(&attempts.started_at)
-                .bind(&attempts.finished_at)
-                .bind(&attempts.error)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        if batch.uses_task_queue() {
-            queue::write_queue_parts(&mut tx, batch).await?;
-        }
-        if !batch.reviews.is_empty() {
-            sqlx::query(reviews::UPSERT_REVIEWS)
-                .bind(reviews::encode(&batch.reviews)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-        }
-        tx.commit().await.map_err(db)?;
-
-        // Reported as the SQLite store does: every write below the token stored before the
-        // batch, in batch order, then the writes below an earlier write of the same batch.
-        let mut stale_task_runs: Vec<TaskRunId> = batch
-            .task_runs
-            .iter()
-            .filter(|task_run| {
-                stored_tokens.get(&task_run.id.0).is_some_and(|&stored| {
-                    // Every token was checked to fit an i64 when the batch was encoded.
-                    i64::try_from(task_run.fencing_token).is_ok_and(|written| stored > written)
-                })
-            })
-            .map(|task_run| task_run.id)
-            .collect();
-        for id in stale_within_batch(&batch.task_runs) {
-            if !stale_task_runs.contains(&id) {
-                stale_task_runs.push(id);
-            }
-        }
-        if !stale_task_runs.is_empty() {
-            tracing::debug!(
-                count = stale_task_runs.len(),
-                "stale task-run writes refused"
-            );
-        }
-        Ok(CommitReport { stale_task_runs })
+        let stored_tokens = if fits_one_statement(batch) {
+            self.commit_in_one_statement(batch, &encoded).await?
+        } else {
+            self.commit_in_statements(batch, &encoded).await?
+        };
+        Ok(stale_report(batch, &stored_tokens))
     }
 
     async fn run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
@@ -1177,6 +1378,14 @@ mod tests {
         assert_eq!(chosen.len(), 2);
         assert!(std::ptr::eq(chosen[0], &writes[2]));
         assert!(std::ptr::eq(chosen[1], &writes[4]));
+    }
+
+    #[test]
+    fn shifted_parameters_keep_their_order_and_everything_else() {
+        assert_eq!(
+            shift_parameters("a = $1 AND b = ANY($12::uuid[]) AND c = '$'", 41),
+            "a = $42 AND b = ANY($53::uuid[]) AND c = '$'"
+        );
     }
 
     #[test]

@@ -6,6 +6,38 @@
 //! No transaction is held open while a task runs: a claim is one autocommitted statement,
 //! and the claim's token (`claim`) is what later renewals and the completion are checked
 //! against.
+//!
+//! # Relaxed commits of the workers' statements
+//!
+//! Under [`Durability::Normal`], the statements of the workers and of the completion feeder
+//! (claims, renewals, reports, takes) commit with `synchronous_commit = off`, set for their
+//! own transaction only (`set_config(…, true)` inside the statement, so it costs no round
+//! trip): they return once their WAL is written to the server's buffers, without waiting
+//! for its flush to disk, which costs a disk sync each (milliseconds on a virtual disk) and
+//! was most of a task's overhead. The scheduler's commit, which records completions and
+//! leases and answers callers, keeps the session's setting (synchronous), and so does every
+//! other statement. Why a database crash that loses the last relaxed commits is harmless:
+//!
+//! - PostgreSQL applies WAL in one order and a synchronous commit flushes all WAL before its
+//!   own record, so what survives a crash is a prefix: a relaxed commit is lost only if no
+//!   synchronous commit after it was acknowledged, and never half-applied.
+//! - The scheduler records a completion only in its own (synchronous) commit, and only after
+//!   it read the stored report: that commit comes after the report in WAL order, so a
+//!   recorded completion's report is never lost. What a user or caller was told stays.
+//! - A lost claim, renewal or report leaves the offer as it was before it: unclaimed (any
+//!   worker claims it again), or claimed with an earlier claim token or expiry (it expires
+//!   and is taken over). The worker that ran it either loses its next renewal (its claim
+//!   token no longer matches, so it stops) or has already reported and forgotten it. Either
+//!   way the task may run again — at-least-once execution, as after a worker's crash — and
+//!   its completion is still fenced by the claim token the store holds, so at most one
+//!   report per lease is stored and applied.
+//! - A lost take only leaves completions marked untaken, as a restarted feeder makes them
+//!   anyway. A completion the scheduler took and applies after the crash although its row
+//!   was lost is the report of the lease it holds, so applying it is right; the commit that
+//!   applies it deletes completions by sequence number *and* task run, because a sequence
+//!   number handed out by a lost transaction may be handed out again after the crash.
+//!
+//! Under [`Durability::Full`] every statement commits synchronously.
 
 use std::time::Duration;
 
@@ -13,7 +45,7 @@ use arches_core::execution::{Assignment, AttemptOutcome};
 use arches_core::ids::{RunId, TaskRunId};
 use arches_core::ports::{QueueListener, QueueTopic, StoreError, StoreResult, TaskQueue};
 use arches_core::records::{
-    ClaimBatch, ClaimedTask, QueuedCompletion, TaskCompletion, TaskOffer, WriteBatch,
+    ClaimBatch, ClaimedTask, Durability, QueuedCompletion, TaskCompletion, TaskOffer, WriteBatch,
 };
 use arches_core::time::Timestamp;
 use async_trait::async_trait;
@@ -38,51 +70,36 @@ pub const CLAIM_LIMIT_MAX: usize = 1_000;
 /// Most completions one take returns, whatever the caller asks.
 pub const TAKE_LIMIT_MAX: usize = 10_000;
 
-/// Inserts the batch's offers (only for task runs stored with the offer's token, and not
-/// when that token's completion is already stored; a stored offer is replaced by a higher
-/// token, which voids its claim, and takes the owner of an offer with the same token, which
-/// keeps its claim), hands the stored completions of those task runs to the new owner,
-/// deletes withdrawn offers and applied completions, and notifies waiting workers. Runs
-/// inside the commit's transaction.
-pub(super) async fn write_queue_parts(
-    tx: &mut Transaction<'_, Postgres>,
-    batch: &WriteBatch,
-) -> StoreResult<()> {
-    if !batch.offers.is_empty() {
-        let mut task_run_ids = Vec::with_capacity(batch.offers.len());
-        let mut run_ids = Vec::with_capacity(batch.offers.len());
-        let mut org_ids = Vec::with_capacity(batch.offers.len());
-        let mut tokens = Vec::with_capacity(batch.offers.len());
-        let mut owners = Vec::with_capacity(batch.offers.len());
-        let mut tags = Vec::with_capacity(batch.offers.len());
-        let mut assignments = Vec::with_capacity(batch.offers.len());
-        let mut offered_at = Vec::with_capacity(batch.offers.len());
-        for offer in &batch.offers {
-            let a = &offer.assignment;
-            task_run_ids.push(a.task_run_id.0);
-            run_ids.push(a.run_id.0);
-            org_ids.push(a.org_id.0);
-            tokens.push(token(a.fencing_token)?);
-            owners.push(offer.owner.clone());
-            // Tags travel as one text each; arrays of arrays do not UNNEST into rows.
-            tags.push(offer.worker_tags.join("\u{1f}"));
-            assignments.push(serde_json::to_value(a).map_err(|e| {
-                StoreError::Backend(format!("cannot encode the offer of {}: {e}", a.task_run_id))
-            })?);
-            offered_at.push(offer.offered_at.as_micros());
+/// Sets `synchronous_commit` for the statement's own transaction to its parameter, or keeps
+/// the session's setting when that is null: placed in a row every relaxed statement returns,
+/// so it is evaluated before the statement's implicit commit. See the module documentation.
+macro_rules! relaxed_commit {
+    ($param:literal) => {
+        concat!(
+            "set_config('synchronous_commit', COALESCE(",
+            $param,
+            "::text, current_setting('synchronous_commit')), true)"
+        )
+    };
+}
+
+impl PgStore {
+    /// The `synchronous_commit` of a relaxed queue statement (see the module documentation):
+    /// `off` under [`Durability::Normal`]; `None`, the session's setting, under `Full`.
+    fn relaxed_commit(&self) -> Option<&'static str> {
+        match self.durability {
+            Durability::Normal => Some("off"),
+            Durability::Full => None,
         }
-        if batch.offers.iter().any(|o| o.resumed) {
-            // Offers made again wait for a worker's report of the same lease being stored
-            // right now; the INSERT below, a statement of its own, then sees it (under READ
-            // COMMITTED each statement reads the data committed before it starts).
-            sqlx::query("SELECT 1 FROM task_queue WHERE task_run_id = ANY($1) FOR UPDATE")
-                .bind(&task_run_ids)
-                .execute(&mut **tx)
-                .await
-                .map_err(db)?;
-        }
-        sqlx::query(
-            "INSERT INTO task_queue (task_run_id, run_id, org_id, fencing_token, owner, \
+    }
+}
+
+/// Inserts offers (`$1`–`$8`, one array per column) for task runs stored with the offer's
+/// token (the statement that writes them must come before, or the join names the rows it
+/// wrote instead of `task_runs`), unless that token's completion is stored and not among
+/// those applied with it (`$9` sequence numbers, `$10` their task runs). A higher token
+/// replaces a stored offer and voids its claim; the same token only re-addresses it.
+pub(super) const INSERT_OFFERS: &str = "INSERT INTO task_queue (task_run_id, run_id, org_id, fencing_token, owner, \
                  worker_tags, assignment, offered_at) \
              SELECT o.task_run_id, o.run_id, o.org_id, o.fencing_token, o.owner, \
                  CASE WHEN o.tags = '' THEN '{}'::text[] ELSE string_to_array(o.tags, chr(31)) END, \
@@ -93,7 +110,9 @@ pub(super) async fn write_queue_parts(
              JOIN task_runs t ON t.id = o.task_run_id AND t.fencing_token = o.fencing_token \
              WHERE NOT EXISTS (SELECT 1 FROM task_completions c \
                  WHERE c.task_run_id = o.task_run_id AND c.fencing_token = o.fencing_token \
-                     AND c.seq <> ALL($9::bigint[])) \
+                     AND NOT EXISTS (SELECT 1 FROM UNNEST($9::bigint[], $10::uuid[]) \
+                         AS d(seq, task_run_id) \
+                         WHERE d.seq = c.seq AND d.task_run_id = c.task_run_id)) \
              ON CONFLICT (task_run_id) DO UPDATE SET \
                  owner = EXCLUDED.owner, \
                  fencing_token = EXCLUDED.fencing_token, \
@@ -108,21 +127,101 @@ pub(super) async fn write_queue_parts(
                      THEN NULL ELSE task_queue.claim_expires_at END, \
                  expiries = CASE WHEN task_queue.fencing_token < EXCLUDED.fencing_token \
                      THEN 0 ELSE task_queue.expiries END \
-             WHERE task_queue.fencing_token <= EXCLUDED.fencing_token",
-        )
-        .bind(&task_run_ids)
-        .bind(&run_ids)
-        .bind(&org_ids)
-        .bind(&tokens)
-        .bind(&owners)
-        .bind(&tags)
-        .bind(&assignments)
-        .bind(&offered_at)
-        // A completion this same batch applies does not stand in for the offer.
-        .bind(&batch.completions_done)
-        .execute(&mut **tx)
-        .await
-        .map_err(db)?;
+             WHERE task_queue.fencing_token <= EXCLUDED.fencing_token";
+
+/// Deletes the completions a commit applies: `$1` sequence numbers, `$2` their task runs.
+pub(super) const DELETE_APPLIED_COMPLETIONS: &str = "DELETE FROM task_completions c \
+     USING UNNEST($1::bigint[], $2::uuid[]) AS d(seq, task_run_id) \
+     WHERE c.seq = d.seq AND c.task_run_id = d.task_run_id";
+
+/// Deletes withdrawn offers: `$1` their task runs.
+pub(super) const DELETE_WITHDRAWN: &str =
+    "DELETE FROM task_queue WHERE task_run_id = ANY($1::uuid[])";
+
+/// The batch's offers, one array per column of the offer insert.
+#[derive(Default)]
+pub(super) struct OfferColumns<'a> {
+    pub task_run_id: Vec<Uuid>,
+    pub run_id: Vec<Uuid>,
+    pub org_id: Vec<Uuid>,
+    pub fencing_token: Vec<i64>,
+    pub owner: Vec<&'a str>,
+    /// Each offer's tags joined by the unit separator (U+001F): arrays of arrays do not
+    /// UNNEST into rows.
+    pub tags: Vec<String>,
+    pub assignment: Vec<serde_json::Value>,
+    pub offered_at: Vec<i64>,
+}
+
+impl<'a> OfferColumns<'a> {
+    pub(super) fn new(offers: &'a [TaskOffer]) -> StoreResult<Self> {
+        let mut columns = OfferColumns::default();
+        for offer in offers {
+            let a = &offer.assignment;
+            columns.task_run_id.push(a.task_run_id.0);
+            columns.run_id.push(a.run_id.0);
+            columns.org_id.push(a.org_id.0);
+            columns.fencing_token.push(token(a.fencing_token)?);
+            columns.owner.push(&offer.owner);
+            columns.tags.push(offer.worker_tags.join("\u{1f}"));
+            columns
+                .assignment
+                .push(serde_json::to_value(a).map_err(|e| {
+                    StoreError::Backend(format!(
+                        "cannot encode the offer of {}: {e}",
+                        a.task_run_id
+                    ))
+                })?);
+            columns.offered_at.push(offer.offered_at.as_micros());
+        }
+        Ok(columns)
+    }
+}
+
+/// Inserts the batch's offers (only for task runs stored with the offer's token, and not
+/// when that token's completion is already stored; a stored offer is replaced by a higher
+/// token, which voids its claim, and takes the owner of an offer with the same token, which
+/// keeps its claim), hands the stored completions of those task runs to the new owner,
+/// deletes withdrawn offers and applied completions, and notifies waiting workers. Runs
+/// inside the commit's transaction.
+pub(super) async fn write_queue_parts(
+    tx: &mut Transaction<'_, Postgres>,
+    batch: &WriteBatch,
+) -> StoreResult<()> {
+    let done_seqs: Vec<i64> = batch.completions_done.iter().map(|c| c.seq).collect();
+    let done_task_runs: Vec<Uuid> = batch
+        .completions_done
+        .iter()
+        .map(|c| c.task_run_id.0)
+        .collect();
+    if !batch.offers.is_empty() {
+        let offers = OfferColumns::new(&batch.offers)?;
+        let task_run_ids = &offers.task_run_id;
+        if batch.offers.iter().any(|o| o.resumed) {
+            // Offers made again wait for a worker's report of the same lease being stored
+            // right now; the INSERT below, a statement of its own, then sees it (under READ
+            // COMMITTED each statement reads the data committed before it starts).
+            sqlx::query("SELECT 1 FROM task_queue WHERE task_run_id = ANY($1) FOR UPDATE")
+                .bind(task_run_ids)
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
+        }
+        sqlx::query(INSERT_OFFERS)
+            .bind(&offers.task_run_id)
+            .bind(&offers.run_id)
+            .bind(&offers.org_id)
+            .bind(&offers.fencing_token)
+            .bind(&offers.owner)
+            .bind(&offers.tags)
+            .bind(&offers.assignment)
+            .bind(&offers.offered_at)
+            // A completion this same batch applies does not stand in for the offer.
+            .bind(&done_seqs)
+            .bind(&done_task_runs)
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
     }
     let resumed: Vec<&TaskOffer> = batch.offers.iter().filter(|o| o.resumed).collect();
     if !resumed.is_empty() {
@@ -147,15 +246,16 @@ pub(super) async fn write_queue_parts(
     }
     if !batch.withdrawn.is_empty() {
         let ids: Vec<Uuid> = batch.withdrawn.iter().map(|id| id.0).collect();
-        sqlx::query("DELETE FROM task_queue WHERE task_run_id = ANY($1)")
+        sqlx::query(DELETE_WITHDRAWN)
             .bind(&ids)
             .execute(&mut **tx)
             .await
             .map_err(db)?;
     }
     if !batch.completions_done.is_empty() {
-        sqlx::query("DELETE FROM task_completions WHERE seq = ANY($1)")
-            .bind(&batch.completions_done)
+        sqlx::query(DELETE_APPLIED_COMPLETIONS)
+            .bind(&done_seqs)
+            .bind(&done_task_runs)
             .execute(&mut **tx)
             .await
             .map_err(db)?;
@@ -212,7 +312,7 @@ impl TaskQueue for PgStore {
         // The last row carries the next expiry (the CTE's SELECT sees the table as it was
         // before the UPDATE; live claims of others only, so an expired claim that does not
         // match this worker's tags never makes it wake at once, again and again).
-        let rows = sqlx::query(
+        let rows = sqlx::query(concat!(
             "WITH expired AS ( \
                  SELECT q.task_run_id, (t.state = 'running' AND t.fencing_token = q.fencing_token) \
                      AS valid \
@@ -239,17 +339,21 @@ impl TaskQueue for PgStore {
                      expiries = q.expiries + CASE WHEN q.claimed_by IS NULL THEN 0 ELSE 1 END \
                  WHERE q.task_run_id IN (SELECT task_run_id FROM picked WHERE valid) \
                  RETURNING q.claim, q.expiries, q.assignment) \
-             SELECT claim, expiries, assignment, NULL::bigint AS next_expiry FROM claimed \
+             SELECT claim, expiries, assignment, NULL::bigint AS next_expiry, \
+                 NULL::text AS commit_mode FROM claimed \
              UNION ALL \
              SELECT NULL, NULL, NULL, (SELECT min(claim_expires_at) FROM task_queue \
                  WHERE claimed_by IS NOT NULL AND claimed_by <> $1 \
-                     AND claim_expires_at >= $3 AND worker_tags <@ $4::text[])",
-        )
+                     AND claim_expires_at >= $3 AND worker_tags <@ $4::text[]), \
+                 ",
+            relaxed_commit!("$6")
+        ))
         .bind(worker)
         .bind(expires.as_micros())
         .bind(now.as_micros())
         .bind(tags)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(self.relaxed_commit())
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
@@ -286,17 +390,23 @@ impl TaskQueue for PgStore {
             return Ok(Vec::new());
         }
         let (ids, tokens) = pairs(claims)?;
-        let held: Vec<Uuid> = sqlx::query_scalar(
-            "UPDATE task_queue q SET claim_expires_at = $1 \
-             FROM UNNEST($2::uuid[], $3::bigint[]) AS h(task_run_id, claim) \
-             WHERE q.task_run_id = h.task_run_id AND q.claim = h.claim AND q.claimed_by = $4 \
-             RETURNING q.task_run_id",
-        )
+        let (_, held): (String, Vec<Uuid>) = sqlx::query_as(concat!(
+            "WITH renewed AS ( \
+                 UPDATE task_queue q SET claim_expires_at = $1 \
+                 FROM UNNEST($2::uuid[], $3::bigint[]) AS h(task_run_id, claim) \
+                 WHERE q.task_run_id = h.task_run_id AND q.claim = h.claim \
+                     AND q.claimed_by = $4 \
+                 RETURNING q.task_run_id) \
+             SELECT ",
+            relaxed_commit!("$5"),
+            ", ARRAY(SELECT task_run_id FROM renewed)"
+        ))
         .bind(now.plus(ttl).as_micros())
         .bind(&ids)
         .bind(&tokens)
         .bind(worker)
-        .fetch_all(&self.pool)
+        .bind(self.relaxed_commit())
+        .fetch_one(&self.pool)
         .await
         .map_err(db)?;
         Ok(held.into_iter().map(TaskRunId).collect())
@@ -311,7 +421,7 @@ impl TaskQueue for PgStore {
         })?;
         // One statement: the offer is deleted only if the claim is still this worker's, the
         // completion is stored only if it was, and the owner is woken in the same commit.
-        let stored: Option<String> = sqlx::query_scalar(
+        let (_, stored): (String, i64) = sqlx::query_as(concat!(
             "WITH gone AS ( \
                  DELETE FROM task_queue WHERE task_run_id = $1 AND claim = $2 AND claimed_by = $3 \
                  RETURNING task_run_id, run_id, owner, fencing_token, claim), \
@@ -320,8 +430,10 @@ impl TaskQueue for PgStore {
                      claims, outcome, executed_at, finished_at) \
                  SELECT task_run_id, run_id, owner, fencing_token, $3, claim, $4, $5, $6 FROM gone \
                  RETURNING owner) \
-             SELECT owner FROM stored, LATERAL (SELECT pg_notify($7, stored.owner)) AS n",
-        )
+             SELECT ",
+            relaxed_commit!("$8"),
+            ", (SELECT count(*) FROM stored, LATERAL (SELECT pg_notify($7, stored.owner)) AS n)"
+        ))
         .bind(completion.task_run_id.0)
         .bind(token(completion.claim)?)
         .bind(&completion.worker)
@@ -329,10 +441,11 @@ impl TaskQueue for PgStore {
         .bind(completion.executed_at.as_micros())
         .bind(completion.finished_at.as_micros())
         .bind(COMPLETIONS_CHANNEL)
-        .fetch_optional(&self.pool)
+        .bind(self.relaxed_commit())
+        .fetch_one(&self.pool)
         .await
         .map_err(db)?;
-        Ok(stored.is_some())
+        Ok(stored > 0)
     }
 
     async fn complete_many(&self, completions: &[TaskCompletion]) -> StoreResult<Vec<bool>> {
@@ -371,7 +484,7 @@ impl TaskQueue for PgStore {
         }
         // One statement: each offer is deleted only if its claim is still this worker's, a
         // completion stored only for those, and each owner woken once, in the same commit.
-        let stored: Vec<Uuid> = sqlx::query_scalar(
+        let (_, stored, _): (String, Vec<Uuid>, i64) = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM UNNEST($1::uuid[], $2::bigint[], $3::jsonb[], $4::bigint[], \
                      $5::bigint[]) AS i(task_run_id, claim, outcome, executed_at, finished_at)), \
@@ -389,8 +502,10 @@ impl TaskQueue for PgStore {
                  RETURNING task_run_id, owner), \
              woken AS ( \
                  SELECT pg_notify($7, owner) FROM (SELECT DISTINCT owner FROM stored) AS o) \
-             SELECT task_run_id FROM stored WHERE (SELECT count(*) FROM woken) >= 0",
-        )
+             SELECT ",
+            relaxed_commit!("$8"),
+            ", ARRAY(SELECT task_run_id FROM stored), (SELECT count(*) FROM woken)"
+        ))
         .bind(&ids)
         .bind(&claims)
         .bind(&outcomes)
@@ -398,7 +513,8 @@ impl TaskQueue for PgStore {
         .bind(&finished)
         .bind(&first.worker)
         .bind(COMPLETIONS_CHANNEL)
-        .fetch_all(&self.pool)
+        .bind(self.relaxed_commit())
+        .fetch_one(&self.pool)
         .await
         .map_err(db)?;
         let stored: std::collections::HashSet<Uuid> = stored.into_iter().collect();
@@ -455,22 +571,32 @@ impl TaskQueue for PgStore {
         limit: usize,
     ) -> StoreResult<Vec<QueuedCompletion>> {
         let limit = limit.clamp(1, TAKE_LIMIT_MAX);
-        let rows = sqlx::query(
-            "UPDATE task_completions c SET taken = true \
-             WHERE c.seq IN ( \
-                 SELECT seq FROM task_completions WHERE owner = $1 AND NOT taken \
-                 ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING c.seq, c.run_id, c.task_run_id, c.fencing_token, c.worker, c.claims, \
-                 c.outcome, c.executed_at, c.finished_at",
-        )
+        // The last row only sets the commit's mode (its `seq` is null).
+        let rows = sqlx::query(concat!(
+            "WITH taken AS ( \
+                 UPDATE task_completions c SET taken = true \
+                 WHERE c.seq IN ( \
+                     SELECT seq FROM task_completions WHERE owner = $1 AND NOT taken \
+                     ORDER BY seq LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING c.seq, c.run_id, c.task_run_id, c.fencing_token, c.worker, c.claims, \
+                     c.outcome, c.executed_at, c.finished_at) \
+             SELECT seq, run_id, task_run_id, fencing_token, worker, claims, outcome, \
+                 executed_at, finished_at, NULL::text AS commit_mode FROM taken \
+             UNION ALL \
+             SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, ",
+            relaxed_commit!("$3")
+        ))
         .bind(owner)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(self.relaxed_commit())
         .fetch_all(&self.pool)
         .await
         .map_err(db)?;
         let mut taken = Vec::with_capacity(rows.len());
         for row in &rows {
-            let seq: i64 = row.try_get("seq").map_err(db)?;
+            let Some(seq): Option<i64> = row.try_get("seq").map_err(db)? else {
+                continue;
+            };
             let Json(outcome): Json<AttemptOutcome> = row.try_get("outcome").map_err(|e| {
                 StoreError::Corrupt(format!(
                     "completion {seq}: the outcome does not decode: {e}"
