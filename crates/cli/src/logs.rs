@@ -58,12 +58,8 @@ struct Shown {
 }
 
 fn stream(name: &str) -> anyhow::Result<LogStream> {
-    match name {
-        "stdout" => Ok(LogStream::Stdout),
-        "stderr" => Ok(LogStream::Stderr),
-        "system" => Ok(LogStream::System),
-        other => anyhow::bail!("--stream {other:?} is not stdout, stderr or system"),
-    }
+    LogStream::parse(name)
+        .ok_or_else(|| anyhow::anyhow!("--stream {name:?} is not stdout, stderr or system"))
 }
 
 /// `arches search-logs` on a server, or locally without one.

@@ -452,18 +452,7 @@ pub trait SecretReader: Send + Sync + 'static {
     /// A secret that is not set (permanent, naming it), one that no configured master key
     /// opens (permanent), or a store failure (retryable).
     async fn reveal(&self, org: OrgId, names: &[SecretName]) -> Result<Vec<String>, ToolError> {
-        let values = self.reveal_set(org, names).await?;
-        names
-            .iter()
-            .zip(values)
-            .map(|(name, value)| {
-                value.ok_or_else(|| {
-                    ToolError::permanent(format!(
-                        "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
-                    ))
-                })
-            })
-            .collect()
+        every_secret_set(names, self.reveal_set(org, names).await?)
     }
 
     /// The values of those of `names` that are set in `org`, in the same order (`None` for
@@ -479,6 +468,28 @@ pub trait SecretReader: Send + Sync + 'static {
         org: OrgId,
         names: &[SecretName],
     ) -> Result<Vec<Option<String>>, ToolError>;
+}
+
+/// The values of [`SecretReader::reveal_set`] for `names`, each required: a permanent error
+/// naming the first secret that is not set (and how to set it).
+///
+/// # Errors
+/// The first of `names` whose value is `None`.
+pub fn every_secret_set(
+    names: &[SecretName],
+    values: Vec<Option<String>>,
+) -> Result<Vec<String>, ToolError> {
+    names
+        .iter()
+        .zip(values)
+        .map(|(name, value)| {
+            value.ok_or_else(|| {
+                ToolError::permanent(format!(
+                    "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The tools known to an engine, by name, and the resolver of org tools.

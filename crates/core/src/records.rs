@@ -328,6 +328,14 @@ impl LogStream {
             LogStream::System => "system",
         }
     }
+
+    /// The stream named `name` (`stdout`, `stderr` or `system`, as [`LogStream::as_str`]
+    /// writes it); `None` for any other text.
+    pub fn parse(name: &str) -> Option<Self> {
+        [LogStream::Stdout, LogStream::Stderr, LogStream::System]
+            .into_iter()
+            .find(|stream| stream.as_str() == name)
+    }
 }
 
 /// A log line to append.

@@ -102,18 +102,7 @@ impl SecretReader for SealedSecrets {
                 "this server has no master key for secrets ([secrets] keys), so none can be read",
             ));
         }
-        let values = self.reveal_set(org, names).await?;
-        names
-            .iter()
-            .zip(values)
-            .map(|(name, value)| {
-                value.ok_or_else(|| {
-                    ToolError::permanent(format!(
-                        "secret {name} is not set in this org (set it with PUT /api/v1/secrets/{name})"
-                    ))
-                })
-            })
-            .collect()
+        arches_core::ports::every_secret_set(names, self.reveal_set(org, names).await?)
     }
 
     async fn reveal_set(

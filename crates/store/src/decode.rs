@@ -20,12 +20,7 @@ pub(crate) fn secret_name_text(text: &str, name: &str) -> StoreResult<SecretName
 
 /// A log line's stream (`stdout`, `stderr` or `system`) stored in `logs.stream`.
 pub(crate) fn stream_text(text: &str) -> StoreResult<LogStream> {
-    match text {
-        "stdout" => Ok(LogStream::Stdout),
-        "stderr" => Ok(LogStream::Stderr),
-        "system" => Ok(LogStream::System),
-        other => Err(StoreError::Corrupt(format!("logs.stream holds {other:?}"))),
-    }
+    LogStream::parse(text).ok_or_else(|| StoreError::Corrupt(format!("logs.stream holds {text:?}")))
 }
 
 /// Parses stored text into a typed value, or reports the column as corrupt.

@@ -135,14 +135,13 @@ pub async fn search_logs(
     let stream = params
         .stream
         .as_deref()
-        .map(|name| match name {
-            "stdout" => Ok(LogStream::Stdout),
-            "stderr" => Ok(LogStream::Stderr),
-            "system" => Ok(LogStream::System),
-            other => Err(bad_parameter(
-                "stream",
-                format!("{other:?} is not stdout, stderr or system"),
-            )),
+        .map(|name| {
+            LogStream::parse(name).ok_or_else(|| {
+                bad_parameter(
+                    "stream",
+                    format!("{name:?} is not stdout, stderr or system"),
+                )
+            })
         })
         .transpose()?;
     let since = params
